@@ -1,0 +1,40 @@
+# elide-task-driver: build, test, benchmark and try the driver.
+CARGO ?= cargo
+PLUGIN_DIR := build/plugins
+
+.PHONY: build release test lint unit gotest bench dev clean
+
+## build: debug binaries; the plugin is installed as build/plugins/elide (the name Nomad looks up)
+build:
+	$(CARGO) build --bins
+	mkdir -p $(PLUGIN_DIR) build/bin
+	install -m 0755 target/debug/elide-task-driver $(PLUGIN_DIR)/elide
+	install -m 0755 target/debug/elide-daemon build/bin/elide-daemon
+
+## release: optimised binaries, laid out like `build`
+release:
+	$(CARGO) build --release --bins
+	mkdir -p $(PLUGIN_DIR) build/bin
+	install -m 0755 target/release/elide-task-driver $(PLUGIN_DIR)/elide
+	install -m 0755 target/release/elide-daemon build/bin/elide-daemon
+
+## test: formatting, lints, every Rust test, and the go-plugin conformance test
+test: lint unit gotest
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --all-targets -- -D warnings
+
+unit:
+	$(CARGO) test --all-targets
+
+gotest:
+	@if command -v go >/dev/null 2>&1 && [ -d tests/goplugin ]; then \
+		$(CARGO) build --bins && cd tests/goplugin && go test -count=1 ./... ; \
+	else \
+		echo "SKIPPED: go-plugin conformance test (go not on PATH or tests/goplugin missing)"; \
+	fi
+
+clean:
+	$(CARGO) clean
+	rm -rf build

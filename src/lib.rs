@@ -1,0 +1,8 @@
+//! elide-task-driver: a Nomad task driver that runs Python, JavaScript and TypeScript snippets
+//! in one long-lived node daemon.
+//!
+//! Layers (each knows nothing of the ones above it):
+//! - [`proto`]: generated protobuf bindings (Nomad plugin API, go-plugin housekeeping, and our
+//!   own `elide.daemon.v1alpha1` ExecutionAPI).
+
+pub mod proto;
