@@ -439,6 +439,21 @@ impl CgroupManager {
         Ok(cg)
     }
 
+    /// Removes the (empty) parent directories, e.g. at daemon shutdown after every execution
+    /// cgroup was removed. A parent that still has children is left alone.
+    pub fn remove_parent(&self) -> Result<(), CgroupError> {
+        for (_, parent) in self.parent_dirs() {
+            match fs::remove_dir(&parent) {
+                Ok(()) => {}
+                Err(e) if e.kind() == ErrorKind::NotFound => {}
+                Err(e)
+                    if matches!(e.raw_os_error(), Some(libc::EBUSY) | Some(libc::ENOTEMPTY)) => {}
+                Err(e) => return Err(io_err(&parent, "rmdir", e)),
+            }
+        }
+        Ok(())
+    }
+
     /// Kills and removes every execution cgroup left under the parent by a previous daemon.
     /// Call at startup, before any execution is created. Returns how many were removed.
     pub fn reap_stale(&self) -> Result<usize, CgroupError> {
@@ -763,5 +778,277 @@ fn ticks_to_ns() -> u64 {
         1_000_000_000 / hz as u64
     } else {
         10_000_000
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read(p: &Path) -> String {
+        fs::read_to_string(p).unwrap_or_else(|e| panic!("{p:?}: {e}"))
+    }
+
+    /// A temp dir laid out like a cgroup2 mount with memory, cpu and pids available.
+    fn fake_v2() -> tempfile::TempDir {
+        let d = tempfile::tempdir().expect("tempdir");
+        fs::write(
+            d.path().join("cgroup.controllers"),
+            "cpuset cpu io memory hugetlb pids\n",
+        )
+        .expect("write");
+        fs::write(d.path().join("cgroup.subtree_control"), "").expect("write");
+        d
+    }
+
+    #[test]
+    fn detects_v2_v1_and_none() {
+        let v2 = fake_v2();
+        let m = CgroupManager::detect_at(v2.path(), "elide");
+        assert_eq!(m.mode(), CgroupMode::V2);
+        assert_eq!(m.controllers(), ["cpu", "memory", "pids"]);
+
+        // v2 without the needed controllers and no v1 mounts: None.
+        let empty = tempfile::tempdir().expect("tempdir");
+        fs::write(empty.path().join("cgroup.controllers"), "cpuset io\n").expect("write");
+        assert_eq!(
+            CgroupManager::detect_at(empty.path(), "elide").mode(),
+            CgroupMode::None
+        );
+
+        // Hybrid: unified with no controllers plus v1 hierarchies: V1.
+        let hybrid = tempfile::tempdir().expect("tempdir");
+        fs::create_dir_all(hybrid.path().join("unified")).expect("mkdir");
+        fs::write(hybrid.path().join("unified/cgroup.controllers"), "").expect("write");
+        for (c, marker) in [
+            ("memory", "memory.usage_in_bytes"),
+            ("pids", "pids.current"),
+        ] {
+            fs::create_dir_all(hybrid.path().join(c)).expect("mkdir");
+            fs::write(hybrid.path().join(c).join(marker), "0").expect("write");
+        }
+        let m = CgroupManager::detect_at(hybrid.path(), "elide");
+        assert_eq!(m.mode(), CgroupMode::V1);
+        assert_eq!(m.controllers(), ["memory", "pids"]);
+
+        // Hybrid whose unified mount has the controllers: V2 there.
+        fs::write(
+            hybrid.path().join("unified/cgroup.controllers"),
+            "memory cpu pids",
+        )
+        .expect("write");
+        let m = CgroupManager::detect_at(hybrid.path(), "elide");
+        assert_eq!(m.mode(), CgroupMode::V2);
+        assert!(m.describe().contains("unified"), "{}", m.describe());
+    }
+
+    #[test]
+    fn v2_create_writes_limits_and_enables_controllers() {
+        let root = fake_v2();
+        let m = CgroupManager::detect_at(root.path(), "elide");
+        let limits = CgroupLimits {
+            memory_bytes: Some(64 << 20),
+            cpu_shares: Some(500),
+            pids: Some(32),
+        };
+        let cg = m.create("exec-1", &limits).expect("create");
+        let dir = root.path().join("elide/exec-1");
+        assert_eq!(cg.dirs(), vec![dir.clone()]);
+        assert_eq!(cg.procs_files(), vec![dir.join("cgroup.procs")]);
+        assert_eq!(read(&dir.join("memory.max")), (64u64 << 20).to_string());
+        assert_eq!(read(&dir.join("memory.swap.max")), "0");
+        assert_eq!(read(&dir.join("memory.oom.group")), "1");
+        assert_eq!(
+            read(&dir.join("cpu.weight")),
+            shares_to_weight(500).to_string()
+        );
+        assert_eq!(read(&dir.join("pids.max")), "32");
+        // Root and parent both delegate our three controllers to their children.
+        for d in [root.path().to_path_buf(), root.path().join("elide")] {
+            let sc = read(&d.join("cgroup.subtree_control"));
+            let mut got: Vec<&str> = sc.split_whitespace().collect();
+            got.sort_unstable();
+            assert_eq!(got, ["+cpu", "+memory", "+pids"], "{d:?}");
+        }
+        // A second execution does not rewrite already-enabled controllers or collide.
+        let cg2 = m
+            .create("exec-2", &CgroupLimits::default())
+            .expect("create 2");
+        assert!(!root.path().join("elide/exec-2/memory.max").exists());
+        assert!(
+            m.create("exec-1", &limits).is_err(),
+            "duplicate name must fail"
+        );
+        cg2.remove().expect("remove");
+        cg.remove().expect("remove");
+        assert!(!dir.exists());
+    }
+
+    #[test]
+    fn cpu_weight_follows_the_shares_mapping() {
+        assert_eq!(shares_to_weight(2), 1);
+        assert_eq!(shares_to_weight(0), 1);
+        assert_eq!(shares_to_weight(1024), 39);
+        assert_eq!(shares_to_weight(262_144), 10_000);
+        assert_eq!(shares_to_weight(u64::MAX), 10_000);
+    }
+
+    #[test]
+    fn v2_oom_kill_and_cpu_stat_parsing() {
+        let root = fake_v2();
+        let m = CgroupManager::detect_at(root.path(), "elide");
+        let cg = m.create("e", &CgroupLimits::default()).expect("create");
+        let dir = root.path().join("elide/e");
+        assert!(!cg.oom_killed(), "no memory.events yet");
+        fs::write(
+            dir.join("memory.events"),
+            "low 0\nhigh 0\nmax 12\noom 1\noom_kill 0\noom_group_kill 0\n",
+        )
+        .expect("write");
+        assert!(!cg.oom_killed(), "oom without a kill is not an OOM kill");
+        fs::write(
+            dir.join("memory.events"),
+            "low 0\nhigh 0\nmax 40\noom 2\noom_kill 1\noom_group_kill 1\n",
+        )
+        .expect("write");
+        assert!(cg.oom_killed());
+
+        fs::write(
+            dir.join("cpu.stat"),
+            "usage_usec 1500\nuser_usec 1000\nsystem_usec 500\nnr_periods 0\nnr_throttled 3\nthrottled_usec 70\n",
+        )
+        .expect("write");
+        fs::write(dir.join("memory.current"), "4096\n").expect("write");
+        fs::write(dir.join("memory.peak"), "8192\n").expect("write");
+        fs::write(dir.join("memory.stat"), "anon 2048\nfile 100\n").expect("write");
+        let s = cg.stats();
+        assert_eq!(s.cpu_total_ns, Some(1_500_000));
+        assert_eq!(s.cpu_user_ns, Some(1_000_000));
+        assert_eq!(s.cpu_system_ns, Some(500_000));
+        assert_eq!(s.cpu_throttled_periods, Some(3));
+        assert_eq!(s.cpu_throttled_ns, Some(70_000));
+        assert_eq!(s.memory_usage_bytes, Some(4096));
+        assert_eq!(s.memory_max_usage_bytes, Some(8192));
+        assert_eq!(s.memory_rss_bytes, Some(2048));
+        assert_eq!(s.measured().len(), 8);
+    }
+
+    #[test]
+    fn v2_kill_all_writes_cgroup_kill_and_reap_removes_leftovers() {
+        let root = fake_v2();
+        let m = CgroupManager::detect_at(root.path(), "elide");
+        let cg = m.create("e1", &CgroupLimits::default()).expect("create");
+        let dir = root.path().join("elide/e1");
+        fs::write(dir.join("cgroup.kill"), "").expect("write");
+        fs::write(dir.join("cgroup.procs"), "").expect("write");
+        cg.kill_all().expect("kill_all");
+        assert_eq!(read(&dir.join("cgroup.kill")), "1");
+        m.create("e2", &CgroupLimits::default()).expect("create");
+        m.create("e3", &CgroupLimits::default()).expect("create");
+        assert_eq!(m.reap_stale().expect("reap"), 3);
+        let dirs_left = fs::read_dir(root.path().join("elide"))
+            .expect("ls")
+            .flatten()
+            .filter(|e| e.path().is_dir())
+            .count();
+        assert_eq!(dirs_left, 0);
+        assert_eq!(m.reap_stale().expect("reap again"), 0);
+    }
+
+    #[test]
+    fn rejects_bad_names_and_no_cgroups() {
+        let root = fake_v2();
+        let m = CgroupManager::detect_at(root.path(), "elide");
+        for bad in ["", ".", "..", "a/b", "../x", "a b", "x\0"] {
+            let err = m.create(bad, &CgroupLimits::default()).expect_err(bad);
+            assert!(err.to_string().contains(&format!("{bad:?}")), "{err}");
+        }
+        let none = tempfile::tempdir().expect("tempdir");
+        let m = CgroupManager::detect_at(none.path(), "elide");
+        assert_eq!(m.mode(), CgroupMode::None);
+        assert!(matches!(
+            m.create("x", &CgroupLimits::default()),
+            Err(CgroupError::Unavailable)
+        ));
+        assert_eq!(m.reap_stale().expect("nothing to reap"), 0);
+    }
+
+    #[test]
+    fn v1_fake_writes_limits_and_reads_oom_control() {
+        let root = tempfile::tempdir().expect("tempdir");
+        for (c, marker) in [
+            ("memory", "memory.usage_in_bytes"),
+            ("cpu", "cpu.shares"),
+            ("cpuacct", "cpuacct.usage"),
+            ("pids", "pids.current"),
+        ] {
+            fs::create_dir_all(root.path().join(c)).expect("mkdir");
+            fs::write(root.path().join(c).join(marker), "0").expect("write");
+        }
+        let m = CgroupManager::detect_at(root.path(), "elide");
+        assert_eq!(m.mode(), CgroupMode::V1);
+        let limits = CgroupLimits {
+            memory_bytes: Some(1 << 26),
+            cpu_shares: Some(1),
+            pids: Some(10),
+        };
+        // Files a real v1 hierarchy would create on mkdir.
+        let mem = root.path().join("memory/elide/x");
+        let cpu = root.path().join("cpu/elide/x");
+        let cg = {
+            // The fake cannot synthesise cpu.shares in a new dir: precreate the tree.
+            fs::create_dir_all(root.path().join("cpu/elide")).expect("mkdir");
+            let r = m.create("x", &limits);
+            // cpu.shares does not exist in the fake's new dir: the error names it.
+            match r {
+                Err(e) => {
+                    assert!(e.to_string().contains("cpu"), "{e}");
+                    None
+                }
+                Ok(cg) => Some(cg),
+            }
+        };
+        assert!(cg.is_none());
+        assert!(!mem.exists(), "failed create cleans up");
+        // Without cpu limits it succeeds and writes v1 files.
+        let limits = CgroupLimits {
+            cpu_shares: None,
+            ..limits
+        };
+        let cg = m.create("x", &limits).expect("create");
+        assert_eq!(
+            read(&mem.join("memory.limit_in_bytes")),
+            (1u64 << 26).to_string()
+        );
+        assert_eq!(read(&root.path().join("pids/elide/x/pids.max")), "10");
+        assert!(cpu.is_dir());
+        assert_eq!(cg.procs_files().len(), 4);
+        fs::write(
+            mem.join("memory.oom_control"),
+            "oom_kill_disable 0\nunder_oom 0\noom_kill 0\n",
+        )
+        .expect("write");
+        assert!(!cg.oom_killed());
+        fs::write(
+            mem.join("memory.oom_control"),
+            "oom_kill_disable 0\nunder_oom 0\noom_kill 2\n",
+        )
+        .expect("write");
+        assert!(cg.oom_killed());
+        fs::write(
+            root.path().join("cpuacct/elide/x/cpuacct.stat"),
+            "user 3\nsystem 1\n",
+        )
+        .expect("write");
+        fs::write(
+            mem.join("memory.stat"),
+            "cache 0\nrss 4096\ntotal_rss 8192\n",
+        )
+        .expect("write");
+        let s = cg.stats();
+        assert_eq!(s.cpu_user_ns, Some(3 * ticks_to_ns()));
+        assert_eq!(s.cpu_system_ns, Some(ticks_to_ns()));
+        assert_eq!(s.memory_rss_bytes, Some(8192));
+        cg.remove().expect("remove");
     }
 }
