@@ -446,8 +446,8 @@ impl CgroupManager {
             match fs::remove_dir(&parent) {
                 Ok(()) => {}
                 Err(e) if e.kind() == ErrorKind::NotFound => {}
-                Err(e)
-                    if matches!(e.raw_os_error(), Some(libc::EBUSY) | Some(libc::ENOTEMPTY)) => {}
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EBUSY) | Some(libc::ENOTEMPTY)) => {
+                }
                 Err(e) => return Err(io_err(&parent, "rmdir", e)),
             }
         }
