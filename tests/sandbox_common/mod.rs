@@ -12,7 +12,10 @@ use std::time::{Duration, Instant};
 /// The real python interpreter behind the pyenv shim, and its install prefix.
 pub fn python() -> (PathBuf, PathBuf) {
     let out = Command::new("python3")
-        .args(["-c", "import sys;print(sys.executable);print(sys.base_prefix)"])
+        .args([
+            "-c",
+            "import sys;print(sys.executable);print(sys.base_prefix)",
+        ])
         .output()
         .expect("python3 must be installed for the sandbox tests");
     assert!(out.status.success(), "python3 failed: {out:?}");
@@ -96,7 +99,11 @@ pub fn wait(child: &mut Child, limit: Duration) -> ExitStatus {
 }
 
 /// Spawns `cmd` configured by `spec`, waits, and returns the status and the scratch output.
-pub fn run(scratch: &Scratch, spec: IsolationSpec, mut cmd: Command) -> (ExitStatus, String, String) {
+pub fn run(
+    scratch: &Scratch,
+    spec: IsolationSpec,
+    mut cmd: Command,
+) -> (ExitStatus, String, String) {
     spec.apply(&mut cmd).expect("apply");
     let mut child = cmd.spawn().expect("spawn");
     let status = wait(&mut child, Duration::from_secs(60));
