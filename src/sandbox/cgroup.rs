@@ -143,6 +143,27 @@ impl V1Controller {
     }
 }
 
+/// Whether a v1 hierarchy with `controller` is mounted at `dir` (per /proc/self/mountinfo).
+/// Needed because some root cgroups (pids) have no controller file to recognise them by.
+fn v1_mounted_at(dir: &Path, controller: &str) -> bool {
+    let Ok(info) = fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    let dir = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
+    info.lines().any(|line| {
+        let Some((pre, post)) = line.split_once(" - ") else {
+            return false;
+        };
+        let mount_point = pre.split(' ').nth(4).unwrap_or("");
+        let mut post = post.split(' ');
+        let fstype = post.next().unwrap_or("");
+        let super_opts = post.nth(1).unwrap_or("");
+        fstype == "cgroup"
+            && Path::new(mount_point) == dir
+            && super_opts.split(',').any(|o| o == controller)
+    })
+}
+
 /// Controllers we need on v2.
 const V2_CONTROLLERS: [&str; 3] = ["memory", "cpu", "pids"];
 
@@ -271,7 +292,7 @@ impl CgroupManager {
             .into_iter()
             .filter_map(|c| {
                 let dir = root.join(c.name());
-                dir.join(c.marker()).exists().then_some((c, dir))
+                (dir.join(c.marker()).exists() || v1_mounted_at(&dir, c.name())).then_some((c, dir))
             })
             .collect();
         if hierarchies.is_empty() {
