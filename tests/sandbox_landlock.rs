@@ -113,3 +113,46 @@ fn io_off_with_missing_read_path_is_an_error_naming_it() {
         "{err}"
     );
 }
+
+const NODE_SCRIPT: &str = r#"
+const fs = require('fs');
+const r = {};
+const attempt = (name, fn) => {
+  try { fn(); r[name] = 'ok'; }
+  catch (e) { r[name] = (e.code === 'EACCES' || e.code === 'EPERM') ? 'denied' : 'error:' + e.code; }
+};
+attempt('read_hostname', () => fs.readFileSync('/etc/hostname'));
+attempt('write_tmp', () => fs.writeFileSync(process.argv[process.argv.length - 1], 'x'));
+attempt('write_workdir', () => fs.writeFileSync('inside.txt', 'hello'));
+attempt('read_workdir', () => fs.readFileSync('inside.txt'));
+attempt('crypto', () => require('crypto').randomBytes(8));
+console.log(JSON.stringify(r));
+"#;
+
+#[test]
+fn io_off_confines_node_too() {
+    if abi_version() < 1 {
+        return skip("io_off_confines_node_too", "Landlock not available");
+    }
+    let node = std::path::Path::new("/usr/bin/node");
+    if !node.exists() {
+        return skip(
+            "io_off_confines_node_too",
+            "node is not installed at /usr/bin/node",
+        );
+    }
+    let s = Scratch::new();
+    let tmp_target = format!("/tmp/elide-landlock-node-{}", std::process::id());
+    let mut spec = s.spec();
+    spec.intrinsics = Intrinsics::NONE;
+    let mut cmd = Command::new(node);
+    cmd.args(["-e", NODE_SCRIPT, &tmp_target]);
+    let (st, out, err) = run(&s, spec, cmd);
+    assert!(st.success(), "{} stderr={err}", describe(st));
+    let r = results(&out);
+    assert_eq!(r["read_hostname"], "denied", "{r}");
+    assert_eq!(r["write_tmp"], "denied", "{r}");
+    assert_eq!(r["write_workdir"], "ok", "{r}");
+    assert_eq!(r["read_workdir"], "ok", "{r}");
+    assert_eq!(r["crypto"], "ok", "{r}");
+}

@@ -318,3 +318,94 @@ fn child_killed_by_group_signal_reaches_grandchildren() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+#[test]
+fn everything_at_once_nobody_no_io_no_net_in_a_cgroup() {
+    if !is_root() {
+        return skip("everything_at_once", "needs root");
+    }
+    use elide_task_driver::sandbox::cgroup::{CgroupLimits, CgroupManager, CgroupMode};
+    let s = Scratch::new();
+    // The execution's user must own its working dir.
+    std::os::unix::fs::chown(s.work(), Some(65534), Some(65534)).expect("chown");
+    let parent = format!("elide-test-{}-all", std::process::id());
+    let manager = CgroupManager::detect(&parent);
+    let cg = (manager.mode() != CgroupMode::None).then(|| {
+        manager
+            .create(
+                "all",
+                &CgroupLimits {
+                    memory_bytes: Some(256 << 20),
+                    cpu_shares: Some(100),
+                    pids: Some(32),
+                },
+            )
+            .expect("create cgroup")
+    });
+    // The pyenv interpreter lives under /root (0700): nobody needs the system one.
+    let py = std::path::PathBuf::from("/usr/bin/python3");
+    if !py.exists() {
+        return skip("everything_at_once", "/usr/bin/python3 is not installed");
+    }
+    let mut spec = s.spec();
+    spec.user = Some(resolve_user("nobody").expect("nobody"));
+    spec.intrinsics = Intrinsics::NONE;
+    spec.cgroup_procs = cg.as_ref().map(|c| c.procs_files()).unwrap_or_default();
+    let mut cmd = Command::new(py);
+    cmd.args([
+        "-c",
+        "import os, socket\n\
+         def denied(f):\n    try:\n        f(); return False\n    except OSError: return True\n\
+         print(os.getuid(), os.getgid(),\n\
+               denied(lambda: open('/etc/hostname').read()),\n\
+               denied(lambda: socket.create_connection(('1.1.1.1', 53), timeout=3)),\n\
+               open('/proc/self/cgroup').read().count('all') > 0,\n\
+               open('w.txt','w').write('ok'))",
+    ]);
+    let (st, out, err) = run(&s, spec, cmd);
+    if let Some(cg) = cg {
+        cg.remove().expect("remove cgroup");
+    }
+    let _ = manager.remove_parent();
+    assert!(st.success(), "{} stderr={err}", describe(st));
+    let in_cgroup = if manager.mode() == CgroupMode::None {
+        "False"
+    } else {
+        "True"
+    };
+    assert_eq!(
+        out,
+        format!("65534 65534 True True {in_cgroup} 2\n"),
+        "stderr={err}"
+    );
+}
+
+#[test]
+fn program_the_user_cannot_execute_is_reported_by_name() {
+    if !is_root() {
+        return skip(
+            "program_the_user_cannot_execute_is_reported_by_name",
+            "needs root",
+        );
+    }
+    let s = Scratch::new();
+    // Inside a 0700 root-owned directory, like the pyenv interpreters under /root.
+    let hidden = s.dir.path().join("private");
+    std::fs::create_dir(&hidden).expect("mkdir");
+    std::fs::set_permissions(&hidden, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+        .expect("chmod");
+    let prog = hidden.join("tool");
+    std::fs::copy("/bin/true", &prog).expect("copy");
+    let mut spec = s.spec();
+    spec.user = Some(resolve_user("nobody").expect("nobody"));
+    let mut cmd = Command::new(&prog);
+    spec.apply(&mut cmd).expect("apply");
+    let err = cmd.spawn().expect_err("nobody cannot reach the program");
+    assert_eq!(err.raw_os_error(), Some(libc::EACCES), "{err}");
+    assert!(
+        s.stderr()
+            .contains("not executable by the execution's user"),
+        "{}",
+        s.stderr()
+    );
+}

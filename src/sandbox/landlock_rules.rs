@@ -56,6 +56,7 @@ pub const SYSTEM_READ_PATHS: &[&str] = &[
     "/etc/ld.so.conf.d",
     "/etc/localtime",
     "/etc/ssl/certs",
+    "/etc/ssl/openssl.cnf",
     "/etc/ca-certificates",
     "/etc/nsswitch.conf",
     "/etc/resolv.conf",

@@ -36,6 +36,9 @@ pub enum SandboxError {
     /// The working directory is unusable.
     #[error("working_dir {path:?}: {reason}")]
     WorkingDir { path: PathBuf, reason: String },
+    /// The requested isolation needs privileges the daemon does not have.
+    #[error("{what} needs {needs}")]
+    Privilege { what: String, needs: &'static str },
     /// A file the child needs could not be opened in the parent.
     #[error("cannot open {what} {path:?}: {source}")]
     Open {

@@ -260,6 +260,17 @@ impl IsolationSpec {
             }
         }
 
+        // SAFETY: geteuid has no preconditions.
+        let euid = unsafe { libc::geteuid() };
+        if let Some(u) = &self.user
+            && euid != 0
+            && (u.uid != euid || u.gid != unsafe { libc::getegid() })
+        {
+            return Err(SandboxError::Privilege {
+                what: format!("running as user {:?}", u.spec),
+                needs: "a daemon running as root",
+            });
+        }
         let cgroup_fds = self
             .cgroup_procs
             .iter()
@@ -286,6 +297,13 @@ impl IsolationSpec {
             parent_pid: std::process::id() as libc::pid_t,
             user: self.user.as_ref().map(|u| (u.groups.clone(), u.gid, u.uid)),
             landlock_fd: landlock_fd.as_ref().map(AsRawFd::as_raw_fd),
+            program_check: self.user.as_ref().and_then(|_| {
+                let program = Path::new(cmd.get_program());
+                program
+                    .is_absolute()
+                    .then(|| std::ffi::CString::new(program.as_os_str().as_encoded_bytes()).ok())
+                    .flatten()
+            }),
         };
         // The fds must stay open until the fork: the closure owns them.
         let keep_open = (cgroup_fds, netns_fd, landlock_fd);
@@ -346,6 +364,9 @@ struct ChildSteps {
     parent_pid: libc::pid_t,
     user: Option<(Vec<u32>, u32, u32)>,
     landlock_fd: Option<RawFd>,
+    /// The program, checked for execute permission as the new user so the failure names
+    /// itself instead of surfacing as a bare EACCES from exec.
+    program_check: Option<std::ffi::CString>,
 }
 
 fn errno() -> i32 {
@@ -438,6 +459,14 @@ impl ChildSteps {
                 }
                 if libc::setuid(*uid) != 0 {
                     return Err(fail(b"setuid", errno()));
+                }
+                if let Some(program) = &self.program_check
+                    && libc::access(program.as_ptr(), libc::X_OK) != 0
+                {
+                    return Err(fail(
+                        b"program is not executable by the execution's user (check permissions of every directory on its path)",
+                        errno(),
+                    ));
                 }
             }
             if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
