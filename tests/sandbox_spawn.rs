@@ -262,6 +262,7 @@ fn plan_lists_steps_in_order_as_json() {
             "chdir",
             "stdio",
             "join_cgroup",
+            "reset_signals",
             "new_session",
             "new_netns",
             "set_rlimit",
@@ -407,5 +408,22 @@ fn program_the_user_cannot_execute_is_reported_by_name() {
             .contains("not executable by the execution's user"),
         "{}",
         s.stderr()
+    );
+}
+
+#[test]
+fn child_starts_with_default_signal_dispositions_and_empty_mask() {
+    // Rust ignores SIGPIPE in the parent; a snippet must see defaults (and no blocked signals)
+    // so `kill -USR1` and broken pipes behave as they would from a shell.
+    let s = Scratch::new();
+    let (st, out, err) = run(
+        &s,
+        s.spec(),
+        sh("grep -E '^(SigBlk|SigIgn)' /proc/self/status"),
+    );
+    assert!(st.success(), "{} stderr={err}", describe(st));
+    assert_eq!(
+        out,
+        "SigBlk:\t0000000000000000\nSigIgn:\t0000000000000000\n"
     );
 }

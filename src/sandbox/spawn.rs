@@ -93,6 +93,8 @@ pub enum PlanStep {
     JoinCgroup {
         procs_file: PathBuf,
     },
+    /// Every catchable signal back to its default action (ignored ones survive exec).
+    ResetSignals,
     /// `setsid()`: own session and process group, so signals reach the whole execution.
     NewSession,
     /// `setns(open(path), CLONE_NEWNET)`.
@@ -191,6 +193,7 @@ impl IsolationSpec {
         steps.extend(self.cgroup_procs.iter().map(|p| PlanStep::JoinCgroup {
             procs_file: p.clone(),
         }));
+        steps.push(PlanStep::ResetSignals);
         steps.push(PlanStep::NewSession);
         match (self.intrinsics.net, &self.network_namespace) {
             (false, _) => steps.push(PlanStep::NewNetns),
@@ -388,6 +391,55 @@ fn fail(step: &[u8], err: i32) -> std::io::Error {
     std::io::Error::from_raw_os_error(err)
 }
 
+/// The kernel's `struct sigaction` for `rt_sigaction` (x86_64 layout).
+#[cfg(target_arch = "x86_64")]
+#[repr(C)]
+struct KernelSigaction {
+    handler: usize,
+    flags: libc::c_ulong,
+    restorer: usize,
+    mask: u64,
+}
+
+/// Sets every catchable signal to its default action. Ignored signals survive exec, and the
+/// daemon may have been started with some ignored (a real-time signal, SIGPIPE...).
+/// Uses the raw syscall because glibc's `sigaction` refuses the signals it reserves (32, 33),
+/// which a parent may still have set to ignored. Async-signal-safe.
+#[cfg(not(target_arch = "x86_64"))]
+fn reset_signal_dispositions() {
+    for sig in 1..=64 {
+        if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+            // SAFETY: signal(2) with SIG_DFL; glibc-reserved signals just fail.
+            unsafe { libc::signal(sig, libc::SIG_DFL) };
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn reset_signal_dispositions() {
+    let default = KernelSigaction {
+        handler: libc::SIG_DFL,
+        flags: 0,
+        restorer: 0,
+        mask: 0,
+    };
+    for sig in 1..=64 {
+        if sig == libc::SIGKILL || sig == libc::SIGSTOP {
+            continue;
+        }
+        // SAFETY: rt_sigaction with a valid struct of the size the kernel expects.
+        unsafe {
+            libc::syscall(
+                libc::SYS_rt_sigaction,
+                sig,
+                &default as *const KernelSigaction,
+                std::ptr::null_mut::<KernelSigaction>(),
+                8usize,
+            );
+        }
+    }
+}
+
 impl ChildSteps {
     /// Runs in the forked child. Only raw syscalls.
     fn run(&self) -> std::io::Result<()> {
@@ -400,6 +452,7 @@ impl ChildSteps {
                     return Err(fail(b"join cgroup", errno()));
                 }
             }
+            reset_signal_dispositions();
             if libc::setsid() < 0 {
                 let e = errno();
                 // Already a group leader (someone set process_group): still its own group.
