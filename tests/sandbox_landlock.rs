@@ -97,21 +97,35 @@ fn io_on_leaves_the_filesystem_alone() {
 }
 
 #[test]
-fn io_off_with_missing_read_path_is_an_error_naming_it() {
+fn io_off_with_missing_write_path_is_an_error_naming_it_and_missing_read_path_is_skipped() {
     if abi_version() < 1 {
-        return skip("io_off_with_missing_read_path", "Landlock not available");
+        return skip("io_off_with_missing_write_path", "Landlock not available");
     }
     let s = Scratch::new();
     let mut spec = s.spec();
     spec.intrinsics = Intrinsics::NONE;
-    spec.read_paths = vec!["/nonexistent/elide-runtime".into()];
+    spec.write_paths = vec!["/nonexistent/elide-output".into()];
     let err = spec
         .apply(&mut Command::new("/bin/true"))
-        .expect_err("missing path");
+        .expect_err("missing write path");
     assert!(
-        err.to_string().contains("/nonexistent/elide-runtime"),
+        err.to_string().contains("/nonexistent/elide-output"),
         "{err}"
     );
+
+    let s = Scratch::new();
+    let mut spec = s.spec();
+    spec.intrinsics = Intrinsics::NONE;
+    spec.read_paths = vec!["/nonexistent/elide-runtime/lib".into()];
+    let (st, out, err) = run(&s, spec, sh_echo());
+    assert!(st.success(), "{} stderr={err}", describe(st));
+    assert_eq!(out, "ran\n");
+}
+
+fn sh_echo() -> Command {
+    let mut c = Command::new("/bin/sh");
+    c.args(["-c", "echo ran"]);
+    c
 }
 
 const NODE_SCRIPT: &str = r#"

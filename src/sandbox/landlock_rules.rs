@@ -111,8 +111,8 @@ const TARGET_ABI: ABI = ABI::V6;
 
 /// Builds the ruleset in the parent and returns its fd, ready for [`restrict_self`].
 ///
-/// Paths that do not exist are skipped (system paths vary by distribution); every path the
-/// caller passes explicitly must exist, or the error names it.
+/// Policy paths that do not exist are skipped (they grant nothing; system and runtime paths
+/// vary by distribution); every path in `required` must exist, or the error names it.
 pub fn build_ruleset(policy: &FsPolicy, required: &[PathBuf]) -> Result<OwnedFd, LandlockError> {
     let abi = abi_version();
     if abi < 1 {

@@ -286,8 +286,9 @@ impl IsolationSpec {
         let landlock_fd = if self.intrinsics.io {
             None
         } else {
+            // A missing read path grants nothing and is skipped (runtimes list optional
+            // dirs); a missing write path is a request we cannot honour.
             let mut required = vec![self.working_dir.clone()];
-            required.extend(self.read_paths.iter().cloned());
             required.extend(self.write_paths.iter().cloned());
             Some(landlock_rules::build_ruleset(&self.fs_policy(), &required)?)
         };
