@@ -408,7 +408,19 @@ impl CgroupManager {
         if missing.is_empty() {
             return Ok(());
         }
-        write_file(&dir.join("cgroup.subtree_control"), &missing.join(" "))
+        let file = dir.join("cgroup.subtree_control");
+        write_file(&file, &missing.join(" ")).map_err(|e| match e {
+            CgroupError::Io { source, .. } if source.raw_os_error() == Some(libc::EBUSY) => {
+                CgroupError::Io {
+                    path: file.clone(),
+                    op: "enable controllers (EBUSY: this cgroup has processes of its own; cgroup \
+                         v2 only delegates from cgroups without processes, so run the daemon in \
+                         a leaf cgroup and point cgroup_root at a delegated subtree)",
+                    source,
+                }
+            }
+            other => other,
+        })
     }
 
     /// Creates the cgroup of one execution and applies `limits`.
@@ -436,6 +448,7 @@ impl CgroupManager {
         let cg = ExecutionCgroup {
             mode: self.mode(),
             dirs,
+            rel: format!("/{}/{}", self.parent_name, name),
         };
         for (_, dir) in &cg.dirs {
             if let Some(parent) = dir.parent() {
@@ -505,6 +518,7 @@ impl CgroupManager {
             let cg = ExecutionCgroup {
                 mode: self.mode(),
                 dirs,
+                rel: format!("/{}/{}", self.parent_name, name),
             };
             cg.remove()?;
             removed += 1;
@@ -518,6 +532,8 @@ impl CgroupManager {
 pub struct ExecutionCgroup {
     mode: CgroupMode,
     dirs: Vec<(Option<V1Controller>, PathBuf)>,
+    /// Path relative to the hierarchy root ("/<parent>/<name>"), as /proc/<pid>/cgroup shows it.
+    rel: String,
 }
 
 impl ExecutionCgroup {
@@ -731,9 +747,7 @@ impl ExecutionCgroup {
                 return Ok(());
             }
             for p in &pids {
-                if let Ok(raw) = i32::try_from(*p) {
-                    let _ = kill(Pid::from_raw(raw), Signal::SIGKILL);
-                }
+                kill_member(*p, &self.rel);
             }
             if Instant::now() >= deadline {
                 return Err(CgroupError::Busy {
@@ -778,6 +792,48 @@ impl ExecutionCgroup {
     pub fn remove(self) -> Result<(), CgroupError> {
         self.kill_all()?;
         self.remove_dirs()
+    }
+}
+
+/// Whether `/proc/<pid>/cgroup` places `pid` in the cgroup at `rel` in any hierarchy.
+fn in_cgroup(pid: u32, rel: &str) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/cgroup"))
+        .map(|c| {
+            c.lines()
+                .filter_map(|l| l.splitn(3, ':').nth(2))
+                .any(|path| path == rel || path.ends_with(rel))
+        })
+        .unwrap_or(false)
+}
+
+/// SIGKILLs `pid` only if it is still a member of our cgroup, without a pid-reuse race: the
+/// pidfd pins the process identity before membership is checked.
+fn kill_member(pid: u32, rel: &str) {
+    let Ok(raw) = i32::try_from(pid) else { return };
+    // SAFETY: pidfd_open takes a pid and flags; the returned fd is owned below.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, raw, 0) };
+    if fd < 0 {
+        if std::io::Error::last_os_error().raw_os_error() == Some(libc::ENOSYS)
+            && in_cgroup(pid, rel)
+        {
+            // Kernel < 5.3: best effort.
+            let _ = kill(Pid::from_raw(raw), Signal::SIGKILL);
+        }
+        return;
+    }
+    // SAFETY: fd is a fresh pidfd we own.
+    let pidfd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) };
+    if in_cgroup(pid, rel) {
+        // SAFETY: pidfd_send_signal with a valid pidfd and no siginfo.
+        unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                std::os::fd::AsRawFd::as_raw_fd(&pidfd),
+                libc::SIGKILL,
+                std::ptr::null::<libc::siginfo_t>(),
+                0u32,
+            );
+        }
     }
 }
 
