@@ -133,6 +133,7 @@ pub enum PlanStep {
     Landlock {
         read_exec: Vec<PathBuf>,
         read_write: Vec<PathBuf>,
+        masks: landlock_rules::AccessMasks,
     },
     /// Mark every fd >= `from` close-on-exec (`close_range(from, ~0, CLOSE_RANGE_CLOEXEC)`).
     CloseFdsFrom {
@@ -223,6 +224,7 @@ impl IsolationSpec {
             steps.push(PlanStep::Landlock {
                 read_exec: p.read_exec,
                 read_write: p.read_write,
+                masks: landlock_rules::access_masks(),
             });
         }
         steps.push(PlanStep::CloseFdsFrom { from: 3 });
