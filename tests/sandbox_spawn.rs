@@ -331,6 +331,15 @@ fn everything_at_once_nobody_no_io_no_net_in_a_cgroup() {
     std::os::unix::fs::chown(s.work(), Some(65534), Some(65534)).expect("chown");
     let parent = format!("elide-test-{}-all", std::process::id());
     let manager = CgroupManager::detect(&parent);
+    // Cleans up even when an assertion below fails.
+    struct Cleanup(CgroupManager);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = self.0.reap_stale();
+            let _ = self.0.remove_parent();
+        }
+    }
+    let _cleanup = Cleanup(manager.clone());
     let cg = (manager.mode() != CgroupMode::None).then(|| {
         manager
             .create(
@@ -367,7 +376,6 @@ fn everything_at_once_nobody_no_io_no_net_in_a_cgroup() {
     if let Some(cg) = cg {
         cg.remove().expect("remove cgroup");
     }
-    let _ = manager.remove_parent();
     assert!(st.success(), "{} stderr={err}", describe(st));
     let in_cgroup = if manager.mode() == CgroupMode::None {
         "False"
