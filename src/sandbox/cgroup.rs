@@ -532,7 +532,7 @@ impl CgroupManager {
 pub struct ExecutionCgroup {
     mode: CgroupMode,
     dirs: Vec<(Option<V1Controller>, PathBuf)>,
-    /// Path relative to the hierarchy root ("/<parent>/<name>"), as /proc/<pid>/cgroup shows it.
+    /// Path relative to the hierarchy root (`/<parent>/<name>`), as `/proc/<pid>/cgroup` shows it.
     rel: String,
 }
 
