@@ -334,6 +334,21 @@ impl CgroupManager {
         }
     }
 
+    /// Whether this process may create cgroups in every hierarchy in use (write access to the
+    /// parent, or to the hierarchy root when the parent does not exist yet).
+    pub fn writable(&self) -> bool {
+        let dirs = self.parent_dirs();
+        !dirs.is_empty()
+            && dirs.iter().all(|(_, parent)| {
+                let target = if parent.exists() {
+                    parent.as_path()
+                } else {
+                    parent.parent().unwrap_or(parent)
+                };
+                nix::unistd::access(target, nix::unistd::AccessFlags::W_OK).is_ok()
+            })
+    }
+
     /// Human-readable description: mode, where, controllers.
     pub fn describe(&self) -> String {
         match &self.layout {
