@@ -733,14 +733,8 @@ impl ExecutionCgroup {
     /// Pids currently in the execution (union over hierarchies).
     pub fn pids(&self) -> Vec<u32> {
         let mut out: Vec<u32> = Vec::new();
-        for f in self.procs_files() {
-            if let Ok(c) = fs::read_to_string(&f) {
-                for p in c.lines().filter_map(|l| l.trim().parse::<u32>().ok()) {
-                    if !out.contains(&p) {
-                        out.push(p);
-                    }
-                }
-            }
+        for (_, dir) in &self.dirs {
+            collect_procs(dir, &mut out);
         }
         out
     }
@@ -748,7 +742,8 @@ impl ExecutionCgroup {
     /// Kills every process of the execution and waits (bounded) until none is left.
     ///
     /// v2 uses `cgroup.kill` when the kernel has it (≥ 5.14); otherwise every pid listed is
-    /// sent SIGKILL, repeatedly, so processes forked meanwhile are caught too.
+    /// sent SIGKILL, repeatedly, so processes forked meanwhile are caught too. Blocking (polls
+    /// for up to 10 s): call from a blocking context.
     pub fn kill_all(&self) -> Result<(), CgroupError> {
         if self.mode == CgroupMode::V2
             && let Some((_, dir)) = self.dirs.first()
@@ -780,25 +775,7 @@ impl ExecutionCgroup {
 
     fn remove_dirs(&self) -> Result<(), CgroupError> {
         for (_, dir) in &self.dirs {
-            let deadline = Instant::now() + Duration::from_secs(5);
-            loop {
-                match fs::remove_dir(dir) {
-                    Ok(()) => break,
-                    Err(e) if e.kind() == ErrorKind::NotFound => break,
-                    // Exiting tasks leave the cgroup asynchronously.
-                    Err(e)
-                        if e.raw_os_error() == Some(libc::EBUSY) && Instant::now() < deadline =>
-                    {
-                        std::thread::sleep(Duration::from_millis(10));
-                    }
-                    Err(e) if e.raw_os_error() == Some(libc::ENOTEMPTY) => {
-                        // Only the test fake has regular files in a cgroup directory.
-                        fs::remove_dir_all(dir).map_err(|e| io_err(dir, "rmdir", e))?;
-                        break;
-                    }
-                    Err(e) => return Err(io_err(dir, "rmdir", e)),
-                }
-            }
+            remove_tree(dir)?;
         }
         Ok(())
     }
@@ -810,13 +787,69 @@ impl ExecutionCgroup {
     }
 }
 
-/// Whether `/proc/<pid>/cgroup` places `pid` in the cgroup at `rel` in any hierarchy.
+/// Pids in `dir` and in every cgroup below it (a root snippet may create sub-cgroups; their
+/// members are not listed in the parent's cgroup.procs).
+fn collect_procs(dir: &Path, out: &mut Vec<u32>) {
+    if let Ok(c) = fs::read_to_string(dir.join("cgroup.procs")) {
+        for p in c.lines().filter_map(|l| l.trim().parse::<u32>().ok()) {
+            if !out.contains(&p) {
+                out.push(p);
+            }
+        }
+    }
+    if let Ok(entries) = fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                collect_procs(&e.path(), out);
+            }
+        }
+    }
+}
+
+/// Removes a cgroup directory and any cgroups below it, deepest first.
+fn remove_tree(dir: &Path) -> Result<(), CgroupError> {
+    if let Ok(entries) = fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                remove_tree(&e.path())?;
+            }
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut cleared_files = false;
+    loop {
+        match fs::remove_dir(dir) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
+            // Exiting tasks leave the cgroup asynchronously.
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            // cgroupfs removes its control files itself; only the test fake holds regular
+            // files that must go first.
+            Err(e) if e.raw_os_error() == Some(libc::ENOTEMPTY) && !cleared_files => {
+                cleared_files = true;
+                if let Ok(entries) = fs::read_dir(dir) {
+                    for e in entries.flatten() {
+                        if e.file_type().map(|t| t.is_file()).unwrap_or(false) {
+                            let _ = fs::remove_file(e.path());
+                        }
+                    }
+                }
+            }
+            Err(e) => return Err(io_err(dir, "rmdir", e)),
+        }
+    }
+}
+
+/// Whether `/proc/<pid>/cgroup` places `pid` in the cgroup at `rel` (or below it) in any
+/// hierarchy.
 fn in_cgroup(pid: u32, rel: &str) -> bool {
     fs::read_to_string(format!("/proc/{pid}/cgroup"))
         .map(|c| {
             c.lines()
                 .filter_map(|l| l.splitn(3, ':').nth(2))
-                .any(|path| path == rel || path.ends_with(rel))
+                .any(|path| path.ends_with(rel) || path.contains(&format!("{rel}/")))
         })
         .unwrap_or(false)
 }
@@ -1141,6 +1174,49 @@ mod tests {
         assert_eq!(s.cpu_user_ns, Some(3 * ticks_to_ns()));
         assert_eq!(s.cpu_system_ns, Some(ticks_to_ns()));
         assert_eq!(s.memory_rss_bytes, Some(8192));
+        cg.remove().expect("remove");
+    }
+
+    #[test]
+    fn v1_oom_falls_back_to_failcnt_when_the_kernel_has_no_oom_kill_counter() {
+        let root = tempfile::tempdir().expect("tempdir");
+        fs::create_dir_all(root.path().join("memory")).expect("mkdir");
+        fs::write(root.path().join("memory/memory.usage_in_bytes"), "0").expect("write");
+        let m = CgroupManager::detect_at(root.path(), "elide");
+        let cg = m
+            .create(
+                "old",
+                &CgroupLimits {
+                    memory_bytes: Some(64 << 20),
+                    ..Default::default()
+                },
+            )
+            .expect("create");
+        let dir = root.path().join("memory/elide/old");
+        // Pre-4.13 oom_control: no oom_kill line.
+        fs::write(
+            dir.join("memory.oom_control"),
+            "oom_kill_disable 0\nunder_oom 0\n",
+        )
+        .expect("write");
+        fs::write(dir.join("memory.failcnt"), "0").expect("write");
+        fs::write(
+            dir.join("memory.max_usage_in_bytes"),
+            (10u64 << 20).to_string(),
+        )
+        .expect("write");
+        assert!(!cg.oom_killed());
+        fs::write(dir.join("memory.failcnt"), "57").expect("write");
+        assert!(
+            !cg.oom_killed(),
+            "reclaim failures far below the limit are not an OOM kill"
+        );
+        fs::write(
+            dir.join("memory.max_usage_in_bytes"),
+            (64u64 << 20).to_string(),
+        )
+        .expect("write");
+        assert!(cg.oom_killed());
         cg.remove().expect("remove");
     }
 }
