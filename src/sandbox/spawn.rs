@@ -301,7 +301,12 @@ impl IsolationSpec {
             new_netns: !self.intrinsics.net,
             netns_fd: netns_fd.as_ref().map(AsRawFd::as_raw_fd),
             parent_pid: std::process::id() as libc::pid_t,
-            user: self.user.as_ref().map(|u| (u.groups.clone(), u.gid, u.uid)),
+            // A non-root daemon may "switch" only to itself (checked above): nothing to do.
+            user: self
+                .user
+                .as_ref()
+                .filter(|_| euid == 0)
+                .map(|u| (u.groups.clone(), u.gid, u.uid)),
             landlock_fd: landlock_fd.as_ref().map(AsRawFd::as_raw_fd),
             program_check: self.user.as_ref().and_then(|_| {
                 let program = Path::new(cmd.get_program());
