@@ -465,20 +465,30 @@ impl CgroupManager {
             dirs,
             rel: format!("/{}/{}", self.parent_name, name),
         };
+        let mut created: Vec<&Path> = Vec::new();
+        let undo = |created: &[&Path]| {
+            for d in created {
+                let _ = remove_tree(d);
+            }
+        };
         for (_, dir) in &cg.dirs {
-            if let Some(parent) = dir.parent() {
-                Self::ensure_dir(parent)?;
+            if let Some(parent) = dir.parent()
+                && let Err(e) = Self::ensure_dir(parent)
+            {
+                undo(&created);
+                return Err(e);
             }
             match fs::create_dir(dir) {
-                Ok(()) => {}
-                Err(e) if e.kind() == ErrorKind::AlreadyExists => {
-                    return Err(io_err(
-                        dir,
-                        "mkdir (an execution cgroup with this name already exists)",
-                        e,
-                    ));
+                Ok(()) => created.push(dir),
+                Err(e) => {
+                    undo(&created);
+                    let op = if e.kind() == ErrorKind::AlreadyExists {
+                        "mkdir (an execution cgroup with this name already exists)"
+                    } else {
+                        "mkdir"
+                    };
+                    return Err(io_err(dir, op, e));
                 }
-                Err(e) => return Err(io_err(dir, "mkdir", e)),
             }
         }
         if let Err(e) = cg.apply_limits(limits) {
@@ -1175,6 +1185,33 @@ mod tests {
         assert_eq!(s.cpu_system_ns, Some(ticks_to_ns()));
         assert_eq!(s.memory_rss_bytes, Some(8192));
         cg.remove().expect("remove");
+    }
+
+    #[test]
+    fn v1_partial_create_is_undone_and_foreign_dirs_are_kept() {
+        let root = tempfile::tempdir().expect("tempdir");
+        for (c, marker) in [
+            ("memory", "memory.usage_in_bytes"),
+            ("pids", "pids.current"),
+        ] {
+            fs::create_dir_all(root.path().join(c)).expect("mkdir");
+            fs::write(root.path().join(c).join(marker), "0").expect("write");
+        }
+        // Someone else's cgroup with the same name in the second hierarchy.
+        fs::create_dir_all(root.path().join("pids/elide/x")).expect("mkdir");
+        let m = CgroupManager::detect_at(root.path(), "elide");
+        let err = m
+            .create("x", &CgroupLimits::default())
+            .expect_err("collision");
+        assert!(err.to_string().contains("already exists"), "{err}");
+        assert!(
+            !root.path().join("memory/elide/x").exists(),
+            "our half must be undone"
+        );
+        assert!(
+            root.path().join("pids/elide/x").exists(),
+            "the foreign dir must be kept"
+        );
     }
 
     #[test]
