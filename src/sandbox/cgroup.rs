@@ -40,6 +40,12 @@ impl CgroupMode {
 pub enum CgroupError {
     #[error("invalid cgroup name {name:?}: {reason}")]
     InvalidName { name: String, reason: &'static str },
+    #[error("invalid cgroup limit {field} = {value}: {reason}")]
+    InvalidLimit {
+        field: &'static str,
+        value: u64,
+        reason: &'static str,
+    },
     #[error("cgroups are not available on this machine (no v2 controllers, no v1 hierarchies)")]
     Unavailable,
     #[error("cgroup {path:?}: {op} failed: {source}")]
@@ -70,6 +76,40 @@ pub struct CgroupLimits {
     pub cpu_shares: Option<u64>,
     /// Maximum number of tasks (processes + threads).
     pub pids: Option<u64>,
+}
+
+/// Smallest memory limit accepted: below this an interpreter cannot even start, and the
+/// kernel refuses limits under the current usage.
+pub const MIN_MEMORY_BYTES: u64 = 4 << 20;
+
+impl CgroupLimits {
+    /// Rejects limits no execution could run under.
+    pub fn validate(&self) -> Result<(), CgroupError> {
+        if let Some(m) = self.memory_bytes
+            && m < MIN_MEMORY_BYTES
+        {
+            return Err(CgroupError::InvalidLimit {
+                field: "memory_bytes",
+                value: m,
+                reason: "must be at least 4 MiB",
+            });
+        }
+        if self.pids == Some(0) {
+            return Err(CgroupError::InvalidLimit {
+                field: "pids",
+                value: 0,
+                reason: "must be at least 1 (the execution's own process)",
+            });
+        }
+        if self.cpu_shares == Some(0) {
+            return Err(CgroupError::InvalidLimit {
+                field: "cpu_shares",
+                value: 0,
+                reason: "must be at least 1 (use None for the default weight)",
+            });
+        }
+        Ok(())
+    }
 }
 
 /// Resource usage of an execution cgroup; `None` means "not measured on this machine".
@@ -445,6 +485,7 @@ impl CgroupManager {
         limits: &CgroupLimits,
     ) -> Result<ExecutionCgroup, CgroupError> {
         validate_name(name)?;
+        limits.validate()?;
         let dirs = match &self.layout {
             Layout::None => return Err(CgroupError::Unavailable),
             Layout::V2 { hierarchy } => {
@@ -1185,6 +1226,46 @@ mod tests {
         assert_eq!(s.cpu_system_ns, Some(ticks_to_ns()));
         assert_eq!(s.memory_rss_bytes, Some(8192));
         cg.remove().expect("remove");
+    }
+
+    #[test]
+    fn impossible_limits_are_rejected_naming_the_field() {
+        let root = fake_v2();
+        let m = CgroupManager::detect_at(root.path(), "elide");
+        for (limits, field) in [
+            (
+                CgroupLimits {
+                    memory_bytes: Some(0),
+                    ..Default::default()
+                },
+                "memory_bytes",
+            ),
+            (
+                CgroupLimits {
+                    memory_bytes: Some(1 << 20),
+                    ..Default::default()
+                },
+                "memory_bytes",
+            ),
+            (
+                CgroupLimits {
+                    pids: Some(0),
+                    ..Default::default()
+                },
+                "pids",
+            ),
+            (
+                CgroupLimits {
+                    cpu_shares: Some(0),
+                    ..Default::default()
+                },
+                "cpu_shares",
+            ),
+        ] {
+            let err = m.create("x", &limits).expect_err(field);
+            assert!(err.to_string().contains(field), "{err}");
+            assert!(!root.path().join("elide/x").exists());
+        }
     }
 
     #[test]
