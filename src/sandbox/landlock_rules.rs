@@ -63,9 +63,19 @@ pub const SYSTEM_READ_PATHS: &[&str] = &[
     "/etc/hosts",
     "/etc/passwd",
     "/etc/group",
-    // /proc/self cannot be named (it would resolve to the daemon's pid when the rule is
-    // built), so /proc is readable; other users' entries stay protected by ptrace rules.
-    "/proc",
+    // Machine-wide /proc files runtimes read (CPU count, memory, malloc tuning). The child's
+    // own /proc/self is added in the child itself (see `allow_proc_self`): named here it
+    // would resolve to the daemon's pid. Other processes' /proc entries stay denied, so a
+    // root snippet cannot read the daemon's environ or memory.
+    "/proc/cpuinfo",
+    "/proc/meminfo",
+    "/proc/stat",
+    "/proc/loadavg",
+    "/proc/uptime",
+    "/proc/version",
+    "/proc/filesystems",
+    "/proc/sys/kernel",
+    "/proc/sys/vm/overcommit_memory",
     "/sys/devices/system/cpu",
     "/sys/fs/cgroup",
     "/dev/urandom",
@@ -166,6 +176,53 @@ pub fn build_ruleset(policy: &FsPolicy, required: &[PathBuf]) -> Result<OwnedFd,
         .map_err(rr)?;
     let fd: Option<OwnedFd> = created.into();
     fd.ok_or(LandlockError::Unsupported { abi })
+}
+
+/// `struct landlock_path_beneath_attr` (packed in the kernel UAPI).
+#[repr(C, packed)]
+struct PathBeneathAttr {
+    allowed_access: u64,
+    parent_fd: i32,
+}
+
+const LANDLOCK_RULE_PATH_BENEATH: libc::c_int = 1;
+
+/// Adds a read/execute rule for the calling process's own `/proc/self` to the ruleset at
+/// `ruleset_fd`. Must run in the child (after fork) so `/proc/self` resolves to the child's
+/// pid, which it keeps across exec. Async-signal-safe; returns errno.
+pub fn allow_proc_self(ruleset_fd: RawFd, read_exec_access: u64) -> Result<(), i32> {
+    let errno = || {
+        std::io::Error::last_os_error()
+            .raw_os_error()
+            .unwrap_or(libc::EIO)
+    };
+    // SAFETY: open/syscall/close on a static path and a stack struct of the UAPI layout.
+    unsafe {
+        let dir = libc::open(
+            c"/proc/self".as_ptr(),
+            libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        );
+        if dir < 0 {
+            return Err(errno());
+        }
+        let attr = PathBeneathAttr {
+            allowed_access: read_exec_access,
+            parent_fd: dir,
+        };
+        let r = libc::syscall(
+            libc::SYS_landlock_add_rule,
+            ruleset_fd,
+            LANDLOCK_RULE_PATH_BENEATH,
+            &attr as *const PathBeneathAttr,
+            0u32,
+        );
+        let e = errno();
+        libc::close(dir);
+        if r != 0 {
+            return Err(e);
+        }
+    }
+    Ok(())
 }
 
 /// Confines the calling thread with the ruleset at `fd` (sets `no_new_privs` first, which an

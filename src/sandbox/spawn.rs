@@ -129,10 +129,13 @@ pub enum PlanStep {
     },
     /// `prctl(PR_SET_NO_NEW_PRIVS, 1)`: setuid binaries cannot regain privileges.
     NoNewPrivs,
-    /// Landlock `restrict_self` with these rules (everything else denied).
+    /// Landlock `restrict_self` with these rules (everything else denied). `child_read_exec`
+    /// rules must be added in the child itself, just before restricting (`/proc/self` must
+    /// resolve to the child's pid).
     Landlock {
         read_exec: Vec<PathBuf>,
         read_write: Vec<PathBuf>,
+        child_read_exec: Vec<PathBuf>,
         masks: landlock_rules::AccessMasks,
     },
     /// Mark every fd >= `from` close-on-exec (`close_range(from, ~0, CLOSE_RANGE_CLOEXEC)`).
@@ -224,6 +227,7 @@ impl IsolationSpec {
             steps.push(PlanStep::Landlock {
                 read_exec: p.read_exec,
                 read_write: p.read_write,
+                child_read_exec: vec![PathBuf::from("/proc/self")],
                 masks: landlock_rules::access_masks(),
             });
         }
@@ -308,6 +312,7 @@ impl IsolationSpec {
                 .filter(|_| euid == 0)
                 .map(|u| (u.groups.clone(), u.gid, u.uid)),
             landlock_fd: landlock_fd.as_ref().map(AsRawFd::as_raw_fd),
+            landlock_proc_access: landlock_rules::access_masks().read_exec,
             program_check: self.user.as_ref().and_then(|_| {
                 let program = Path::new(cmd.get_program());
                 program
@@ -375,6 +380,8 @@ struct ChildSteps {
     parent_pid: libc::pid_t,
     user: Option<(Vec<u32>, u32, u32)>,
     landlock_fd: Option<RawFd>,
+    /// Access granted to the child's own /proc/self (read/execute bits).
+    landlock_proc_access: u64,
     /// The program, checked for execute permission as the new user so the failure names
     /// itself instead of surfacing as a bare EACCES from exec.
     program_check: Option<std::ffi::CString>,
@@ -533,10 +540,13 @@ impl ChildSteps {
             if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
                 return Err(fail(b"prctl NO_NEW_PRIVS", errno()));
             }
-            if let Some(fd) = self.landlock_fd
-                && let Err(e) = landlock_rules::restrict_self(fd)
-            {
-                return Err(fail(b"landlock restrict_self", e));
+            if let Some(fd) = self.landlock_fd {
+                if let Err(e) = landlock_rules::allow_proc_self(fd, self.landlock_proc_access) {
+                    return Err(fail(b"landlock rule for /proc/self", e));
+                }
+                if let Err(e) = landlock_rules::restrict_self(fd) {
+                    return Err(fail(b"landlock restrict_self", e));
+                }
             }
             // Mark rather than close: std's exec-error pipe must survive until exec.
             if libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, CLOSE_RANGE_CLOEXEC) != 0 {
