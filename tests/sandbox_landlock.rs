@@ -189,3 +189,33 @@ fn io_off_confines_node_too() {
     assert_eq!(r["proc_self"], "ok", "{r}");
     assert_eq!(r["proc_init"], "denied", "{r}");
 }
+
+#[test]
+fn io_off_cannot_reach_abstract_unix_sockets_outside_the_sandbox() {
+    if abi_version() < 6 {
+        return skip(
+            "io_off_cannot_reach_abstract_unix_sockets_outside_the_sandbox",
+            "Landlock ABI < 6 has no abstract socket scoping",
+        );
+    }
+    use std::os::linux::net::SocketAddrExt;
+    let name = format!("elide-test-abstract-{}", std::process::id());
+    let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).expect("addr");
+    let _listener = std::os::unix::net::UnixListener::bind_addr(&addr).expect("bind abstract");
+    let script = "import socket,sys\ns=socket.socket(socket.AF_UNIX)\ntry:\n    s.connect('\\0'+sys.argv[1]); print('connected')\nexcept OSError as e:\n    print(type(e).__name__)";
+    let (py, prefix) = python();
+    for (io, expected) in [(false, "PermissionError\n"), (true, "connected\n")] {
+        let s = Scratch::new();
+        let mut spec = s.spec();
+        spec.intrinsics = Intrinsics {
+            io,
+            ..Intrinsics::ALL
+        };
+        spec.read_paths = vec![prefix.clone()];
+        let mut cmd = Command::new(&py);
+        cmd.args(["-c", script, &name]);
+        let (st, out, err) = run(&s, spec, cmd);
+        assert!(st.success(), "{} stderr={err}", describe(st));
+        assert_eq!(out, expected, "io={io} stderr={err}");
+    }
+}

@@ -8,7 +8,7 @@
 
 use landlock::{
     ABI, Access, AccessFs, CompatLevel, Compatible, Ruleset, RulesetAttr, RulesetCreatedAttr,
-    path_beneath_rules,
+    Scope, path_beneath_rules,
 };
 use serde::{Deserialize, Serialize};
 use std::os::fd::{OwnedFd, RawFd};
@@ -125,6 +125,8 @@ const TARGET_ABI: ABI = ABI::V10;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AccessMasks {
     pub handled: u64,
+    /// `LANDLOCK_SCOPE_*` bits (ABI ≥ 6).
+    pub scoped: u64,
     pub read_exec: u64,
     pub read_write: u64,
     pub file_only: u64,
@@ -134,6 +136,7 @@ pub struct AccessMasks {
 pub fn access_masks() -> AccessMasks {
     AccessMasks {
         handled: AccessFs::from_all(TARGET_ABI).bits(),
+        scoped: Scope::AbstractUnixSocket as u64,
         read_exec: AccessFs::from_read(TARGET_ABI).bits(),
         read_write: AccessFs::from_all(TARGET_ABI).bits(),
         file_only: AccessFs::from_file(TARGET_ABI).bits(),
@@ -161,6 +164,10 @@ pub fn build_ruleset(policy: &FsPolicy, required: &[PathBuf]) -> Result<OwnedFd,
     let created = Ruleset::default()
         .set_compatibility(CompatLevel::BestEffort)
         .handle_access(AccessFs::from_all(TARGET_ABI))
+        .map_err(rr)?
+        // Abstract Unix sockets have no path for the filesystem rules to catch (ABI ≥ 6;
+        // older kernels skip this, and a private netns hides them anyway).
+        .scope(Scope::AbstractUnixSocket)
         .map_err(rr)?
         .create()
         .map_err(rr)?
@@ -253,6 +260,8 @@ mod tests {
         let m = access_masks();
         // LANDLOCK_ACCESS_FS_EXECUTE | READ_FILE | READ_DIR
         assert_eq!(m.read_exec, (1 << 0) | (1 << 2) | (1 << 3));
+        // LANDLOCK_SCOPE_ABSTRACT_UNIX_SOCKET
+        assert_eq!(m.scoped, 1);
         // Every handled right is granted to read-write paths; read-only is a strict subset.
         assert_eq!(m.read_write, m.handled);
         assert_eq!(m.read_exec & !m.handled, 0);
