@@ -17,6 +17,7 @@
 //!   passwd/group, machine-wide /proc info files, the child's own /proc/self (never other
 //!   processes'), CPU and cgroup info in /sys, /dev/urandom) and of the runtime's install dirs
 //!   (`read_paths`); read/write of the working dir, `write_paths` and /dev/null.
+//!   Abstract Unix sockets outside the sandbox are unreachable too (ABI ≥ 6).
 //!   `TMPDIR` points at the working dir. Without Landlock, `apply` fails rather than running
 //!   unconfined.
 //! - `net` off: a fresh network namespace holding only `lo` (up): the host's interfaces and its
