@@ -455,6 +455,25 @@ fn reset_signal_dispositions() {
     }
 }
 
+/// Whether /proc/self/oom_score_adj reads "0". Async-signal-safe (stack buffer only).
+fn oom_score_adj_is_zero() -> bool {
+    let mut buf = [0u8; 16];
+    // SAFETY: open/read/close with a stack buffer.
+    let n = unsafe {
+        let fd = libc::open(
+            c"/proc/self/oom_score_adj".as_ptr(),
+            libc::O_RDONLY | libc::O_CLOEXEC,
+        );
+        if fd < 0 {
+            return false;
+        }
+        let n = libc::read(fd, buf.as_mut_ptr().cast(), buf.len());
+        libc::close(fd);
+        n
+    };
+    n >= 1 && buf[0] == b'0' && (n == 1 || buf[1] == b'\n')
+}
+
 impl ChildSteps {
     /// Runs in the forked child. Only raw syscalls.
     fn run(&self) -> std::io::Result<()> {
@@ -491,18 +510,22 @@ impl ChildSteps {
             if libc::setrlimit(libc::RLIMIT_CORE, &no_core) != 0 {
                 return Err(fail(b"setrlimit core", errno()));
             }
-            let adj = libc::open(
-                c"/proc/self/oom_score_adj".as_ptr(),
-                libc::O_WRONLY | libc::O_CLOEXEC,
-            );
-            if adj < 0 {
-                return Err(fail(b"open oom_score_adj", errno()));
-            }
-            let ok = libc::write(adj, b"0".as_ptr().cast(), 1) == 1;
-            let e = errno();
-            libc::close(adj);
-            if !ok {
-                return Err(fail(b"write oom_score_adj", e));
+            // Only write when needed, so hosts with a read-only /proc still work for the
+            // common case of a daemon at the default score.
+            if !oom_score_adj_is_zero() {
+                let adj = libc::open(
+                    c"/proc/self/oom_score_adj".as_ptr(),
+                    libc::O_WRONLY | libc::O_CLOEXEC,
+                );
+                if adj < 0 {
+                    return Err(fail(b"open oom_score_adj", errno()));
+                }
+                let ok = libc::write(adj, b"0".as_ptr().cast(), 1) == 1;
+                let e = errno();
+                libc::close(adj);
+                if !ok {
+                    return Err(fail(b"write oom_score_adj", e));
+                }
             }
             if libc::prctl(
                 libc::PR_SET_PDEATHSIG,
