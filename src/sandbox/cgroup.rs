@@ -1269,6 +1269,36 @@ mod tests {
     }
 
     #[test]
+    fn v1_co_mounted_cpu_and_cpuacct_share_one_directory() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let both = root.path().join("cpu,cpuacct");
+        fs::create_dir_all(&both).expect("mkdir");
+        fs::write(both.join("cpu.shares"), "1024").expect("write");
+        fs::write(both.join("cpuacct.usage"), "0").expect("write");
+        std::os::unix::fs::symlink(&both, root.path().join("cpu")).expect("symlink");
+        std::os::unix::fs::symlink(&both, root.path().join("cpuacct")).expect("symlink");
+        let m = CgroupManager::detect_at(root.path(), "elide");
+        assert_eq!(m.controllers(), ["cpu", "cpuacct"]);
+        let cg = m.create("x", &CgroupLimits::default()).expect("create");
+        assert_eq!(
+            cg.dirs().len(),
+            1,
+            "one hierarchy, one directory: {:?}",
+            cg.dirs()
+        );
+        let dir = &cg.dirs()[0];
+        fs::write(dir.join("cpuacct.usage_user"), "7").expect("write");
+        fs::write(dir.join("cpuacct.usage_sys"), "3").expect("write");
+        fs::write(dir.join("cpuacct.usage"), "10").expect("write");
+        let s = cg.stats();
+        assert_eq!(
+            (s.cpu_user_ns, s.cpu_system_ns, s.cpu_total_ns),
+            (Some(7), Some(3), Some(10))
+        );
+        cg.remove().expect("remove");
+    }
+
+    #[test]
     fn v1_partial_create_is_undone_and_foreign_dirs_are_kept() {
         let root = tempfile::tempdir().expect("tempdir");
         for (c, marker) in [
