@@ -478,7 +478,8 @@ impl CgroupManager {
         })
     }
 
-    /// Creates the cgroup of one execution and applies `limits`.
+    /// Creates the cgroup of one execution and applies `limits` (file I/O on cgroupfs:
+    /// call from a blocking context).
     pub fn create(
         &self,
         name: &str,
@@ -556,6 +557,7 @@ impl CgroupManager {
 
     /// Kills and removes every execution cgroup left under the parent by a previous daemon.
     /// Call at startup, before any execution is created. Returns how many were removed.
+    /// Blocking (polls while processes die).
     pub fn reap_stale(&self) -> Result<usize, CgroupError> {
         let mut names: Vec<String> = Vec::new();
         for (_, parent) in self.parent_dirs() {
@@ -831,7 +833,8 @@ impl ExecutionCgroup {
         Ok(())
     }
 
-    /// Kills what is left in the execution and removes its directories.
+    /// Kills what is left in the execution and removes its directories. Blocking (see
+    /// [`kill_all`](Self::kill_all)).
     pub fn remove(self) -> Result<(), CgroupError> {
         self.kill_all()?;
         self.remove_dirs()

@@ -23,8 +23,11 @@ use std::process::{Command, Stdio};
 /// Which ambient capabilities an execution keeps (all true = no restriction).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Intrinsics {
-    /// Inherit the daemon's environment; when false the child sees only a minimal environment
-    /// plus the variables set explicitly on the command.
+    /// When true, `apply` leaves the Command's environment alone: the child gets whatever the
+    /// Command carries, which includes the daemon's own environment unless the caller called
+    /// `env_clear()` (the daemon does, to pass exactly the requested variables). When false,
+    /// the inherited environment is dropped and the child sees only a minimal environment
+    /// ([`IsolationSpec::base_env`]) plus the variables set explicitly on the Command.
     pub env: bool,
     /// Filesystem beyond the working dir and runtime files; when false Landlock confines it.
     pub io: bool,
