@@ -4,5 +4,7 @@
 //! Layers (each knows nothing of the ones above it):
 //! - [`proto`]: generated protobuf bindings (Nomad plugin API, go-plugin housekeeping, and our
 //!   own `elide.daemon.v1alpha1` ExecutionAPI).
+//! - [`sandbox`]: isolation and limits of one execution (cgroups, Landlock, netns, user, sinks).
 
 pub mod proto;
+pub mod sandbox;
