@@ -227,10 +227,10 @@ fn discover_node(language: Language, cfg: &RuntimeConfig) -> Runtime {
     ) {
         Ok(lines) if lines.len() >= 2 && !lines[0].is_empty() => {
             let exe = std::fs::canonicalize(&lines[0]).unwrap_or_else(|_| PathBuf::from(&lines[0]));
-            let mut read_paths = vec![exe.clone()];
+            // Node reads OpenSSL's config at start and refuses to run when it cannot.
+            let mut read_paths = vec![exe.clone(), PathBuf::from("/etc/ssl/openssl.cnf")];
             if let Some(prefix) = exe.parent().and_then(Path::parent) {
                 read_paths.push(prefix.join("lib/node_modules"));
-                read_paths.push(prefix.join("include/node"));
             }
             Runtime {
                 language,
@@ -315,6 +315,9 @@ impl RuntimeRegistry {
             }
             rt.read_paths
                 .extend(SYSTEM_READ_PATHS.iter().map(PathBuf::from));
+            // Landlock refuses rules for paths that do not exist; distributions differ.
+            rt.read_paths.retain(|p| p.exists());
+            rt.read_paths.dedup();
             runtimes.push(rt);
         }
         Self { runtimes }
