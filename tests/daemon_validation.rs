@@ -23,37 +23,69 @@ async fn start_execution_rejects_bad_input_naming_the_field() {
 
     let mut r = ok();
     r.language = "cobol".into();
-    check(c.start_execution(r).await, Code::InvalidArgument, &["language", "cobol"]);
+    check(
+        c.start_execution(r).await,
+        Code::InvalidArgument,
+        &["language", "cobol"],
+    );
 
     let mut r = ok();
     r.code = String::new();
-    check(c.start_execution(r).await, Code::InvalidArgument, &["code", "empty"]);
+    check(
+        c.start_execution(r).await,
+        Code::InvalidArgument,
+        &["code", "empty"],
+    );
 
     let mut r = ok();
     r.path = "/etc/hostname".into();
-    check(c.start_execution(r).await, Code::InvalidArgument, &["code", "both"]);
+    check(
+        c.start_execution(r).await,
+        Code::InvalidArgument,
+        &["code", "both"],
+    );
 
     let mut r = ok();
     r.code = String::new();
     r.path = "/nonexistent/x.py".into();
-    check(c.start_execution(r).await, Code::InvalidArgument, &["path", "/nonexistent/x.py"]);
+    check(
+        c.start_execution(r).await,
+        Code::InvalidArgument,
+        &["path", "/nonexistent/x.py"],
+    );
 
     let mut r = ok();
     r.working_dir = "relative/dir".into();
-    check(c.start_execution(r).await, Code::InvalidArgument, &["working_dir", "relative"]);
+    check(
+        c.start_execution(r).await,
+        Code::InvalidArgument,
+        &["working_dir", "relative"],
+    );
 
     let mut r = ok();
     r.session_id = "no-such-session".into();
-    check(c.start_execution(r).await, Code::NotFound, &["session", "no-such-session"]);
+    check(
+        c.start_execution(r).await,
+        Code::NotFound,
+        &["session", "no-such-session"],
+    );
 
     for p in ["/etc/passwd", "/tmp", "/etc/../tmp/x"] {
         let mut r = ok();
         r.stdout = path_sink(std::path::Path::new(p));
-        check(c.start_execution(r).await, Code::InvalidArgument, &["stdout.path"]);
+        check(
+            c.start_execution(r).await,
+            Code::InvalidArgument,
+            &["stdout.path"],
+        );
     }
     let mut r = ok();
     r.stderr = path_sink(std::path::Path::new("relative.log"));
-    check(c.start_execution(r).await, Code::InvalidArgument, &["stderr.path"]);
+    check(
+        c.start_execution(r).await,
+        Code::InvalidArgument,
+        &["stderr.path"],
+    );
 
     for (field, f) in [
         ("limits.memory_bytes", 0usize),
@@ -68,49 +100,86 @@ async fn start_execution_rejects_bad_input_naming_the_field() {
             _ => l.pids = -1,
         }
         r.limits = Some(l);
-        check(c.start_execution(r).await, Code::InvalidArgument, &[field, "negative"]);
+        check(
+            c.start_execution(r).await,
+            Code::InvalidArgument,
+            &[field, "negative"],
+        );
     }
     let mut r = ok();
     r.limits = Some(pb::Limits {
-        timeout: Some(prost_types::Duration { seconds: -1, nanos: 0 }),
+        timeout: Some(prost_types::Duration {
+            seconds: -1,
+            nanos: 0,
+        }),
         ..Default::default()
     });
-    check(c.start_execution(r).await, Code::InvalidArgument, &["limits.timeout"]);
+    check(
+        c.start_execution(r).await,
+        Code::InvalidArgument,
+        &["limits.timeout"],
+    );
 
     let mut r = ok();
     r.env = vec![pb::EnvVar {
         key: vec![0xff, 0xfe, b'A'],
         value: b"v".to_vec(),
     }];
-    check(c.start_execution(r).await, Code::InvalidArgument, &["env[0].key", "UTF-8"]);
+    check(
+        c.start_execution(r).await,
+        Code::InvalidArgument,
+        &["env[0].key", "UTF-8"],
+    );
 
     let mut r = ok();
     r.env = vec![pb::EnvVar {
         key: b"A=B".to_vec(),
         value: b"v".to_vec(),
     }];
-    check(c.start_execution(r).await, Code::InvalidArgument, &["env[0].key"]);
+    check(
+        c.start_execution(r).await,
+        Code::InvalidArgument,
+        &["env[0].key"],
+    );
 
     let mut r = ok();
     r.user = "no-such-user-xyz".into();
-    check(c.start_execution(r).await, Code::InvalidArgument, &["user", "no-such-user-xyz"]);
+    check(
+        c.start_execution(r).await,
+        Code::InvalidArgument,
+        &["user", "no-such-user-xyz"],
+    );
 
     let mut r = ok();
     r.code = "x".repeat(2_000_001);
-    check(c.start_execution(r).await, Code::ResourceExhausted, &["code", "max_code_bytes"]);
+    check(
+        c.start_execution(r).await,
+        Code::ResourceExhausted,
+        &["code", "max_code_bytes"],
+    );
 
     let mut r = ok();
     r.language = "ts".into();
     r.code = "enum Color { Red }\nconsole.log(Color.Red)".into();
-    check(c.start_execution(r).await, Code::InvalidArgument, &["code", "unsupported", "enum"]);
+    check(
+        c.start_execution(r).await,
+        Code::InvalidArgument,
+        &["code", "unsupported", "enum"],
+    );
 
     let mut r = ok();
     r.network_namespace = "/var/run/netns/does-not-exist".into();
-    check(c.start_execution(r).await, Code::InvalidArgument, &["network_namespace"]);
+    check(
+        c.start_execution(r).await,
+        Code::InvalidArgument,
+        &["network_namespace"],
+    );
 
     // A failed start leaves nothing behind.
     let list = c
-        .list_executions(pb::ListExecutionsRequest { session_id: s.clone() })
+        .list_executions(pb::ListExecutionsRequest {
+            session_id: s.clone(),
+        })
         .await
         .unwrap()
         .into_inner();
@@ -150,7 +219,11 @@ async fn disabled_language_and_bad_session_config_are_refused() {
         .await
         .unwrap_err();
     assert_eq!(st.code(), Code::InvalidArgument);
-    assert!(st.message().contains("config.enabled_languages[0]"), "{}", st.message());
+    assert!(
+        st.message().contains("config.enabled_languages[0]"),
+        "{}",
+        st.message()
+    );
     let st = c
         .create_session(pb::CreateSessionRequest {
             config: Some(pb::SessionConfig {
@@ -161,7 +234,11 @@ async fn disabled_language_and_bad_session_config_are_refused() {
         })
         .await
         .unwrap_err();
-    assert!(st.message().contains("config.enabled_intrinsics[1]"), "{}", st.message());
+    assert!(
+        st.message().contains("config.enabled_intrinsics[1]"),
+        "{}",
+        st.message()
+    );
     let st = c
         .create_session(pb::CreateSessionRequest {
             session_id: "../escape".into(),
@@ -192,23 +269,32 @@ async fn unknown_ids_bad_signals_and_ended_executions_are_refused() {
     let mut c = d.client().await;
     let s = session(&mut c, &[]).await;
     let st = c
-        .get_execution(pb::GetExecutionRequest { execution_id: "e-nope".into() })
+        .get_execution(pb::GetExecutionRequest {
+            execution_id: "e-nope".into(),
+        })
         .await
         .unwrap_err();
     assert_eq!(st.code(), Code::NotFound);
     assert!(st.message().contains("e-nope"));
     let st = c
-        .wait_execution(pb::WaitExecutionRequest { execution_id: "e-nope".into() })
+        .wait_execution(pb::WaitExecutionRequest {
+            execution_id: "e-nope".into(),
+        })
         .await
         .unwrap_err();
     assert_eq!(st.code(), Code::NotFound);
     let st = c
-        .get_session(pb::GetSessionRequest { session_id: "s-nope".into() })
+        .get_session(pb::GetSessionRequest {
+            session_id: "s-nope".into(),
+        })
         .await
         .unwrap_err();
     assert_eq!(st.code(), Code::NotFound);
     let st = c
-        .close_session(pb::CloseSessionRequest { session_id: "s-nope".into(), grace: None })
+        .close_session(pb::CloseSessionRequest {
+            session_id: "s-nope".into(),
+            grace: None,
+        })
         .await
         .unwrap_err();
     assert_eq!(st.code(), Code::NotFound);
@@ -237,7 +323,10 @@ async fn unknown_ids_bad_signals_and_ended_executions_are_refused() {
         .unwrap_err();
     assert_eq!(st.code(), Code::InvalidArgument);
     let st = c
-        .remove_execution(pb::RemoveExecutionRequest { execution_id: e.id.clone(), force: false })
+        .remove_execution(pb::RemoveExecutionRequest {
+            execution_id: e.id.clone(),
+            force: false,
+        })
         .await
         .unwrap_err();
     assert_eq!(st.code(), Code::FailedPrecondition);
@@ -272,11 +361,16 @@ async fn unknown_ids_bad_signals_and_ended_executions_are_refused() {
         .unwrap_err();
     assert_eq!(st.code(), Code::FailedPrecondition);
     assert!(st.message().contains("not running"), "{}", st.message());
-    c.remove_execution(pb::RemoveExecutionRequest { execution_id: e.id.clone(), force: false })
-        .await
-        .unwrap();
+    c.remove_execution(pb::RemoveExecutionRequest {
+        execution_id: e.id.clone(),
+        force: false,
+    })
+    .await
+    .unwrap();
     let st = c
-        .get_execution(pb::GetExecutionRequest { execution_id: e.id.clone() })
+        .get_execution(pb::GetExecutionRequest {
+            execution_id: e.id.clone(),
+        })
         .await
         .unwrap_err();
     assert_eq!(st.code(), Code::NotFound);
