@@ -62,6 +62,8 @@ pub struct Execution {
     phase: watch::Sender<Phase>,
     inner: Mutex<Inner>,
     timed_out: AtomicBool,
+    /// Serialises writes of this execution's record (running vs final).
+    persist_lock: Mutex<()>,
     /// Captured stdout, when its sink is `Capture`.
     pub stdout: OnceLock<Arc<CaptureBuffer>>,
     /// Captured stderr.
@@ -99,6 +101,7 @@ impl Execution {
             phase,
             inner: Mutex::new(Inner::default()),
             timed_out: AtomicBool::new(false),
+            persist_lock: Mutex::new(()),
             stdout: OnceLock::new(),
             stderr: OnceLock::new(),
         })
@@ -135,6 +138,7 @@ impl Execution {
                 ..Default::default()
             }),
             timed_out: AtomicBool::new(false),
+            persist_lock: Mutex::new(()),
             stdout: OnceLock::new(),
             stderr: OnceLock::new(),
         })
@@ -197,6 +201,18 @@ impl Execution {
             result: i.result.clone(),
             cgroup: i.cgroup_desc.clone(),
             daemon_pid: std::process::id(),
+        }
+    }
+
+    /// Writes the current record (blocking). The final record is fsynced; a running one is
+    /// only replaced while no final one exists.
+    pub fn persist(&self, state: &StateStore) -> Result<(), super::state::StateError> {
+        let _g = self.persist_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let rec = self.record();
+        if rec.result.is_some() {
+            state.save_execution(&rec)
+        } else {
+            state.save_running(&rec)
         }
     }
 
@@ -344,15 +360,9 @@ impl Execution {
             format!("started as pid {pid}"),
             ann,
         );
-        let rec = self.record();
-        let state = ctx.state.clone();
         let timeout = self.plan.as_ref().and_then(|p| p.limits.timeout);
         let me = self.clone();
-        tokio::spawn(async move {
-            // Persisting the running record lets a restarted daemon report this execution.
-            let _ = tokio::task::spawn_blocking(move || state.save_execution(&rec)).await;
-            me.supervise(exit, timeout, ctx).await;
-        });
+        tokio::spawn(async move { me.supervise(exit, timeout, ctx).await });
     }
 
     async fn supervise(
@@ -430,12 +440,12 @@ impl Execution {
             i.ended_at = Some(SystemTime::now());
             i.result = Some(result.clone());
         }
-        let rec = self.record();
         let state = ctx.state.clone();
         let exec_dir = self.plan.as_ref().map(|p| p.exec_dir.clone());
+        let me = self.clone();
         let _ = tokio::task::spawn_blocking(move || {
-            if let Err(e) = state.save_execution(&rec) {
-                tracing::error!(execution = %rec.id, error = %e, "cannot persist exit status");
+            if let Err(e) = me.persist(&state) {
+                tracing::error!(execution = %me.id, error = %e, "cannot persist exit status");
             }
             if let Some(d) = exec_dir {
                 let _ = std::fs::remove_dir_all(d);

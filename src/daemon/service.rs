@@ -422,6 +422,11 @@ impl Daemon {
                         max_capture_bytes: self.config.max_capture_bytes as usize,
                     },
                 );
+                // Recorded before the client learns the id, so that a daemon restarted after a
+                // crash can still answer for it.
+                let state = self.state.clone();
+                let e2 = exec.clone();
+                let _ = tokio::task::spawn_blocking(move || e2.persist(&state)).await;
                 Ok(exec.to_proto())
             }
             Err(e) => {

@@ -146,6 +146,15 @@ impl StateStore {
     }
 
     fn write_atomic(&self, path: &Path, value: &impl Serialize) -> Result<(), StateError> {
+        self.write_atomic_opt(path, value, true)
+    }
+
+    fn write_atomic_opt(
+        &self,
+        path: &Path,
+        value: &impl Serialize,
+        durable: bool,
+    ) -> Result<(), StateError> {
         let tmp = path.with_extension("json.tmp");
         let bytes = serde_json::to_vec_pretty(value).map_err(|e| StateError::Io {
             path: path.to_path_buf(),
@@ -159,7 +168,9 @@ impl StateStore {
             .open(&tmp)
             .map_err(io(&tmp))?;
         f.write_all(&bytes).map_err(io(&tmp))?;
-        f.sync_data().map_err(io(&tmp))?;
+        if durable {
+            f.sync_data().map_err(io(&tmp))?;
+        }
         fs::rename(&tmp, path).map_err(io(path))?;
         Ok(())
     }
@@ -208,6 +219,22 @@ impl StateStore {
                 .join("executions")
                 .join(format!("{}.json", rec.id)),
             rec,
+        )
+    }
+
+    /// Saves the record of a running execution. Not fsynced: it only has to survive a crash of
+    /// the daemon process (the page cache does), and a machine crash kills the execution anyway.
+    pub fn save_running(&self, rec: &ExecutionRecord) -> Result<(), StateError> {
+        if !Self::safe_name(&rec.id) {
+            return Ok(());
+        }
+        self.write_atomic_opt(
+            &self
+                .root
+                .join("executions")
+                .join(format!("{}.json", rec.id)),
+            rec,
+            false,
         )
     }
 
