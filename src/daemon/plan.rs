@@ -459,6 +459,23 @@ pub fn plan_execution(
             chown(&script).map_err(cleanup_on_err)?;
         }
     }
+    if let Some(u) = &user {
+        // Fail with the reason now rather than with EACCES from exec in the child.
+        for (what, p) in [("interpreter", &runtime.command), ("script", &script)] {
+            if let Err(reason) = accessible_by(p, u, what == "interpreter") {
+                let _ = std::fs::remove_dir_all(&exec_dir);
+                return Err(DaemonError::invalid(
+                    "user",
+                    format!(
+                        "user {:?} (uid {}) cannot use the {what} {}: {reason}",
+                        u.spec,
+                        u.uid,
+                        p.display()
+                    ),
+                ));
+            }
+        }
+    }
     read_paths.push(script.clone());
 
     let working_dir = working_dir.unwrap_or_else(|| exec_dir.clone());
@@ -509,4 +526,42 @@ fn write_private(path: &Path, bytes: &[u8]) -> DaemonResult<()> {
         .map_err(|e| DaemonError::Internal(format!("writing {}: {e}", path.display())))?;
     f.write_all(bytes)
         .map_err(|e| DaemonError::Internal(format!("writing {}: {e}", path.display())))
+}
+
+/// Whether `user` may reach `path` (search permission on every ancestor) and read it (and
+/// execute it when `exec`), by the classic owner/group/other mode bits. Root passes.
+fn accessible_by(path: &Path, user: &ResolvedUser, exec: bool) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    if user.uid == 0 {
+        return Ok(());
+    }
+    let allows = |m: &std::fs::Metadata, bit: u32| {
+        let mode = m.mode();
+        if m.uid() == user.uid {
+            mode & (bit << 6) != 0
+        } else if m.gid() == user.gid || user.groups.contains(&m.gid()) {
+            mode & (bit << 3) != 0
+        } else {
+            mode & bit != 0
+        }
+    };
+    let mut ancestors: Vec<&Path> = path.ancestors().skip(1).collect();
+    ancestors.reverse();
+    for dir in ancestors {
+        let m = std::fs::metadata(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        if !allows(&m, 0o1) {
+            return Err(format!(
+                "no search permission on directory {}",
+                dir.display()
+            ));
+        }
+    }
+    let m = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    if !allows(&m, 0o4) {
+        return Err("no read permission".to_string());
+    }
+    if exec && !allows(&m, 0o1) {
+        return Err("no execute permission".to_string());
+    }
+    Ok(())
 }
