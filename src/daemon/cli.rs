@@ -41,6 +41,19 @@ enum Command {
     Executions(ExecutionsArgs),
     /// Show daemon version, runtimes and isolation features.
     Info(ClientArgs),
+    /// Internal: the daemon's companion cleanup process.
+    #[command(name = "__reaper", hide = true)]
+    Reaper(ReaperArgs),
+}
+
+#[derive(Debug, Args)]
+struct ReaperArgs {
+    #[arg(long)]
+    state_dir: PathBuf,
+    #[arg(long)]
+    cgroup_root: PathBuf,
+    #[arg(long)]
+    cgroup_parent: String,
 }
 
 #[derive(Debug, Args, Default)]
@@ -140,6 +153,13 @@ pub fn main() -> ExitCode {
             Some(Command::Sessions(a)) => sessions(a).await.map(|_| 0),
             Some(Command::Executions(a)) => executions(a).await.map(|_| 0),
             Some(Command::Info(a)) => info(a).await.map(|_| 0),
+            Some(Command::Reaper(a)) => tokio::task::spawn_blocking(move || {
+                super::reaper::run(a.state_dir, a.cgroup_root, a.cgroup_parent)
+            })
+            .await
+            .map_err(anyhow::Error::from)
+            .and_then(|r| r)
+            .map(|_| 0),
         }
     });
     match result {

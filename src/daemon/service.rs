@@ -14,6 +14,7 @@ use super::events::{EventBus, EventSubject};
 use super::execution::{Execution, Phase, SupervisorContext, result_to_proto};
 use super::launcher::{ColdLauncher, LaunchError, Launcher, Spawner};
 use super::plan::{PlanContext, duration, plan_execution};
+use super::reaper::Reaper;
 use super::runtime::RuntimeRegistry;
 use super::session::Session;
 use super::state::{ResultRecord, StateStore};
@@ -47,6 +48,7 @@ pub struct Daemon {
     started_at: SystemTime,
     /// Cancelled when the daemon shuts down.
     pub shutdown: CancellationToken,
+    _reaper: Reaper,
 }
 
 /// Who is calling (from the socket's peer credentials).
@@ -83,6 +85,13 @@ impl Daemon {
             std::os::unix::fs::PermissionsExt::from_mode(0o711),
         )
         .map_err(|e| anyhow::anyhow!("chmod run_dir {}: {e}", config.run_dir.display()))?;
+        // The reaper must hold the handover lock before anything else happens: once it does,
+        // any previous daemon's cleanup is over and cannot touch what we start.
+        let reaper = Reaper::start(
+            &config.state_dir,
+            &config.cgroup_root,
+            &config.cgroup_parent,
+        )?;
         let runtimes = RuntimeRegistry::discover(&config.runtimes);
         let cgroups = CgroupManager::detect_at(&config.cgroup_root, &config.cgroup_parent);
 
@@ -159,6 +168,7 @@ impl Daemon {
             executions: Mutex::new(executions),
             started_at: SystemTime::now(),
             shutdown: CancellationToken::new(),
+            _reaper: reaper,
         }))
     }
 
