@@ -522,3 +522,56 @@ async fn idle_sessions_are_reclaimed_but_busy_ones_are_kept() {
         pb::ExecutionState::Running
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn stream_output_resumes_from_an_offset_and_follows_live_output() {
+    let d = TestDaemon::start().await;
+    let mut c = d.client().await;
+    let s = session(&mut c, &[]).await;
+    let code = "import sys, time\nprint('ready', flush=True)\nfor i in range(5):\n    print('line', i, flush=True)\n    time.sleep(0.2)\n";
+    let e = start_ready(&mut c, code_req(&s, "py", code)).await;
+    // Follow from byte 6 ("ready\n" skipped) while the snippet still writes.
+    let mut st = c
+        .stream_output(pb::StreamOutputRequest {
+            execution_id: e.id.clone(),
+            streams: vec![],
+            offset: 6,
+            follow: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut got = Vec::new();
+    let mut next = 6u64;
+    while let Some(ch) = tokio::time::timeout(DEADLINE, st.message())
+        .await
+        .unwrap()
+        .unwrap()
+    {
+        assert_eq!(ch.stream(), pb::OutputStream::Stdout);
+        assert_eq!(ch.offset, next);
+        next += ch.data.len() as u64;
+        got.extend(ch.data);
+    }
+    assert_eq!(
+        String::from_utf8_lossy(&got),
+        "line 0\nline 1\nline 2\nline 3\nline 4\n"
+    );
+    assert_eq!(wait(&mut c, &e.id).await.exit_code, 0);
+    // Without follow, an ended execution's output is returned at once from any offset.
+    let mut st = c
+        .stream_output(pb::StreamOutputRequest {
+            execution_id: e.id.clone(),
+            streams: vec![pb::OutputStream::Stdout as i32],
+            offset: 13,
+            follow: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let ch = st.message().await.unwrap().unwrap();
+    assert_eq!(
+        (ch.offset, &ch.data[..]),
+        (13, &b"line 1\nline 2\nline 3\nline 4\n"[..])
+    );
+}

@@ -398,3 +398,24 @@ async fn peers_outside_allowed_uids_are_refused() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("not allowed") && err.contains("uid"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn execution_is_its_own_process_group_with_only_stdio_fds() {
+    let d = TestDaemon::start().await;
+    let mut c = d.client().await;
+    let s = session(&mut c, &["env", "io", "net"]).await;
+    let code = "import os, sys\n\
+                fds = sorted(int(f) for f in os.listdir('/proc/self/fd'))\n\
+                print(os.getpgrp() == os.getpid(), os.getsid(0) == os.getpid())\n\
+                print(open('/proc/self/oom_score_adj').read().strip())\n\
+                print(fds)\n\
+                print(repr(sys.stdin.read()))\n";
+    let (r, out, err) = run(&mut c, code_req(&s, "py", code)).await;
+    assert_eq!(r.exit_code, 0, "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[0], "True True");
+    assert_eq!(lines[1], "0");
+    // 0, 1, 2 and the descriptor listdir itself held open.
+    assert_eq!(lines[2], "[0, 1, 2, 3]");
+    assert_eq!(lines[3], "''", "stdin is not /dev/null");
+}
