@@ -511,6 +511,32 @@ async fn idle_sessions_are_reclaimed_but_busy_ones_are_kept() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // An ended execution of a reclaimed session still answers with its result.
+    let done_session = session(&mut c, &[]).await;
+    let done = c
+        .start_execution(code_req(&done_session, "py", "import sys; sys.exit(6)"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(wait(&mut c, &done.id).await.exit_code, 6);
+    let deadline = std::time::Instant::now() + DEADLINE;
+    // ListSessions is not activity (GetSession would keep the session alive).
+    while c
+        .list_sessions(pb::ListSessionsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .sessions
+        .iter()
+        .any(|x| x.id == done_session)
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "idle session never reclaimed"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(wait(&mut c, &done.id).await.exit_code, 6);
     assert_eq!(
         c.get_execution(pb::GetExecutionRequest {
             execution_id: e.id.clone()

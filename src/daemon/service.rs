@@ -304,11 +304,23 @@ impl Daemon {
         v
     }
 
-    /// CloseSession: stops every execution (grace, then SIGKILL), then forgets the session.
+    /// CloseSession: stops every execution (grace, then SIGKILL), then forgets the session and
+    /// its executions.
     pub async fn close_session(
         &self,
         id: &str,
         grace: Option<&prost_types::Duration>,
+    ) -> DaemonResult<()> {
+        self.close_session_inner(id, grace, true).await
+    }
+
+    /// Closes a session; with `forget` false its ended executions stay queryable by id until
+    /// `ended_retention` (idle reclaim must not lose a result a returning client will ask for).
+    async fn close_session_inner(
+        &self,
+        id: &str,
+        grace: Option<&prost_types::Duration>,
+        forget: bool,
     ) -> DaemonResult<()> {
         let grace = match grace {
             Some(d) => duration("grace", d)?,
@@ -325,7 +337,7 @@ impl Daemon {
         )
         .await;
         lock(&self.sessions).remove(id);
-        {
+        if forget {
             let mut map = lock(&self.executions);
             for e in &execs {
                 map.remove(&e.id);
@@ -333,7 +345,11 @@ impl Daemon {
         }
         let state = self.state.clone();
         let id_owned = id.to_string();
-        let ids: Vec<String> = execs.iter().map(|e| e.id.clone()).collect();
+        let ids: Vec<String> = if forget {
+            execs.iter().map(|e| e.id.clone()).collect()
+        } else {
+            Vec::new()
+        };
         let _ = tokio::task::spawn_blocking(move || {
             for e in ids {
                 state.remove_execution(&e);
@@ -575,7 +591,7 @@ impl Daemon {
             .collect();
         for id in idle {
             tracing::info!(session = %id, "closing idle session");
-            let _ = self.close_session(&id, None).await;
+            let _ = self.close_session_inner(&id, None, false).await;
         }
         let old: Vec<String> = lock(&self.executions)
             .values()
