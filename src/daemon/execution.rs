@@ -271,7 +271,16 @@ impl Execution {
             ));
         }
         if let Some(cg) = cgroup {
-            let _ = cg.kill_all();
+            // Killing a v1 cgroup polls until it is empty: keep that off the async workers.
+            let kill = move || {
+                let _ = cg.kill_all();
+            };
+            match tokio::runtime::Handle::try_current() {
+                Ok(h) => {
+                    h.spawn_blocking(kill);
+                }
+                Err(_) => kill(),
+            }
         }
     }
 
