@@ -487,7 +487,7 @@ async fn idle_sessions_are_reclaimed_but_busy_ones_are_kept() {
         code_req(
             &busy,
             "py",
-            "import time\nprint('ready', flush=True)\ntime.sleep(6)",
+            "import time\nprint('ready', flush=True)\ntime.sleep(300)",
         ),
     )
     .await;
@@ -600,4 +600,67 @@ async fn stream_output_resumes_from_an_offset_and_follows_live_output() {
         (ch.offset, &ch.data[..]),
         (13, &b"line 1\nline 2\nline 3\nline 4\n"[..])
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn exec_command_is_killed_when_its_client_goes_away() {
+    let d = TestDaemon::start().await;
+    let mut c = d.client().await;
+    let s = session(&mut c, &[]).await;
+    let e = start_ready(
+        &mut c,
+        code_req(
+            &s,
+            "py",
+            "import time\nprint('ready', flush=True)\ntime.sleep(300)",
+        ),
+    )
+    .await;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(pb::ExecRequest {
+        msg: Some(pb::exec_request::Msg::Setup(pb::ExecSetup {
+            execution_id: e.id.clone(),
+            command: vec![
+                "/bin/sh".into(),
+                "-c".into(),
+                "echo $$; exec /bin/sleep 300".into(),
+            ],
+            tty: false,
+            timeout: None,
+        })),
+    })
+    .await
+    .unwrap();
+    let mut c2 = d.client().await;
+    let mut out = c2
+        .exec(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = tokio::time::timeout(DEADLINE, out.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let Some(pb::exec_response::Msg::Stdout(b)) = first.msg else {
+        panic!("expected the pid on stdout, got {first:?}");
+    };
+    let pid: u32 = String::from_utf8_lossy(&b).trim().parse().unwrap();
+    assert!(alive(pid));
+    drop(out);
+    drop(tx);
+    drop(c2);
+    eventually("exec'd command killed after its client left", || {
+        !alive(pid)
+    })
+    .await;
+    // The execution itself is untouched.
+    assert!(alive(e.pid));
+    c.stop_execution(pb::StopExecutionRequest {
+        execution_id: e.id.clone(),
+        signal: "KILL".into(),
+        grace: None,
+    })
+    .await
+    .unwrap();
 }
