@@ -315,6 +315,44 @@ async fn cli_run_streams_output_and_exits_with_the_snippet_code() {
     .unwrap();
     assert!(info.status.success());
     assert!(String::from_utf8_lossy(&info.stdout).contains("python"));
+
+    // The listing commands show what runs.
+    let mut c = d.client().await;
+    let s = session(&mut c, &[]).await;
+    let e = c
+        .start_execution(code_req(&s, "py", "import time; time.sleep(60)"))
+        .await
+        .unwrap()
+        .into_inner();
+    for cmd in ["sessions", "executions"] {
+        let socket = d.socket.clone();
+        let out = tokio::task::spawn_blocking(move || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_elide-daemon"))
+                .args([cmd, "--socket"])
+                .arg(&socket)
+                .output()
+                .unwrap()
+        })
+        .await
+        .unwrap();
+        assert!(
+            out.status.success(),
+            "{cmd}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains(&s), "{cmd}: {text}");
+        if cmd == "executions" {
+            assert!(text.contains(&e.id) && text.contains("running"), "{text}");
+        }
+    }
+    c.stop_execution(pb::StopExecutionRequest {
+        execution_id: e.id,
+        signal: "KILL".into(),
+        grace: None,
+    })
+    .await
+    .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread")]
