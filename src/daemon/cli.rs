@@ -88,6 +88,9 @@ struct ServeArgs {
     /// Directory under which regular files may be used as output sinks (repeatable).
     #[arg(long = "output-root")]
     output_roots: Vec<PathBuf>,
+    /// How long to wait for a reader when opening a FIFO output sink [default: 10s].
+    #[arg(long)]
+    sink_open_timeout: Option<String>,
     /// cgroupfs mount point [default: /sys/fs/cgroup].
     #[arg(long)]
     cgroup_root: Option<PathBuf>,
@@ -190,6 +193,7 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         max_code_bytes: a.max_code_bytes,
         session_idle_ttl: a.session_idle_ttl,
         output_roots: a.output_roots,
+        sink_open_timeout: a.sink_open_timeout,
         cgroup_root: a.cgroup_root,
         cgroup_parent: a.cgroup_parent,
     })?;
