@@ -240,3 +240,39 @@ async fn io_off_blocks_reading_etc_hostname_and_writing_tmp() {
     assert!(std::path::Path::new(&marker).exists());
     let _ = std::fs::remove_file(&marker);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pids_limit_caps_process_creation() {
+    let d = TestDaemon::start().await;
+    let mut c = d.client().await;
+    let info = c
+        .get_daemon_info(pb::GetDaemonInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let s = session(&mut c, &["env", "io", "net"]).await;
+    let mut req = code_req(
+        &s,
+        "py",
+        "import os, time\nn = 0\ntry:\n    for i in range(50):\n        if os.fork() == 0:\n            time.sleep(5); os._exit(0)\n        n += 1\nexcept OSError as e:\n    print('limited', n, e.errno)\nelse:\n    print('unlimited', n)\n",
+    );
+    req.limits = Some(pb::Limits {
+        pids: 8,
+        ..Default::default()
+    });
+    match c.start_execution(req).await {
+        Ok(e) => {
+            let e = e.into_inner();
+            let out = output(&mut c, &e.id, pb::OutputStream::Stdout).await;
+            let out = String::from_utf8_lossy(&out);
+            assert!(out.starts_with("limited"), "{out}");
+            let n: usize = out.split_whitespace().nth(1).unwrap().parse().unwrap();
+            assert!(n < 8, "{out}");
+        }
+        Err(st) => {
+            // Only acceptable when the machine cannot enforce it, and then said clearly.
+            assert_eq!(info.cgroup_mode, "none", "{}", st.message());
+            assert!(st.message().contains("pids"), "{}", st.message());
+        }
+    }
+}

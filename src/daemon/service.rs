@@ -453,6 +453,14 @@ impl Daemon {
                 let state = self.state.clone();
                 let e2 = exec.clone();
                 let _ = tokio::task::spawn_blocking(move || e2.persist(&state)).await;
+                if session.is_closed() {
+                    // CloseSession ran while this one was starting and did not see it.
+                    exec.kill_all();
+                    return Err(DaemonError::FailedPrecondition(format!(
+                        "session_id: session {:?} was closed while the execution started; it was stopped",
+                        exec.session_id
+                    )));
+                }
                 Ok(exec.to_proto())
             }
             Err(e) => {
