@@ -6,3 +6,4 @@
 //!   own `elide.daemon.v1alpha1` ExecutionAPI).
 
 pub mod proto;
+pub mod goplugin;
