@@ -242,7 +242,8 @@ mod tests {
     /// Checks the Go layout `2006-01-02T15:04:05.000000Z07:00` by hand.
     fn is_go_micro_timestamp(s: &str) -> bool {
         let b = s.as_bytes();
-        let digits = |r: std::ops::Range<usize>| r.clone().all(|i| b.get(i).is_some_and(u8::is_ascii_digit));
+        let digits =
+            |r: std::ops::Range<usize>| r.clone().all(|i| b.get(i).is_some_and(u8::is_ascii_digit));
         b.len() == 27
             && digits(0..4)
             && b[4] == b'-'
@@ -269,14 +270,24 @@ mod tests {
             tracing::warn!("w");
             tracing::error!("e");
         });
-        let levels: Vec<_> = lines.iter().map(|l| l["@level"].as_str().unwrap()).collect();
+        let levels: Vec<_> = lines
+            .iter()
+            .map(|l| l["@level"].as_str().unwrap())
+            .collect();
         assert_eq!(levels, ["trace", "debug", "info", "warn", "error"]);
     }
 
     #[test]
     fn reserved_keys_are_strings_and_fields_are_flattened() {
         let lines = capture(|| {
-            tracing::info!(task_id = "a/b/c", count = 3u64, ok = true, ratio = 0.5, "starting {}", "task");
+            tracing::info!(
+                task_id = "a/b/c",
+                count = 3u64,
+                ok = true,
+                ratio = 0.5,
+                "starting {}",
+                "task"
+            );
         });
         let l = &lines[0];
         assert_eq!(l["@message"], "starting task");
@@ -310,7 +321,9 @@ mod tests {
             }
         }
         let lines = capture(|| tracing::info!("now"));
-        assert!(is_go_micro_timestamp(lines[0]["@timestamp"].as_str().unwrap()));
+        assert!(is_go_micro_timestamp(
+            lines[0]["@timestamp"].as_str().unwrap()
+        ));
     }
 
     #[test]
@@ -333,7 +346,8 @@ mod tests {
         let res = SafeStderr::on_fd(w.as_raw_fd()).write(b"lost line\n");
         assert_eq!(res.unwrap(), 10);
         // And the layer on top of it keeps going.
-        let sub = tracing_subscriber::registry().with(HclogLayer::new(SafeStderr::on_fd(w.as_raw_fd())));
+        let sub =
+            tracing_subscriber::registry().with(HclogLayer::new(SafeStderr::on_fd(w.as_raw_fd())));
         tracing::subscriber::with_default(sub, || tracing::error!("into the void"));
     }
 }

@@ -206,7 +206,9 @@ pub async fn serve(
     drop(socket);
     match result {
         Ok(r) => r.map_err(ServeError::from),
-        Err(join) => Err(ServeError::Handshake(std::io::Error::other(join.to_string()))),
+        Err(join) => Err(ServeError::Handshake(std::io::Error::other(
+            join.to_string(),
+        ))),
     }
 }
 

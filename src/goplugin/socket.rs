@@ -12,7 +12,9 @@ pub const MAX_SOCKET_PATH: usize = 107;
 #[derive(Debug, thiserror::Error)]
 pub enum SocketError {
     /// The directory would give a path longer than `sun_path` allows.
-    #[error("socket path {path} is {len} bytes, more than the {MAX_SOCKET_PATH} a unix socket allows; set PLUGIN_UNIX_SOCKET_DIR to a shorter directory")]
+    #[error(
+        "socket path {path} is {len} bytes, more than the {MAX_SOCKET_PATH} a unix socket allows; set PLUGIN_UNIX_SOCKET_DIR to a shorter directory"
+    )]
     TooLong {
         /// The offending path.
         path: String,
@@ -150,10 +152,19 @@ mod tests {
 
     #[tokio::test]
     async fn socket_is_listening_and_removed_on_drop() {
-        let dir = tempfile::Builder::new().prefix("e").tempdir_in("/tmp").unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("e")
+            .tempdir_in("/tmp")
+            .unwrap();
         let sock = PluginSocket::bind_in(dir.path(), None).unwrap();
         let path = sock.path().to_path_buf();
-        assert!(path.file_name().unwrap().to_str().unwrap().starts_with("plugin"));
+        assert!(
+            path.file_name()
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .starts_with("plugin")
+        );
         // Listening already: a connect succeeds before anyone accepts.
         tokio::net::UnixStream::connect(&path).await.unwrap();
         drop(sock);
@@ -169,14 +180,20 @@ mod tests {
 
     #[tokio::test]
     async fn unknown_group_is_named() {
-        let dir = tempfile::Builder::new().prefix("e").tempdir_in("/tmp").unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("e")
+            .tempdir_in("/tmp")
+            .unwrap();
         let err = PluginSocket::bind_in(dir.path(), Some("no-such-group-xyz")).unwrap_err();
         assert!(err.to_string().contains("no-such-group-xyz"), "{err}");
     }
 
     #[tokio::test]
     async fn numeric_group_sets_mode_0660() {
-        let dir = tempfile::Builder::new().prefix("e").tempdir_in("/tmp").unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("e")
+            .tempdir_in("/tmp")
+            .unwrap();
         let sock = PluginSocket::bind_in(dir.path(), Some("0")).unwrap();
         let mode = std::fs::metadata(sock.path()).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o660);
