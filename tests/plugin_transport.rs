@@ -14,12 +14,18 @@ load any plugins automatically";
 
 fn assert_refused_as_not_a_plugin(cookie: Option<&str>) {
     let dir = short_tempdir();
-    let opts = Launch { cookie: cookie.map(str::to_string), ..Launch::default() };
+    let opts = Launch {
+        cookie: cookie.map(str::to_string),
+        ..Launch::default()
+    };
     let mut p = PluginProcess::spawn(&opts, dir.path());
     let status = p.wait_exit(DEADLINE).expect("plugin must exit");
     assert_eq!(status.code(), Some(1));
     assert!(p.wait_stdio_eof(DEADLINE));
-    assert!(p.read_handshake(Duration::from_millis(10)).is_none(), "nothing may reach stdout");
+    assert!(
+        p.read_handshake(Duration::from_millis(10)).is_none(),
+        "nothing may reach stdout"
+    );
     assert!(p.stdout_rest.lock().unwrap().is_empty());
     assert_eq!(p.stderr_lines().join("\n"), NOT_A_PLUGIN);
     // No socket was created.
@@ -46,8 +52,18 @@ async fn handshake_line_has_six_fields_and_points_at_a_listening_socket() {
     assert_eq!(f[5], "", "no server certificate without AutoMTLS");
     assert!(c.handshake.raw.ends_with("grpc|"), "{:?}", c.handshake.raw);
     let addr = std::path::Path::new(c.handshake.address());
-    assert_eq!(addr.parent(), Some(c.socket_dir.as_path()), "socket must live in PLUGIN_UNIX_SOCKET_DIR");
-    assert!(addr.file_name().unwrap().to_str().unwrap().starts_with("plugin"));
+    assert_eq!(
+        addr.parent(),
+        Some(c.socket_dir.as_path()),
+        "socket must live in PLUGIN_UNIX_SOCKET_DIR"
+    );
+    assert!(
+        addr.file_name()
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .starts_with("plugin")
+    );
     // Served right away.
     assert_eq!(c.plugin_info().await.name, "elide");
 }
@@ -55,19 +71,32 @@ async fn handshake_line_has_six_fields_and_points_at_a_listening_socket() {
 #[tokio::test]
 async fn socket_goes_to_tmpdir_without_plugin_socket_dir() {
     let tmp = short_tempdir();
-    let opts = Launch { env: vec![("TMPDIR".into(), tmp.path().display().to_string())], ..Launch::default() };
+    let opts = Launch {
+        env: vec![("TMPDIR".into(), tmp.path().display().to_string())],
+        ..Launch::default()
+    };
     let dir = short_tempdir();
     // PLUGIN_UNIX_SOCKET_DIR set but empty: go-plugin then falls back to the temp dir.
     let mut opts2 = opts.clone();
-    opts2.env.push(("PLUGIN_UNIX_SOCKET_DIR".into(), String::new()));
+    opts2
+        .env
+        .push(("PLUGIN_UNIX_SOCKET_DIR".into(), String::new()));
     let p = PluginProcess::spawn(&opts2, dir.path());
     let hs = p.read_handshake(DEADLINE).expect("handshake");
-    assert!(hs.fields[3].starts_with(&tmp.path().display().to_string()), "{}", hs.raw);
+    assert!(
+        hs.fields[3].starts_with(&tmp.path().display().to_string()),
+        "{}",
+        hs.raw
+    );
 }
 
 #[tokio::test]
 async fn protocol_versions_without_2_is_reported_and_plugin_still_serves() {
-    let c = NomadClient::launch_with(Launch { protocol_versions: Some("1,3".into()), ..Launch::default() }).await;
+    let c = NomadClient::launch_with(Launch {
+        protocol_versions: Some("1,3".into()),
+        ..Launch::default()
+    })
+    .await;
     // Like go-plugin: announce what we speak, the host rejects it with its own error.
     assert_eq!(c.handshake.fields[1], "2");
     let warn = c
@@ -81,9 +110,16 @@ async fn protocol_versions_without_2_is_reported_and_plugin_still_serves() {
 
 #[tokio::test]
 async fn garbage_protocol_versions_are_ignored_with_a_log_line() {
-    let c = NomadClient::launch_with(Launch { protocol_versions: Some("x,2".into()), ..Launch::default() }).await;
+    let c = NomadClient::launch_with(Launch {
+        protocol_versions: Some("x,2".into()),
+        ..Launch::default()
+    })
+    .await;
     assert_eq!(c.handshake.fields[1], "2");
-    let w = c.process.wait_log("not an integer", DEADLINE).expect("log line");
+    let w = c
+        .process
+        .wait_log("not an integer", DEADLINE)
+        .expect("log line");
     assert_eq!(w["value"], "x");
     assert_eq!(c.plugin_info().await.name, "elide");
 }
@@ -93,7 +129,9 @@ async fn health_reports_plugin_serving() {
     let c = NomadClient::launch().await;
     let resp = c
         .health()
-        .check(HealthCheckRequest { service: "plugin".into() })
+        .check(HealthCheckRequest {
+            service: "plugin".into(),
+        })
         .await
         .expect("health check")
         .into_inner();
@@ -103,11 +141,19 @@ async fn health_reports_plugin_serving() {
 #[tokio::test]
 async fn stdio_and_broker_streams_stay_open_and_silent() {
     let c = NomadClient::launch().await;
-    let mut stdio = c.stdio().stream_stdio(()).await.expect("StreamStdio").into_inner();
-    let (tx, rx) = tokio::sync::mpsc::channel(1);
-    tx.send(elide_task_driver::proto::plugin::ConnInfo { service_id: 7, ..Default::default() })
+    let mut stdio = c
+        .stdio()
+        .stream_stdio(())
         .await
-        .unwrap();
+        .expect("StreamStdio")
+        .into_inner();
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(elide_task_driver::proto::plugin::ConnInfo {
+        service_id: 7,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
     let mut broker = c
         .broker()
         .start_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
@@ -136,9 +182,15 @@ async fn controller_shutdown_exits_promptly_and_removes_socket() {
     let socket = c.handshake.address().to_string();
     let status = c.controller_shutdown().await.expect("plugin exited");
     assert_eq!(status.code(), Some(0));
-    assert!(!std::path::Path::new(&socket).exists(), "socket file left behind");
+    assert!(
+        !std::path::Path::new(&socket).exists(),
+        "socket file left behind"
+    );
     assert!(c.process.wait_stdio_eof(DEADLINE));
-    assert!(c.process.stdout_rest.lock().unwrap().is_empty(), "stdout must stay silent after the handshake");
+    assert!(
+        c.process.stdout_rest.lock().unwrap().is_empty(),
+        "stdout must stay silent after the handshake"
+    );
     c.process.log_entries();
 }
 
@@ -146,7 +198,9 @@ async fn controller_shutdown_exits_promptly_and_removes_socket() {
 async fn sigint_is_ignored() {
     let mut c = NomadClient::launch().await;
     c.process.signal(Signal::SIGINT);
-    c.process.wait_log("SIGINT ignored", DEADLINE).expect("SIGINT noticed");
+    c.process
+        .wait_log("SIGINT ignored", DEADLINE)
+        .expect("SIGINT noticed");
     assert!(c.process.child.try_wait().unwrap().is_none());
     assert_eq!(c.plugin_info().await.name, "elide");
 }
@@ -164,8 +218,14 @@ async fn sigterm_shuts_down_gracefully_and_removes_socket() {
 
 #[tokio::test]
 async fn every_stderr_line_is_hclog_json() {
-    let mut c = NomadClient::launch_with(Launch { protocol_versions: Some("1".into()), ..Launch::default() }).await;
-    c.process.wait_log("does not speak", DEADLINE).expect("at least one log line");
+    let mut c = NomadClient::launch_with(Launch {
+        protocol_versions: Some("1".into()),
+        ..Launch::default()
+    })
+    .await;
+    c.process
+        .wait_log("does not speak", DEADLINE)
+        .expect("at least one log line");
     c.controller_shutdown().await.expect("exit");
     assert!(c.process.wait_stdio_eof(DEADLINE));
     let entries = c.process.log_entries();
@@ -174,11 +234,17 @@ async fn every_stderr_line_is_hclog_json() {
         for key in ["@level", "@message", "@timestamp", "@module"] {
             assert!(e[key].is_string(), "{key} must be a string in {e}");
         }
-        assert!(["trace", "debug", "info", "warn", "error"].contains(&e["@level"].as_str().unwrap()), "{e}");
+        assert!(
+            ["trace", "debug", "info", "warn", "error"].contains(&e["@level"].as_str().unwrap()),
+            "{e}"
+        );
         let ts = e["@timestamp"].as_str().unwrap();
         let frac = ts.split('.').nth(1).expect("fraction");
         assert_eq!(frac.len(), 7, "six digits then Z: {ts}");
-        assert!(frac.ends_with('Z') && frac[..6].bytes().all(|b| b.is_ascii_digit()), "{ts}");
+        assert!(
+            frac.ends_with('Z') && frac[..6].bytes().all(|b| b.is_ascii_digit()),
+            "{ts}"
+        );
     }
 }
 
@@ -200,7 +266,9 @@ async fn plugin_survives_host_closing_its_stderr() {
         .expect("spawn");
     drop(child.stderr.take());
     let mut line = String::new();
-    std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
     let addr = line.trim().split('|').nth(3).unwrap().to_string();
     let pid = nix::unistd::Pid::from_raw(child.id() as i32);
     for _ in 0..20 {
@@ -211,11 +279,17 @@ async fn plugin_survives_host_closing_its_stderr() {
     let mut client = base::base_plugin_client::BasePluginClient::new(support::dial(&addr).await);
     // A bad config also logs (at error level) into the closed pipe.
     let err = client
-        .set_config(base::SetConfigRequest { msgpack_config: vec![0x93], ..Default::default() })
+        .set_config(base::SetConfigRequest {
+            msgpack_config: vec![0x93],
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
-    let info = client.plugin_info(base::PluginInfoRequest {}).await.expect("still serving");
+    let info = client
+        .plugin_info(base::PluginInfoRequest {})
+        .await
+        .expect("still serving");
     assert_eq!(info.into_inner().name, "elide");
     assert!(child.try_wait().unwrap().is_none(), "plugin died on EPIPE");
     let _ = child.kill();

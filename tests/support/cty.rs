@@ -18,7 +18,9 @@ pub fn eval(spec: &Spec, config: Option<&J>) -> Result<J, String> {
             if let Some(given) = given {
                 for k in given.keys() {
                     if !o.attributes.contains_key(k) {
-                        return Err(format!("Unsupported argument; An argument named {k:?} is not expected here."));
+                        return Err(format!(
+                            "Unsupported argument; An argument named {k:?} is not expected here."
+                        ));
                     }
                 }
             }
@@ -30,7 +32,9 @@ pub fn eval(spec: &Spec, config: Option<&J>) -> Result<J, String> {
             Ok(J::Object(out))
         }
         Block::Attr(a) => match config {
-            None | Some(J::Null) if a.required => Err(format!("Missing required argument {:?}", a.name)),
+            None | Some(J::Null) if a.required => {
+                Err(format!("Missing required argument {:?}", a.name))
+            }
             None => Ok(J::Null),
             Some(v) => Ok(v.clone()),
         },
@@ -44,7 +48,10 @@ pub fn eval(spec: &Spec, config: Option<&J>) -> Result<J, String> {
             }
         }
         Block::Default(d) => {
-            let primary = eval(d.primary.as_deref().ok_or("default without primary")?, config)?;
+            let primary = eval(
+                d.primary.as_deref().ok_or("default without primary")?,
+                config,
+            )?;
             if primary.is_null() {
                 eval(d.default.as_deref().ok_or("default without default")?, None)
             } else {
@@ -52,7 +59,9 @@ pub fn eval(spec: &Spec, config: Option<&J>) -> Result<J, String> {
             }
         }
         Block::Literal(l) => hcl::parse(&l.value),
-        other => Err(format!("spec kind not supported by the test harness: {other:?}")),
+        other => Err(format!(
+            "spec kind not supported by the test harness: {other:?}"
+        )),
     }
 }
 

@@ -55,7 +55,12 @@ impl FakeDaemon {
                 .serve_with_incoming_shutdown(incoming, t.cancelled_owned())
                 .await;
         });
-        FakeDaemon { socket: socket.to_path_buf(), calls, token, task }
+        FakeDaemon {
+            socket: socket.to_path_buf(),
+            calls,
+            token,
+            task,
+        }
     }
 
     /// Number of CreateSession calls so far.
@@ -77,7 +82,10 @@ fn unimpl<T>() -> Result<T, Status> {
 
 #[tonic::async_trait]
 impl ExecutionApi for Fake {
-    async fn get_daemon_info(&self, _r: Request<api::GetDaemonInfoRequest>) -> Result<Response<api::DaemonInfo>, Status> {
+    async fn get_daemon_info(
+        &self,
+        _r: Request<api::GetDaemonInfoRequest>,
+    ) -> Result<Response<api::DaemonInfo>, Status> {
         self.calls.lock().unwrap().daemon_info += 1;
         let rt = |lang: &str, version: &str, available: bool| api::Runtime {
             language: lang.into(),
@@ -89,24 +97,43 @@ impl ExecutionApi for Fake {
         Ok(Response::new(api::DaemonInfo {
             version: "9.9.9-fake".into(),
             api_version: "v1alpha1".into(),
-            runtimes: vec![rt("python", "3.11.7", true), rt("javascript", "v20.20.2", true), rt("typescript", "v20.20.2", false)],
+            runtimes: vec![
+                rt("python", "3.11.7", true),
+                rt("javascript", "v20.20.2", true),
+                rt("typescript", "v20.20.2", false),
+            ],
             cgroup_mode: "v1".into(),
             ..Default::default()
         }))
     }
-    async fn create_session(&self, r: Request<api::CreateSessionRequest>) -> Result<Response<api::Session>, Status> {
+    async fn create_session(
+        &self,
+        r: Request<api::CreateSessionRequest>,
+    ) -> Result<Response<api::Session>, Status> {
         let req = r.into_inner();
         self.calls.lock().unwrap().create_session.push(req.clone());
-        let id = if req.session_id.is_empty() { "generated".to_string() } else { req.session_id.clone() };
+        let id = if req.session_id.is_empty() {
+            "generated".to_string()
+        } else {
+            req.session_id.clone()
+        };
         let mut sessions = self.sessions.lock().unwrap();
         if sessions.contains_key(&id) {
             return Err(Status::already_exists(format!("session {id} exists")));
         }
-        let s = api::Session { id: id.clone(), config: req.config, owner: req.owner, ..Default::default() };
+        let s = api::Session {
+            id: id.clone(),
+            config: req.config,
+            owner: req.owner,
+            ..Default::default()
+        };
         sessions.insert(id, s.clone());
         Ok(Response::new(s))
     }
-    async fn get_session(&self, r: Request<api::GetSessionRequest>) -> Result<Response<api::Session>, Status> {
+    async fn get_session(
+        &self,
+        r: Request<api::GetSessionRequest>,
+    ) -> Result<Response<api::Session>, Status> {
         self.calls.lock().unwrap().get_session += 1;
         let id = r.into_inner().session_id;
         self.sessions
@@ -117,20 +144,85 @@ impl ExecutionApi for Fake {
             .map(Response::new)
             .ok_or_else(|| Status::not_found(format!("no session {id}")))
     }
-    async fn list_sessions(&self, _r: Request<api::ListSessionsRequest>) -> Result<Response<api::ListSessionsResponse>, Status> { unimpl() }
-    async fn close_session(&self, _r: Request<api::CloseSessionRequest>) -> Result<Response<api::CloseSessionResponse>, Status> { unimpl() }
-    async fn start_execution(&self, _r: Request<api::StartExecutionRequest>) -> Result<Response<api::Execution>, Status> { unimpl() }
-    async fn get_execution(&self, _r: Request<api::GetExecutionRequest>) -> Result<Response<api::Execution>, Status> { unimpl() }
-    async fn list_executions(&self, _r: Request<api::ListExecutionsRequest>) -> Result<Response<api::ListExecutionsResponse>, Status> { unimpl() }
-    async fn wait_execution(&self, _r: Request<api::WaitExecutionRequest>) -> Result<Response<api::WaitExecutionResponse>, Status> { unimpl() }
+    async fn list_sessions(
+        &self,
+        _r: Request<api::ListSessionsRequest>,
+    ) -> Result<Response<api::ListSessionsResponse>, Status> {
+        unimpl()
+    }
+    async fn close_session(
+        &self,
+        _r: Request<api::CloseSessionRequest>,
+    ) -> Result<Response<api::CloseSessionResponse>, Status> {
+        unimpl()
+    }
+    async fn start_execution(
+        &self,
+        _r: Request<api::StartExecutionRequest>,
+    ) -> Result<Response<api::Execution>, Status> {
+        unimpl()
+    }
+    async fn get_execution(
+        &self,
+        _r: Request<api::GetExecutionRequest>,
+    ) -> Result<Response<api::Execution>, Status> {
+        unimpl()
+    }
+    async fn list_executions(
+        &self,
+        _r: Request<api::ListExecutionsRequest>,
+    ) -> Result<Response<api::ListExecutionsResponse>, Status> {
+        unimpl()
+    }
+    async fn wait_execution(
+        &self,
+        _r: Request<api::WaitExecutionRequest>,
+    ) -> Result<Response<api::WaitExecutionResponse>, Status> {
+        unimpl()
+    }
     type StreamOutputStream = S<api::OutputChunk>;
-    async fn stream_output(&self, _r: Request<api::StreamOutputRequest>) -> Result<Response<Self::StreamOutputStream>, Status> { unimpl() }
-    async fn signal_execution(&self, _r: Request<api::SignalExecutionRequest>) -> Result<Response<api::SignalExecutionResponse>, Status> { unimpl() }
-    async fn stop_execution(&self, _r: Request<api::StopExecutionRequest>) -> Result<Response<api::StopExecutionResponse>, Status> { unimpl() }
-    async fn get_execution_stats(&self, _r: Request<api::GetExecutionStatsRequest>) -> Result<Response<api::ExecutionStats>, Status> { unimpl() }
-    async fn remove_execution(&self, _r: Request<api::RemoveExecutionRequest>) -> Result<Response<api::RemoveExecutionResponse>, Status> { unimpl() }
+    async fn stream_output(
+        &self,
+        _r: Request<api::StreamOutputRequest>,
+    ) -> Result<Response<Self::StreamOutputStream>, Status> {
+        unimpl()
+    }
+    async fn signal_execution(
+        &self,
+        _r: Request<api::SignalExecutionRequest>,
+    ) -> Result<Response<api::SignalExecutionResponse>, Status> {
+        unimpl()
+    }
+    async fn stop_execution(
+        &self,
+        _r: Request<api::StopExecutionRequest>,
+    ) -> Result<Response<api::StopExecutionResponse>, Status> {
+        unimpl()
+    }
+    async fn get_execution_stats(
+        &self,
+        _r: Request<api::GetExecutionStatsRequest>,
+    ) -> Result<Response<api::ExecutionStats>, Status> {
+        unimpl()
+    }
+    async fn remove_execution(
+        &self,
+        _r: Request<api::RemoveExecutionRequest>,
+    ) -> Result<Response<api::RemoveExecutionResponse>, Status> {
+        unimpl()
+    }
     type WatchEventsStream = S<api::ExecutionEvent>;
-    async fn watch_events(&self, _r: Request<api::WatchEventsRequest>) -> Result<Response<Self::WatchEventsStream>, Status> { unimpl() }
+    async fn watch_events(
+        &self,
+        _r: Request<api::WatchEventsRequest>,
+    ) -> Result<Response<Self::WatchEventsStream>, Status> {
+        unimpl()
+    }
     type ExecStream = S<api::ExecResponse>;
-    async fn exec(&self, _r: Request<Streaming<api::ExecRequest>>) -> Result<Response<Self::ExecStream>, Status> { unimpl() }
+    async fn exec(
+        &self,
+        _r: Request<Streaming<api::ExecRequest>>,
+    ) -> Result<Response<Self::ExecStream>, Status> {
+        unimpl()
+    }
 }

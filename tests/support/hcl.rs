@@ -6,7 +6,10 @@ use serde_json::{Map, Number, Value};
 
 /// Parses one HCL literal expression.
 pub fn parse(expr: &str) -> Result<Value, String> {
-    let mut p = P { s: expr.as_bytes(), i: 0 };
+    let mut p = P {
+        s: expr.as_bytes(),
+        i: 0,
+    };
     let v = p.value()?;
     p.ws();
     if p.i != p.s.len() {
@@ -64,7 +67,11 @@ impl P<'_> {
                         None => return Err("unterminated object".into()),
                         _ => {}
                     }
-                    let key = if self.peek() == Some(b'"') { self.string()? } else { self.ident()? };
+                    let key = if self.peek() == Some(b'"') {
+                        self.string()?
+                    } else {
+                        self.ident()?
+                    };
                     match self.peek() {
                         Some(b'=') | Some(b':') => self.i += 1,
                         _ => return Err(format!("expected = after key {key:?}")),
@@ -77,19 +84,20 @@ impl P<'_> {
             Some(c) if c == b'-' || c.is_ascii_digit() => {
                 let start = self.i;
                 self.i += 1;
-                while self
-                    .s
-                    .get(self.i)
-                    .is_some_and(|b| b.is_ascii_digit() || matches!(b, b'.' | b'e' | b'E' | b'+' | b'-'))
-                {
+                while self.s.get(self.i).is_some_and(|b| {
+                    b.is_ascii_digit() || matches!(b, b'.' | b'e' | b'E' | b'+' | b'-')
+                }) {
                     self.i += 1;
                 }
-                let text = std::str::from_utf8(&self.s[start..self.i]).map_err(|e| e.to_string())?;
+                let text =
+                    std::str::from_utf8(&self.s[start..self.i]).map_err(|e| e.to_string())?;
                 if let Ok(i) = text.parse::<i64>() {
                     return Ok(Value::Number(i.into()));
                 }
                 let f: f64 = text.parse().map_err(|_| format!("bad number {text:?}"))?;
-                Number::from_f64(f).map(Value::Number).ok_or_else(|| format!("bad number {text:?}"))
+                Number::from_f64(f)
+                    .map(Value::Number)
+                    .ok_or_else(|| format!("bad number {text:?}"))
             }
             Some(_) => {
                 let word = self.ident()?;
@@ -97,7 +105,9 @@ impl P<'_> {
                     "true" => Ok(Value::Bool(true)),
                     "false" => Ok(Value::Bool(false)),
                     "null" => Ok(Value::Null),
-                    other => Err(format!("unsupported expression {other:?} (strings need quotes)")),
+                    other => Err(format!(
+                        "unsupported expression {other:?} (strings need quotes)"
+                    )),
                 }
             }
             None => Err("empty expression".into()),
@@ -106,7 +116,11 @@ impl P<'_> {
     fn ident(&mut self) -> Result<String, String> {
         self.ws();
         let start = self.i;
-        while self.s.get(self.i).is_some_and(|b| b.is_ascii_alphanumeric() || *b == b'_' || *b == b'-') {
+        while self
+            .s
+            .get(self.i)
+            .is_some_and(|b| b.is_ascii_alphanumeric() || *b == b'_' || *b == b'-')
+        {
             self.i += 1;
         }
         if self.i == start {

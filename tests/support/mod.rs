@@ -41,7 +41,10 @@ pub fn plugin_bin() -> PathBuf {
 
 /// A short temp dir (socket paths must stay under ~107 bytes).
 pub fn short_tempdir() -> tempfile::TempDir {
-    tempfile::Builder::new().prefix("e").tempdir_in("/tmp").expect("tempdir")
+    tempfile::Builder::new()
+        .prefix("e")
+        .tempdir_in("/tmp")
+        .expect("tempdir")
 }
 
 /// How to launch the plugin.
@@ -145,7 +148,14 @@ impl PluginProcess {
                 *done.lock().unwrap() += 1;
             });
         }
-        PluginProcess { child, first_line, stdout_rest, stderr: stderr_lines, stdio_done, started }
+        PluginProcess {
+            child,
+            first_line,
+            stdout_rest,
+            stderr: stderr_lines,
+            stdio_done,
+            started,
+        }
     }
 
     /// Reads the first stdout line (what go-plugin's client does), or None if stdout closed.
@@ -191,7 +201,10 @@ impl PluginProcess {
     pub fn log_entries(&self) -> Vec<serde_json::Value> {
         self.stderr_lines()
             .iter()
-            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap_or_else(|e| panic!("stderr line is not JSON ({e}): {l}")))
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l)
+                    .unwrap_or_else(|e| panic!("stderr line is not JSON ({e}): {l}"))
+            })
             .collect()
     }
 
@@ -293,10 +306,17 @@ impl NomadClient {
     }
 
     pub async fn plugin_info(&self) -> base::PluginInfoResponse {
-        self.base.clone().plugin_info(base::PluginInfoRequest {}).await.expect("PluginInfo").into_inner()
+        self.base
+            .clone()
+            .plugin_info(base::PluginInfoRequest {})
+            .await
+            .expect("PluginInfo")
+            .into_inner()
     }
 
-    pub async fn config_schema(&self) -> elide_task_driver::proto::hashicorp::nomad::plugins::shared::hclspec::Spec {
+    pub async fn config_schema(
+        &self,
+    ) -> elide_task_driver::proto::hashicorp::nomad::plugins::shared::hclspec::Spec {
         self.base
             .clone()
             .config_schema(base::ConfigSchemaRequest {})
@@ -309,18 +329,30 @@ impl NomadClient {
 
     /// SetConfig with raw msgpack; `nomad_config` present when `agent` (long-lived instance).
     pub async fn set_config_raw(&self, msgpack: Vec<u8>, agent: bool) -> Result<(), tonic::Status> {
-        let nomad_config = agent.then(|| base::NomadConfig {
-            driver: Some(base::NomadDriverConfig { client_max_port: 14512, client_min_port: 14000, topology: None }),
+        let nomad_config = agent.then_some(base::NomadConfig {
+            driver: Some(base::NomadDriverConfig {
+                client_max_port: 14512,
+                client_min_port: 14000,
+                topology: None,
+            }),
         });
         self.base
             .clone()
-            .set_config(base::SetConfigRequest { msgpack_config: msgpack, nomad_config, plugin_api_version: "v0.1.0".into() })
+            .set_config(base::SetConfigRequest {
+                msgpack_config: msgpack,
+                nomad_config,
+                plugin_api_version: "v0.1.0".into(),
+            })
             .await
             .map(|_| ())
     }
 
     /// SetConfig the way Nomad builds it: decode `config` with our ConfigSchema, encode as cty.
-    pub async fn set_config(&self, config: serde_json::Value, agent: bool) -> Result<(), tonic::Status> {
+    pub async fn set_config(
+        &self,
+        config: serde_json::Value,
+        agent: bool,
+    ) -> Result<(), tonic::Status> {
         let spec = self.config_schema().await;
         let bytes = cty::encode_config(&spec, &config).expect("config decodes against the spec");
         self.set_config_raw(bytes, agent).await
@@ -328,12 +360,20 @@ impl NomadClient {
 
     /// Opens the Fingerprint stream.
     pub async fn fingerprint(&self) -> tonic::Streaming<drivers::FingerprintResponse> {
-        self.driver.clone().fingerprint(drivers::FingerprintRequest {}).await.expect("Fingerprint").into_inner()
+        self.driver
+            .clone()
+            .fingerprint(drivers::FingerprintRequest {})
+            .await
+            .expect("Fingerprint")
+            .into_inner()
     }
 
     /// Asks the plugin to exit via GRPCController.Shutdown and waits for the exit.
     pub async fn controller_shutdown(&mut self) -> Option<ExitStatus> {
-        let _ = self.controller().shutdown(elide_task_driver::proto::plugin::Empty {}).await;
+        let _ = self
+            .controller()
+            .shutdown(elide_task_driver::proto::plugin::Empty {})
+            .await;
         self.process.wait_exit(DEADLINE)
     }
 }
