@@ -35,6 +35,10 @@ gotest:
 		echo "SKIPPED: go-plugin conformance test (go not on PATH or tests/goplugin missing)"; \
 	fi
 
+## bench: plugin startup (handshake latency, RSS) on optimised binaries; results into BENCHMARKS.md
+bench:
+	BENCH_WRITE=$(CURDIR)/BENCHMARKS.md $(CARGO) bench --bench plugin_startup
+
 clean:
 	$(CARGO) clean
 	rm -rf build

@@ -5,4 +5,7 @@
 //! - [`proto`]: generated protobuf bindings (Nomad plugin API, go-plugin housekeeping, and our
 //!   own `elide.daemon.v1alpha1` ExecutionAPI).
 
+pub mod daemon_client;
+pub mod goplugin;
+pub mod nomad;
 pub mod proto;

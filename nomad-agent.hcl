@@ -1,0 +1,39 @@
+# Nomad agent config for trying the elide driver locally:
+#   make build && sudo nomad agent -dev -config=nomad-agent.hcl
+# `make build` installs the plugin as build/plugins/elide (the file name must match the
+# `plugin "elide"` label and the driver name).
+
+data_dir   = "/tmp/nomad-elide"
+plugin_dir = "./build/plugins"
+
+client {
+  enabled = true
+}
+
+plugin "elide" {
+  config {
+    # Where elide-daemon listens (absolute path).
+    daemon_socket = "/run/elide/daemon.sock"
+
+    # How often the driver re-checks the daemon's health.
+    fingerprint_period = "30s"
+
+    # The daemon session this client's tasks run in.
+    session_config {
+      context_pool_size  = 2                                   # warm workers per language (>= 1)
+      enabled_languages  = ["python", "javascript", "typescript"] # aliases: py, js, ts
+      enabled_intrinsics = ["env", "io", "net"]                # what snippets may use
+      memory_limit_mb    = 0                                   # per-execution cap, 0 = none
+      enable_ai          = false
+    }
+
+    # Finding or starting the daemon.
+    daemon {
+      auto_start    = true
+      path          = "./build/bin/elide-daemon"
+      args          = []
+      log_file      = "/tmp/nomad-elide/elide-daemon.log"
+      start_timeout = "10s"
+    }
+  }
+}

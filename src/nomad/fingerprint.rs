@@ -1,0 +1,254 @@
+//! The Fingerprint stream: the driver's health as Nomad sees it.
+//!
+//! - UNDETECTED until the Nomad client configured us (SetConfig with `nomad_config`);
+//! - HEALTHY only when the daemon answers GetDaemonInfo and our session exists (re-created
+//!   when the daemon lost it, e.g. after a restart);
+//! - UNHEALTHY otherwise, with a description telling the operator what to do.
+//!
+//! The first message goes out at once, then after every change of config and every
+//! `fingerprint_period`; the stream only ends when the client cancels it or the plugin stops.
+//! Values are stable (no timestamps or counters): each change is a node update in Nomad.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+
+use super::PLUGIN_VERSION;
+use super::config::{DEFAULT_FINGERPRINT_PERIOD, Language};
+use super::state::{PluginState, Snapshot, session_config, session_owner};
+use crate::daemon_client::{DaemonClient, DaemonError};
+use crate::proto::hashicorp::nomad::plugins::drivers::proto::{
+    FingerprintResponse, fingerprint_response::HealthState,
+};
+use crate::proto::hashicorp::nomad::plugins::shared::structs::{Attribute, attribute};
+
+/// Deadline for one health probe (connect + each call).
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+/// Attribute: our version.
+pub const ATTR_VERSION: &str = "driver.elide.version";
+/// Attribute: the daemon's version.
+pub const ATTR_DAEMON_VERSION: &str = "driver.elide.daemon_version";
+/// Attribute prefix: one per available runtime, value = its version.
+pub const ATTR_RUNTIME_PREFIX: &str = "driver.elide.runtime.";
+/// Nomad's own wording for a healthy driver.
+pub const HEALTHY_DESCRIPTION: &str = "Healthy";
+
+fn string_attr(s: &str) -> Attribute {
+    Attribute {
+        value: Some(attribute::Value::StringVal(s.to_string())),
+        unit: String::new(),
+    }
+}
+
+fn message(
+    health: HealthState,
+    description: String,
+    attributes: BTreeMap<String, Attribute>,
+) -> FingerprintResponse {
+    FingerprintResponse {
+        attributes: attributes.into_iter().collect(),
+        health: health as i32,
+        health_description: description,
+        err: String::new(),
+    }
+}
+
+fn unreachable(socket: &std::path::Path, e: &DaemonError) -> String {
+    format!(
+        "elide-daemon not reachable at {}: {e}; start it with `elide-daemon` or set daemon.auto_start",
+        socket.display()
+    )
+}
+
+/// One health check: what Fingerprint should report right now.
+pub async fn probe(snapshot: &Snapshot) -> FingerprintResponse {
+    let mut attrs = BTreeMap::from([(ATTR_VERSION.to_string(), string_attr(PLUGIN_VERSION))]);
+    let (Some(config), true, Some(session_id)) = (
+        snapshot.config.as_ref(),
+        snapshot.agent_configured,
+        snapshot.session_id.as_ref(),
+    ) else {
+        return message(
+            HealthState::Undetected,
+            "waiting for the plugin configuration from the Nomad client".into(),
+            attrs,
+        );
+    };
+    let socket = &config.daemon_socket;
+    let client = match DaemonClient::connect(socket, PROBE_TIMEOUT).await {
+        Ok(c) => c,
+        Err(e) => return message(HealthState::Unhealthy, unreachable(socket, &e), attrs),
+    };
+    let info = match client.daemon_info().await {
+        Ok(i) => i,
+        Err(e) => return message(HealthState::Unhealthy, unreachable(socket, &e), attrs),
+    };
+    attrs.insert(ATTR_DAEMON_VERSION.into(), string_attr(&info.version));
+    for rt in info.runtimes.iter().filter(|r| r.available) {
+        if let Some(lang) = Language::parse(&rt.language) {
+            attrs.insert(
+                format!("{ATTR_RUNTIME_PREFIX}{}", lang.as_str()),
+                string_attr(&rt.version),
+            );
+        }
+    }
+    let session = match client.get_session(session_id).await {
+        Ok(s) => Ok(s),
+        Err(e) if e.code() == Some(tonic::Code::NotFound) => {
+            // The daemon does not know our session (first contact, or it restarted).
+            client
+                .create_session(session_id, &session_owner(), session_config(config))
+                .await
+        }
+        Err(e) => Err(e),
+    };
+    if let Err(e) = session {
+        return message(
+            HealthState::Unhealthy,
+            format!(
+                "elide-daemon at {} is up but session {session_id} is not usable: {e}",
+                socket.display()
+            ),
+            attrs,
+        );
+    }
+    let available: Vec<Language> = info
+        .runtimes
+        .iter()
+        .filter(|r| r.available)
+        .filter_map(|r| Language::parse(&r.language))
+        .collect();
+    if !config
+        .session
+        .enabled_languages
+        .iter()
+        .any(|l| available.contains(l))
+    {
+        let enabled: Vec<&str> = config
+            .session
+            .enabled_languages
+            .iter()
+            .map(|l| l.as_str())
+            .collect();
+        return message(
+            HealthState::Unhealthy,
+            format!(
+                "elide-daemon at {} has none of the enabled languages ({}) available; install their runtimes or change session_config.enabled_languages",
+                socket.display(),
+                enabled.join(", ")
+            ),
+            attrs,
+        );
+    }
+    message(HealthState::Healthy, HEALTHY_DESCRIPTION.into(), attrs)
+}
+
+/// Adds empty values for keys sent before but absent now: Nomad only removes a node attribute
+/// when it receives the key with no value.
+fn clear_vanished(msg: &mut FingerprintResponse, previous: &BTreeMap<String, ()>) {
+    for key in previous.keys() {
+        msg.attributes
+            .entry(key.clone())
+            .or_insert_with(|| Attribute {
+                value: None,
+                unit: String::new(),
+            });
+    }
+}
+
+/// Starts the fingerprint loop for one stream; messages go to the returned receiver.
+pub fn spawn(state: Arc<PluginState>) -> mpsc::Receiver<FingerprintResponse> {
+    let (tx, rx) = mpsc::channel(1);
+    tokio::spawn(async move {
+        let mut changes = state.subscribe();
+        let mut sent_keys: BTreeMap<String, ()> = BTreeMap::new();
+        loop {
+            changes.mark_unchanged();
+            let snapshot = state.snapshot();
+            let period = snapshot
+                .config
+                .as_ref()
+                .map_or(DEFAULT_FINGERPRINT_PERIOD, |c| c.fingerprint_period);
+            let mut msg = tokio::select! {
+                m = probe(&snapshot) => m,
+                () = tx.closed() => return,
+                () = state.shutdown.cancelled() => return,
+            };
+            clear_vanished(&mut msg, &sent_keys);
+            sent_keys = msg
+                .attributes
+                .iter()
+                .filter(|(_, v)| v.value.is_some())
+                .map(|(k, _)| (k.clone(), ()))
+                .collect();
+            if tx.send(msg).await.is_err() {
+                return;
+            }
+            tokio::select! {
+                () = tokio::time::sleep(period) => {}
+                r = changes.changed() => if r.is_err() { return },
+                () = tx.closed() => return,
+                () = state.shutdown.cancelled() => return,
+            }
+        }
+    });
+    rx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nomad::config::PluginConfig;
+
+    #[tokio::test]
+    async fn undetected_before_agent_config() {
+        let msg = probe(&Snapshot::default()).await;
+        assert_eq!(msg.health, HealthState::Undetected as i32);
+        assert!(msg.attributes.contains_key(ATTR_VERSION));
+    }
+
+    #[tokio::test]
+    async fn unhealthy_with_operator_hint_when_socket_missing() {
+        let dir = tempfile::Builder::new()
+            .prefix("e")
+            .tempdir_in("/tmp")
+            .unwrap();
+        let socket = dir.path().join("none.sock");
+        let snapshot = Snapshot {
+            config: Some(Arc::new(PluginConfig {
+                daemon_socket: socket.clone(),
+                ..PluginConfig::default()
+            })),
+            agent_configured: true,
+            session_id: Some("nomad-x".into()),
+        };
+        let a = probe(&snapshot).await;
+        let b = probe(&snapshot).await;
+        assert_eq!(a.health, HealthState::Unhealthy as i32);
+        assert!(
+            a.health_description.contains(&socket.display().to_string()),
+            "{}",
+            a.health_description
+        );
+        assert!(
+            a.health_description
+                .contains("start it with `elide-daemon`"),
+            "{}",
+            a.health_description
+        );
+        // Stable wording: repeated probes must not churn node updates.
+        assert_eq!(a, b);
+    }
+
+    #[test]
+    fn vanished_keys_are_cleared_with_empty_values() {
+        let mut msg = message(HealthState::Unhealthy, "x".into(), BTreeMap::new());
+        clear_vanished(
+            &mut msg,
+            &BTreeMap::from([("driver.elide.runtime.python".to_string(), ())]),
+        );
+        assert_eq!(msg.attributes["driver.elide.runtime.python"].value, None);
+    }
+}

@@ -1,0 +1,361 @@
+//! Driver service over the real binary: schema, capabilities, fingerprint health transitions,
+//! and fast Unimplemented answers for the task RPCs that are not built yet.
+
+mod support;
+
+use std::time::Duration;
+
+use elide_task_driver::proto::hashicorp::nomad::plugins::drivers::proto::{
+    self as pb, fingerprint_response::HealthState,
+};
+use elide_task_driver::proto::hashicorp::nomad::plugins::shared::hclspec::spec::Block;
+use elide_task_driver::proto::hashicorp::nomad::plugins::shared::structs::attribute::Value as AttrValue;
+use serde_json::json;
+use support::fake_daemon::FakeDaemon;
+use support::{DEADLINE, NomadClient, fingerprint_until, next_within, short_tempdir};
+
+fn attr_str(m: &pb::FingerprintResponse, key: &str) -> Option<String> {
+    match m.attributes.get(key)?.value.as_ref()? {
+        AttrValue::StringVal(s) => Some(s.clone()),
+        _ => None,
+    }
+}
+
+fn healthy(m: &pb::FingerprintResponse) -> bool {
+    m.health == HealthState::Healthy as i32
+}
+
+fn unhealthy(m: &pb::FingerprintResponse) -> bool {
+    m.health == HealthState::Unhealthy as i32
+}
+
+#[tokio::test]
+async fn init_and_shutdown_answer_ok() {
+    let c = NomadClient::launch().await;
+    c.driver
+        .clone()
+        .init(pb::InitRequest {})
+        .await
+        .expect("Init");
+    c.driver
+        .clone()
+        .shutdown(pb::ShutdownRequest {})
+        .await
+        .expect("Shutdown");
+    // A Shutdown notice does not stop the plugin.
+    assert_eq!(c.plugin_info().await.name, "elide");
+}
+
+#[tokio::test]
+async fn task_config_schema_has_the_seed_names() {
+    let c = NomadClient::launch().await;
+    let spec = c
+        .driver
+        .clone()
+        .task_config_schema(pb::TaskConfigSchemaRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .spec
+        .expect("never nil");
+    let Some(Block::Object(o)) = spec.block.as_ref() else {
+        panic!("object expected")
+    };
+    let mut keys: Vec<_> = o.attributes.keys().cloned().collect();
+    keys.sort();
+    assert_eq!(
+        keys,
+        ["args", "code", "elide_opts", "env", "language", "script"]
+    );
+    let ty = |k: &str| match o.attributes[k].block.as_ref() {
+        Some(Block::Attr(a)) => a.r#type.clone(),
+        other => panic!("{k}: {other:?}"),
+    };
+    assert_eq!(ty("script"), "string");
+    assert_eq!(ty("code"), "string");
+    assert_eq!(ty("language"), "string");
+    assert_eq!(ty("args"), "list(string)");
+    assert_eq!(ty("env"), "map(string)");
+    assert!(matches!(
+        o.attributes["elide_opts"].block,
+        Some(Block::BlockValue(_))
+    ));
+    // A job config decodes against it the way Nomad would.
+    let bytes = support::cty::encode_config(
+        &spec,
+        &json!({"code": "print(1)", "language": "py", "env": {"A": "b"}, "elide_opts": [{"timeout": "5s"}]}),
+    );
+    assert!(bytes.is_ok(), "{bytes:?}");
+}
+
+#[tokio::test]
+async fn capabilities_are_honest() {
+    let c = NomadClient::launch().await;
+    let caps = c
+        .driver
+        .clone()
+        .capabilities(pb::CapabilitiesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .capabilities
+        .expect("set");
+    assert!(!caps.send_signals);
+    assert!(!caps.exec);
+    assert_eq!(
+        caps.fs_isolation,
+        pb::driver_capabilities::FsIsolation::None as i32
+    );
+    assert_eq!(
+        caps.network_isolation_modes,
+        vec![pb::network_isolation_spec::NetworkIsolationMode::Host as i32]
+    );
+    assert!(!caps.must_create_network);
+}
+
+#[tokio::test]
+async fn task_rpcs_answer_unimplemented_quickly_and_plugin_keeps_serving() {
+    let c = NomadClient::launch().await;
+    let mut d = c.driver.clone();
+    let quick = Duration::from_secs(10);
+    let codes = vec![
+        tokio::time::timeout(quick, d.start_task(pb::StartTaskRequest::default()))
+            .await
+            .unwrap()
+            .unwrap_err()
+            .code(),
+        tokio::time::timeout(quick, d.recover_task(pb::RecoverTaskRequest::default()))
+            .await
+            .unwrap()
+            .unwrap_err()
+            .code(),
+        tokio::time::timeout(quick, d.wait_task(pb::WaitTaskRequest::default()))
+            .await
+            .unwrap()
+            .unwrap_err()
+            .code(),
+        tokio::time::timeout(quick, d.stop_task(pb::StopTaskRequest::default()))
+            .await
+            .unwrap()
+            .unwrap_err()
+            .code(),
+        tokio::time::timeout(quick, d.destroy_task(pb::DestroyTaskRequest::default()))
+            .await
+            .unwrap()
+            .unwrap_err()
+            .code(),
+        tokio::time::timeout(quick, d.inspect_task(pb::InspectTaskRequest::default()))
+            .await
+            .unwrap()
+            .unwrap_err()
+            .code(),
+        tokio::time::timeout(quick, d.signal_task(pb::SignalTaskRequest::default()))
+            .await
+            .unwrap()
+            .unwrap_err()
+            .code(),
+        tokio::time::timeout(quick, d.exec_task(pb::ExecTaskRequest::default()))
+            .await
+            .unwrap()
+            .unwrap_err()
+            .code(),
+        tokio::time::timeout(quick, d.create_network(pb::CreateNetworkRequest::default()))
+            .await
+            .unwrap()
+            .unwrap_err()
+            .code(),
+        tokio::time::timeout(
+            quick,
+            d.destroy_network(pb::DestroyNetworkRequest::default()),
+        )
+        .await
+        .unwrap()
+        .unwrap_err()
+        .code(),
+    ];
+    assert!(
+        codes.iter().all(|c| *c == tonic::Code::Unimplemented),
+        "{codes:?}"
+    );
+    let stats = tokio::time::timeout(quick, d.task_stats(pb::TaskStatsRequest::default()))
+        .await
+        .unwrap();
+    let stats_code = match stats {
+        Err(s) => s.code(),
+        Ok(r) => r.into_inner().message().await.unwrap_err().code(),
+    };
+    assert_eq!(stats_code, tonic::Code::Unimplemented);
+    let exec = tokio::time::timeout(
+        quick,
+        d.exec_task_streaming(tokio_stream::iter(vec![
+            pb::ExecTaskStreamingRequest::default(),
+        ])),
+    )
+    .await
+    .unwrap();
+    let exec_code = match exec {
+        Err(s) => s.code(),
+        Ok(r) => r.into_inner().message().await.unwrap_err().code(),
+    };
+    assert_eq!(exec_code, tonic::Code::Unimplemented);
+    assert_eq!(c.plugin_info().await.name, "elide");
+}
+
+#[tokio::test]
+async fn task_events_stream_stays_open() {
+    let c = NomadClient::launch().await;
+    let mut events = c
+        .driver
+        .clone()
+        .task_events(pb::TaskEventsRequest {})
+        .await
+        .expect("TaskEvents")
+        .into_inner();
+    // Ending the stream would make Nomad re-open it in a hot loop.
+    let r = tokio::time::timeout(Duration::from_millis(500), events.message()).await;
+    assert!(r.is_err(), "TaskEvents produced or ended: {r:?}");
+}
+
+#[tokio::test]
+async fn fingerprint_is_undetected_until_the_agent_configures_the_plugin() {
+    let c = NomadClient::launch().await;
+    let mut fp = c.fingerprint().await;
+    let first = next_within(&mut fp, DEADLINE)
+        .await
+        .expect("first fingerprint at once");
+    assert_eq!(first.health, HealthState::Undetected as i32);
+    assert_eq!(
+        attr_str(&first, "driver.elide.version").as_deref(),
+        Some(env!("CARGO_PKG_VERSION"))
+    );
+    // The validation launch's SetConfig does not make the driver detected either.
+    c.set_config(json!({}), false).await.unwrap();
+    let again = next_within(&mut fp, DEADLINE)
+        .await
+        .expect("fingerprint after config change");
+    assert_eq!(again.health, HealthState::Undetected as i32);
+}
+
+#[tokio::test]
+async fn fingerprint_is_unhealthy_with_an_operator_hint_without_daemon() {
+    let dir = short_tempdir();
+    let socket = dir.path().join("absent.sock");
+    let c = NomadClient::launch().await;
+    c.set_config(
+        json!({"daemon_socket": socket.display().to_string(), "fingerprint_period": "1s"}),
+        true,
+    )
+    .await
+    .unwrap();
+    let mut fp = c.fingerprint().await;
+    let m = fingerprint_until(&mut fp, DEADLINE, unhealthy).await;
+    let d = &m.health_description;
+    assert!(
+        d.starts_with(&format!(
+            "elide-daemon not reachable at {}: ",
+            socket.display()
+        )),
+        "{d}"
+    );
+    assert!(
+        d.ends_with("start it with `elide-daemon` or set daemon.auto_start"),
+        "{d}"
+    );
+    // Periodic resends carry identical values (no churn of node updates).
+    let next = next_within(&mut fp, DEADLINE)
+        .await
+        .expect("periodic fingerprint");
+    assert_eq!(next, m);
+    assert_eq!(c.plugin_info().await.name, "elide");
+}
+
+#[tokio::test]
+async fn fingerprint_follows_the_daemon_healthy_unhealthy_healthy() {
+    let dir = short_tempdir();
+    let socket = dir.path().join("d.sock");
+    let daemon = FakeDaemon::start(&socket).await;
+    let c = NomadClient::launch().await;
+    c.set_config(
+        json!({"daemon_socket": socket.display().to_string(), "fingerprint_period": "1s"}),
+        true,
+    )
+    .await
+    .unwrap();
+    let mut fp = c.fingerprint().await;
+
+    let m = fingerprint_until(&mut fp, DEADLINE, healthy).await;
+    assert_eq!(m.health_description, "Healthy");
+    assert_eq!(
+        attr_str(&m, "driver.elide.version").as_deref(),
+        Some(env!("CARGO_PKG_VERSION"))
+    );
+    assert_eq!(
+        attr_str(&m, "driver.elide.daemon_version").as_deref(),
+        Some("9.9.9-fake")
+    );
+    assert_eq!(
+        attr_str(&m, "driver.elide.runtime.python").as_deref(),
+        Some("3.11.7")
+    );
+    assert_eq!(
+        attr_str(&m, "driver.elide.runtime.javascript").as_deref(),
+        Some("v20.20.2")
+    );
+    assert!(
+        !m.attributes.contains_key("driver.elide.runtime.typescript"),
+        "unavailable runtime advertised"
+    );
+
+    daemon.stop().await;
+    let m = fingerprint_until(&mut fp, DEADLINE, unhealthy).await;
+    assert!(
+        m.health_description.contains("not reachable"),
+        "{}",
+        m.health_description
+    );
+    // Attributes that no longer hold are cleared with empty values.
+    assert!(m.attributes["driver.elide.runtime.python"].value.is_none());
+    assert!(m.attributes["driver.elide.daemon_version"].value.is_none());
+
+    // A restarted daemon has lost our session: the plugin re-creates it and is healthy again.
+    let daemon = FakeDaemon::start(&socket).await;
+    let m = fingerprint_until(&mut fp, DEADLINE, healthy).await;
+    assert_eq!(
+        attr_str(&m, "driver.elide.runtime.python").as_deref(),
+        Some("3.11.7")
+    );
+    let calls = daemon.create_session_calls();
+    assert_eq!(calls.len(), 1, "session re-created once");
+    assert!(calls[0].session_id.starts_with("nomad-"));
+    daemon.stop().await;
+}
+
+#[tokio::test]
+async fn fingerprint_is_unhealthy_when_no_enabled_language_is_available() {
+    let dir = short_tempdir();
+    let socket = dir.path().join("d.sock");
+    let daemon = FakeDaemon::start(&socket).await;
+    let c = NomadClient::launch().await;
+    // The fake daemon reports typescript as unavailable.
+    c.set_config(json!({"daemon_socket": socket.display().to_string(), "session_config": {"enabled_languages": ["ts"]}}), true).await.unwrap();
+    let mut fp = c.fingerprint().await;
+    let m = fingerprint_until(&mut fp, DEADLINE, unhealthy).await;
+    assert!(
+        m.health_description
+            .contains("none of the enabled languages (typescript)"),
+        "{}",
+        m.health_description
+    );
+    daemon.stop().await;
+}
+
+#[tokio::test]
+async fn fingerprint_stream_ends_cleanly_when_the_client_cancels() {
+    let c = NomadClient::launch().await;
+    for _ in 0..20 {
+        let mut fp = c.fingerprint().await;
+        next_within(&mut fp, DEADLINE).await.expect("first message");
+        drop(fp);
+    }
+    assert_eq!(c.plugin_info().await.name, "elide");
+}
