@@ -4,8 +4,12 @@
 //! Layers (each knows nothing of the ones above it):
 //! - [`proto`]: generated protobuf bindings (Nomad plugin API, go-plugin housekeeping, and our
 //!   own `elide.daemon.v1alpha1` ExecutionAPI).
+//! - [`daemon`]: the node daemon serving the ExecutionAPI (sessions, executions, runtimes).
+//! - [`sandbox`]: isolation and limits of one execution (cgroups, Landlock, netns, user, sinks).
 
+pub mod daemon;
 pub mod daemon_client;
 pub mod goplugin;
 pub mod nomad;
 pub mod proto;
+pub mod sandbox;

@@ -1,0 +1,595 @@
+//! One execution: its state machine (Starting → Running → Exited), the supervisor that waits for
+//! the process, enforces the timeout and records the result, and the operations on a running
+//! process group (signal, stop with grace, stats).
+//!
+//! Waiters use a `watch` channel: any number of WaitExecution callers see the transition, and a
+//! caller arriving after the end gets the result at once.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use nix::sys::signal::Signal;
+use nix::unistd::Pid;
+use tokio::sync::watch;
+
+use super::events::{EventBus, EventSubject};
+use super::launcher::{Launched, ProcessExit};
+use super::output::CaptureBuffer;
+use super::plan::ExecutionPlan;
+use super::runtime::Language;
+use super::state::{ExecutionRecord, ResultRecord, StateStore};
+use crate::proto::elide::daemon::v1alpha1 as pb;
+use crate::sandbox::cgroup::ExecutionCgroup;
+
+/// Lifecycle phase.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Validated, process being created.
+    Starting,
+    /// The process runs.
+    Running,
+    /// Ended; the result is set.
+    Exited,
+}
+
+#[derive(Default)]
+struct Inner {
+    pid: u32,
+    start_ticks: u64,
+    started_at: Option<SystemTime>,
+    ended_at: Option<SystemTime>,
+    result: Option<ResultRecord>,
+    cgroup: Option<Arc<ExecutionCgroup>>,
+    cgroup_desc: String,
+    last_cpu: Option<(Instant, f64)>,
+    pooled: bool,
+}
+
+/// An execution known to the daemon (running, or ended and remembered).
+pub struct Execution {
+    /// Execution id.
+    pub id: String,
+    /// Session id.
+    pub session_id: String,
+    /// Language.
+    pub language: Language,
+    /// Opaque client reference.
+    pub client_ref: String,
+    /// The plan it was started from (absent for executions restored from disk).
+    pub plan: Option<Arc<ExecutionPlan>>,
+    phase: watch::Sender<Phase>,
+    inner: Mutex<Inner>,
+    timed_out: AtomicBool,
+    /// Serialises writes of this execution's record (running vs final).
+    persist_lock: Mutex<()>,
+    /// Captured stdout, when its sink is `Capture`.
+    pub stdout: OnceLock<Arc<CaptureBuffer>>,
+    /// Captured stderr.
+    pub stderr: OnceLock<Arc<CaptureBuffer>>,
+}
+
+/// Where the supervisor reports.
+#[derive(Clone)]
+pub struct SupervisorContext {
+    /// Durable results.
+    pub state: Arc<StateStore>,
+    /// Lifecycle events.
+    pub events: EventBus,
+    /// Captured bytes kept per stream.
+    pub max_capture_bytes: usize,
+}
+
+fn ignore_esrch(r: nix::Result<()>) -> nix::Result<()> {
+    match r {
+        Err(nix::errno::Errno::ESRCH) => Ok(()),
+        other => other,
+    }
+}
+
+impl Execution {
+    /// A new execution in the Starting phase.
+    pub fn new(plan: ExecutionPlan) -> Arc<Self> {
+        let (phase, _) = watch::channel(Phase::Starting);
+        Arc::new(Self {
+            id: plan.execution_id.clone(),
+            session_id: plan.session_id.clone(),
+            language: plan.language,
+            client_ref: plan.client_ref.clone(),
+            plan: Some(Arc::new(plan)),
+            phase,
+            inner: Mutex::new(Inner::default()),
+            timed_out: AtomicBool::new(false),
+            persist_lock: Mutex::new(()),
+            stdout: OnceLock::new(),
+            stderr: OnceLock::new(),
+        })
+    }
+
+    /// An ended execution restored from its persisted record. Records without a result belong
+    /// to a daemon that died while they ran: they are reported as ended with an error.
+    pub fn restored(rec: &ExecutionRecord) -> Arc<Self> {
+        let (phase, _) = watch::channel(Phase::Exited);
+        let result = rec.result.clone().unwrap_or_else(|| ResultRecord {
+            exit_code: 128 + libc::SIGKILL,
+            signal: libc::SIGKILL,
+            error: format!(
+                "the elide daemon (pid {}) stopped while this execution ran; its processes were \
+                 killed and the real exit status is unknown",
+                rec.daemon_pid
+            ),
+            ..Default::default()
+        });
+        Arc::new(Self {
+            id: rec.id.clone(),
+            session_id: rec.session_id.clone(),
+            language: Language::parse(&rec.language).unwrap_or(Language::Python),
+            client_ref: rec.client_ref.clone(),
+            plan: None,
+            phase,
+            inner: Mutex::new(Inner {
+                pid: rec.pid,
+                start_ticks: rec.pid_start_ticks,
+                started_at: rec.started_at,
+                ended_at: rec.ended_at.or(Some(SystemTime::now())),
+                result: Some(result),
+                cgroup_desc: rec.cgroup.clone(),
+                ..Default::default()
+            }),
+            timed_out: AtomicBool::new(false),
+            persist_lock: Mutex::new(()),
+            stdout: OnceLock::new(),
+            stderr: OnceLock::new(),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // A poisoned lock only means a panic elsewhere; the data is still consistent enough.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Current phase.
+    pub fn phase(&self) -> Phase {
+        *self.phase.borrow()
+    }
+
+    /// The result, once ended.
+    pub fn result(&self) -> Option<ResultRecord> {
+        self.lock().result.clone()
+    }
+
+    /// Process id (0 before the process exists).
+    pub fn pid(&self) -> u32 {
+        self.lock().pid
+    }
+
+    /// The `cgroup.procs` files of its cgroup (empty without one).
+    pub fn cgroup_procs(&self) -> Vec<std::path::PathBuf> {
+        self.lock()
+            .cgroup
+            .as_ref()
+            .map(|c| c.procs_files())
+            .unwrap_or_default()
+    }
+
+    /// Waits until the execution has ended and returns its result.
+    pub async fn wait(&self) -> ResultRecord {
+        let mut rx = self.phase.subscribe();
+        let _ = rx.wait_for(|p| *p == Phase::Exited).await;
+        self.result().unwrap_or_default()
+    }
+
+    /// Waits until the phase is no longer Starting.
+    pub async fn wait_started(&self) {
+        let mut rx = self.phase.subscribe();
+        let _ = rx.wait_for(|p| *p != Phase::Starting).await;
+    }
+
+    /// The persisted form.
+    pub fn record(&self) -> ExecutionRecord {
+        let i = self.lock();
+        ExecutionRecord {
+            id: self.id.clone(),
+            session_id: self.session_id.clone(),
+            language: self.language.name().to_string(),
+            client_ref: self.client_ref.clone(),
+            pid: i.pid,
+            pid_start_ticks: i.start_ticks,
+            started_at: i.started_at,
+            ended_at: i.ended_at,
+            result: i.result.clone(),
+            cgroup: i.cgroup_desc.clone(),
+            daemon_pid: std::process::id(),
+        }
+    }
+
+    /// Writes the current record (blocking). The final record is fsynced; a running one is
+    /// only replaced while no final one exists.
+    pub fn persist(&self, state: &StateStore) -> Result<(), super::state::StateError> {
+        let _g = self.persist_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let rec = self.record();
+        if rec.result.is_some() {
+            state.save_execution(&rec)
+        } else {
+            state.save_running(&rec)
+        }
+    }
+
+    /// The API form.
+    pub fn to_proto(&self) -> pb::Execution {
+        let state = match self.phase() {
+            Phase::Starting => pb::ExecutionState::Starting,
+            Phase::Running => pb::ExecutionState::Running,
+            Phase::Exited => pb::ExecutionState::Exited,
+        };
+        let i = self.lock();
+        pb::Execution {
+            id: self.id.clone(),
+            session_id: self.session_id.clone(),
+            language: self.language.name().to_string(),
+            state: state as i32,
+            pid: i.pid,
+            pid_start_ticks: i.start_ticks,
+            started_at: i.started_at.map(Into::into),
+            ended_at: i.ended_at.map(Into::into),
+            result: i.result.as_ref().map(result_to_proto),
+            client_ref: self.client_ref.clone(),
+            pooled: i.pooled,
+            cgroup: i.cgroup_desc.clone(),
+        }
+    }
+
+    fn subject(&self) -> EventSubject<'_> {
+        EventSubject {
+            session_id: &self.session_id,
+            execution_id: &self.id,
+            client_ref: &self.client_ref,
+        }
+    }
+
+    /// Sends `sig` to the whole process group (only while it runs).
+    pub fn signal_group(&self, sig: Signal) -> nix::Result<()> {
+        let pid = self.pid();
+        if pid == 0 || self.phase() != Phase::Running {
+            return Err(nix::errno::Errno::ESRCH);
+        }
+        ignore_esrch(nix::sys::signal::killpg(Pid::from_raw(pid as i32), sig))
+    }
+
+    /// SIGKILLs the group and every process of the cgroup (covers processes that left the
+    /// group with setsid).
+    pub fn kill_all(&self) {
+        let (pid, cgroup) = {
+            let i = self.lock();
+            (i.pid, i.cgroup.clone())
+        };
+        if pid != 0 {
+            let _ = ignore_esrch(nix::sys::signal::killpg(
+                Pid::from_raw(pid as i32),
+                Signal::SIGKILL,
+            ));
+        }
+        if let Some(cg) = cgroup {
+            let _ = cg.kill_all();
+        }
+    }
+
+    /// Sends `sig`, waits up to `grace`, then SIGKILLs; returns the result once ended.
+    pub async fn stop(&self, sig: Signal, grace: Duration) -> ResultRecord {
+        self.wait_started().await;
+        if self.phase() == Phase::Running {
+            if grace.is_zero() || sig == Signal::SIGKILL {
+                self.kill_all();
+            } else {
+                let _ = self.signal_group(sig);
+                let mut rx = self.phase.subscribe();
+                let ended = tokio::time::timeout(grace, rx.wait_for(|p| *p == Phase::Exited)).await;
+                if ended.is_err() {
+                    self.kill_all();
+                }
+            }
+        }
+        self.wait().await
+    }
+
+    /// Marks the launch as failed (the execution is then forgotten by the caller).
+    pub fn fail_start(&self, error: String) {
+        {
+            let mut i = self.lock();
+            i.ended_at = Some(SystemTime::now());
+            i.result = Some(ResultRecord {
+                exit_code: -1,
+                error,
+                ..Default::default()
+            });
+        }
+        self.phase.send_replace(Phase::Exited);
+    }
+
+    /// Records the running process and spawns its supervisor.
+    pub fn start_supervisor(self: &Arc<Self>, launched: Launched, ctx: SupervisorContext) {
+        let Launched {
+            pid,
+            start_ticks,
+            cgroup,
+            stdout_capture,
+            stderr_capture,
+            exit,
+            pooled,
+        } = launched;
+        let cgroup = cgroup.map(Arc::new);
+        for (fd, slot) in [
+            (stdout_capture, &self.stdout),
+            (stderr_capture, &self.stderr),
+        ] {
+            if let Some(fd) = fd {
+                let buf = CaptureBuffer::new(ctx.max_capture_bytes);
+                if let Err(e) = buf.spawn_drain(fd) {
+                    tracing::warn!(execution = %self.id, error = %e, "cannot capture output");
+                    buf.close();
+                }
+                let _ = slot.set(buf);
+            }
+        }
+        {
+            let mut i = self.lock();
+            i.pid = pid;
+            i.start_ticks = start_ticks;
+            i.started_at = Some(SystemTime::now());
+            i.cgroup_desc = cgroup
+                .as_ref()
+                .map(|c| {
+                    c.dirs()
+                        .iter()
+                        .map(|d| d.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(",")
+                })
+                .unwrap_or_default();
+            i.cgroup = cgroup;
+            i.pooled = pooled;
+        }
+        self.phase.send_replace(Phase::Running);
+        let mut ann = HashMap::new();
+        ann.insert("pid".to_string(), pid.to_string());
+        ann.insert("language".to_string(), self.language.name().to_string());
+        ctx.events.emit(
+            pb::EventKind::Started,
+            &self.subject(),
+            format!("started as pid {pid}"),
+            ann,
+        );
+        let timeout = self.plan.as_ref().and_then(|p| p.limits.timeout);
+        let me = self.clone();
+        tokio::spawn(async move { me.supervise(exit, timeout, ctx).await });
+    }
+
+    async fn supervise(
+        self: Arc<Self>,
+        exit: futures::future::BoxFuture<'static, std::io::Result<ProcessExit>>,
+        timeout: Option<Duration>,
+        ctx: SupervisorContext,
+    ) {
+        let mut exit = exit;
+        let status = match timeout {
+            None => exit.await,
+            Some(t) => match tokio::time::timeout(t, &mut exit).await {
+                Ok(s) => s,
+                Err(_) => {
+                    self.timed_out.store(true, Ordering::SeqCst);
+                    ctx.events.emit(
+                        pb::EventKind::TimedOut,
+                        &self.subject(),
+                        format!(
+                            "timeout of {} reached; killing the process group",
+                            humantime::format_duration(t)
+                        ),
+                        HashMap::new(),
+                    );
+                    self.kill_all();
+                    exit.await
+                }
+            },
+        };
+        // The leader is gone; whatever it left behind in its group or cgroup goes too.
+        self.kill_all();
+        let cgroup = self.lock().cgroup.clone();
+        let oom = match cgroup {
+            Some(cg) => tokio::task::spawn_blocking(move || {
+                let oom = cg.oom_killed();
+                let _ = cg.kill_all();
+                if let Ok(cg) = Arc::try_unwrap(cg) {
+                    let _ = cg.remove();
+                } else {
+                    // Someone is sampling stats; a later reap_stale removes the directory.
+                }
+                oom
+            })
+            .await
+            .unwrap_or(false),
+            None => false,
+        };
+        let timed_out = self.timed_out.load(Ordering::SeqCst);
+        let result = match status {
+            Ok(ProcessExit::Exited(code)) => ResultRecord {
+                exit_code: code,
+                signal: 0,
+                oom_killed: oom,
+                timed_out,
+                error: String::new(),
+            },
+            Ok(ProcessExit::Signaled(sig)) => ResultRecord {
+                exit_code: 128 + sig,
+                signal: sig,
+                oom_killed: oom,
+                timed_out,
+                error: String::new(),
+            },
+            Err(e) => ResultRecord {
+                exit_code: -1,
+                signal: 0,
+                oom_killed: oom,
+                timed_out,
+                error: format!("waiting for the process failed: {e}"),
+            },
+        };
+        {
+            let mut i = self.lock();
+            i.cgroup = None;
+            i.ended_at = Some(SystemTime::now());
+            i.result = Some(result.clone());
+        }
+        let state = ctx.state.clone();
+        let exec_dir = self.plan.as_ref().map(|p| p.exec_dir.clone());
+        let me = self.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            if let Err(e) = me.persist(&state) {
+                tracing::error!(execution = %me.id, error = %e, "cannot persist exit status");
+            }
+            if let Some(d) = exec_dir {
+                let _ = std::fs::remove_dir_all(d);
+            }
+        })
+        .await;
+        if oom {
+            ctx.events.emit(
+                pb::EventKind::OomKilled,
+                &self.subject(),
+                "the process was killed by the OOM killer (memory limit reached)",
+                HashMap::new(),
+            );
+        }
+        let mut ann = HashMap::new();
+        ann.insert("exit_code".to_string(), result.exit_code.to_string());
+        ann.insert("signal".to_string(), result.signal.to_string());
+        ctx.events.emit(
+            pb::EventKind::Exited,
+            &self.subject(),
+            format!("exited with code {}", result.exit_code),
+            ann,
+        );
+        self.phase.send_replace(Phase::Exited);
+    }
+
+    /// CPU and memory of the execution's processes.
+    pub fn stats(&self) -> pb::ExecutionStats {
+        let (pid, cgroup) = {
+            let i = self.lock();
+            (i.pid, i.cgroup.clone())
+        };
+        let mut out = pb::ExecutionStats {
+            timestamp: Some(SystemTime::now().into()),
+            ..Default::default()
+        };
+        if self.phase() != Phase::Running || pid == 0 {
+            return out;
+        }
+        let pids: Vec<u32> = match &cgroup {
+            Some(cg) => {
+                let p = cg.pids();
+                if p.is_empty() { vec![pid] } else { p }
+            }
+            None => group_members(pid),
+        };
+        let tps = procfs::ticks_per_second() as f64;
+        let page = procfs::page_size();
+        let (mut user, mut system, mut rss) = (0.0f64, 0.0f64, 0u64);
+        let mut measured_proc = false;
+        for p in pids {
+            let Ok(stat) = procfs::process::Process::new(p as i32).and_then(|pr| pr.stat()) else {
+                continue;
+            };
+            measured_proc = true;
+            let ps = pb::ProcessStats {
+                cpu_user_seconds: stat.utime as f64 / tps,
+                cpu_system_seconds: stat.stime as f64 / tps,
+                rss_bytes: stat.rss * page,
+            };
+            user += ps.cpu_user_seconds;
+            system += ps.cpu_system_seconds;
+            rss += ps.rss_bytes;
+            out.processes.insert(p, ps);
+        }
+        let mut measured: Vec<&str> = Vec::new();
+        if measured_proc {
+            out.cpu_user_seconds = user;
+            out.cpu_system_seconds = system;
+            out.rss_bytes = rss;
+            measured.extend(["cpu_user", "cpu_system", "rss"]);
+        }
+        if let Some(cg) = &cgroup {
+            let s = cg.stats();
+            if let Some(v) = s.cpu_user_ns {
+                out.cpu_user_seconds = v as f64 / 1e9;
+            }
+            if let Some(v) = s.cpu_system_ns {
+                out.cpu_system_seconds = v as f64 / 1e9;
+            }
+            if let Some(v) = s.memory_usage_bytes {
+                out.memory_usage_bytes = v;
+                measured.push("memory_usage");
+            }
+            if let Some(v) = s.memory_max_usage_bytes {
+                out.memory_max_usage_bytes = v;
+                measured.push("memory_max_usage");
+            }
+            if let Some(v) = s.cpu_throttled_periods {
+                out.throttled_periods = v;
+                measured.push("throttled_periods");
+            }
+            if let Some(v) = s.cpu_throttled_ns {
+                out.throttled_time_ns = v;
+                measured.push("throttled_time");
+            }
+        }
+        if measured_proc {
+            let total = out.cpu_user_seconds + out.cpu_system_seconds;
+            let now = Instant::now();
+            let mut i = self.lock();
+            let start = i.started_at.and_then(|s| s.elapsed().ok());
+            let (base_t, base_cpu) = match (i.last_cpu, start) {
+                (Some(prev), _) => prev,
+                (None, Some(el)) => (now.checked_sub(el).unwrap_or(now), 0.0),
+                (None, None) => (now, total),
+            };
+            let dt = now.duration_since(base_t).as_secs_f64();
+            if dt > 0.0 {
+                out.cpu_percent = ((total - base_cpu) / dt * 100.0).max(0.0);
+                measured.push("cpu_percent");
+            }
+            i.last_cpu = Some((now, total));
+        }
+        out.measured = measured.into_iter().map(str::to_string).collect();
+        out
+    }
+}
+
+/// The processes whose process group is `pgid` (used when there is no cgroup).
+fn group_members(pgid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    if let Ok(all) = procfs::process::all_processes() {
+        for p in all.flatten() {
+            if let Ok(stat) = p.stat()
+                && stat.pgrp == pgid as i32
+            {
+                out.push(stat.pid as u32);
+            }
+        }
+    }
+    if out.is_empty() {
+        out.push(pgid);
+    }
+    out
+}
+
+/// Converts a stored result to the API form.
+pub fn result_to_proto(r: &ResultRecord) -> pb::ExecutionResult {
+    pb::ExecutionResult {
+        exit_code: r.exit_code,
+        signal: r.signal,
+        oom_killed: r.oom_killed,
+        timed_out: r.timed_out,
+        error: r.error.clone(),
+    }
+}

@@ -1,0 +1,315 @@
+//! How an execution's process comes to exist. A [`Launcher`] receives a validated
+//! [`ExecutionPlan`] (plain data) and returns a running process; the execution supervisor only
+//! sees the pid and an exit future, so a warm-pool launcher (a forked Python zygote child, a
+//! node worker) can later sit behind the same trait.
+//!
+//! [`ColdLauncher`] forks a fresh interpreter. Every fork happens on one dedicated, long-lived
+//! spawner thread: `PR_SET_PDEATHSIG` fires when the *forking thread* exits, so forking from
+//! tokio's blocking pool (whose threads retire) would kill children at random, while a thread
+//! that lives as long as the daemon makes a `kill -9` of the daemon take its children along.
+
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+
+use super::plan::{ExecutionPlan, SinkTarget};
+use crate::sandbox::cgroup::{CgroupLimits, CgroupManager, CgroupMode, ExecutionCgroup};
+use crate::sandbox::sink::open_sink;
+use crate::sandbox::{Intrinsics, IsolationSpec};
+
+/// How the process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProcessExit {
+    /// exit(code).
+    Exited(i32),
+    /// Killed by this signal.
+    Signaled(i32),
+}
+
+/// A started execution process.
+pub struct Launched {
+    /// Process id (also its process group id).
+    pub pid: u32,
+    /// Start time of `pid` in clock ticks since boot, to detect pid reuse.
+    pub start_ticks: u64,
+    /// Its cgroup, when the machine has one.
+    pub cgroup: Option<ExecutionCgroup>,
+    /// Read ends of the capture pipes (non-blocking), for sinks that are `Capture`.
+    pub stdout_capture: Option<OwnedFd>,
+    /// Same for stderr.
+    pub stderr_capture: Option<OwnedFd>,
+    /// Resolves when the process has ended (and was reaped).
+    pub exit: BoxFuture<'static, std::io::Result<ProcessExit>>,
+    /// Whether a warm worker ran it.
+    pub pooled: bool,
+}
+
+/// Why a launch failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    /// An output sink was refused or could not be opened (the client's fault).
+    #[error("{field}: {message}")]
+    Sink {
+        /// "stdout.path" or "stderr.path".
+        field: &'static str,
+        /// Why.
+        message: String,
+    },
+    /// The isolation could not be prepared.
+    #[error("preparing isolation: {0}")]
+    Sandbox(String),
+    /// fork/exec failed.
+    #[error("starting {program}: {source}")]
+    Spawn {
+        /// The interpreter.
+        program: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The spawner thread is gone (daemon shutting down).
+    #[error("the daemon's spawner thread is not running")]
+    SpawnerGone,
+}
+
+/// Creates execution processes from plans.
+pub trait Launcher: Send + Sync + 'static {
+    /// Starts the process of `plan`; returns once it runs.
+    fn launch(&self, plan: ExecutionPlan) -> BoxFuture<'_, Result<Launched, LaunchError>>;
+}
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// The dedicated thread every child is forked from.
+#[derive(Clone)]
+pub struct Spawner {
+    tx: mpsc::Sender<Job>,
+}
+
+impl Spawner {
+    /// Starts the spawner thread; it runs jobs inside `runtime` so tokio can reap children.
+    pub fn start(runtime: tokio::runtime::Handle) -> std::io::Result<Self> {
+        let (tx, rx) = mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name("elide-spawner".into())
+            .spawn(move || {
+                let _guard = runtime.enter();
+                while let Ok(job) = rx.recv() {
+                    job();
+                }
+            })?;
+        Ok(Self { tx })
+    }
+
+    /// Runs `f` on the spawner thread and returns its result.
+    pub async fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, LaunchError> {
+        let (otx, orx) = tokio::sync::oneshot::channel();
+        self.tx
+            .send(Box::new(move || {
+                let _ = otx.send(f());
+            }))
+            .map_err(|_| LaunchError::SpawnerGone)?;
+        orx.await.map_err(|_| LaunchError::SpawnerGone)
+    }
+}
+
+/// Process start time (field 22 of /proc/<pid>/stat), 0 when unreadable.
+pub fn start_ticks(pid: u32) -> u64 {
+    procfs::process::Process::new(pid as i32)
+        .and_then(|p| p.stat())
+        .map(|s| s.starttime)
+        .unwrap_or(0)
+}
+
+/// Launches a fresh interpreter per execution.
+pub struct ColdLauncher {
+    spawner: Spawner,
+    preparer: std::sync::Arc<Preparer>,
+}
+
+/// Opens sinks and creates cgroups (blocking work, run on the blocking pool).
+struct Preparer {
+    cgroups: CgroupManager,
+    output_roots: Vec<PathBuf>,
+    sink_timeout: Duration,
+}
+
+struct Prepared {
+    stdout: OwnedFd,
+    stderr: OwnedFd,
+    stdout_capture: Option<OwnedFd>,
+    stderr_capture: Option<OwnedFd>,
+    cgroup: Option<ExecutionCgroup>,
+}
+
+fn capture_pipe() -> Result<(OwnedFd, OwnedFd), LaunchError> {
+    let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .map_err(|e| LaunchError::Sandbox(format!("pipe: {e}")))?;
+    // Only the daemon's end is non-blocking; the child's stays an ordinary blocking pipe.
+    let flags = nix::fcntl::fcntl(&r, nix::fcntl::FcntlArg::F_GETFL)
+        .map_err(|e| LaunchError::Sandbox(format!("fcntl: {e}")))?;
+    let flags = nix::fcntl::OFlag::from_bits_truncate(flags) | nix::fcntl::OFlag::O_NONBLOCK;
+    nix::fcntl::fcntl(&r, nix::fcntl::FcntlArg::F_SETFL(flags))
+        .map_err(|e| LaunchError::Sandbox(format!("fcntl: {e}")))?;
+    Ok((r, w))
+}
+
+impl ColdLauncher {
+    /// A launcher forking on `spawner`, creating cgroups with `cgroups`, opening file sinks
+    /// under `output_roots`, waiting at most `sink_timeout` for a FIFO reader.
+    pub fn new(
+        spawner: Spawner,
+        cgroups: CgroupManager,
+        output_roots: Vec<PathBuf>,
+        sink_timeout: Duration,
+    ) -> Self {
+        Self {
+            spawner,
+            preparer: std::sync::Arc::new(Preparer {
+                cgroups,
+                output_roots,
+                sink_timeout,
+            }),
+        }
+    }
+}
+
+impl Preparer {
+    fn open_one(
+        &self,
+        field: &'static str,
+        target: &SinkTarget,
+    ) -> Result<(OwnedFd, Option<OwnedFd>), LaunchError> {
+        match target {
+            SinkTarget::Capture => {
+                let (r, w) = capture_pipe()?;
+                Ok((w, Some(r)))
+            }
+            SinkTarget::Path(p) => open_sink(p, &self.output_roots, self.sink_timeout)
+                .map(|fd| (fd, None))
+                .map_err(|e| LaunchError::Sink {
+                    field,
+                    message: e.to_string(),
+                }),
+        }
+    }
+
+    fn prepare(&self, plan: &ExecutionPlan) -> Result<Prepared, LaunchError> {
+        let (stdout, stdout_capture) = self.open_one("stdout.path", &plan.stdout)?;
+        let (stderr, stderr_capture) = self.open_one("stderr.path", &plan.stderr)?;
+        let cgroup = if self.cgroups.mode() == CgroupMode::None {
+            None
+        } else {
+            let limits = CgroupLimits {
+                memory_bytes: plan.limits.memory_bytes,
+                cpu_shares: plan.limits.cpu_shares,
+                pids: plan.limits.pids,
+            };
+            Some(
+                self.cgroups
+                    .create(&plan.execution_id, &limits)
+                    .map_err(|e| LaunchError::Sandbox(e.to_string()))?,
+            )
+        };
+        Ok(Prepared {
+            stdout,
+            stderr,
+            stdout_capture,
+            stderr_capture,
+            cgroup,
+        })
+    }
+}
+
+fn convert(status: std::process::ExitStatus) -> ProcessExit {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(c), _) => ProcessExit::Exited(c),
+        (None, Some(s)) => ProcessExit::Signaled(s),
+        (None, None) => ProcessExit::Exited(-1),
+    }
+}
+
+impl Launcher for ColdLauncher {
+    fn launch(&self, plan: ExecutionPlan) -> BoxFuture<'_, Result<Launched, LaunchError>> {
+        Box::pin(async move {
+            // Sink opening may wait for a FIFO reader and cgroup writes are file I/O: both block.
+            let plan = std::sync::Arc::new(plan);
+            let prepared = {
+                let plan = plan.clone();
+                let me = self.preparer.clone();
+                tokio::task::spawn_blocking(move || me.prepare(&plan))
+                    .await
+                    .map_err(|e| LaunchError::Sandbox(format!("prepare task failed: {e}")))??
+            };
+            let Prepared {
+                stdout,
+                stderr,
+                stdout_capture,
+                stderr_capture,
+                cgroup,
+            } = prepared;
+
+            let mut cmd = std::process::Command::new(&plan.argv[0]);
+            cmd.args(&plan.argv[1..]);
+            cmd.env_clear();
+            cmd.envs(plan.env.iter().map(|(k, v)| (k, v)));
+            let spec = IsolationSpec {
+                user: plan.user.clone(),
+                working_dir: plan.working_dir.clone(),
+                intrinsics: Intrinsics {
+                    env: plan.intrinsics.env,
+                    io: plan.intrinsics.io,
+                    net: plan.intrinsics.net,
+                },
+                read_paths: plan.read_paths.clone(),
+                write_paths: plan.write_paths.clone(),
+                network_namespace: plan.network_namespace.clone(),
+                cgroup_procs: cgroup.as_ref().map(|c| c.procs_files()).unwrap_or_default(),
+                stdout,
+                stderr,
+            };
+            let fail = |cgroup: Option<ExecutionCgroup>, e: LaunchError| {
+                if let Some(cg) = cgroup {
+                    let _ = cg.remove();
+                }
+                e
+            };
+            if let Err(e) = spec.apply(&mut cmd) {
+                return Err(fail(cgroup, LaunchError::Sandbox(e.to_string())));
+            }
+            let program = plan.argv[0].to_string_lossy().into_owned();
+            let spawned = self
+                .spawner
+                .run(move || {
+                    let mut cmd = tokio::process::Command::from(cmd);
+                    cmd.kill_on_drop(false);
+                    cmd.spawn()
+                })
+                .await;
+            let mut child = match spawned {
+                Ok(Ok(c)) => c,
+                Ok(Err(source)) => {
+                    return Err(fail(cgroup, LaunchError::Spawn { program, source }));
+                }
+                Err(e) => return Err(fail(cgroup, e)),
+            };
+            let pid = child.id().unwrap_or(0);
+            let exit = Box::pin(async move { child.wait().await.map(convert) });
+            Ok(Launched {
+                pid,
+                start_ticks: start_ticks(pid),
+                cgroup,
+                stdout_capture,
+                stderr_capture,
+                exit,
+                pooled: false,
+            })
+        })
+    }
+}

@@ -1,0 +1,512 @@
+//! Turns a StartExecutionRequest into an [`ExecutionPlan`]: every field validated (errors name
+//! the field), every name resolved (language → interpreter, user → ids), the code written to a
+//! private per-execution directory. A launcher receives the plan as plain data and needs to
+//! decide nothing.
+//!
+//! Inline code is written to a file rather than passed with `-c`/`-e`: the kernel caps one argv
+//! string at 128 KiB (MAX_ARG_STRLEN) and code may be up to `max_code_bytes`.
+
+use std::ffi::OsString;
+use std::os::unix::ffi::OsStringExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::error::{DaemonError, DaemonResult};
+use super::runtime::{Backend, Language, RuntimeRegistry};
+use super::tsstrip::StripCache;
+use crate::proto::elide::daemon::v1alpha1 as pb;
+use crate::sandbox::user::{ResolvedUser, resolve_user};
+
+/// The kernel-enforced capabilities of a session.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IntrinsicSet {
+    /// The snippet sees the requested environment (else a minimal one).
+    pub env: bool,
+    /// The snippet may read/write beyond its working dir and runtime files.
+    pub io: bool,
+    /// The snippet shares the host (or given) network namespace (else loopback only).
+    pub net: bool,
+}
+
+impl IntrinsicSet {
+    /// Parses intrinsic names; errors name the field and the value.
+    pub fn parse(names: &[String], field: &str) -> DaemonResult<Self> {
+        let mut s = Self::default();
+        for (i, n) in names.iter().enumerate() {
+            match n.trim().to_ascii_lowercase().as_str() {
+                "env" => s.env = true,
+                "io" => s.io = true,
+                "net" => s.net = true,
+                _ => {
+                    return Err(DaemonError::invalid(
+                        format!("{field}[{i}]"),
+                        format!("unknown intrinsic {n:?}; expected \"env\", \"io\" or \"net\""),
+                    ));
+                }
+            }
+        }
+        Ok(s)
+    }
+
+    /// The names of the enabled intrinsics.
+    pub fn names(&self) -> Vec<String> {
+        let mut v = Vec::new();
+        if self.env {
+            v.push("env".to_string());
+        }
+        if self.io {
+            v.push("io".to_string());
+        }
+        if self.net {
+            v.push("net".to_string());
+        }
+        v
+    }
+}
+
+/// Where one output stream goes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SinkTarget {
+    /// A FIFO, a regular file under an allowed root, or /dev/null (opened by the launcher).
+    Path(PathBuf),
+    /// Kept by the daemon for StreamOutput.
+    Capture,
+}
+
+/// Resource limits after validation (None = unset).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlanLimits {
+    /// Memory limit in bytes (already tightened by the session cap).
+    pub memory_bytes: Option<u64>,
+    /// CPU shares.
+    pub cpu_shares: Option<u64>,
+    /// Max pids.
+    pub pids: Option<u64>,
+    /// Wall-clock timeout.
+    pub timeout: Option<Duration>,
+}
+
+/// A fully validated, resolved execution, ready for a launcher.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ExecutionPlan {
+    /// Execution id.
+    pub execution_id: String,
+    /// Session id.
+    pub session_id: String,
+    /// Canonical language.
+    pub language: Language,
+    /// Backend that runs it.
+    pub backend: Backend,
+    /// argv; element 0 is the resolved interpreter.
+    pub argv: Vec<OsString>,
+    /// The complete environment of the child (nothing is inherited).
+    pub env: Vec<(String, OsString)>,
+    /// cwd of the child.
+    pub working_dir: PathBuf,
+    /// Daemon-owned private directory of this execution (code file; removed at the end).
+    pub exec_dir: PathBuf,
+    /// User to run as; None = the daemon's user.
+    pub user: Option<ResolvedUser>,
+    /// Kernel-enforced capabilities.
+    pub intrinsics: IntrinsicSet,
+    /// Readable paths without the `io` intrinsic (runtime files, script, extra paths).
+    pub read_paths: Vec<PathBuf>,
+    /// Writable paths without the `io` intrinsic, besides the working dir.
+    pub write_paths: Vec<PathBuf>,
+    /// Network namespace to join.
+    pub network_namespace: Option<PathBuf>,
+    /// Limits.
+    pub limits: PlanLimits,
+    /// stdout target.
+    pub stdout: SinkTarget,
+    /// stderr target.
+    pub stderr: SinkTarget,
+    /// Opaque client reference.
+    pub client_ref: String,
+}
+
+/// What the planner needs from the daemon and the session.
+pub struct PlanContext<'a> {
+    /// Discovered runtimes.
+    pub runtimes: &'a RuntimeRegistry,
+    /// Languages the session enabled.
+    pub session_languages: &'a [Language],
+    /// Session intrinsics.
+    pub intrinsics: IntrinsicSet,
+    /// Session memory cap in bytes (None = none).
+    pub session_memory_cap: Option<u64>,
+    /// Max inline code size.
+    pub max_code_bytes: u64,
+    /// Parent of per-execution dirs.
+    pub run_dir: &'a Path,
+    /// TypeScript stripper.
+    pub strip_cache: &'a StripCache,
+}
+
+/// PATH given to snippets that do not see the task environment.
+pub const MINIMAL_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
+
+fn non_negative(field: &str, v: i64) -> DaemonResult<Option<u64>> {
+    match v {
+        0 => Ok(None),
+        v if v < 0 => Err(DaemonError::invalid(
+            field,
+            format!("{v} is negative; use 0 for no limit"),
+        )),
+        v => Ok(Some(v as u64)),
+    }
+}
+
+/// Converts a protobuf duration, refusing negative ones.
+pub fn duration(field: &str, d: &prost_types::Duration) -> DaemonResult<Duration> {
+    if d.seconds < 0 || d.nanos < 0 || d.nanos >= 1_000_000_000 {
+        return Err(DaemonError::invalid(
+            field,
+            format!(
+                "{}s {}ns is not a valid non-negative duration",
+                d.seconds, d.nanos
+            ),
+        ));
+    }
+    Ok(Duration::new(d.seconds as u64, d.nanos as u32))
+}
+
+fn absolute(field: &str, value: &str) -> DaemonResult<PathBuf> {
+    if value.contains('\0') {
+        return Err(DaemonError::invalid(field, "contains a NUL byte"));
+    }
+    let p = PathBuf::from(value);
+    if !p.is_absolute() {
+        return Err(DaemonError::invalid(
+            field,
+            format!("{value:?} is relative; an absolute path is required"),
+        ));
+    }
+    Ok(p)
+}
+
+fn sink(field: &str, s: &Option<pb::OutputSink>) -> DaemonResult<SinkTarget> {
+    match s.as_ref().and_then(|s| s.kind.as_ref()) {
+        None | Some(pb::output_sink::Kind::Capture(_)) => Ok(SinkTarget::Capture),
+        Some(pb::output_sink::Kind::Path(p)) => {
+            Ok(SinkTarget::Path(absolute(&format!("{field}.path"), p)?))
+        }
+    }
+}
+
+fn env_vars(req: &[pb::EnvVar]) -> DaemonResult<Vec<(String, OsString)>> {
+    let mut out: Vec<(String, OsString)> = Vec::with_capacity(req.len());
+    for (i, e) in req.iter().enumerate() {
+        let key = String::from_utf8(e.key.clone()).map_err(|_| {
+            DaemonError::invalid(
+                format!("env[{i}].key"),
+                format!("{:?} is not valid UTF-8", String::from_utf8_lossy(&e.key)),
+            )
+        })?;
+        if key.is_empty() || key.contains('=') || key.contains('\0') {
+            return Err(DaemonError::invalid(
+                format!("env[{i}].key"),
+                format!("{key:?} must be non-empty and contain neither '=' nor NUL"),
+            ));
+        }
+        if e.value.contains(&0) {
+            return Err(DaemonError::invalid(
+                format!("env[{i}].value"),
+                format!("value of {key:?} contains a NUL byte"),
+            ));
+        }
+        let value = OsString::from_vec(e.value.clone());
+        // A later duplicate wins, like in a shell.
+        out.retain(|(k, _)| k != &key);
+        out.push((key, value));
+    }
+    Ok(out)
+}
+
+/// Validates `req` and writes the code file; blocking (user lookup, file I/O).
+pub fn plan_execution(
+    ctx: &PlanContext<'_>,
+    execution_id: &str,
+    req: &pb::StartExecutionRequest,
+) -> DaemonResult<ExecutionPlan> {
+    // Language.
+    if req.language.trim().is_empty() {
+        return Err(DaemonError::invalid(
+            "language",
+            "is empty; expected \"python\", \"javascript\", \"typescript\" (or py/js/ts)",
+        ));
+    }
+    let language = Language::parse(&req.language).ok_or_else(|| {
+        DaemonError::invalid(
+            "language",
+            format!(
+                "unknown language {:?}; expected \"python\", \"javascript\", \"typescript\" (or py/js/ts)",
+                req.language
+            ),
+        )
+    })?;
+    if !ctx.session_languages.contains(&language) {
+        let enabled: Vec<&str> = ctx.session_languages.iter().map(|l| l.name()).collect();
+        return Err(DaemonError::invalid(
+            "language",
+            format!(
+                "{} is not enabled in session {:?} (enabled: {})",
+                language.name(),
+                req.session_id,
+                enabled.join(", ")
+            ),
+        ));
+    }
+    let runtime = ctx
+        .runtimes
+        .get(language)
+        .filter(|r| r.available)
+        .ok_or_else(|| {
+            let detail = ctx
+                .runtimes
+                .get(language)
+                .map(|r| r.detail.clone())
+                .unwrap_or_default();
+            DaemonError::FailedPrecondition(format!(
+                "language: {} is not available on this node: {detail}",
+                language.name()
+            ))
+        })?;
+
+    // Code or path.
+    let has_code = !req.code.is_empty();
+    let has_path = !req.path.is_empty();
+    match (has_code, has_path) {
+        (true, true) => {
+            return Err(DaemonError::invalid(
+                "code",
+                "both code and path are set; give exactly one",
+            ));
+        }
+        (false, false) => {
+            return Err(DaemonError::invalid(
+                "code",
+                "code is empty and no path is given; give inline code or an absolute script path",
+            ));
+        }
+        _ => {}
+    }
+    if req.code.len() as u64 > ctx.max_code_bytes {
+        return Err(DaemonError::ResourceExhausted {
+            field: "code".into(),
+            message: format!(
+                "{} bytes exceed the daemon's max_code_bytes of {}; pass a script path instead",
+                req.code.len(),
+                ctx.max_code_bytes
+            ),
+        });
+    }
+    let script_path = if has_path {
+        let p = absolute("path", &req.path)?;
+        match std::fs::metadata(&p) {
+            Ok(m) if m.is_file() => Some(p),
+            Ok(_) => {
+                return Err(DaemonError::invalid(
+                    "path",
+                    format!("{} is not a regular file", p.display()),
+                ));
+            }
+            Err(e) => {
+                return Err(DaemonError::invalid(
+                    "path",
+                    format!("{}: {e}", p.display()),
+                ));
+            }
+        }
+    } else {
+        None
+    };
+
+    // Args.
+    for (i, a) in req.args.iter().enumerate() {
+        if a.contains('\0') {
+            return Err(DaemonError::invalid(
+                format!("args[{i}]"),
+                "contains a NUL byte",
+            ));
+        }
+    }
+
+    // Env.
+    let requested_env = env_vars(&req.env)?;
+
+    // Working dir.
+    let working_dir = if req.working_dir.is_empty() {
+        None
+    } else {
+        let p = absolute("working_dir", &req.working_dir)?;
+        match std::fs::metadata(&p) {
+            Ok(m) if m.is_dir() => Some(p),
+            Ok(_) => {
+                return Err(DaemonError::invalid(
+                    "working_dir",
+                    format!("{} is not a directory", p.display()),
+                ));
+            }
+            Err(e) => {
+                return Err(DaemonError::invalid(
+                    "working_dir",
+                    format!("{}: {e}", p.display()),
+                ));
+            }
+        }
+    };
+
+    // User.
+    let user = if req.user.is_empty() {
+        None
+    } else {
+        Some(resolve_user(&req.user).map_err(|e| DaemonError::invalid("user", e.to_string()))?)
+    };
+
+    // Limits.
+    let l = req.limits.unwrap_or_default();
+    let mut limits = PlanLimits {
+        memory_bytes: non_negative("limits.memory_bytes", l.memory_bytes)?,
+        cpu_shares: non_negative("limits.cpu_shares", l.cpu_shares)?,
+        pids: non_negative("limits.pids", l.pids)?,
+        timeout: match &l.timeout {
+            Some(d) => Some(duration("limits.timeout", d)?).filter(|d| !d.is_zero()),
+            None => None,
+        },
+    };
+    if let Some(cap) = ctx.session_memory_cap {
+        limits.memory_bytes = Some(limits.memory_bytes.map_or(cap, |m| m.min(cap)));
+    }
+
+    // Sinks, netns, extra paths.
+    let stdout = sink("stdout", &req.stdout)?;
+    let stderr = sink("stderr", &req.stderr)?;
+    let network_namespace = if req.network_namespace.is_empty() {
+        None
+    } else {
+        let p = absolute("network_namespace", &req.network_namespace)?;
+        if !p.exists() {
+            return Err(DaemonError::invalid(
+                "network_namespace",
+                format!("{} does not exist", p.display()),
+            ));
+        }
+        Some(p)
+    };
+    let mut read_paths = runtime.read_paths.clone();
+    for (i, p) in req.extra_read_paths.iter().enumerate() {
+        read_paths.push(absolute(&format!("extra_read_paths[{i}]"), p)?);
+    }
+    let mut write_paths = Vec::new();
+    for (i, p) in req.extra_write_paths.iter().enumerate() {
+        write_paths.push(absolute(&format!("extra_write_paths[{i}]"), p)?);
+    }
+
+    // TypeScript is stripped before anything touches the disk, so syntax errors cost nothing.
+    let source: Option<std::sync::Arc<str>> = match (language, &script_path) {
+        (Language::TypeScript, Some(p)) if runtime.backend == Backend::Native => {
+            let text = std::fs::read_to_string(p)
+                .map_err(|e| DaemonError::invalid("path", format!("{}: {e}", p.display())))?;
+            Some(
+                ctx.strip_cache
+                    .strip(&text, &p.to_string_lossy())
+                    .map_err(|e| DaemonError::invalid("path", e.to_string()))?,
+            )
+        }
+        (Language::TypeScript, None) if runtime.backend == Backend::Native => Some(
+            ctx.strip_cache
+                .strip(&req.code, "snippet.ts")
+                .map_err(|e| DaemonError::invalid("code", e.to_string()))?,
+        ),
+        (_, None) => Some(req.code.as_str().into()),
+        (_, Some(_)) => None,
+    };
+
+    // Private per-execution dir, owned by the target user so the snippet can read its code.
+    let exec_dir = ctx.run_dir.join(execution_id);
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&exec_dir)
+        .map_err(|e| DaemonError::Internal(format!("creating {}: {e}", exec_dir.display())))?;
+    let cleanup_on_err = |e: DaemonError| {
+        let _ = std::fs::remove_dir_all(&exec_dir);
+        e
+    };
+    let script = match source {
+        Some(src) => {
+            let ext = if runtime.backend == Backend::Elide && language == Language::TypeScript {
+                "ts"
+            } else {
+                language.file_extension()
+            };
+            let file = exec_dir.join(format!("main.{ext}"));
+            write_private(&file, src.as_bytes()).map_err(cleanup_on_err)?;
+            file
+        }
+        None => script_path.clone().unwrap_or_default(),
+    };
+    if let Some(u) = &user {
+        let chown = |p: &Path| {
+            nix::unistd::chown(p, Some(u.uid.into()), Some(u.gid.into()))
+                .map_err(|e| DaemonError::Internal(format!("chown {}: {e}", p.display())))
+        };
+        chown(&exec_dir).map_err(cleanup_on_err)?;
+        if script.starts_with(&exec_dir) {
+            chown(&script).map_err(cleanup_on_err)?;
+        }
+    }
+    read_paths.push(script.clone());
+
+    let working_dir = working_dir.unwrap_or_else(|| exec_dir.clone());
+
+    // Environment: exactly the requested one with `env`; a minimal one without.
+    let env = if ctx.intrinsics.env {
+        requested_env
+    } else {
+        let home = user
+            .as_ref()
+            .and_then(|u| u.home.clone())
+            .unwrap_or_else(|| working_dir.clone());
+        vec![
+            ("PATH".to_string(), OsString::from(MINIMAL_PATH)),
+            ("HOME".to_string(), home.into_os_string()),
+            ("LANG".to_string(), OsString::from("C.UTF-8")),
+        ]
+    };
+
+    Ok(ExecutionPlan {
+        execution_id: execution_id.to_string(),
+        session_id: req.session_id.clone(),
+        language,
+        backend: runtime.backend.clone(),
+        argv: runtime.argv(&script, &req.args),
+        env,
+        working_dir,
+        exec_dir,
+        user,
+        intrinsics: ctx.intrinsics,
+        read_paths,
+        write_paths,
+        network_namespace,
+        limits,
+        stdout,
+        stderr,
+        client_ref: req.client_ref.clone(),
+    })
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> DaemonResult<()> {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .create_new(true)
+        .write(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| DaemonError::Internal(format!("writing {}: {e}", path.display())))?;
+    f.write_all(bytes)
+        .map_err(|e| DaemonError::Internal(format!("writing {}: {e}", path.display())))
+}

@@ -1,0 +1,327 @@
+//! Durable state under the state dir: one JSON record per execution (written when it starts and
+//! again when it ends) and one per session, so that a client reconnecting after an execution
+//! ended — even across a daemon restart — gets the real result. Records are replaced atomically
+//! (write to a temp file, fsync, rename).
+//!
+//! Layout: `<state_dir>/executions/<id>.json`, `<state_dir>/sessions/<id>.json`,
+//! `<state_dir>/daemon.lock` (held with flock while a daemon runs).
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Errors of the state store.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// An I/O operation on a state file failed.
+    #[error("state dir {path}: {source}")]
+    Io {
+        /// The file or dir.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Another daemon holds the lock.
+    #[error(
+        "another elide-daemon already uses state dir {0} (its daemon.lock is held); stop it or use --state-dir"
+    )]
+    Locked(PathBuf),
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StateError + '_ {
+    move |source| StateError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// The persisted result of an execution.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ResultRecord {
+    /// Exit code (128+N when killed by signal N).
+    pub exit_code: i32,
+    /// Signal that ended it, 0 if none.
+    pub signal: i32,
+    /// Killed by the OOM killer.
+    pub oom_killed: bool,
+    /// Killed for exceeding its timeout.
+    pub timed_out: bool,
+    /// Set when the daemon ended it.
+    pub error: String,
+}
+
+/// The persisted record of an execution.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ExecutionRecord {
+    /// Execution id.
+    pub id: String,
+    /// Session id.
+    pub session_id: String,
+    /// Canonical language.
+    pub language: String,
+    /// Opaque client reference.
+    pub client_ref: String,
+    /// Process id (0 before spawn).
+    pub pid: u32,
+    /// Start time of `pid` in clock ticks since boot.
+    pub pid_start_ticks: u64,
+    /// Unix seconds + nanos of start.
+    pub started_at: Option<std::time::SystemTime>,
+    /// When it ended.
+    pub ended_at: Option<std::time::SystemTime>,
+    /// Set once ended.
+    pub result: Option<ResultRecord>,
+    /// Cgroup path(s) description.
+    pub cgroup: String,
+    /// Pid of the daemon that ran it.
+    pub daemon_pid: u32,
+}
+
+/// The persisted record of a session (its config as protobuf-compatible JSON fields).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SessionRecord {
+    /// Session id.
+    pub id: String,
+    /// Owner label.
+    pub owner: String,
+    /// Warm pool size.
+    pub context_pool_size: u32,
+    /// Enabled languages as requested.
+    pub enabled_languages: Vec<String>,
+    /// Enabled intrinsics.
+    pub enabled_intrinsics: Vec<String>,
+    /// Memory cap in MiB.
+    pub memory_limit_mb: u64,
+    /// AI enabled.
+    pub enable_ai: bool,
+    /// Creation time.
+    pub created_at: std::time::SystemTime,
+}
+
+/// The state directory.
+pub struct StateStore {
+    root: PathBuf,
+    _lock: nix::fcntl::Flock<File>,
+}
+
+impl StateStore {
+    /// Opens (creating) the state dir and takes its lock.
+    pub fn open(root: &Path) -> Result<Self, StateError> {
+        for sub in ["executions", "sessions"] {
+            let p = root.join(sub);
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&p)
+                .map_err(io(&p))?;
+        }
+        let lock_path = root.join("daemon.lock");
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&lock_path)
+            .map_err(io(&lock_path))?;
+        let lock = match nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusiveNonblock)
+        {
+            Ok(held) => held,
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+                return Err(StateError::Locked(root.to_path_buf()));
+            }
+            Err((_, e)) => {
+                return Err(StateError::Io {
+                    path: lock_path,
+                    source: e.into(),
+                });
+            }
+        };
+        Ok(Self {
+            root: root.to_path_buf(),
+            _lock: lock,
+        })
+    }
+
+    fn write_atomic(&self, path: &Path, value: &impl Serialize) -> Result<(), StateError> {
+        self.write_atomic_opt(path, value, true)
+    }
+
+    fn write_atomic_opt(
+        &self,
+        path: &Path,
+        value: &impl Serialize,
+        durable: bool,
+    ) -> Result<(), StateError> {
+        let tmp = path.with_extension("json.tmp");
+        let bytes = serde_json::to_vec_pretty(value).map_err(|e| StateError::Io {
+            path: path.to_path_buf(),
+            source: std::io::Error::other(e),
+        })?;
+        let mut f = OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(io(&tmp))?;
+        f.write_all(&bytes).map_err(io(&tmp))?;
+        if durable {
+            f.sync_data().map_err(io(&tmp))?;
+        }
+        fs::rename(&tmp, path).map_err(io(path))?;
+        Ok(())
+    }
+
+    fn read_all<T: for<'de> Deserialize<'de>>(&self, sub: &str) -> Vec<T> {
+        let dir = self.root.join(sub);
+        let Ok(entries) = fs::read_dir(&dir) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.extension().is_none_or(|x| x != "json") {
+                continue;
+            }
+            match fs::read(&p).map(|b| serde_json::from_slice::<T>(&b)) {
+                Ok(Ok(v)) => out.push(v),
+                Ok(Err(err)) => {
+                    tracing::warn!(path = %p.display(), error = %err, "ignoring corrupt state record")
+                }
+                Err(err) => {
+                    tracing::warn!(path = %p.display(), error = %err, "cannot read state record")
+                }
+            }
+        }
+        out
+    }
+
+    fn safe_name(id: &str) -> bool {
+        !id.is_empty()
+            && id.len() <= 128
+            && id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+            && !id.starts_with('.')
+    }
+
+    /// Saves an execution record.
+    pub fn save_execution(&self, rec: &ExecutionRecord) -> Result<(), StateError> {
+        if !Self::safe_name(&rec.id) {
+            return Ok(());
+        }
+        self.write_atomic(
+            &self
+                .root
+                .join("executions")
+                .join(format!("{}.json", rec.id)),
+            rec,
+        )
+    }
+
+    /// Saves the record of a running execution. Not fsynced: it only has to survive a crash of
+    /// the daemon process (the page cache does), and a machine crash kills the execution anyway.
+    pub fn save_running(&self, rec: &ExecutionRecord) -> Result<(), StateError> {
+        if !Self::safe_name(&rec.id) {
+            return Ok(());
+        }
+        self.write_atomic_opt(
+            &self
+                .root
+                .join("executions")
+                .join(format!("{}.json", rec.id)),
+            rec,
+            false,
+        )
+    }
+
+    /// Deletes an execution record.
+    pub fn remove_execution(&self, id: &str) {
+        if Self::safe_name(id) {
+            let _ = fs::remove_file(self.root.join("executions").join(format!("{id}.json")));
+        }
+    }
+
+    /// Every stored execution.
+    pub fn load_executions(&self) -> Vec<ExecutionRecord> {
+        self.read_all("executions")
+    }
+
+    /// Saves a session record.
+    pub fn save_session(&self, rec: &SessionRecord) -> Result<(), StateError> {
+        if !Self::safe_name(&rec.id) {
+            return Ok(());
+        }
+        self.write_atomic(
+            &self.root.join("sessions").join(format!("{}.json", rec.id)),
+            rec,
+        )
+    }
+
+    /// Deletes a session record.
+    pub fn remove_session(&self, id: &str) {
+        if Self::safe_name(id) {
+            let _ = fs::remove_file(self.root.join("sessions").join(format!("{id}.json")));
+        }
+    }
+
+    /// Every stored session.
+    pub fn load_sessions(&self) -> Vec<SessionRecord> {
+        self.read_all("sessions")
+    }
+
+    /// Whether `id` may be used as a file name (session and execution ids must be).
+    pub fn valid_id(id: &str) -> bool {
+        Self::safe_name(id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_round_trip_and_lock_is_exclusive() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = StateStore::open(dir.path()).unwrap();
+        assert!(matches!(
+            StateStore::open(dir.path()),
+            Err(StateError::Locked(_))
+        ));
+        let rec = ExecutionRecord {
+            id: "e1".into(),
+            session_id: "s".into(),
+            language: "python".into(),
+            client_ref: String::new(),
+            pid: 42,
+            pid_start_ticks: 7,
+            started_at: Some(std::time::SystemTime::now()),
+            ended_at: None,
+            result: Some(ResultRecord {
+                exit_code: 3,
+                ..Default::default()
+            }),
+            cgroup: String::new(),
+            daemon_pid: 1,
+        };
+        s.save_execution(&rec).unwrap();
+        let back = s.load_executions();
+        assert_eq!(back.len(), 1);
+        assert_eq!(back[0].result.as_ref().unwrap().exit_code, 3);
+        s.remove_execution("e1");
+        assert!(s.load_executions().is_empty());
+        drop(s);
+        StateStore::open(dir.path()).unwrap();
+    }
+
+    #[test]
+    fn unsafe_ids_rejected() {
+        assert!(!StateStore::valid_id("../x"));
+        assert!(!StateStore::valid_id(""));
+        assert!(!StateStore::valid_id("a/b"));
+        assert!(StateStore::valid_id("nomad-1234_abc.1"));
+    }
+}

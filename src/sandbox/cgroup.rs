@@ -1,0 +1,767 @@
+//! Per-execution cgroups on cgroup v2 (unified) or v1 (one hierarchy per controller).
+//!
+//! Layout: `<hierarchy>/<parent_name>/<execution>` in every hierarchy used. The root is a
+//! parameter so tests can run the v2 logic against a temporary directory laid out like
+//! cgroupfs. Files are written with plain `write(2)`, which is all cgroupfs needs.
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde::{Deserialize, Serialize};
+use std::fs;
+use std::io::{ErrorKind, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// Which cgroup interface this machine offers for our use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CgroupMode {
+    /// Unified hierarchy with memory, cpu and pids controllers available.
+    V2,
+    /// Legacy hierarchies, one mount per controller.
+    V1,
+    /// No usable cgroup controllers: executions run without cgroup limits.
+    None,
+}
+
+impl CgroupMode {
+    /// "v2", "v1" or "none".
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CgroupMode::V2 => "v2",
+            CgroupMode::V1 => "v1",
+            CgroupMode::None => "none",
+        }
+    }
+}
+
+/// Cgroup failures, each naming the file or directory involved.
+#[derive(Debug, thiserror::Error)]
+pub enum CgroupError {
+    #[error("invalid cgroup name {name:?}: {reason}")]
+    InvalidName { name: String, reason: &'static str },
+    #[error("cgroups are not available on this machine (no v2 controllers, no v1 hierarchies)")]
+    Unavailable,
+    #[error("cgroup {path:?}: {op} failed: {source}")]
+    Io {
+        path: PathBuf,
+        op: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cgroup {path:?}: still has processes after kill: {pids:?}")]
+    Busy { path: PathBuf, pids: Vec<u32> },
+}
+
+fn io_err(path: &Path, op: &'static str, source: std::io::Error) -> CgroupError {
+    CgroupError::Io {
+        path: path.to_path_buf(),
+        op,
+        source,
+    }
+}
+
+/// Limits for one execution. `None` means unlimited / default.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CgroupLimits {
+    /// Hard memory limit in bytes (swap is disabled for the group when the kernel allows it).
+    pub memory_bytes: Option<u64>,
+    /// Relative CPU weight in Nomad's unit (MHz, used as v1 `cpu.shares`).
+    pub cpu_shares: Option<u64>,
+    /// Maximum number of tasks (processes + threads).
+    pub pids: Option<u64>,
+}
+
+/// Resource usage of an execution cgroup; `None` means "not measured on this machine".
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CgroupStats {
+    pub cpu_user_ns: Option<u64>,
+    pub cpu_system_ns: Option<u64>,
+    pub cpu_total_ns: Option<u64>,
+    pub cpu_throttled_periods: Option<u64>,
+    pub cpu_throttled_ns: Option<u64>,
+    pub memory_usage_bytes: Option<u64>,
+    pub memory_max_usage_bytes: Option<u64>,
+    pub memory_rss_bytes: Option<u64>,
+}
+
+impl CgroupStats {
+    /// Names of the fields that were measured (for Nomad's `Measured` lists).
+    pub fn measured(&self) -> Vec<&'static str> {
+        [
+            ("cpu_user_ns", self.cpu_user_ns),
+            ("cpu_system_ns", self.cpu_system_ns),
+            ("cpu_total_ns", self.cpu_total_ns),
+            ("cpu_throttled_periods", self.cpu_throttled_periods),
+            ("cpu_throttled_ns", self.cpu_throttled_ns),
+            ("memory_usage_bytes", self.memory_usage_bytes),
+            ("memory_max_usage_bytes", self.memory_max_usage_bytes),
+            ("memory_rss_bytes", self.memory_rss_bytes),
+        ]
+        .into_iter()
+        .filter_map(|(n, v)| v.map(|_| n))
+        .collect()
+    }
+}
+
+/// A v1 controller we use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum V1Controller {
+    Memory,
+    Cpu,
+    Cpuacct,
+    Pids,
+}
+
+impl V1Controller {
+    const ALL: [V1Controller; 4] = [
+        V1Controller::Memory,
+        V1Controller::Cpu,
+        V1Controller::Cpuacct,
+        V1Controller::Pids,
+    ];
+
+    /// Directory name under the cgroup root.
+    pub fn name(self) -> &'static str {
+        match self {
+            V1Controller::Memory => "memory",
+            V1Controller::Cpu => "cpu",
+            V1Controller::Cpuacct => "cpuacct",
+            V1Controller::Pids => "pids",
+        }
+    }
+
+    /// A file that only exists in a hierarchy where this controller is attached.
+    fn marker(self) -> &'static str {
+        match self {
+            V1Controller::Memory => "memory.usage_in_bytes",
+            V1Controller::Cpu => "cpu.shares",
+            V1Controller::Cpuacct => "cpuacct.usage",
+            V1Controller::Pids => "pids.current",
+        }
+    }
+}
+
+/// Controllers we need on v2.
+const V2_CONTROLLERS: [&str; 3] = ["memory", "cpu", "pids"];
+
+#[derive(Debug, Clone)]
+enum Layout {
+    V2 {
+        /// Where the unified hierarchy is mounted (the directory holding cgroup.controllers).
+        hierarchy: PathBuf,
+    },
+    V1 {
+        /// (controller, hierarchy mount) for each controller present. Co-mounted controllers
+        /// (cpu,cpuacct) share a mount; directories are deduplicated when used.
+        hierarchies: Vec<(V1Controller, PathBuf)>,
+    },
+    None,
+}
+
+/// Creates, inspects and removes per-execution cgroups under one parent.
+#[derive(Debug, Clone)]
+pub struct CgroupManager {
+    root: PathBuf,
+    parent_name: String,
+    layout: Layout,
+}
+
+fn read_trimmed(path: &Path) -> Option<String> {
+    fs::read_to_string(path).ok().map(|s| s.trim().to_string())
+}
+
+fn read_u64(path: &Path) -> Option<u64> {
+    read_trimmed(path)?.parse().ok()
+}
+
+/// Value of `key` in a flat-keyed file (`key value` per line).
+fn keyed(content: &str, key: &str) -> Option<u64> {
+    content.lines().find_map(|l| {
+        let mut it = l.split_whitespace();
+        (it.next()? == key).then(|| it.next()?.parse().ok())?
+    })
+}
+
+fn write_file(path: &Path, value: &str) -> Result<(), CgroupError> {
+    // cgroupfs ignores O_TRUNC and O_CREAT on existing files; on the test fake they give a
+    // file holding exactly the last value written.
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)
+        .map_err(|e| io_err(path, "open for write", e))?;
+    f.write_all(value.as_bytes())
+        .map_err(|e| io_err(path, "write", e))
+}
+
+/// Writes an optional file: a missing file (feature not compiled in / accounting off) is fine.
+fn write_optional(path: &Path, value: &str) -> Result<bool, CgroupError> {
+    if !path.exists() {
+        return Ok(false);
+    }
+    write_file(path, value).map(|_| true)
+}
+
+fn validate_name(name: &str) -> Result<(), CgroupError> {
+    let bad = |reason| {
+        Err(CgroupError::InvalidName {
+            name: name.to_string(),
+            reason,
+        })
+    };
+    if name.is_empty() {
+        return bad("empty");
+    }
+    if name.len() > 200 {
+        return bad("longer than 200 bytes");
+    }
+    if name == "." || name == ".." {
+        return bad("reserved name");
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+    {
+        return bad("only ASCII letters, digits, '-', '_' and '.' are allowed");
+    }
+    Ok(())
+}
+
+/// Nomad's v1 cpu.shares → v2 cpu.weight conversion (the mapping runc and systemd use):
+/// shares 2..262144 map linearly onto weight 1..10000.
+pub fn shares_to_weight(shares: u64) -> u64 {
+    let shares = shares.clamp(2, 262_144);
+    1 + ((shares - 2) * 9999) / 262_142
+}
+
+impl CgroupManager {
+    /// Detects the cgroup mode under `root` (normally `/sys/fs/cgroup`) and manages
+    /// executions under `<hierarchy>/<parent_name>`.
+    ///
+    /// V2 when the unified hierarchy (at `root`, or `root/unified` on hybrid systems) offers the
+    /// memory, cpu and pids controllers; else V1 when legacy controller hierarchies are mounted
+    /// under `root`; else None.
+    pub fn detect_at(root: &Path, parent_name: &str) -> Self {
+        let layout = Self::detect_layout(root);
+        CgroupManager {
+            root: root.to_path_buf(),
+            parent_name: parent_name.to_string(),
+            layout,
+        }
+    }
+
+    /// [`detect_at`](Self::detect_at) on `/sys/fs/cgroup`.
+    pub fn detect(parent_name: &str) -> Self {
+        Self::detect_at(Path::new("/sys/fs/cgroup"), parent_name)
+    }
+
+    fn detect_layout(root: &Path) -> Layout {
+        for hierarchy in [root.to_path_buf(), root.join("unified")] {
+            if let Some(c) = read_trimmed(&hierarchy.join("cgroup.controllers")) {
+                let have: Vec<&str> = c.split_whitespace().collect();
+                if V2_CONTROLLERS.iter().all(|n| have.contains(n)) {
+                    return Layout::V2 { hierarchy };
+                }
+            }
+        }
+        let hierarchies: Vec<(V1Controller, PathBuf)> = V1Controller::ALL
+            .into_iter()
+            .filter_map(|c| {
+                let dir = root.join(c.name());
+                dir.join(c.marker()).exists().then_some((c, dir))
+            })
+            .collect();
+        if hierarchies.is_empty() {
+            Layout::None
+        } else {
+            Layout::V1 { hierarchies }
+        }
+    }
+
+    /// The detected mode.
+    pub fn mode(&self) -> CgroupMode {
+        match self.layout {
+            Layout::V2 { .. } => CgroupMode::V2,
+            Layout::V1 { .. } => CgroupMode::V1,
+            Layout::None => CgroupMode::None,
+        }
+    }
+
+    /// The cgroup root this manager was detected at.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Controllers in use ("memory", "cpu", "pids", "cpuacct"), for DaemonInfo.
+    pub fn controllers(&self) -> Vec<String> {
+        match &self.layout {
+            Layout::V2 { hierarchy } => {
+                let have = read_trimmed(&hierarchy.join("cgroup.controllers")).unwrap_or_default();
+                have.split_whitespace()
+                    .filter(|c| V2_CONTROLLERS.contains(c))
+                    .map(str::to_string)
+                    .collect()
+            }
+            Layout::V1 { hierarchies } => hierarchies
+                .iter()
+                .map(|(c, _)| c.name().to_string())
+                .collect(),
+            Layout::None => Vec::new(),
+        }
+    }
+
+    /// Human-readable description: mode, where, controllers.
+    pub fn describe(&self) -> String {
+        match &self.layout {
+            Layout::V2 { hierarchy } => format!(
+                "cgroup v2 at {} (controllers: {})",
+                hierarchy.display(),
+                self.controllers().join(" ")
+            ),
+            Layout::V1 { .. } => format!(
+                "cgroup v1 under {} (controllers: {})",
+                self.root.display(),
+                self.controllers().join(" ")
+            ),
+            Layout::None => "no usable cgroup controllers".to_string(),
+        }
+    }
+
+    /// The parent directories (one per hierarchy; deduplicated).
+    fn parent_dirs(&self) -> Vec<(Option<V1Controller>, PathBuf)> {
+        match &self.layout {
+            Layout::V2 { hierarchy } => vec![(None, hierarchy.join(&self.parent_name))],
+            Layout::V1 { hierarchies } => {
+                let mut seen: Vec<PathBuf> = Vec::new();
+                let mut out = Vec::new();
+                for (c, h) in hierarchies {
+                    let canon = h.canonicalize().unwrap_or_else(|_| h.clone());
+                    if seen.contains(&canon) {
+                        continue;
+                    }
+                    seen.push(canon);
+                    out.push((Some(*c), h.join(&self.parent_name)));
+                }
+                out
+            }
+            Layout::None => Vec::new(),
+        }
+    }
+
+    fn ensure_dir(path: &Path) -> Result<(), CgroupError> {
+        match fs::create_dir(path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == ErrorKind::AlreadyExists => Ok(()),
+            Err(e) => Err(io_err(path, "mkdir", e)),
+        }
+    }
+
+    /// Enables our controllers for the children of `dir` (v2 `cgroup.subtree_control`).
+    fn enable_subtree(dir: &Path) -> Result<(), CgroupError> {
+        // A child's available controllers are by definition what its parent enabled; fall back
+        // to that when cgroup.controllers is absent (the test fake does not synthesise it).
+        let available = read_trimmed(&dir.join("cgroup.controllers"))
+            .or_else(|| {
+                dir.parent()
+                    .and_then(|p| read_trimmed(&p.join("cgroup.subtree_control")))
+            })
+            .unwrap_or_default();
+        let enabled = read_trimmed(&dir.join("cgroup.subtree_control")).unwrap_or_default();
+        let missing: Vec<String> = V2_CONTROLLERS
+            .iter()
+            .filter(|c| {
+                available
+                    .split_whitespace()
+                    .any(|a| a.trim_start_matches('+') == **c)
+            })
+            .filter(|c| {
+                !enabled
+                    .split_whitespace()
+                    .any(|e| e.trim_start_matches('+') == **c)
+            })
+            .map(|c| format!("+{c}"))
+            .collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        write_file(&dir.join("cgroup.subtree_control"), &missing.join(" "))
+    }
+
+    /// Creates the cgroup of one execution and applies `limits`.
+    pub fn create(
+        &self,
+        name: &str,
+        limits: &CgroupLimits,
+    ) -> Result<ExecutionCgroup, CgroupError> {
+        validate_name(name)?;
+        let dirs = match &self.layout {
+            Layout::None => return Err(CgroupError::Unavailable),
+            Layout::V2 { hierarchy } => {
+                Self::enable_subtree(hierarchy)?;
+                let parent = hierarchy.join(&self.parent_name);
+                Self::ensure_dir(&parent)?;
+                Self::enable_subtree(&parent)?;
+                vec![(None, parent.join(name))]
+            }
+            Layout::V1 { .. } => self
+                .parent_dirs()
+                .into_iter()
+                .map(|(c, p)| (c, p.join(name)))
+                .collect(),
+        };
+        let cg = ExecutionCgroup {
+            mode: self.mode(),
+            dirs,
+        };
+        for (_, dir) in &cg.dirs {
+            if let Some(parent) = dir.parent() {
+                Self::ensure_dir(parent)?;
+            }
+            match fs::create_dir(dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == ErrorKind::AlreadyExists => {
+                    return Err(io_err(
+                        dir,
+                        "mkdir (an execution cgroup with this name already exists)",
+                        e,
+                    ));
+                }
+                Err(e) => return Err(io_err(dir, "mkdir", e)),
+            }
+        }
+        if let Err(e) = cg.apply_limits(limits) {
+            let _ = cg.remove_dirs();
+            return Err(e);
+        }
+        Ok(cg)
+    }
+
+    /// Kills and removes every execution cgroup left under the parent by a previous daemon.
+    /// Call at startup, before any execution is created. Returns how many were removed.
+    pub fn reap_stale(&self) -> Result<usize, CgroupError> {
+        let mut names: Vec<String> = Vec::new();
+        for (_, parent) in self.parent_dirs() {
+            let entries = match fs::read_dir(&parent) {
+                Ok(e) => e,
+                Err(e) if e.kind() == ErrorKind::NotFound => continue,
+                Err(e) => return Err(io_err(&parent, "read_dir", e)),
+            };
+            for entry in entries.flatten() {
+                if entry.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                    let n = entry.file_name().to_string_lossy().into_owned();
+                    if !names.contains(&n) {
+                        names.push(n);
+                    }
+                }
+            }
+        }
+        let mut removed = 0;
+        for name in names {
+            let dirs: Vec<(Option<V1Controller>, PathBuf)> = self
+                .parent_dirs()
+                .into_iter()
+                .map(|(c, p)| (c, p.join(&name)))
+                .filter(|(_, d)| d.is_dir())
+                .collect();
+            let cg = ExecutionCgroup {
+                mode: self.mode(),
+                dirs,
+            };
+            cg.remove()?;
+            removed += 1;
+        }
+        Ok(removed)
+    }
+}
+
+/// The cgroup (one directory per hierarchy) of one execution.
+#[derive(Debug, Clone)]
+pub struct ExecutionCgroup {
+    mode: CgroupMode,
+    dirs: Vec<(Option<V1Controller>, PathBuf)>,
+}
+
+impl ExecutionCgroup {
+    /// The execution's directories (one on v2, one per hierarchy on v1).
+    pub fn dirs(&self) -> Vec<PathBuf> {
+        self.dirs.iter().map(|(_, d)| d.clone()).collect()
+    }
+
+    /// The `cgroup.procs` files the child must join (all of them).
+    pub fn procs_files(&self) -> Vec<PathBuf> {
+        self.dirs
+            .iter()
+            .map(|(_, d)| d.join("cgroup.procs"))
+            .collect()
+    }
+
+    fn v1_dir(&self, c: V1Controller) -> Option<&Path> {
+        self.dirs
+            .iter()
+            .find(|(k, _)| *k == Some(c))
+            .map(|(_, d)| d.as_path())
+    }
+
+    /// The directory holding `file` for this execution: the v2 dir, or the v1 hierarchy dir
+    /// whose controller owns the file prefix (co-mounted cpu/cpuacct resolve to one dir).
+    fn file(&self, c: V1Controller, file: &str) -> Option<PathBuf> {
+        match self.mode {
+            CgroupMode::V2 => self.dirs.first().map(|(_, d)| d.join(file)),
+            CgroupMode::V1 => {
+                if let Some(d) = self.v1_dir(c) {
+                    return Some(d.join(file));
+                }
+                // Co-mounted hierarchy deduplicated under another controller's name.
+                self.dirs
+                    .iter()
+                    .map(|(_, d)| d.join(file))
+                    .find(|p| p.exists())
+            }
+            CgroupMode::None => None,
+        }
+    }
+
+    fn require(&self, c: V1Controller, what: &'static str) -> Result<&Path, CgroupError> {
+        self.v1_dir(c)
+            .ok_or_else(|| missing_controller(c.name(), what))
+    }
+
+    fn apply_limits(&self, limits: &CgroupLimits) -> Result<(), CgroupError> {
+        match self.mode {
+            CgroupMode::V2 => {
+                let Some((_, dir)) = self.dirs.first() else {
+                    return Ok(());
+                };
+                if let Some(m) = limits.memory_bytes {
+                    write_file(&dir.join("memory.max"), &m.to_string())?;
+                    // Swap would let a hog outlive its limit; absent when swap accounting is off.
+                    let _ = write_file(&dir.join("memory.swap.max"), "0");
+                }
+                // Kill the whole execution on OOM, not just the largest process.
+                write_file(&dir.join("memory.oom.group"), "1")?;
+                if let Some(s) = limits.cpu_shares {
+                    write_file(&dir.join("cpu.weight"), &shares_to_weight(s).to_string())?;
+                }
+                if let Some(p) = limits.pids {
+                    write_file(&dir.join("pids.max"), &p.to_string())?;
+                }
+            }
+            CgroupMode::V1 => {
+                if let Some(m) = limits.memory_bytes {
+                    let dir = self.require(V1Controller::Memory, "memory limit")?;
+                    write_file(&dir.join("memory.limit_in_bytes"), &m.to_string())?;
+                    // memsw must be >= limit_in_bytes, so it comes second.
+                    write_optional(&dir.join("memory.memsw.limit_in_bytes"), &m.to_string())?;
+                    let _ = write_optional(&dir.join("memory.swappiness"), "0");
+                }
+                if let Some(s) = limits.cpu_shares {
+                    let f = self
+                        .file(V1Controller::Cpu, "cpu.shares")
+                        .filter(|f| f.exists())
+                        .ok_or_else(|| missing_controller("cpu", "cpu shares"))?;
+                    write_file(&f, &s.max(2).to_string())?;
+                }
+                if let Some(p) = limits.pids {
+                    let dir = self.require(V1Controller::Pids, "pids limit")?;
+                    write_file(&dir.join("pids.max"), &p.to_string())?;
+                }
+            }
+            CgroupMode::None => {}
+        }
+        Ok(())
+    }
+
+    /// Whether the kernel OOM-killed a process of this execution.
+    ///
+    /// v2: `memory.events` `oom_kill` > 0. v1: `memory.oom_control` `oom_kill` > 0 (kernel ≥
+    /// 4.13); on older kernels, `memory.failcnt` > 0 with peak usage at the limit.
+    pub fn oom_killed(&self) -> bool {
+        match self.mode {
+            CgroupMode::V2 => self
+                .file(V1Controller::Memory, "memory.events")
+                .and_then(|p| fs::read_to_string(p).ok())
+                .and_then(|c| keyed(&c, "oom_kill"))
+                .is_some_and(|n| n > 0),
+            CgroupMode::V1 => {
+                let Some(dir) = self.v1_dir(V1Controller::Memory) else {
+                    return false;
+                };
+                if let Some(c) = fs::read_to_string(dir.join("memory.oom_control")).ok()
+                    && let Some(n) = keyed(&c, "oom_kill")
+                {
+                    return n > 0;
+                }
+                let failcnt = read_u64(&dir.join("memory.failcnt")).unwrap_or(0);
+                let max = read_u64(&dir.join("memory.max_usage_in_bytes")).unwrap_or(0);
+                let limit = read_u64(&dir.join("memory.limit_in_bytes")).unwrap_or(u64::MAX);
+                failcnt > 0 && max.saturating_add(1 << 20) >= limit
+            }
+            CgroupMode::None => false,
+        }
+    }
+
+    /// Current usage counters; fields the kernel does not expose are `None`.
+    pub fn stats(&self) -> CgroupStats {
+        let mut s = CgroupStats::default();
+        match self.mode {
+            CgroupMode::V2 => {
+                let Some((_, dir)) = self.dirs.first() else {
+                    return s;
+                };
+                if let Ok(c) = fs::read_to_string(dir.join("cpu.stat")) {
+                    s.cpu_total_ns = keyed(&c, "usage_usec").map(|u| u * 1000);
+                    s.cpu_user_ns = keyed(&c, "user_usec").map(|u| u * 1000);
+                    s.cpu_system_ns = keyed(&c, "system_usec").map(|u| u * 1000);
+                    s.cpu_throttled_periods = keyed(&c, "nr_throttled");
+                    s.cpu_throttled_ns = keyed(&c, "throttled_usec").map(|u| u * 1000);
+                }
+                s.memory_usage_bytes = read_u64(&dir.join("memory.current"));
+                s.memory_max_usage_bytes = read_u64(&dir.join("memory.peak"));
+                s.memory_rss_bytes = fs::read_to_string(dir.join("memory.stat"))
+                    .ok()
+                    .and_then(|c| keyed(&c, "anon"));
+            }
+            CgroupMode::V1 => {
+                if let Some(f) = self.file(V1Controller::Cpuacct, "cpuacct.usage_user")
+                    && f.exists()
+                {
+                    s.cpu_user_ns = read_u64(&f);
+                    s.cpu_system_ns = self
+                        .file(V1Controller::Cpuacct, "cpuacct.usage_sys")
+                        .and_then(|f| read_u64(&f));
+                } else if let Some(c) = self
+                    .file(V1Controller::Cpuacct, "cpuacct.stat")
+                    .and_then(|f| fs::read_to_string(f).ok())
+                {
+                    let tick_ns = ticks_to_ns();
+                    s.cpu_user_ns = keyed(&c, "user").map(|t| t * tick_ns);
+                    s.cpu_system_ns = keyed(&c, "system").map(|t| t * tick_ns);
+                }
+                s.cpu_total_ns = self
+                    .file(V1Controller::Cpuacct, "cpuacct.usage")
+                    .and_then(|f| read_u64(&f));
+                if let Some(c) = self
+                    .file(V1Controller::Cpu, "cpu.stat")
+                    .and_then(|f| fs::read_to_string(f).ok())
+                {
+                    s.cpu_throttled_periods = keyed(&c, "nr_throttled");
+                    s.cpu_throttled_ns = keyed(&c, "throttled_time");
+                }
+                if let Some(dir) = self.v1_dir(V1Controller::Memory) {
+                    s.memory_usage_bytes = read_u64(&dir.join("memory.usage_in_bytes"));
+                    s.memory_max_usage_bytes = read_u64(&dir.join("memory.max_usage_in_bytes"));
+                    s.memory_rss_bytes = fs::read_to_string(dir.join("memory.stat"))
+                        .ok()
+                        .and_then(|c| keyed(&c, "total_rss").or_else(|| keyed(&c, "rss")));
+                }
+            }
+            CgroupMode::None => {}
+        }
+        s
+    }
+
+    /// Pids currently in the execution (union over hierarchies).
+    pub fn pids(&self) -> Vec<u32> {
+        let mut out: Vec<u32> = Vec::new();
+        for f in self.procs_files() {
+            if let Ok(c) = fs::read_to_string(&f) {
+                for p in c.lines().filter_map(|l| l.trim().parse::<u32>().ok()) {
+                    if !out.contains(&p) {
+                        out.push(p);
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Kills every process of the execution and waits (bounded) until none is left.
+    ///
+    /// v2 uses `cgroup.kill` when the kernel has it (≥ 5.14); otherwise every pid listed is
+    /// sent SIGKILL, repeatedly, so processes forked meanwhile are caught too.
+    pub fn kill_all(&self) -> Result<(), CgroupError> {
+        if self.mode == CgroupMode::V2
+            && let Some((_, dir)) = self.dirs.first()
+        {
+            let _ = write_optional(&dir.join("cgroup.kill"), "1")?;
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let pids = self.pids();
+            if pids.is_empty() {
+                return Ok(());
+            }
+            for p in &pids {
+                if let Ok(raw) = i32::try_from(*p) {
+                    let _ = kill(Pid::from_raw(raw), Signal::SIGKILL);
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(CgroupError::Busy {
+                    path: self
+                        .dirs
+                        .first()
+                        .map(|(_, d)| d.clone())
+                        .unwrap_or_default(),
+                    pids,
+                });
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn remove_dirs(&self) -> Result<(), CgroupError> {
+        for (_, dir) in &self.dirs {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            loop {
+                match fs::remove_dir(dir) {
+                    Ok(()) => break,
+                    Err(e) if e.kind() == ErrorKind::NotFound => break,
+                    // Exiting tasks leave the cgroup asynchronously.
+                    Err(e)
+                        if e.raw_os_error() == Some(libc::EBUSY) && Instant::now() < deadline =>
+                    {
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                    Err(e) if e.raw_os_error() == Some(libc::ENOTEMPTY) => {
+                        // Only the test fake has regular files in a cgroup directory.
+                        fs::remove_dir_all(dir).map_err(|e| io_err(dir, "rmdir", e))?;
+                        break;
+                    }
+                    Err(e) => return Err(io_err(dir, "rmdir", e)),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Kills what is left in the execution and removes its directories.
+    pub fn remove(self) -> Result<(), CgroupError> {
+        self.kill_all()?;
+        self.remove_dirs()
+    }
+}
+
+fn missing_controller(controller: &str, what: &'static str) -> CgroupError {
+    CgroupError::Io {
+        path: PathBuf::from(controller),
+        op: what,
+        source: std::io::Error::new(
+            ErrorKind::Unsupported,
+            format!("the cgroup v1 {controller} controller is not mounted"),
+        ),
+    }
+}
+
+fn ticks_to_ns() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if hz > 0 {
+        1_000_000_000 / hz as u64
+    } else {
+        10_000_000
+    }
+}

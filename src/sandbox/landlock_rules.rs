@@ -1,0 +1,166 @@
+//! Filesystem confinement for the `io` intrinsic off, with Landlock.
+//!
+//! The ruleset is built in the parent (opening every allowed path there), and only its fd
+//! travels into the child, where [`restrict_self`] makes two raw syscalls. Everything not
+//! listed is denied: reading, writing, executing, listing, creating, renaming, truncating.
+//! Landlock does not restrict path traversal or `stat`, so a runtime under `/root/.pyenv`
+//! works with only its prefix allowed.
+
+use landlock::{
+    ABI, Access, AccessFs, CompatLevel, Compatible, Ruleset, RulesetAttr, RulesetCreatedAttr,
+    path_beneath_rules,
+};
+use serde::{Deserialize, Serialize};
+use std::os::fd::{OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
+
+/// Landlock failures.
+#[derive(Debug, thiserror::Error)]
+pub enum LandlockError {
+    #[error(
+        "filesystem isolation (io intrinsic off) needs Landlock, which this kernel does not offer \
+         (ABI {abi})"
+    )]
+    Unsupported { abi: i32 },
+    #[error("building the Landlock ruleset failed: {0}")]
+    Ruleset(String),
+    #[error("Landlock rule path {path:?}: {reason}")]
+    Path { path: PathBuf, reason: String },
+}
+
+/// The Landlock ABI version the running kernel offers (0 when unavailable).
+pub fn abi_version() -> i32 {
+    const LANDLOCK_CREATE_RULESET_VERSION: libc::c_uint = 1;
+    // SAFETY: the version query takes no ruleset attribute.
+    let v = unsafe {
+        libc::syscall(
+            libc::SYS_landlock_create_ruleset,
+            std::ptr::null::<libc::c_void>(),
+            0usize,
+            LANDLOCK_CREATE_RULESET_VERSION,
+        )
+    };
+    if v < 0 { 0 } else { v as i32 }
+}
+
+/// System paths every runtime needs read/execute access to (missing ones are skipped).
+pub const SYSTEM_READ_PATHS: &[&str] = &[
+    "/usr",
+    "/lib",
+    "/lib64",
+    "/lib32",
+    "/bin",
+    "/sbin",
+    "/etc/ld.so.cache",
+    "/etc/ld.so.conf",
+    "/etc/ld.so.conf.d",
+    "/etc/localtime",
+    "/etc/ssl/certs",
+    "/etc/ca-certificates",
+    "/etc/nsswitch.conf",
+    "/etc/resolv.conf",
+    "/etc/hosts",
+    "/etc/passwd",
+    "/etc/group",
+    // /proc/self cannot be named (it would resolve to the daemon's pid when the rule is
+    // built), so /proc is readable; other users' entries stay protected by ptrace rules.
+    "/proc",
+    "/sys/devices/system/cpu",
+    "/sys/fs/cgroup",
+    "/dev/urandom",
+    "/dev/random",
+    "/dev/zero",
+];
+
+/// Device files the child may write to.
+pub const DEVICE_WRITE_PATHS: &[&str] = &["/dev/null", "/dev/tty"];
+
+/// What the confined child may touch.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FsPolicy {
+    /// Read and execute (files and directory trees).
+    pub read_exec: Vec<PathBuf>,
+    /// Full access (working dir, extra write paths, /dev/null).
+    pub read_write: Vec<PathBuf>,
+}
+
+impl FsPolicy {
+    /// The policy for an execution: system paths + `read_paths` readable, `working_dir` +
+    /// `write_paths` + writable devices writable.
+    pub fn for_execution(
+        working_dir: &Path,
+        read_paths: &[PathBuf],
+        write_paths: &[PathBuf],
+    ) -> Self {
+        let mut read_exec: Vec<PathBuf> = SYSTEM_READ_PATHS.iter().map(PathBuf::from).collect();
+        read_exec.extend(read_paths.iter().cloned());
+        let mut read_write = vec![working_dir.to_path_buf()];
+        read_write.extend(write_paths.iter().cloned());
+        read_write.extend(DEVICE_WRITE_PATHS.iter().map(PathBuf::from));
+        FsPolicy {
+            read_exec,
+            read_write,
+        }
+    }
+}
+
+/// The highest ABI whose filesystem rights we ask for; older kernels degrade (best effort),
+/// newer ones add no filesystem rights we would leave unhandled.
+const TARGET_ABI: ABI = ABI::V6;
+
+/// Builds the ruleset in the parent and returns its fd, ready for [`restrict_self`].
+///
+/// Paths that do not exist are skipped (system paths vary by distribution); every path the
+/// caller passes explicitly must exist, or the error names it.
+pub fn build_ruleset(policy: &FsPolicy, required: &[PathBuf]) -> Result<OwnedFd, LandlockError> {
+    let abi = abi_version();
+    if abi < 1 {
+        return Err(LandlockError::Unsupported { abi });
+    }
+    for p in required {
+        if !p.exists() {
+            return Err(LandlockError::Path {
+                path: p.clone(),
+                reason: "does not exist".to_string(),
+            });
+        }
+    }
+    let rr = |e: landlock::RulesetError| LandlockError::Ruleset(e.to_string());
+    let created = Ruleset::default()
+        .set_compatibility(CompatLevel::BestEffort)
+        .handle_access(AccessFs::from_all(TARGET_ABI))
+        .map_err(rr)?
+        .create()
+        .map_err(rr)?
+        .add_rules(path_beneath_rules(
+            &policy.read_exec,
+            AccessFs::from_read(TARGET_ABI),
+        ))
+        .map_err(rr)?
+        .add_rules(path_beneath_rules(
+            &policy.read_write,
+            AccessFs::from_all(TARGET_ABI),
+        ))
+        .map_err(rr)?;
+    let fd: Option<OwnedFd> = created.into();
+    fd.ok_or(LandlockError::Unsupported { abi })
+}
+
+/// Confines the calling thread with the ruleset at `fd` (sets `no_new_privs` first, which an
+/// unprivileged restrict requires). Async-signal-safe; returns errno.
+pub fn restrict_self(fd: RawFd) -> Result<(), i32> {
+    // SAFETY: prctl and landlock_restrict_self only take integers.
+    unsafe {
+        if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+            return Err(std::io::Error::last_os_error()
+                .raw_os_error()
+                .unwrap_or(libc::EIO));
+        }
+        if libc::syscall(libc::SYS_landlock_restrict_self, fd, 0u32) != 0 {
+            return Err(std::io::Error::last_os_error()
+                .raw_os_error()
+                .unwrap_or(libc::EIO));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,204 @@
+//! Opens the files an execution writes its stdout/stderr to, refusing anything that would let a
+//! daemon client write arbitrary files.
+//!
+//! Allowed: FIFOs (Nomad's logmon FIFOs), regular files under an allowed root (created if
+//! missing), and `/dev/null`. Refused: symlinks, directories, sockets, devices, hard-linked
+//! files, and files outside the roots.
+//!
+//! [`open_sink`] may sleep while waiting for a FIFO reader: call it from a blocking context.
+
+use nix::errno::Errno;
+use nix::fcntl::{FcntlArg, OFlag, fcntl, open};
+use nix::sys::stat::{Mode, SFlag, fstat};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Component, Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// A sink path that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    #[error("output sink {path:?} refused: {reason}")]
+    Refused { path: PathBuf, reason: String },
+    #[error("output sink {path:?}: no reader opened the FIFO within {waited:?}")]
+    NoReader { path: PathBuf, waited: Duration },
+    #[error("output sink {path:?}: {op} failed: {source}")]
+    Io {
+        path: PathBuf,
+        op: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn refused(path: &Path, reason: impl Into<String>) -> SinkError {
+    SinkError::Refused {
+        path: path.to_path_buf(),
+        reason: reason.into(),
+    }
+}
+
+fn io_err(path: &Path, op: &'static str, e: impl Into<std::io::Error>) -> SinkError {
+    SinkError::Io {
+        path: path.to_path_buf(),
+        op,
+        source: e.into(),
+    }
+}
+
+/// The path of the null sink.
+pub const DEV_NULL: &str = "/dev/null";
+
+/// How long to sleep between FIFO open attempts while no reader is attached.
+const FIFO_RETRY: Duration = Duration::from_millis(20);
+
+/// Opens `path` for writing as an output sink and returns a blocking, close-on-exec fd.
+///
+/// FIFOs are opened non-blocking and retried while the kernel says no reader is attached
+/// (ENXIO), until `deadline` has elapsed; then `O_NONBLOCK` is cleared so the child sees an
+/// ordinary blocking pipe. Regular files must resolve under one of `allowed_roots`.
+pub fn open_sink(
+    path: &Path,
+    allowed_roots: &[PathBuf],
+    deadline: Duration,
+) -> Result<OwnedFd, SinkError> {
+    if !path.is_absolute() {
+        return Err(refused(path, "path must be absolute"));
+    }
+    if path.components().any(|c| matches!(c, Component::ParentDir)) {
+        return Err(refused(path, "path must not contain `..`"));
+    }
+    if path == Path::new(DEV_NULL) {
+        return open_dev_null(path);
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) => {
+            let ft = meta.file_type();
+            if ft.is_fifo() {
+                open_fifo(path, deadline)
+            } else if ft.is_file() {
+                if meta.nlink() > 1 {
+                    return Err(refused(path, "regular file has more than one hard link"));
+                }
+                open_regular(path, allowed_roots)
+            } else {
+                Err(refused(path, describe_refused_type(&ft)))
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => open_regular(path, allowed_roots),
+        Err(e) => Err(io_err(path, "stat", e)),
+    }
+}
+
+fn describe_refused_type(ft: &std::fs::FileType) -> &'static str {
+    if ft.is_symlink() {
+        "is a symlink (sinks must be the real path)"
+    } else if ft.is_dir() {
+        "is a directory"
+    } else if ft.is_socket() {
+        "is a socket"
+    } else if ft.is_char_device() || ft.is_block_device() {
+        "is a device (only /dev/null is allowed)"
+    } else {
+        "is not a FIFO, regular file or /dev/null"
+    }
+}
+
+fn open_dev_null(path: &Path) -> Result<OwnedFd, SinkError> {
+    let fd = open(
+        path,
+        OFlag::O_WRONLY | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW,
+        Mode::empty(),
+    )
+    .map_err(|e| io_err(path, "open", e))?;
+    let st = fstat(fd.as_fd()).map_err(|e| io_err(path, "fstat", e))?;
+    // /dev/null is char device 1:3; anything else mounted there is not the null sink.
+    let is_char = SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFCHR;
+    if !is_char || libc::major(st.st_rdev) != 1 || libc::minor(st.st_rdev) != 3 {
+        return Err(refused(path, "is not the null device"));
+    }
+    Ok(fd)
+}
+
+fn open_fifo(path: &Path, deadline: Duration) -> Result<OwnedFd, SinkError> {
+    let started = Instant::now();
+    let flags = OFlag::O_WRONLY | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW;
+    let fd = loop {
+        match open(path, flags, Mode::empty()) {
+            Ok(fd) => break fd,
+            Err(Errno::ENXIO) => {
+                if started.elapsed() >= deadline {
+                    return Err(SinkError::NoReader {
+                        path: path.to_path_buf(),
+                        waited: started.elapsed(),
+                    });
+                }
+                std::thread::sleep(FIFO_RETRY);
+            }
+            Err(Errno::EINTR) => {}
+            Err(Errno::ELOOP) => return Err(refused(path, "is a symlink")),
+            Err(e) => return Err(io_err(path, "open", e)),
+        }
+    };
+    // The path may have been swapped between lstat and open.
+    let st = fstat(fd.as_fd()).map_err(|e| io_err(path, "fstat", e))?;
+    if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT != SFlag::S_IFIFO {
+        return Err(refused(path, "changed type while opening (not a FIFO)"));
+    }
+    let current = fcntl(fd.as_fd(), FcntlArg::F_GETFL).map_err(|e| io_err(path, "fcntl", e))?;
+    let blocking = OFlag::from_bits_truncate(current) - OFlag::O_NONBLOCK;
+    fcntl(fd.as_fd(), FcntlArg::F_SETFL(blocking)).map_err(|e| io_err(path, "fcntl", e))?;
+    Ok(fd)
+}
+
+fn canonical_roots(roots: &[PathBuf]) -> Vec<PathBuf> {
+    // A root that does not exist cannot contain anything: skip it rather than fail.
+    roots.iter().filter_map(|r| r.canonicalize().ok()).collect()
+}
+
+fn open_regular(path: &Path, allowed_roots: &[PathBuf]) -> Result<OwnedFd, SinkError> {
+    let roots = canonical_roots(allowed_roots);
+    if roots.is_empty() {
+        return Err(refused(
+            path,
+            "regular files are only allowed under a configured sink root, and none is configured",
+        ));
+    }
+    let (Some(parent), Some(file_name)) = (path.parent(), path.file_name()) else {
+        return Err(refused(path, "has no parent directory"));
+    };
+    let parent = parent
+        .canonicalize()
+        .map_err(|e| io_err(path, "resolve parent directory", e))?;
+    let under_root = |p: &Path| roots.iter().any(|r| p.starts_with(r) && p != r.as_path());
+    if !under_root(&parent.join(file_name)) {
+        return Err(refused(
+            path,
+            format!("is not under an allowed sink root ({roots:?})"),
+        ));
+    }
+    let fd = open(
+        &parent.join(file_name),
+        OFlag::O_WRONLY | OFlag::O_APPEND | OFlag::O_CREAT | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW,
+        Mode::from_bits_truncate(0o640),
+    )
+    .map_err(|e| match e {
+        Errno::ELOOP => refused(path, "is a symlink"),
+        e => io_err(path, "open", e),
+    })?;
+    let st = fstat(fd.as_fd()).map_err(|e| io_err(path, "fstat", e))?;
+    if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT != SFlag::S_IFREG {
+        return Err(refused(path, "is not a regular file"));
+    }
+    // A directory component may have been swapped for a symlink after canonicalisation:
+    // check where the fd really points.
+    let real = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+        .map_err(|e| io_err(path, "resolve opened file", e))?;
+    if !under_root(&real) {
+        return Err(refused(
+            path,
+            format!("resolved to {real:?}, outside the allowed sink roots"),
+        ));
+    }
+    Ok(fd)
+}

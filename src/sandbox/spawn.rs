@@ -1,0 +1,472 @@
+//! Applies an execution's isolation to a `std::process::Command`: everything is resolved and
+//! opened in the parent, then ONE `pre_exec` runs the steps in the order they must happen.
+//!
+//! Ordering (RUST_NOTES §4): std performs stdio redirection and `chdir` before `pre_exec`
+//! closures, and would also do `setgid`/`setuid` before them, so we never use `Command::uid`:
+//! privileged steps (cgroup join, namespaces) run first inside our closure, then we drop
+//! privileges ourselves, then confine the filesystem.
+//!
+//! `PR_SET_PDEATHSIG` fires when the *thread* that forked exits: call `spawn` on the command
+//! from a long-lived thread (a dedicated spawner thread or a runtime worker), never from a
+//! `spawn_blocking` thread that may retire.
+
+use super::SandboxError;
+use super::landlock_rules::{self, FsPolicy};
+use super::netns;
+use super::user::ResolvedUser;
+use serde::{Deserialize, Serialize};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+/// Which ambient capabilities an execution keeps (all true = no restriction).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Intrinsics {
+    /// Inherit the daemon's environment; when false the child sees only a minimal environment
+    /// plus the variables set explicitly on the command.
+    pub env: bool,
+    /// Filesystem beyond the working dir and runtime files; when false Landlock confines it.
+    pub io: bool,
+    /// Host network; when false the child gets its own network namespace with loopback only.
+    pub net: bool,
+}
+
+impl Intrinsics {
+    /// Everything allowed.
+    pub const ALL: Intrinsics = Intrinsics {
+        env: true,
+        io: true,
+        net: true,
+    };
+    /// Everything isolated.
+    pub const NONE: Intrinsics = Intrinsics {
+        env: false,
+        io: false,
+        net: false,
+    };
+}
+
+impl Default for Intrinsics {
+    fn default() -> Self {
+        Intrinsics::ALL
+    }
+}
+
+/// Everything needed to isolate one execution. Built by the daemon, consumed by [`apply`].
+///
+/// [`apply`]: IsolationSpec::apply
+#[derive(Debug)]
+pub struct IsolationSpec {
+    /// Run as this user (requires a root daemon); `None` keeps the daemon's user.
+    pub user: Option<ResolvedUser>,
+    /// Absolute, existing directory; the child's cwd and its writable area when `io` is off.
+    pub working_dir: PathBuf,
+    pub intrinsics: Intrinsics,
+    /// Readable (and executable) when `io` is off: runtime install dirs, script, libraries.
+    pub read_paths: Vec<PathBuf>,
+    /// Writable when `io` is off, besides `working_dir`.
+    pub write_paths: Vec<PathBuf>,
+    /// Join this network namespace (Nomad group networking) when `net` is on.
+    pub network_namespace: Option<PathBuf>,
+    /// `cgroup.procs` files to join (one on v2, one per hierarchy on v1).
+    pub cgroup_procs: Vec<PathBuf>,
+    /// Output sinks, already opened by [`super::sink::open_sink`].
+    pub stdout: OwnedFd,
+    pub stderr: OwnedFd,
+}
+
+/// One step of the isolation sequence, as data (for logs and for replaying it elsewhere, e.g.
+/// in a forked zygote child).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "step", rename_all = "snake_case")]
+pub enum PlanStep {
+    /// Done by std before pre_exec; listed so a replayer does it too.
+    Chdir {
+        path: PathBuf,
+    },
+    /// stdin from /dev/null, stdout/stderr onto the sinks (done by std before pre_exec).
+    Stdio {
+        stdin: PathBuf,
+    },
+    /// Write "0" to this cgroup.procs file.
+    JoinCgroup {
+        procs_file: PathBuf,
+    },
+    /// `setsid()`: own session and process group, so signals reach the whole execution.
+    NewSession,
+    /// `setns(open(path), CLONE_NEWNET)`.
+    JoinNetns {
+        path: PathBuf,
+    },
+    /// `unshare(CLONE_NEWNET)` then `lo` up via SIOCSIFFLAGS.
+    NewNetns,
+    /// `setrlimit(resource, soft, hard)`.
+    SetRlimit {
+        resource: String,
+        soft: u64,
+        hard: u64,
+    },
+    /// Write `value` to /proc/self/oom_score_adj (the daemon itself may be protected).
+    OomScoreAdj {
+        value: i32,
+    },
+    /// `prctl(PR_SET_PDEATHSIG, signal)` then exit if the parent is no longer `parent_pid`.
+    ParentDeathSignal {
+        signal: String,
+        parent_pid: u32,
+    },
+    SetGroups {
+        groups: Vec<u32>,
+    },
+    SetGid {
+        gid: u32,
+    },
+    SetUid {
+        uid: u32,
+    },
+    /// `prctl(PR_SET_NO_NEW_PRIVS, 1)`: setuid binaries cannot regain privileges.
+    NoNewPrivs,
+    /// Landlock `restrict_self` with these rules (everything else denied).
+    Landlock {
+        read_exec: Vec<PathBuf>,
+        read_write: Vec<PathBuf>,
+    },
+    /// Mark every fd >= `from` close-on-exec (`close_range(from, ~0, CLOSE_RANGE_CLOEXEC)`).
+    CloseFdsFrom {
+        from: i32,
+    },
+}
+
+/// The ordered isolation steps of an execution.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IsolationPlan {
+    pub steps: Vec<PlanStep>,
+    /// Environment replacing the inherited one (`env` intrinsic off); `None` = inherit.
+    pub base_env: Option<Vec<(String, String)>>,
+}
+
+/// PATH for executions without the `env` intrinsic.
+pub const MINIMAL_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
+
+const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
+
+impl IsolationSpec {
+    fn fs_policy(&self) -> FsPolicy {
+        FsPolicy::for_execution(&self.working_dir, &self.read_paths, &self.write_paths)
+    }
+
+    /// The environment the child starts from when `env` is off: PATH, HOME, LANG, USER.
+    pub fn base_env(&self) -> Option<Vec<(String, String)>> {
+        if self.intrinsics.env {
+            return None;
+        }
+        let home = self
+            .user
+            .as_ref()
+            .and_then(|u| u.home.clone())
+            .unwrap_or_else(|| self.working_dir.clone());
+        let mut env = vec![
+            ("PATH".to_string(), MINIMAL_PATH.to_string()),
+            ("HOME".to_string(), home.to_string_lossy().into_owned()),
+            ("LANG".to_string(), "C.UTF-8".to_string()),
+        ];
+        if let Some(name) = self.user.as_ref().and_then(|u| u.name.clone()) {
+            env.push(("USER".to_string(), name.clone()));
+            env.push(("LOGNAME".to_string(), name));
+        }
+        Some(env)
+    }
+
+    /// The steps [`apply`](Self::apply) performs, in order, as data.
+    pub fn plan(&self) -> IsolationPlan {
+        let mut steps = vec![
+            PlanStep::Chdir {
+                path: self.working_dir.clone(),
+            },
+            PlanStep::Stdio {
+                stdin: PathBuf::from("/dev/null"),
+            },
+        ];
+        steps.extend(self.cgroup_procs.iter().map(|p| PlanStep::JoinCgroup {
+            procs_file: p.clone(),
+        }));
+        steps.push(PlanStep::NewSession);
+        match (self.intrinsics.net, &self.network_namespace) {
+            (false, _) => steps.push(PlanStep::NewNetns),
+            (true, Some(p)) => steps.push(PlanStep::JoinNetns { path: p.clone() }),
+            (true, None) => {}
+        }
+        steps.push(PlanStep::SetRlimit {
+            resource: "core".to_string(),
+            soft: 0,
+            hard: 0,
+        });
+        steps.push(PlanStep::OomScoreAdj { value: 0 });
+        steps.push(PlanStep::ParentDeathSignal {
+            signal: "SIGKILL".to_string(),
+            parent_pid: std::process::id(),
+        });
+        if let Some(u) = &self.user {
+            steps.push(PlanStep::SetGroups {
+                groups: u.groups.clone(),
+            });
+            steps.push(PlanStep::SetGid { gid: u.gid });
+            steps.push(PlanStep::SetUid { uid: u.uid });
+        }
+        steps.push(PlanStep::NoNewPrivs);
+        if !self.intrinsics.io {
+            let p = self.fs_policy();
+            steps.push(PlanStep::Landlock {
+                read_exec: p.read_exec,
+                read_write: p.read_write,
+            });
+        }
+        steps.push(PlanStep::CloseFdsFrom { from: 3 });
+        IsolationPlan {
+            steps,
+            base_env: self.base_env(),
+        }
+    }
+
+    /// Makes `cmd` spawn an isolated execution: sets cwd, stdio, environment (when `env` is
+    /// off) and installs one async-signal-safe `pre_exec` doing the rest (see [`plan`]).
+    ///
+    /// Do not call `uid`, `gid`, `process_group` or `pre_exec` on `cmd` yourself. Environment
+    /// variables set on `cmd` before this call are kept when `env` is off.
+    ///
+    /// [`plan`]: Self::plan
+    pub fn apply(self, cmd: &mut Command) -> Result<(), SandboxError> {
+        let wd = &self.working_dir;
+        if !wd.is_absolute() {
+            return Err(SandboxError::WorkingDir {
+                path: wd.clone(),
+                reason: "must be an absolute path".to_string(),
+            });
+        }
+        match std::fs::metadata(wd) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => {
+                return Err(SandboxError::WorkingDir {
+                    path: wd.clone(),
+                    reason: "is not a directory".to_string(),
+                });
+            }
+            Err(e) => {
+                return Err(SandboxError::WorkingDir {
+                    path: wd.clone(),
+                    reason: e.to_string(),
+                });
+            }
+        }
+
+        let cgroup_fds = self
+            .cgroup_procs
+            .iter()
+            .map(|p| open_for_write(p, "cgroup.procs"))
+            .collect::<Result<Vec<OwnedFd>, _>>()?;
+        let netns_fd = match (self.intrinsics.net, &self.network_namespace) {
+            (true, Some(p)) => Some(netns::open_netns(p)?),
+            _ => None,
+        };
+        let landlock_fd = if self.intrinsics.io {
+            None
+        } else {
+            let mut required = vec![self.working_dir.clone()];
+            required.extend(self.read_paths.iter().cloned());
+            required.extend(self.write_paths.iter().cloned());
+            Some(landlock_rules::build_ruleset(&self.fs_policy(), &required)?)
+        };
+        let base_env = self.base_env();
+
+        let child = ChildSteps {
+            cgroup_fds: cgroup_fds.iter().map(AsRawFd::as_raw_fd).collect(),
+            new_netns: !self.intrinsics.net,
+            netns_fd: netns_fd.as_ref().map(AsRawFd::as_raw_fd),
+            parent_pid: std::process::id() as libc::pid_t,
+            user: self.user.as_ref().map(|u| (u.groups.clone(), u.gid, u.uid)),
+            landlock_fd: landlock_fd.as_ref().map(AsRawFd::as_raw_fd),
+        };
+        // The fds must stay open until the fork: the closure owns them.
+        let keep_open = (cgroup_fds, netns_fd, landlock_fd);
+
+        cmd.current_dir(&self.working_dir);
+        cmd.stdin(Stdio::null());
+        cmd.stdout(Stdio::from(self.stdout));
+        cmd.stderr(Stdio::from(self.stderr));
+        if let Some(base) = base_env {
+            let explicit: Vec<(std::ffi::OsString, Option<std::ffi::OsString>)> = cmd
+                .get_envs()
+                .map(|(k, v)| (k.to_os_string(), v.map(|v| v.to_os_string())))
+                .collect();
+            cmd.env_clear();
+            cmd.envs(base);
+            for (k, v) in explicit {
+                match v {
+                    Some(v) => cmd.env(k, v),
+                    None => cmd.env_remove(k),
+                };
+            }
+        }
+        if !self.intrinsics.io && cmd.get_envs().all(|(k, _)| k != "TMPDIR") {
+            // /tmp is out of reach under Landlock; give temp files a home that works.
+            cmd.env("TMPDIR", &self.working_dir);
+        }
+
+        // SAFETY: the closure only performs async-signal-safe syscalls on data prepared above;
+        // it allocates nothing and takes no locks.
+        unsafe {
+            cmd.pre_exec(move || {
+                let _ = &keep_open;
+                child.run()
+            });
+        }
+        Ok(())
+    }
+}
+
+fn open_for_write(path: &Path, what: &'static str) -> Result<OwnedFd, SandboxError> {
+    nix::fcntl::open(
+        path,
+        nix::fcntl::OFlag::O_WRONLY | nix::fcntl::OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )
+    .map_err(|e| SandboxError::Open {
+        what,
+        path: path.to_path_buf(),
+        source: e.into(),
+    })
+}
+
+/// Everything the child needs, as plain integers and pre-allocated vectors.
+struct ChildSteps {
+    cgroup_fds: Vec<RawFd>,
+    new_netns: bool,
+    netns_fd: Option<RawFd>,
+    parent_pid: libc::pid_t,
+    user: Option<(Vec<u32>, u32, u32)>,
+    landlock_fd: Option<RawFd>,
+}
+
+fn errno() -> i32 {
+    std::io::Error::last_os_error()
+        .raw_os_error()
+        .unwrap_or(libc::EIO)
+}
+
+/// Reports a failed step on the child's stderr (already the sink) and turns errno into the
+/// error std hands back from `spawn`. Async-signal-safe.
+fn fail(step: &[u8], err: i32) -> std::io::Error {
+    let prefix: &[u8] = b"elide-sandbox: isolation step failed before exec: ";
+    // SAFETY: write(2) on fd 2 with valid buffers.
+    unsafe {
+        libc::write(2, prefix.as_ptr().cast(), prefix.len());
+        libc::write(2, step.as_ptr().cast(), step.len());
+        libc::write(2, b"\n".as_ptr().cast(), 1);
+    }
+    std::io::Error::from_raw_os_error(err)
+}
+
+impl ChildSteps {
+    /// Runs in the forked child. Only raw syscalls.
+    fn run(&self) -> std::io::Result<()> {
+        // SAFETY: every call below is an async-signal-safe syscall wrapper on integers or on
+        // buffers owned by `self`, which lives until exec.
+        unsafe {
+            for &fd in &self.cgroup_fds {
+                let zero = b"0";
+                if libc::write(fd, zero.as_ptr().cast(), zero.len()) < 0 {
+                    return Err(fail(b"join cgroup", errno()));
+                }
+            }
+            if libc::setsid() < 0 {
+                let e = errno();
+                // Already a group leader (someone set process_group): still its own group.
+                if !(e == libc::EPERM && libc::getpgrp() == libc::getpid()) {
+                    return Err(fail(b"setsid", e));
+                }
+            }
+            if self.new_netns {
+                if let Err(e) = netns::unshare_with_loopback() {
+                    return Err(fail(b"new network namespace with loopback up", e));
+                }
+            } else if let Some(fd) = self.netns_fd
+                && let Err(e) = netns::join(fd)
+            {
+                return Err(fail(b"join network namespace", e));
+            }
+            let no_core = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            if libc::setrlimit(libc::RLIMIT_CORE, &no_core) != 0 {
+                return Err(fail(b"setrlimit core", errno()));
+            }
+            let adj = libc::open(
+                c"/proc/self/oom_score_adj".as_ptr(),
+                libc::O_WRONLY | libc::O_CLOEXEC,
+            );
+            if adj < 0 {
+                return Err(fail(b"open oom_score_adj", errno()));
+            }
+            let ok = libc::write(adj, b"0".as_ptr().cast(), 1) == 1;
+            let e = errno();
+            libc::close(adj);
+            if !ok {
+                return Err(fail(b"write oom_score_adj", e));
+            }
+            if libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGKILL as libc::c_ulong,
+                0,
+                0,
+                0,
+            ) != 0
+            {
+                return Err(fail(b"prctl PDEATHSIG", errno()));
+            }
+            // The parent may have died between fork and prctl: the signal would never come.
+            if libc::getppid() != self.parent_pid {
+                return Err(fail(b"parent died during spawn", libc::ESRCH));
+            }
+            if let Some((groups, gid, uid)) = &self.user {
+                if libc::setgroups(groups.len(), groups.as_ptr()) != 0 {
+                    return Err(fail(b"setgroups", errno()));
+                }
+                if libc::setgid(*gid) != 0 {
+                    return Err(fail(b"setgid", errno()));
+                }
+                if libc::setuid(*uid) != 0 {
+                    return Err(fail(b"setuid", errno()));
+                }
+            }
+            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+                return Err(fail(b"prctl NO_NEW_PRIVS", errno()));
+            }
+            if let Some(fd) = self.landlock_fd
+                && let Err(e) = landlock_rules::restrict_self(fd)
+            {
+                return Err(fail(b"landlock restrict_self", e));
+            }
+            // Mark rather than close: std's exec-error pipe must survive until exec.
+            if libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, CLOSE_RANGE_CLOEXEC) != 0 {
+                let mut lim = libc::rlimit {
+                    rlim_cur: 0,
+                    rlim_max: 0,
+                };
+                let max = if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+                    lim.rlim_cur.min(1 << 20) as i32
+                } else {
+                    1024
+                };
+                for fd in 3..max {
+                    let flags = libc::fcntl(fd, libc::F_GETFD);
+                    if flags >= 0 {
+                        libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,524 @@
+//! Controlling running executions: signals, stop with grace, timeouts, waits that survive
+//! disconnects, live output, events, stats, exec, session close and idle reclaim.
+
+mod daemon_support;
+
+use std::time::Duration;
+
+use daemon_support::*;
+use elide_task_driver::proto::elide::daemon::v1alpha1 as pb;
+
+/// Starts `code` and waits until it printed `ready` on stdout.
+async fn start_ready(c: &mut Client, req: pb::StartExecutionRequest) -> pb::Execution {
+    let e = c.start_execution(req).await.unwrap().into_inner();
+    let mut s = c
+        .stream_output(pb::StreamOutputRequest {
+            execution_id: e.id.clone(),
+            streams: vec![pb::OutputStream::Stdout as i32],
+            offset: 0,
+            follow: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut seen = Vec::new();
+    while !String::from_utf8_lossy(&seen).contains("ready") {
+        let chunk = tokio::time::timeout(DEADLINE, s.message())
+            .await
+            .expect("no ready line")
+            .unwrap()
+            .expect("output ended before ready");
+        seen.extend_from_slice(&chunk.data);
+    }
+    e
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn snippet_signal_handler_sees_sigusr1() {
+    let d = TestDaemon::start().await;
+    let mut c = d.client().await;
+    let s = session(&mut c, &[]).await;
+    // The handler writes with os.write: the signal may land while `print('ready')` is still
+    // inside the buffered writer, and print is not reentrant.
+    let code = "import os, signal, sys, time\n\
+                def h(n, f):\n    os.write(1, b'got %d\\n' % n)\n    sys.exit(0)\n\
+                signal.signal(signal.SIGUSR1, h)\nprint('ready', flush=True)\n\
+                while True: time.sleep(0.1)\n";
+    let e = start_ready(&mut c, code_req(&s, "py", code)).await;
+    c.signal_execution(pb::SignalExecutionRequest {
+        execution_id: e.id.clone(),
+        signal: "SIGUSR1".into(),
+    })
+    .await
+    .unwrap();
+    let r = wait(&mut c, &e.id).await;
+    let err = output(&mut c, &e.id, pb::OutputStream::Stderr).await;
+    assert_eq!(r.exit_code, 0, "{}", String::from_utf8_lossy(&err));
+    let out = output(&mut c, &e.id, pb::OutputStream::Stdout).await;
+    assert_eq!(
+        String::from_utf8_lossy(&out),
+        format!("ready\ngot {}\n", libc::SIGUSR1)
+    );
+
+    let js = "process.on('SIGUSR1', () => { console.log('js got usr1'); process.exit(5); });\n\
+              console.log('ready'); setInterval(() => {}, 1000);";
+    let e = start_ready(&mut c, code_req(&s, "js", js)).await;
+    c.signal_execution(pb::SignalExecutionRequest {
+        execution_id: e.id.clone(),
+        signal: "usr1".into(),
+    })
+    .await
+    .unwrap();
+    assert_eq!(wait(&mut c, &e.id).await.exit_code, 5);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn stop_sends_signal_then_sigkill_after_grace() {
+    let d = TestDaemon::start().await;
+    let mut c = d.client().await;
+    let s = session(&mut c, &[]).await;
+    // Ignores SIGTERM: only the SIGKILL after the grace period ends it.
+    let code = "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n\
+                print('ready', flush=True)\nwhile True: time.sleep(0.1)\n";
+    let e = start_ready(&mut c, code_req(&s, "py", code)).await;
+    let started = std::time::Instant::now();
+    let r = c
+        .stop_execution(pb::StopExecutionRequest {
+            execution_id: e.id.clone(),
+            signal: "SIGTERM".into(),
+            grace: Some(prost_types::Duration {
+                seconds: 1,
+                nanos: 0,
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .result
+        .unwrap();
+    assert_eq!((r.signal, r.exit_code), (9, 137));
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "killed before the grace period"
+    );
+    assert!(!alive(e.pid));
+
+    // One that honours SIGTERM ends with it, well before the grace period.
+    let e = start_ready(
+        &mut c,
+        code_req(
+            &s,
+            "py",
+            "import time\nprint('ready', flush=True)\ntime.sleep(60)",
+        ),
+    )
+    .await;
+    let r = c
+        .stop_execution(pb::StopExecutionRequest {
+            execution_id: e.id.clone(),
+            signal: String::new(),
+            grace: Some(prost_types::Duration {
+                seconds: 50,
+                nanos: 0,
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .result
+        .unwrap();
+    assert_eq!((r.signal, r.exit_code), (15, 143));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn stop_kills_the_whole_process_group() {
+    let d = TestDaemon::start().await;
+    let mut c = d.client().await;
+    let s = session(&mut c, &["env", "io", "net"]).await;
+    let code = "import subprocess, time\n\
+                p = subprocess.Popen(['sleep', '300'])\nprint(p.pid)\nprint('ready', flush=True)\ntime.sleep(300)\n";
+    let mut req = code_req(&s, "py", code);
+    req.env = vec![pb::EnvVar {
+        key: b"PATH".to_vec(),
+        value: b"/usr/bin:/bin".to_vec(),
+    }];
+    let e = start_ready(&mut c, req).await;
+    let out = String::from_utf8(
+        c.stream_output(pb::StreamOutputRequest {
+            execution_id: e.id.clone(),
+            streams: vec![pb::OutputStream::Stdout as i32],
+            offset: 0,
+            follow: false,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .message()
+        .await
+        .unwrap()
+        .unwrap()
+        .data,
+    )
+    .unwrap();
+    let grandchild: u32 = out.lines().next().unwrap().trim().parse().unwrap();
+    assert!(alive(grandchild));
+    c.stop_execution(pb::StopExecutionRequest {
+        execution_id: e.id.clone(),
+        signal: "TERM".into(),
+        grace: Some(prost_types::Duration {
+            seconds: 5,
+            nanos: 0,
+        }),
+    })
+    .await
+    .unwrap();
+    eventually("grandchild killed", || !alive(grandchild)).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn timeout_kills_and_reports_timed_out() {
+    let d = TestDaemon::start().await;
+    let mut c = d.client().await;
+    let s = session(&mut c, &[]).await;
+    let mut req = code_req(&s, "js", "setInterval(() => {}, 1000)");
+    req.limits = Some(pb::Limits {
+        timeout: Some(prost_types::Duration {
+            seconds: 0,
+            nanos: 500_000_000,
+        }),
+        ..Default::default()
+    });
+    let mut events = c
+        .watch_events(pb::WatchEventsRequest {
+            session_id: s.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let e = c.start_execution(req).await.unwrap().into_inner();
+    let r = wait(&mut c, &e.id).await;
+    assert!(r.timed_out, "{r:?}");
+    assert_eq!((r.signal, r.exit_code), (9, 137));
+    let mut kinds = Vec::new();
+    while !kinds.contains(&pb::EventKind::Exited) {
+        let ev = tokio::time::timeout(DEADLINE, events.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(ev.session_id, s);
+        kinds.push(ev.kind());
+    }
+    for k in [
+        pb::EventKind::Queued,
+        pb::EventKind::Started,
+        pb::EventKind::TimedOut,
+    ] {
+        assert!(kinds.contains(&k), "{kinds:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn disconnected_waiter_loses_nothing_and_many_waiters_see_the_result() {
+    let d = TestDaemon::start().await;
+    let mut c = d.client().await;
+    let s = session(&mut c, &[]).await;
+    let e = start_ready(
+        &mut c,
+        code_req(
+            &s,
+            "py",
+            "import sys, time\nprint('ready', flush=True)\ntime.sleep(1.5)\nsys.exit(42)",
+        ),
+    )
+    .await;
+    // A client waits, then drops its connection mid-wait.
+    {
+        let mut c2 = d.client().await;
+        let id = e.id.clone();
+        let w = tokio::spawn(async move {
+            c2.wait_execution(pb::WaitExecutionRequest { execution_id: id })
+                .await
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        w.abort();
+    }
+    let mut waiters = Vec::new();
+    for _ in 0..5 {
+        let mut ci = d.client().await;
+        let id = e.id.clone();
+        waiters.push(tokio::spawn(async move { wait(&mut ci, &id).await }));
+    }
+    for w in waiters {
+        assert_eq!(w.await.unwrap().exit_code, 42);
+    }
+    // A new connection after the end gets the real result at once.
+    let mut c3 = d.client().await;
+    assert_eq!(wait(&mut c3, &e.id).await.exit_code, 42);
+    let got = c3
+        .get_execution(pb::GetExecutionRequest {
+            execution_id: e.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.state(), pb::ExecutionState::Exited);
+    assert_eq!(got.result.unwrap().exit_code, 42);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn stats_measure_a_running_execution() {
+    let d = TestDaemon::start().await;
+    let mut c = d.client().await;
+    let s = session(&mut c, &[]).await;
+    let code = "x = bytearray(30 * 1024 * 1024)\nprint('ready', flush=True)\nimport time\nt = time.time()\nwhile time.time() - t < 60: pass\n";
+    let e = start_ready(&mut c, code_req(&s, "py", code)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let st = c
+        .get_execution_stats(pb::GetExecutionStatsRequest {
+            execution_id: e.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(st.measured.contains(&"rss".to_string()), "{st:?}");
+    assert!(st.rss_bytes > 30 * 1024 * 1024, "{st:?}");
+    assert!(st.cpu_user_seconds + st.cpu_system_seconds > 0.0, "{st:?}");
+    assert!(st.processes.contains_key(&e.pid), "{st:?}");
+    c.stop_execution(pb::StopExecutionRequest {
+        execution_id: e.id.clone(),
+        signal: "KILL".into(),
+        grace: None,
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn exec_runs_a_command_in_the_execution_context() {
+    let d = TestDaemon::start().await;
+    let mut c = d.client().await;
+    let s = session(&mut c, &["env"]).await;
+    let mut req = code_req(
+        &s,
+        "py",
+        "import time\nprint('ready', flush=True)\ntime.sleep(60)",
+    );
+    req.env = vec![
+        pb::EnvVar {
+            key: b"MARK".to_vec(),
+            value: b"m1".to_vec(),
+        },
+        pb::EnvVar {
+            key: b"PATH".to_vec(),
+            value: b"/usr/bin:/bin".to_vec(),
+        },
+    ];
+    let e = start_ready(&mut c, req).await;
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    tx.send(pb::ExecRequest {
+        msg: Some(pb::exec_request::Msg::Setup(pb::ExecSetup {
+            execution_id: e.id.clone(),
+            command: vec![
+                "sh".into(),
+                "-c".into(),
+                "read line; echo \"$line $MARK $(pwd)\"; echo oops >&2; exit 4".into(),
+            ],
+            tty: false,
+            timeout: None,
+        })),
+    })
+    .await
+    .unwrap();
+    tx.send(pb::ExecRequest {
+        msg: Some(pb::exec_request::Msg::Stdin(b"hello\n".to_vec())),
+    })
+    .await
+    .unwrap();
+    tx.send(pb::ExecRequest {
+        msg: Some(pb::exec_request::Msg::StdinClose(true)),
+    })
+    .await
+    .unwrap();
+    let mut out = c
+        .exec(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let (mut so, mut se, mut result) = (Vec::new(), Vec::new(), None);
+    while let Some(m) = tokio::time::timeout(DEADLINE, out.message())
+        .await
+        .unwrap()
+        .unwrap()
+    {
+        match m.msg {
+            Some(pb::exec_response::Msg::Stdout(b)) => so.extend(b),
+            Some(pb::exec_response::Msg::Stderr(b)) => se.extend(b),
+            Some(pb::exec_response::Msg::Exited(r)) => result = Some(r),
+            None => {}
+        }
+    }
+    drop(tx);
+    let so = String::from_utf8_lossy(&so);
+    assert!(so.starts_with("hello m1 "), "{so}");
+    assert!(
+        so.contains(&*d.run_dir.display().to_string()),
+        "cwd not the execution's: {so}"
+    );
+    assert_eq!(String::from_utf8_lossy(&se), "oops\n");
+    assert_eq!(result.unwrap().exit_code, 4);
+
+    // With a tty: the command sees a terminal of the requested size.
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    tx.send(pb::ExecRequest {
+        msg: Some(pb::exec_request::Msg::Setup(pb::ExecSetup {
+            execution_id: e.id.clone(),
+            command: vec![
+                "sh".into(),
+                "-c".into(),
+                "sleep 0.5; test -t 1 && stty size".into(),
+            ],
+            tty: true,
+            timeout: None,
+        })),
+    })
+    .await
+    .unwrap();
+    tx.send(pb::ExecRequest {
+        msg: Some(pb::exec_request::Msg::Resize(pb::TerminalSize {
+            height: 33,
+            width: 101,
+        })),
+    })
+    .await
+    .unwrap();
+    let mut out = c
+        .exec(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let (mut so, mut result) = (Vec::new(), None);
+    while let Some(m) = tokio::time::timeout(DEADLINE, out.message())
+        .await
+        .unwrap()
+        .unwrap()
+    {
+        match m.msg {
+            Some(pb::exec_response::Msg::Stdout(b)) => so.extend(b),
+            Some(pb::exec_response::Msg::Exited(r)) => result = Some(r),
+            _ => {}
+        }
+    }
+    drop(tx);
+    assert_eq!(
+        result.unwrap().exit_code,
+        0,
+        "{}",
+        String::from_utf8_lossy(&so)
+    );
+    assert!(
+        String::from_utf8_lossy(&so).contains("33 101"),
+        "{}",
+        String::from_utf8_lossy(&so)
+    );
+    c.stop_execution(pb::StopExecutionRequest {
+        execution_id: e.id.clone(),
+        signal: "KILL".into(),
+        grace: None,
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn closing_a_session_stops_its_executions() {
+    let d = TestDaemon::start().await;
+    let mut c = d.client().await;
+    let s = session(&mut c, &[]).await;
+    let mut pids = Vec::new();
+    for _ in 0..3 {
+        let e = start_ready(
+            &mut c,
+            code_req(
+                &s,
+                "py",
+                "import time\nprint('ready', flush=True)\ntime.sleep(60)",
+            ),
+        )
+        .await;
+        pids.push(e.pid);
+    }
+    let got = c
+        .get_session(pb::GetSessionRequest {
+            session_id: s.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((got.running_executions, got.total_executions), (3, 3));
+    c.close_session(pb::CloseSessionRequest {
+        session_id: s.clone(),
+        grace: Some(prost_types::Duration {
+            seconds: 1,
+            nanos: 0,
+        }),
+    })
+    .await
+    .unwrap();
+    for p in pids {
+        assert!(!alive(p), "pid {p} survived its session");
+    }
+    let list = c
+        .list_sessions(pb::ListSessionsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(list.sessions.iter().all(|x| x.id != s));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn idle_sessions_are_reclaimed_but_busy_ones_are_kept() {
+    let d = TestDaemon::start_with(&["--session-idle-ttl", "1s"]).await;
+    let mut c = d.client().await;
+    let idle = session(&mut c, &[]).await;
+    let busy = session(&mut c, &[]).await;
+    let e = start_ready(
+        &mut c,
+        code_req(
+            &busy,
+            "py",
+            "import time\nprint('ready', flush=True)\ntime.sleep(6)",
+        ),
+    )
+    .await;
+    let deadline = std::time::Instant::now() + DEADLINE;
+    loop {
+        let list = c
+            .list_sessions(pb::ListSessionsRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        if list.sessions.iter().all(|x| x.id != idle) {
+            assert!(
+                list.sessions.iter().any(|x| x.id == busy),
+                "busy session reclaimed"
+            );
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "idle session never reclaimed"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        c.get_execution(pb::GetExecutionRequest {
+            execution_id: e.id.clone()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .state(),
+        pb::ExecutionState::Running
+    );
+}

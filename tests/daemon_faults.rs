@@ -1,0 +1,173 @@
+//! Faults: the daemon killed with SIGKILL takes its executions along, restarts cleanly, and
+//! still answers for executions that ended before (real result) or died with it (clear error).
+
+mod daemon_support;
+
+use daemon_support::*;
+use elide_task_driver::proto::elide::daemon::v1alpha1 as pb;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kill9_daemon_with_20_running_executions_leaves_none_and_restart_works() {
+    let mut d = TestDaemon::start().await;
+    let mut c = d.client().await;
+    let s = session(&mut c, &["env", "io", "net"]).await;
+
+    // One that ended before the crash: its real result must survive the restart.
+    let done = c
+        .start_execution(code_req(&s, "py", "import sys; sys.exit(17)"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(wait(&mut c, &done.id).await.exit_code, 17);
+
+    let mut running = Vec::new();
+    for i in 0..20 {
+        let (lang, code) = if i % 2 == 0 {
+            ("py", "import time\ntime.sleep(300)")
+        } else {
+            ("js", "setInterval(() => {}, 1000)")
+        };
+        let e = c
+            .start_execution(code_req(&s, lang, code))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(e.pid > 0);
+        running.push(e);
+    }
+    for e in &running {
+        assert!(alive(e.pid), "pid {} not running", e.pid);
+    }
+    drop(c);
+    d.kill9();
+    for e in &running {
+        let pid = e.pid;
+        eventually(
+            &format!("execution pid {pid} killed with the daemon"),
+            || !alive(pid),
+        )
+        .await;
+    }
+
+    d.spawn().await;
+    let mut c = d.client().await;
+    // The session survived (it is persisted) and new work runs.
+    let sessions = c
+        .list_sessions(pb::ListSessionsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(sessions.sessions.iter().any(|x| x.id == s), "{sessions:?}");
+    let (r, out, _) = run(&mut c, code_req(&s, "py", "print('after restart')")).await;
+    assert_eq!((r.exit_code, out.as_str()), (0, "after restart\n"));
+
+    assert_eq!(wait(&mut c, &done.id).await.exit_code, 17);
+    for e in &running {
+        let r = wait(&mut c, &e.id).await;
+        assert!(
+            !r.error.is_empty(),
+            "execution {} lost its verdict: {r:?}",
+            e.id
+        );
+        assert!(r.error.contains("daemon"), "{}", r.error);
+        let got = c
+            .get_execution(pb::GetExecutionRequest {
+                execution_id: e.id.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(got.state(), pb::ExecutionState::Exited);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn exit_status_survives_a_graceful_restart() {
+    let mut d = TestDaemon::start().await;
+    let mut c = d.client().await;
+    let s = session(&mut c, &[]).await;
+    let e = c
+        .start_execution(code_req(&s, "js", "process.exit(9)"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(wait(&mut c, &e.id).await.exit_code, 9);
+    drop(c);
+    // SIGTERM: graceful stop.
+    let pid = d.pid();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let mut child = d.child.take().unwrap();
+    let st = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(st.success(), "{st}: {}", d.log());
+    assert!(!d.socket.exists(), "socket left behind");
+    d.spawn().await;
+    let mut c = d.client().await;
+    let r = wait(&mut c, &e.id).await;
+    assert_eq!((r.exit_code, r.error.as_str()), (9, ""));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_daemon_on_the_same_socket_or_state_dir_is_refused() {
+    let d = TestDaemon::start().await;
+    let out = tokio::task::spawn_blocking({
+        let socket = d.socket.clone();
+        let state = d.path("state2");
+        move || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_elide-daemon"))
+                .arg("--socket")
+                .arg(&socket)
+                .arg("--state-dir")
+                .arg(&state)
+                .output()
+                .unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("in use"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = tokio::task::spawn_blocking({
+        let socket = d.path("other.sock");
+        let state = d.state_dir.clone();
+        move || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_elide-daemon"))
+                .arg("--socket")
+                .arg(&socket)
+                .arg("--state-dir")
+                .arg(&state)
+                .output()
+                .unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("state dir"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The first daemon still works.
+    let mut c = d.client().await;
+    c.get_daemon_info(pb::GetDaemonInfoRequest {})
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn socket_is_private_by_default() {
+    use std::os::unix::fs::PermissionsExt;
+    let d = TestDaemon::start().await;
+    let mode = std::fs::metadata(&d.socket).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+}

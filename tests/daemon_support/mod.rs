@@ -1,0 +1,307 @@
+//! Shared helpers of the daemon integration tests: start the real `elide-daemon` binary on a
+//! temporary socket and state dir, talk to it with the generated client, read FIFOs like
+//! Nomad's logmon does.
+#![allow(dead_code)]
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use elide_task_driver::proto::elide::daemon::v1alpha1 as pb;
+use pb::execution_api_client::ExecutionApiClient;
+use tonic::transport::{Channel, Endpoint};
+
+/// Generous deadline for anything on a loaded 2-core machine.
+pub const DEADLINE: Duration = Duration::from_secs(60);
+
+pub type Client = ExecutionApiClient<Channel>;
+
+/// A running daemon under test.
+pub struct TestDaemon {
+    pub child: Option<Child>,
+    pub dir: tempfile::TempDir,
+    pub socket: PathBuf,
+    pub state_dir: PathBuf,
+    pub run_dir: PathBuf,
+    pub cgroup_parent: String,
+    pub extra_args: Vec<String>,
+}
+
+impl TestDaemon {
+    /// Starts a daemon with default settings.
+    pub async fn start() -> Self {
+        Self::start_with(&[]).await
+    }
+
+    /// Starts a daemon with extra command-line flags.
+    pub async fn start_with(extra: &[&str]) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("e")
+            .tempdir_in("/tmp")
+            .unwrap();
+        // Task users (nobody) must reach the run dir inside.
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let socket = dir.path().join("d.sock");
+        let state_dir = dir.path().join("state");
+        let run_dir = dir.path().join("run");
+        let name = dir
+            .path()
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .to_string();
+        let mut d = Self {
+            child: None,
+            socket,
+            state_dir,
+            run_dir,
+            cgroup_parent: format!("elide-test-{name}"),
+            extra_args: extra.iter().map(|s| s.to_string()).collect(),
+            dir,
+        };
+        d.spawn().await;
+        d
+    }
+
+    /// (Re)starts the daemon process with the same dirs.
+    pub async fn spawn(&mut self) {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_elide-daemon"));
+        cmd.arg("serve")
+            .arg("--socket")
+            .arg(&self.socket)
+            .arg("--state-dir")
+            .arg(&self.state_dir)
+            .arg("--run-dir")
+            .arg(&self.run_dir)
+            .arg("--cgroup-parent")
+            .arg(&self.cgroup_parent)
+            .arg("--output-root")
+            .arg(self.dir.path())
+            .args(&self.extra_args)
+            .env("ELIDE_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(self.dir.path().join("daemon.log")).unwrap());
+        self.child = Some(cmd.spawn().unwrap());
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            if let Ok(mut c) = self.try_client().await
+                && c.get_daemon_info(pb::GetDaemonInfoRequest {}).await.is_ok()
+            {
+                return;
+            }
+            if let Some(Ok(Some(st))) = self.child.as_mut().map(|c| c.try_wait()) {
+                panic!("daemon exited early with {st}: {}", self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "daemon did not come up: {}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The daemon's stderr so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("daemon.log")).unwrap_or_default()
+    }
+
+    async fn try_client(&self) -> Result<Client, tonic::transport::Error> {
+        let ch = Endpoint::from_shared(format!("unix://{}", self.socket.display()))
+            .unwrap()
+            .connect()
+            .await?;
+        Ok(ExecutionApiClient::new(ch)
+            .max_decoding_message_size(64 << 20)
+            .max_encoding_message_size(64 << 20))
+    }
+
+    /// A new client connection.
+    pub async fn client(&self) -> Client {
+        self.try_client().await.unwrap()
+    }
+
+    /// Pid of the daemon process.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// SIGKILLs the daemon and reaps it.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// A path inside the test dir.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+impl Drop for TestDaemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                match c.try_wait() {
+                    Ok(Some(_)) => break,
+                    _ if Instant::now() > deadline => {
+                        let _ = c.kill();
+                        let _ = c.wait();
+                        break;
+                    }
+                    _ => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        }
+        // Remove this daemon's (now empty) parent cgroups.
+        for h in ["memory", "cpu,cpuacct", "cpu", "cpuacct", "pids", "unified"] {
+            let p = Path::new("/sys/fs/cgroup")
+                .join(h)
+                .join(&self.cgroup_parent);
+            let _ = std::fs::remove_dir(p);
+        }
+    }
+}
+
+/// A session enabling every language and the given intrinsics.
+pub async fn session(c: &mut Client, intrinsics: &[&str]) -> String {
+    c.create_session(pb::CreateSessionRequest {
+        config: Some(pb::SessionConfig {
+            enabled_intrinsics: intrinsics.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        }),
+        owner: "test".into(),
+        session_id: String::new(),
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .id
+}
+
+/// A capture sink.
+pub fn capture() -> Option<pb::OutputSink> {
+    Some(pb::OutputSink {
+        kind: Some(pb::output_sink::Kind::Capture(pb::Capture {})),
+    })
+}
+
+/// A path sink.
+pub fn path_sink(p: &Path) -> Option<pb::OutputSink> {
+    Some(pb::OutputSink {
+        kind: Some(pb::output_sink::Kind::Path(p.display().to_string())),
+    })
+}
+
+/// A start request for inline code with captured output.
+pub fn code_req(session: &str, language: &str, code: &str) -> pb::StartExecutionRequest {
+    pb::StartExecutionRequest {
+        session_id: session.into(),
+        language: language.into(),
+        code: code.into(),
+        stdout: capture(),
+        stderr: capture(),
+        ..Default::default()
+    }
+}
+
+/// Everything captured of one stream, after the execution ended.
+pub async fn output(c: &mut Client, id: &str, stream: pb::OutputStream) -> Vec<u8> {
+    let mut s = c
+        .stream_output(pb::StreamOutputRequest {
+            execution_id: id.into(),
+            streams: vec![stream as i32],
+            offset: 0,
+            follow: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut out = Vec::new();
+    while let Some(chunk) = tokio::time::timeout(DEADLINE, s.message())
+        .await
+        .unwrap()
+        .unwrap()
+    {
+        assert_eq!(chunk.offset as usize, out.len());
+        out.extend_from_slice(&chunk.data);
+    }
+    out
+}
+
+/// Waits for the execution's result.
+pub async fn wait(c: &mut Client, id: &str) -> pb::ExecutionResult {
+    tokio::time::timeout(
+        DEADLINE,
+        c.wait_execution(pb::WaitExecutionRequest {
+            execution_id: id.into(),
+        }),
+    )
+    .await
+    .expect("wait timed out")
+    .unwrap()
+    .into_inner()
+    .result
+    .unwrap()
+}
+
+/// Runs code to completion: (result, stdout, stderr).
+pub async fn run(
+    c: &mut Client,
+    req: pb::StartExecutionRequest,
+) -> (pb::ExecutionResult, String, String) {
+    let e = c.start_execution(req).await.unwrap().into_inner();
+    let out = output(c, &e.id, pb::OutputStream::Stdout).await;
+    let err = output(c, &e.id, pb::OutputStream::Stderr).await;
+    let r = wait(c, &e.id).await;
+    (
+        r,
+        String::from_utf8_lossy(&out).into_owned(),
+        String::from_utf8_lossy(&err).into_owned(),
+    )
+}
+
+/// A FIFO with a reader thread draining it (like Nomad's logmon); join to get the bytes.
+pub fn fifo_reader(path: &Path) -> std::thread::JoinHandle<Vec<u8>> {
+    nix::unistd::mkfifo(path, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let p = path.to_path_buf();
+    std::thread::spawn(move || {
+        use std::io::Read;
+        let mut f = std::fs::File::open(&p).unwrap();
+        let mut out = Vec::new();
+        f.read_to_end(&mut out).unwrap();
+        out
+    })
+}
+
+/// Whether a process with this pid exists (and is not a zombie).
+pub fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => {
+            let state = s
+                .rsplit(')')
+                .next()
+                .and_then(|r| r.split_whitespace().next());
+            state != Some("Z")
+        }
+        Err(_) => false,
+    }
+}
+
+/// Polls `f` until true or the deadline.
+pub async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + DEADLINE;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

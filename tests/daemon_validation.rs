@@ -1,0 +1,377 @@
+//! Every bad input gets a clear error naming the field, with the right gRPC code.
+
+mod daemon_support;
+
+use daemon_support::*;
+use elide_task_driver::proto::elide::daemon::v1alpha1 as pb;
+use tonic::Code;
+
+fn check(r: Result<tonic::Response<pb::Execution>, tonic::Status>, code: Code, needles: &[&str]) {
+    let st = r.expect_err("expected an error");
+    assert_eq!(st.code(), code, "{}", st.message());
+    for n in needles {
+        assert!(st.message().contains(n), "{:?} lacks {n:?}", st.message());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn start_execution_rejects_bad_input_naming_the_field() {
+    let d = TestDaemon::start_with(&["--max-code-bytes", "2000000"]).await;
+    let mut c = d.client().await;
+    let s = session(&mut c, &["env", "io", "net"]).await;
+    let ok = || code_req(&s, "py", "print(1)");
+
+    let mut r = ok();
+    r.language = "cobol".into();
+    check(
+        c.start_execution(r).await,
+        Code::InvalidArgument,
+        &["language", "cobol"],
+    );
+
+    let mut r = ok();
+    r.code = String::new();
+    check(
+        c.start_execution(r).await,
+        Code::InvalidArgument,
+        &["code", "empty"],
+    );
+
+    let mut r = ok();
+    r.path = "/etc/hostname".into();
+    check(
+        c.start_execution(r).await,
+        Code::InvalidArgument,
+        &["code", "both"],
+    );
+
+    let mut r = ok();
+    r.code = String::new();
+    r.path = "/nonexistent/x.py".into();
+    check(
+        c.start_execution(r).await,
+        Code::InvalidArgument,
+        &["path", "/nonexistent/x.py"],
+    );
+
+    let mut r = ok();
+    r.working_dir = "relative/dir".into();
+    check(
+        c.start_execution(r).await,
+        Code::InvalidArgument,
+        &["working_dir", "relative"],
+    );
+
+    let mut r = ok();
+    r.session_id = "no-such-session".into();
+    check(
+        c.start_execution(r).await,
+        Code::NotFound,
+        &["session", "no-such-session"],
+    );
+
+    for p in ["/etc/passwd", "/tmp", "/etc/../tmp/x"] {
+        let mut r = ok();
+        r.stdout = path_sink(std::path::Path::new(p));
+        check(
+            c.start_execution(r).await,
+            Code::InvalidArgument,
+            &["stdout.path"],
+        );
+    }
+    let mut r = ok();
+    r.stderr = path_sink(std::path::Path::new("relative.log"));
+    check(
+        c.start_execution(r).await,
+        Code::InvalidArgument,
+        &["stderr.path"],
+    );
+
+    for (field, f) in [
+        ("limits.memory_bytes", 0usize),
+        ("limits.cpu_shares", 1),
+        ("limits.pids", 2),
+    ] {
+        let mut r = ok();
+        let mut l = pb::Limits::default();
+        match f {
+            0 => l.memory_bytes = -1,
+            1 => l.cpu_shares = -5,
+            _ => l.pids = -1,
+        }
+        r.limits = Some(l);
+        check(
+            c.start_execution(r).await,
+            Code::InvalidArgument,
+            &[field, "negative"],
+        );
+    }
+    let mut r = ok();
+    r.limits = Some(pb::Limits {
+        timeout: Some(prost_types::Duration {
+            seconds: -1,
+            nanos: 0,
+        }),
+        ..Default::default()
+    });
+    check(
+        c.start_execution(r).await,
+        Code::InvalidArgument,
+        &["limits.timeout"],
+    );
+
+    let mut r = ok();
+    r.env = vec![pb::EnvVar {
+        key: vec![0xff, 0xfe, b'A'],
+        value: b"v".to_vec(),
+    }];
+    check(
+        c.start_execution(r).await,
+        Code::InvalidArgument,
+        &["env[0].key", "UTF-8"],
+    );
+
+    let mut r = ok();
+    r.env = vec![pb::EnvVar {
+        key: b"A=B".to_vec(),
+        value: b"v".to_vec(),
+    }];
+    check(
+        c.start_execution(r).await,
+        Code::InvalidArgument,
+        &["env[0].key"],
+    );
+
+    let mut r = ok();
+    r.user = "no-such-user-xyz".into();
+    check(
+        c.start_execution(r).await,
+        Code::InvalidArgument,
+        &["user", "no-such-user-xyz"],
+    );
+
+    let mut r = ok();
+    r.code = "x".repeat(2_000_001);
+    check(
+        c.start_execution(r).await,
+        Code::ResourceExhausted,
+        &["code", "max_code_bytes"],
+    );
+
+    let mut r = ok();
+    r.language = "ts".into();
+    r.code = "enum Color { Red }\nconsole.log(Color.Red)".into();
+    check(
+        c.start_execution(r).await,
+        Code::InvalidArgument,
+        &["code", "unsupported", "enum"],
+    );
+
+    let mut r = ok();
+    r.network_namespace = "/var/run/netns/does-not-exist".into();
+    check(
+        c.start_execution(r).await,
+        Code::InvalidArgument,
+        &["network_namespace"],
+    );
+
+    // A failed start leaves nothing behind.
+    let list = c
+        .list_executions(pb::ListExecutionsRequest {
+            session_id: s.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(list.executions.is_empty(), "{list:?}");
+    assert_eq!(std::fs::read_dir(&d.run_dir).unwrap().count(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn disabled_language_and_bad_session_config_are_refused() {
+    let d = TestDaemon::start().await;
+    let mut c = d.client().await;
+    let s = c
+        .create_session(pb::CreateSessionRequest {
+            config: Some(pb::SessionConfig {
+                enabled_languages: vec!["py".into()],
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(s.languages, vec!["python".to_string()]);
+    check(
+        c.start_execution(code_req(&s.id, "js", "1")).await,
+        Code::InvalidArgument,
+        &["language", "javascript", "not enabled"],
+    );
+    let st = c
+        .create_session(pb::CreateSessionRequest {
+            config: Some(pb::SessionConfig {
+                enabled_languages: vec!["ruby".into()],
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(st.code(), Code::InvalidArgument);
+    assert!(
+        st.message().contains("config.enabled_languages[0]"),
+        "{}",
+        st.message()
+    );
+    let st = c
+        .create_session(pb::CreateSessionRequest {
+            config: Some(pb::SessionConfig {
+                enabled_intrinsics: vec!["env".into(), "gpu".into()],
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        st.message().contains("config.enabled_intrinsics[1]"),
+        "{}",
+        st.message()
+    );
+    let st = c
+        .create_session(pb::CreateSessionRequest {
+            session_id: "../escape".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert!(st.message().contains("session_id"), "{}", st.message());
+    c.create_session(pb::CreateSessionRequest {
+        session_id: "fixed-id".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let st = c
+        .create_session(pb::CreateSessionRequest {
+            session_id: "fixed-id".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(st.code(), Code::AlreadyExists);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unknown_ids_bad_signals_and_ended_executions_are_refused() {
+    let d = TestDaemon::start().await;
+    let mut c = d.client().await;
+    let s = session(&mut c, &[]).await;
+    let st = c
+        .get_execution(pb::GetExecutionRequest {
+            execution_id: "e-nope".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(st.code(), Code::NotFound);
+    assert!(st.message().contains("e-nope"));
+    let st = c
+        .wait_execution(pb::WaitExecutionRequest {
+            execution_id: "e-nope".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(st.code(), Code::NotFound);
+    let st = c
+        .get_session(pb::GetSessionRequest {
+            session_id: "s-nope".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(st.code(), Code::NotFound);
+    let st = c
+        .close_session(pb::CloseSessionRequest {
+            session_id: "s-nope".into(),
+            grace: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(st.code(), Code::NotFound);
+
+    let e = c
+        .start_execution(code_req(&s, "py", "import time; time.sleep(60)"))
+        .await
+        .unwrap()
+        .into_inner();
+    let st = c
+        .signal_execution(pb::SignalExecutionRequest {
+            execution_id: e.id.clone(),
+            signal: "SIGNOPE".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(st.code(), Code::InvalidArgument);
+    assert!(st.message().contains("signal") && st.message().contains("SIGNOPE"));
+    let st = c
+        .stop_execution(pb::StopExecutionRequest {
+            execution_id: e.id.clone(),
+            signal: "bogus".into(),
+            grace: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(st.code(), Code::InvalidArgument);
+    let st = c
+        .remove_execution(pb::RemoveExecutionRequest {
+            execution_id: e.id.clone(),
+            force: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(st.code(), Code::FailedPrecondition);
+    c.stop_execution(pb::StopExecutionRequest {
+        execution_id: e.id.clone(),
+        signal: "KILL".into(),
+        grace: None,
+    })
+    .await
+    .unwrap();
+
+    // Ended: signal and exec are refused.
+    let st = c
+        .signal_execution(pb::SignalExecutionRequest {
+            execution_id: e.id.clone(),
+            signal: "USR1".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(st.code(), Code::FailedPrecondition);
+    let setup = pb::ExecRequest {
+        msg: Some(pb::exec_request::Msg::Setup(pb::ExecSetup {
+            execution_id: e.id.clone(),
+            command: vec!["/bin/true".into()],
+            tty: false,
+            timeout: None,
+        })),
+    };
+    let st = c
+        .exec(futures::stream::iter(vec![setup]))
+        .await
+        .unwrap_err();
+    assert_eq!(st.code(), Code::FailedPrecondition);
+    assert!(st.message().contains("not running"), "{}", st.message());
+    c.remove_execution(pb::RemoveExecutionRequest {
+        execution_id: e.id.clone(),
+        force: false,
+    })
+    .await
+    .unwrap();
+    let st = c
+        .get_execution(pb::GetExecutionRequest {
+            execution_id: e.id.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(st.code(), Code::NotFound);
+}
