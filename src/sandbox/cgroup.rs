@@ -143,6 +143,27 @@ impl V1Controller {
     }
 }
 
+/// Whether a v1 hierarchy with `controller` is mounted at `dir` (per /proc/self/mountinfo).
+/// Needed because some root cgroups (pids) have no controller file to recognise them by.
+fn v1_mounted_at(dir: &Path, controller: &str) -> bool {
+    let Ok(info) = fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    let dir = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
+    info.lines().any(|line| {
+        let Some((pre, post)) = line.split_once(" - ") else {
+            return false;
+        };
+        let mount_point = pre.split(' ').nth(4).unwrap_or("");
+        let mut post = post.split(' ');
+        let fstype = post.next().unwrap_or("");
+        let super_opts = post.nth(1).unwrap_or("");
+        fstype == "cgroup"
+            && Path::new(mount_point) == dir
+            && super_opts.split(',').any(|o| o == controller)
+    })
+}
+
 /// Controllers we need on v2.
 const V2_CONTROLLERS: [&str; 3] = ["memory", "cpu", "pids"];
 
@@ -271,7 +292,7 @@ impl CgroupManager {
             .into_iter()
             .filter_map(|c| {
                 let dir = root.join(c.name());
-                dir.join(c.marker()).exists().then_some((c, dir))
+                (dir.join(c.marker()).exists() || v1_mounted_at(&dir, c.name())).then_some((c, dir))
             })
             .collect();
         if hierarchies.is_empty() {
@@ -387,7 +408,19 @@ impl CgroupManager {
         if missing.is_empty() {
             return Ok(());
         }
-        write_file(&dir.join("cgroup.subtree_control"), &missing.join(" "))
+        let file = dir.join("cgroup.subtree_control");
+        write_file(&file, &missing.join(" ")).map_err(|e| match e {
+            CgroupError::Io { source, .. } if source.raw_os_error() == Some(libc::EBUSY) => {
+                CgroupError::Io {
+                    path: file.clone(),
+                    op: "enable controllers (EBUSY: this cgroup has processes of its own; cgroup \
+                         v2 only delegates from cgroups without processes, so run the daemon in \
+                         a leaf cgroup and point cgroup_root at a delegated subtree)",
+                    source,
+                }
+            }
+            other => other,
+        })
     }
 
     /// Creates the cgroup of one execution and applies `limits`.
@@ -415,6 +448,7 @@ impl CgroupManager {
         let cg = ExecutionCgroup {
             mode: self.mode(),
             dirs,
+            rel: format!("/{}/{}", self.parent_name, name),
         };
         for (_, dir) in &cg.dirs {
             if let Some(parent) = dir.parent() {
@@ -437,6 +471,21 @@ impl CgroupManager {
             return Err(e);
         }
         Ok(cg)
+    }
+
+    /// Removes the (empty) parent directories, e.g. at daemon shutdown after every execution
+    /// cgroup was removed. A parent that still has children is left alone.
+    pub fn remove_parent(&self) -> Result<(), CgroupError> {
+        for (_, parent) in self.parent_dirs() {
+            match fs::remove_dir(&parent) {
+                Ok(()) => {}
+                Err(e) if e.kind() == ErrorKind::NotFound => {}
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EBUSY) | Some(libc::ENOTEMPTY)) => {
+                }
+                Err(e) => return Err(io_err(&parent, "rmdir", e)),
+            }
+        }
+        Ok(())
     }
 
     /// Kills and removes every execution cgroup left under the parent by a previous daemon.
@@ -469,6 +518,7 @@ impl CgroupManager {
             let cg = ExecutionCgroup {
                 mode: self.mode(),
                 dirs,
+                rel: format!("/{}/{}", self.parent_name, name),
             };
             cg.remove()?;
             removed += 1;
@@ -482,6 +532,8 @@ impl CgroupManager {
 pub struct ExecutionCgroup {
     mode: CgroupMode,
     dirs: Vec<(Option<V1Controller>, PathBuf)>,
+    /// Path relative to the hierarchy root (`/<parent>/<name>`), as `/proc/<pid>/cgroup` shows it.
+    rel: String,
 }
 
 impl ExecutionCgroup {
@@ -695,9 +747,7 @@ impl ExecutionCgroup {
                 return Ok(());
             }
             for p in &pids {
-                if let Ok(raw) = i32::try_from(*p) {
-                    let _ = kill(Pid::from_raw(raw), Signal::SIGKILL);
-                }
+                kill_member(*p, &self.rel);
             }
             if Instant::now() >= deadline {
                 return Err(CgroupError::Busy {
@@ -745,6 +795,48 @@ impl ExecutionCgroup {
     }
 }
 
+/// Whether `/proc/<pid>/cgroup` places `pid` in the cgroup at `rel` in any hierarchy.
+fn in_cgroup(pid: u32, rel: &str) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/cgroup"))
+        .map(|c| {
+            c.lines()
+                .filter_map(|l| l.splitn(3, ':').nth(2))
+                .any(|path| path == rel || path.ends_with(rel))
+        })
+        .unwrap_or(false)
+}
+
+/// SIGKILLs `pid` only if it is still a member of our cgroup, without a pid-reuse race: the
+/// pidfd pins the process identity before membership is checked.
+fn kill_member(pid: u32, rel: &str) {
+    let Ok(raw) = i32::try_from(pid) else { return };
+    // SAFETY: pidfd_open takes a pid and flags; the returned fd is owned below.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, raw, 0) };
+    if fd < 0 {
+        if std::io::Error::last_os_error().raw_os_error() == Some(libc::ENOSYS)
+            && in_cgroup(pid, rel)
+        {
+            // Kernel < 5.3: best effort.
+            let _ = kill(Pid::from_raw(raw), Signal::SIGKILL);
+        }
+        return;
+    }
+    // SAFETY: fd is a fresh pidfd we own.
+    let pidfd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) };
+    if in_cgroup(pid, rel) {
+        // SAFETY: pidfd_send_signal with a valid pidfd and no siginfo.
+        unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                std::os::fd::AsRawFd::as_raw_fd(&pidfd),
+                libc::SIGKILL,
+                std::ptr::null::<libc::siginfo_t>(),
+                0u32,
+            );
+        }
+    }
+}
+
 fn missing_controller(controller: &str, what: &'static str) -> CgroupError {
     CgroupError::Io {
         path: PathBuf::from(controller),
@@ -763,5 +855,277 @@ fn ticks_to_ns() -> u64 {
         1_000_000_000 / hz as u64
     } else {
         10_000_000
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read(p: &Path) -> String {
+        fs::read_to_string(p).unwrap_or_else(|e| panic!("{p:?}: {e}"))
+    }
+
+    /// A temp dir laid out like a cgroup2 mount with memory, cpu and pids available.
+    fn fake_v2() -> tempfile::TempDir {
+        let d = tempfile::tempdir().expect("tempdir");
+        fs::write(
+            d.path().join("cgroup.controllers"),
+            "cpuset cpu io memory hugetlb pids\n",
+        )
+        .expect("write");
+        fs::write(d.path().join("cgroup.subtree_control"), "").expect("write");
+        d
+    }
+
+    #[test]
+    fn detects_v2_v1_and_none() {
+        let v2 = fake_v2();
+        let m = CgroupManager::detect_at(v2.path(), "elide");
+        assert_eq!(m.mode(), CgroupMode::V2);
+        assert_eq!(m.controllers(), ["cpu", "memory", "pids"]);
+
+        // v2 without the needed controllers and no v1 mounts: None.
+        let empty = tempfile::tempdir().expect("tempdir");
+        fs::write(empty.path().join("cgroup.controllers"), "cpuset io\n").expect("write");
+        assert_eq!(
+            CgroupManager::detect_at(empty.path(), "elide").mode(),
+            CgroupMode::None
+        );
+
+        // Hybrid: unified with no controllers plus v1 hierarchies: V1.
+        let hybrid = tempfile::tempdir().expect("tempdir");
+        fs::create_dir_all(hybrid.path().join("unified")).expect("mkdir");
+        fs::write(hybrid.path().join("unified/cgroup.controllers"), "").expect("write");
+        for (c, marker) in [
+            ("memory", "memory.usage_in_bytes"),
+            ("pids", "pids.current"),
+        ] {
+            fs::create_dir_all(hybrid.path().join(c)).expect("mkdir");
+            fs::write(hybrid.path().join(c).join(marker), "0").expect("write");
+        }
+        let m = CgroupManager::detect_at(hybrid.path(), "elide");
+        assert_eq!(m.mode(), CgroupMode::V1);
+        assert_eq!(m.controllers(), ["memory", "pids"]);
+
+        // Hybrid whose unified mount has the controllers: V2 there.
+        fs::write(
+            hybrid.path().join("unified/cgroup.controllers"),
+            "memory cpu pids",
+        )
+        .expect("write");
+        let m = CgroupManager::detect_at(hybrid.path(), "elide");
+        assert_eq!(m.mode(), CgroupMode::V2);
+        assert!(m.describe().contains("unified"), "{}", m.describe());
+    }
+
+    #[test]
+    fn v2_create_writes_limits_and_enables_controllers() {
+        let root = fake_v2();
+        let m = CgroupManager::detect_at(root.path(), "elide");
+        let limits = CgroupLimits {
+            memory_bytes: Some(64 << 20),
+            cpu_shares: Some(500),
+            pids: Some(32),
+        };
+        let cg = m.create("exec-1", &limits).expect("create");
+        let dir = root.path().join("elide/exec-1");
+        assert_eq!(cg.dirs(), vec![dir.clone()]);
+        assert_eq!(cg.procs_files(), vec![dir.join("cgroup.procs")]);
+        assert_eq!(read(&dir.join("memory.max")), (64u64 << 20).to_string());
+        assert_eq!(read(&dir.join("memory.swap.max")), "0");
+        assert_eq!(read(&dir.join("memory.oom.group")), "1");
+        assert_eq!(
+            read(&dir.join("cpu.weight")),
+            shares_to_weight(500).to_string()
+        );
+        assert_eq!(read(&dir.join("pids.max")), "32");
+        // Root and parent both delegate our three controllers to their children.
+        for d in [root.path().to_path_buf(), root.path().join("elide")] {
+            let sc = read(&d.join("cgroup.subtree_control"));
+            let mut got: Vec<&str> = sc.split_whitespace().collect();
+            got.sort_unstable();
+            assert_eq!(got, ["+cpu", "+memory", "+pids"], "{d:?}");
+        }
+        // A second execution does not rewrite already-enabled controllers or collide.
+        let cg2 = m
+            .create("exec-2", &CgroupLimits::default())
+            .expect("create 2");
+        assert!(!root.path().join("elide/exec-2/memory.max").exists());
+        assert!(
+            m.create("exec-1", &limits).is_err(),
+            "duplicate name must fail"
+        );
+        cg2.remove().expect("remove");
+        cg.remove().expect("remove");
+        assert!(!dir.exists());
+    }
+
+    #[test]
+    fn cpu_weight_follows_the_shares_mapping() {
+        assert_eq!(shares_to_weight(2), 1);
+        assert_eq!(shares_to_weight(0), 1);
+        assert_eq!(shares_to_weight(1024), 39);
+        assert_eq!(shares_to_weight(262_144), 10_000);
+        assert_eq!(shares_to_weight(u64::MAX), 10_000);
+    }
+
+    #[test]
+    fn v2_oom_kill_and_cpu_stat_parsing() {
+        let root = fake_v2();
+        let m = CgroupManager::detect_at(root.path(), "elide");
+        let cg = m.create("e", &CgroupLimits::default()).expect("create");
+        let dir = root.path().join("elide/e");
+        assert!(!cg.oom_killed(), "no memory.events yet");
+        fs::write(
+            dir.join("memory.events"),
+            "low 0\nhigh 0\nmax 12\noom 1\noom_kill 0\noom_group_kill 0\n",
+        )
+        .expect("write");
+        assert!(!cg.oom_killed(), "oom without a kill is not an OOM kill");
+        fs::write(
+            dir.join("memory.events"),
+            "low 0\nhigh 0\nmax 40\noom 2\noom_kill 1\noom_group_kill 1\n",
+        )
+        .expect("write");
+        assert!(cg.oom_killed());
+
+        fs::write(
+            dir.join("cpu.stat"),
+            "usage_usec 1500\nuser_usec 1000\nsystem_usec 500\nnr_periods 0\nnr_throttled 3\nthrottled_usec 70\n",
+        )
+        .expect("write");
+        fs::write(dir.join("memory.current"), "4096\n").expect("write");
+        fs::write(dir.join("memory.peak"), "8192\n").expect("write");
+        fs::write(dir.join("memory.stat"), "anon 2048\nfile 100\n").expect("write");
+        let s = cg.stats();
+        assert_eq!(s.cpu_total_ns, Some(1_500_000));
+        assert_eq!(s.cpu_user_ns, Some(1_000_000));
+        assert_eq!(s.cpu_system_ns, Some(500_000));
+        assert_eq!(s.cpu_throttled_periods, Some(3));
+        assert_eq!(s.cpu_throttled_ns, Some(70_000));
+        assert_eq!(s.memory_usage_bytes, Some(4096));
+        assert_eq!(s.memory_max_usage_bytes, Some(8192));
+        assert_eq!(s.memory_rss_bytes, Some(2048));
+        assert_eq!(s.measured().len(), 8);
+    }
+
+    #[test]
+    fn v2_kill_all_writes_cgroup_kill_and_reap_removes_leftovers() {
+        let root = fake_v2();
+        let m = CgroupManager::detect_at(root.path(), "elide");
+        let cg = m.create("e1", &CgroupLimits::default()).expect("create");
+        let dir = root.path().join("elide/e1");
+        fs::write(dir.join("cgroup.kill"), "").expect("write");
+        fs::write(dir.join("cgroup.procs"), "").expect("write");
+        cg.kill_all().expect("kill_all");
+        assert_eq!(read(&dir.join("cgroup.kill")), "1");
+        m.create("e2", &CgroupLimits::default()).expect("create");
+        m.create("e3", &CgroupLimits::default()).expect("create");
+        assert_eq!(m.reap_stale().expect("reap"), 3);
+        let dirs_left = fs::read_dir(root.path().join("elide"))
+            .expect("ls")
+            .flatten()
+            .filter(|e| e.path().is_dir())
+            .count();
+        assert_eq!(dirs_left, 0);
+        assert_eq!(m.reap_stale().expect("reap again"), 0);
+    }
+
+    #[test]
+    fn rejects_bad_names_and_no_cgroups() {
+        let root = fake_v2();
+        let m = CgroupManager::detect_at(root.path(), "elide");
+        for bad in ["", ".", "..", "a/b", "../x", "a b", "x\0"] {
+            let err = m.create(bad, &CgroupLimits::default()).expect_err(bad);
+            assert!(err.to_string().contains(&format!("{bad:?}")), "{err}");
+        }
+        let none = tempfile::tempdir().expect("tempdir");
+        let m = CgroupManager::detect_at(none.path(), "elide");
+        assert_eq!(m.mode(), CgroupMode::None);
+        assert!(matches!(
+            m.create("x", &CgroupLimits::default()),
+            Err(CgroupError::Unavailable)
+        ));
+        assert_eq!(m.reap_stale().expect("nothing to reap"), 0);
+    }
+
+    #[test]
+    fn v1_fake_writes_limits_and_reads_oom_control() {
+        let root = tempfile::tempdir().expect("tempdir");
+        for (c, marker) in [
+            ("memory", "memory.usage_in_bytes"),
+            ("cpu", "cpu.shares"),
+            ("cpuacct", "cpuacct.usage"),
+            ("pids", "pids.current"),
+        ] {
+            fs::create_dir_all(root.path().join(c)).expect("mkdir");
+            fs::write(root.path().join(c).join(marker), "0").expect("write");
+        }
+        let m = CgroupManager::detect_at(root.path(), "elide");
+        assert_eq!(m.mode(), CgroupMode::V1);
+        let limits = CgroupLimits {
+            memory_bytes: Some(1 << 26),
+            cpu_shares: Some(1),
+            pids: Some(10),
+        };
+        // Files a real v1 hierarchy would create on mkdir.
+        let mem = root.path().join("memory/elide/x");
+        let cpu = root.path().join("cpu/elide/x");
+        let cg = {
+            // The fake cannot synthesise cpu.shares in a new dir: precreate the tree.
+            fs::create_dir_all(root.path().join("cpu/elide")).expect("mkdir");
+            let r = m.create("x", &limits);
+            // cpu.shares does not exist in the fake's new dir: the error names it.
+            match r {
+                Err(e) => {
+                    assert!(e.to_string().contains("cpu"), "{e}");
+                    None
+                }
+                Ok(cg) => Some(cg),
+            }
+        };
+        assert!(cg.is_none());
+        assert!(!mem.exists(), "failed create cleans up");
+        // Without cpu limits it succeeds and writes v1 files.
+        let limits = CgroupLimits {
+            cpu_shares: None,
+            ..limits
+        };
+        let cg = m.create("x", &limits).expect("create");
+        assert_eq!(
+            read(&mem.join("memory.limit_in_bytes")),
+            (1u64 << 26).to_string()
+        );
+        assert_eq!(read(&root.path().join("pids/elide/x/pids.max")), "10");
+        assert!(cpu.is_dir());
+        assert_eq!(cg.procs_files().len(), 4);
+        fs::write(
+            mem.join("memory.oom_control"),
+            "oom_kill_disable 0\nunder_oom 0\noom_kill 0\n",
+        )
+        .expect("write");
+        assert!(!cg.oom_killed());
+        fs::write(
+            mem.join("memory.oom_control"),
+            "oom_kill_disable 0\nunder_oom 0\noom_kill 2\n",
+        )
+        .expect("write");
+        assert!(cg.oom_killed());
+        fs::write(
+            root.path().join("cpuacct/elide/x/cpuacct.stat"),
+            "user 3\nsystem 1\n",
+        )
+        .expect("write");
+        fs::write(
+            mem.join("memory.stat"),
+            "cache 0\nrss 4096\ntotal_rss 8192\n",
+        )
+        .expect("write");
+        let s = cg.stats();
+        assert_eq!(s.cpu_user_ns, Some(3 * ticks_to_ns()));
+        assert_eq!(s.cpu_system_ns, Some(ticks_to_ns()));
+        assert_eq!(s.memory_rss_bytes, Some(8192));
+        cg.remove().expect("remove");
     }
 }

@@ -56,6 +56,7 @@ pub const SYSTEM_READ_PATHS: &[&str] = &[
     "/etc/ld.so.conf.d",
     "/etc/localtime",
     "/etc/ssl/certs",
+    "/etc/ssl/openssl.cnf",
     "/etc/ca-certificates",
     "/etc/nsswitch.conf",
     "/etc/resolv.conf",
@@ -104,14 +105,35 @@ impl FsPolicy {
     }
 }
 
-/// The highest ABI whose filesystem rights we ask for; older kernels degrade (best effort),
-/// newer ones add no filesystem rights we would leave unhandled.
-const TARGET_ABI: ABI = ABI::V6;
+/// The highest ABI whose filesystem rights we ask for. Older kernels degrade (best effort) to
+/// what they can enforce; newer ones (V9+) also confine connecting to Unix sockets by path.
+const TARGET_ABI: ABI = ABI::V10;
+
+/// The Landlock access masks (kernel `LANDLOCK_ACCESS_FS_*` bits) the ruleset uses, so another
+/// launcher can rebuild the same ruleset with raw syscalls. Intersect `handled` with what the
+/// kernel supports; for non-directory paths keep only the `file_only` bits of a rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccessMasks {
+    pub handled: u64,
+    pub read_exec: u64,
+    pub read_write: u64,
+    pub file_only: u64,
+}
+
+/// The masks [`build_ruleset`] uses.
+pub fn access_masks() -> AccessMasks {
+    AccessMasks {
+        handled: AccessFs::from_all(TARGET_ABI).bits(),
+        read_exec: AccessFs::from_read(TARGET_ABI).bits(),
+        read_write: AccessFs::from_all(TARGET_ABI).bits(),
+        file_only: AccessFs::from_file(TARGET_ABI).bits(),
+    }
+}
 
 /// Builds the ruleset in the parent and returns its fd, ready for [`restrict_self`].
 ///
-/// Paths that do not exist are skipped (system paths vary by distribution); every path the
-/// caller passes explicitly must exist, or the error names it.
+/// Policy paths that do not exist are skipped (they grant nothing; system and runtime paths
+/// vary by distribution); every path in `required` must exist, or the error names it.
 pub fn build_ruleset(policy: &FsPolicy, required: &[PathBuf]) -> Result<OwnedFd, LandlockError> {
     let abi = abi_version();
     if abi < 1 {
@@ -163,4 +185,51 @@ pub fn restrict_self(fd: RawFd) -> Result<(), i32> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn masks_match_the_kernel_uapi_bits() {
+        let m = access_masks();
+        // LANDLOCK_ACCESS_FS_EXECUTE | READ_FILE | READ_DIR
+        assert_eq!(m.read_exec, (1 << 0) | (1 << 2) | (1 << 3));
+        // Every handled right is granted to read-write paths; read-only is a strict subset.
+        assert_eq!(m.read_write, m.handled);
+        assert_eq!(m.read_exec & !m.handled, 0);
+        // WRITE_FILE (bit 1) and TRUNCATE (bit 14) apply to files; MAKE_DIR (bit 7) does not.
+        assert_ne!(m.file_only & (1 << 1), 0);
+        assert_ne!(m.file_only & (1 << 14), 0);
+        assert_eq!(m.file_only & (1 << 7), 0);
+    }
+
+    #[test]
+    fn policy_includes_system_paths_working_dir_and_extras() {
+        let p = FsPolicy::for_execution(
+            Path::new("/w"),
+            &[PathBuf::from("/opt/rt")],
+            &[PathBuf::from("/out")],
+        );
+        assert!(p.read_exec.contains(&PathBuf::from("/usr")));
+        assert!(p.read_exec.contains(&PathBuf::from("/opt/rt")));
+        assert!(
+            !p.read_exec.contains(&PathBuf::from("/etc")),
+            "all of /etc must not be readable"
+        );
+        assert_eq!(
+            &p.read_write[..2],
+            &[PathBuf::from("/w"), PathBuf::from("/out")]
+        );
+        assert!(p.read_write.contains(&PathBuf::from("/dev/null")));
+        assert!(!p.read_write.contains(&PathBuf::from("/tmp")));
+    }
+
+    #[test]
+    fn abi_version_agrees_with_ruleset_creation() {
+        // The version query and an actual ruleset must agree on whether Landlock exists.
+        let built = build_ruleset(&FsPolicy::default(), &[]);
+        assert_eq!(abi_version() >= 1, built.is_ok(), "{built:?}");
+    }
 }

@@ -6,6 +6,33 @@
 //! [`sink::open_sink`], [`cgroup::CgroupManager::create`]), fills an [`IsolationSpec`], and calls
 //! [`IsolationSpec::apply`]. [`IsolationSpec::plan`] describes the same steps as data so another
 //! launcher (the future Python zygote) can replay them.
+//!
+//! # Intrinsics (what a snippet may use; all enforced by the kernel, not by convention)
+//! - `env` off: the child starts from `PATH`, `HOME`, `LANG` (and `USER`/`LOGNAME` when switching
+//!   to a named user) plus the variables set explicitly on the command; nothing of the daemon's
+//!   environment leaks.
+//! - `io` off: Landlock (ABI ≥ 1) denies every filesystem access except: read/execute of system
+//!   libraries and binaries ([`landlock_rules::SYSTEM_READ_PATHS`]: /usr, /lib*, /bin, /sbin,
+//!   ld.so cache, TLS certificates and openssl.cnf, localtime, resolv.conf/hosts/nsswitch,
+//!   passwd/group, /proc, CPU and cgroup info in /sys, /dev/urandom) and of the runtime's
+//!   install dirs (`read_paths`); read/write of the working dir, `write_paths` and /dev/null.
+//!   `TMPDIR` points at the working dir. Without Landlock, `apply` fails rather than running
+//!   unconfined.
+//! - `net` off: a fresh network namespace holding only `lo` (up): the host's interfaces and its
+//!   loopback services are unreachable; the snippet can still use loopback among its own
+//!   processes. With `net` on and a `network_namespace`, the child joins that namespace (Nomad
+//!   bridge/group networking); otherwise it shares the host network.
+//!
+//! # Always applied
+//! Own session and process group; the execution cgroup(s) joined before anything else runs;
+//! signal dispositions reset; core dumps off; `oom_score_adj` 0; SIGKILL when the spawning
+//! thread dies; `no_new_privs`; the requested user, group and supplementary groups; stdin from
+//! /dev/null; stdout/stderr on the sinks; no other inherited fd.
+//!
+//! # Machine support
+//! [`probe::probe`] reports what this machine enforces. cgroup v2 (memory/cpu/pids delegated)
+//! and v1 (per-controller hierarchies) are both supported; with neither, executions run without
+//! cgroup limits and the probe says so.
 
 pub mod cgroup;
 pub mod landlock_rules;
@@ -36,6 +63,9 @@ pub enum SandboxError {
     /// The working directory is unusable.
     #[error("working_dir {path:?}: {reason}")]
     WorkingDir { path: PathBuf, reason: String },
+    /// The requested isolation needs privileges the daemon does not have.
+    #[error("{what} needs {needs}")]
+    Privilege { what: String, needs: &'static str },
     /// A file the child needs could not be opened in the parent.
     #[error("cannot open {what} {path:?}: {source}")]
     Open {

@@ -67,7 +67,7 @@ pub fn probe(cgroups: &CgroupManager) -> Vec<Feature> {
     out.push(feature(
         "cgroup",
         cgroups.mode() != super::cgroup::CgroupMode::None,
-        format!("{}: {}", cgroups.mode().as_str(), cgroups.describe()),
+        cgroups.describe(),
     ));
     let abi = landlock_rules::abi_version();
     out.push(if abi >= 1 {

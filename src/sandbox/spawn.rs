@@ -93,6 +93,8 @@ pub enum PlanStep {
     JoinCgroup {
         procs_file: PathBuf,
     },
+    /// Every catchable signal back to its default action (ignored ones survive exec).
+    ResetSignals,
     /// `setsid()`: own session and process group, so signals reach the whole execution.
     NewSession,
     /// `setns(open(path), CLONE_NEWNET)`.
@@ -131,6 +133,7 @@ pub enum PlanStep {
     Landlock {
         read_exec: Vec<PathBuf>,
         read_write: Vec<PathBuf>,
+        masks: landlock_rules::AccessMasks,
     },
     /// Mark every fd >= `from` close-on-exec (`close_range(from, ~0, CLOSE_RANGE_CLOEXEC)`).
     CloseFdsFrom {
@@ -191,6 +194,7 @@ impl IsolationSpec {
         steps.extend(self.cgroup_procs.iter().map(|p| PlanStep::JoinCgroup {
             procs_file: p.clone(),
         }));
+        steps.push(PlanStep::ResetSignals);
         steps.push(PlanStep::NewSession);
         match (self.intrinsics.net, &self.network_namespace) {
             (false, _) => steps.push(PlanStep::NewNetns),
@@ -220,6 +224,7 @@ impl IsolationSpec {
             steps.push(PlanStep::Landlock {
                 read_exec: p.read_exec,
                 read_write: p.read_write,
+                masks: landlock_rules::access_masks(),
             });
         }
         steps.push(PlanStep::CloseFdsFrom { from: 3 });
@@ -260,6 +265,17 @@ impl IsolationSpec {
             }
         }
 
+        // SAFETY: geteuid has no preconditions.
+        let euid = unsafe { libc::geteuid() };
+        if let Some(u) = &self.user
+            && euid != 0
+            && (u.uid != euid || u.gid != unsafe { libc::getegid() })
+        {
+            return Err(SandboxError::Privilege {
+                what: format!("running as user {:?}", u.spec),
+                needs: "a daemon running as root",
+            });
+        }
         let cgroup_fds = self
             .cgroup_procs
             .iter()
@@ -272,8 +288,9 @@ impl IsolationSpec {
         let landlock_fd = if self.intrinsics.io {
             None
         } else {
+            // A missing read path grants nothing and is skipped (runtimes list optional
+            // dirs); a missing write path is a request we cannot honour.
             let mut required = vec![self.working_dir.clone()];
-            required.extend(self.read_paths.iter().cloned());
             required.extend(self.write_paths.iter().cloned());
             Some(landlock_rules::build_ruleset(&self.fs_policy(), &required)?)
         };
@@ -286,6 +303,13 @@ impl IsolationSpec {
             parent_pid: std::process::id() as libc::pid_t,
             user: self.user.as_ref().map(|u| (u.groups.clone(), u.gid, u.uid)),
             landlock_fd: landlock_fd.as_ref().map(AsRawFd::as_raw_fd),
+            program_check: self.user.as_ref().and_then(|_| {
+                let program = Path::new(cmd.get_program());
+                program
+                    .is_absolute()
+                    .then(|| std::ffi::CString::new(program.as_os_str().as_encoded_bytes()).ok())
+                    .flatten()
+            }),
         };
         // The fds must stay open until the fork: the closure owns them.
         let keep_open = (cgroup_fds, netns_fd, landlock_fd);
@@ -346,6 +370,9 @@ struct ChildSteps {
     parent_pid: libc::pid_t,
     user: Option<(Vec<u32>, u32, u32)>,
     landlock_fd: Option<RawFd>,
+    /// The program, checked for execute permission as the new user so the failure names
+    /// itself instead of surfacing as a bare EACCES from exec.
+    program_check: Option<std::ffi::CString>,
 }
 
 fn errno() -> i32 {
@@ -367,6 +394,55 @@ fn fail(step: &[u8], err: i32) -> std::io::Error {
     std::io::Error::from_raw_os_error(err)
 }
 
+/// The kernel's `struct sigaction` for `rt_sigaction` (x86_64 layout).
+#[cfg(target_arch = "x86_64")]
+#[repr(C)]
+struct KernelSigaction {
+    handler: usize,
+    flags: libc::c_ulong,
+    restorer: usize,
+    mask: u64,
+}
+
+/// Sets every catchable signal to its default action. Ignored signals survive exec, and the
+/// daemon may have been started with some ignored (a real-time signal, SIGPIPE...).
+/// Uses the raw syscall because glibc's `sigaction` refuses the signals it reserves (32, 33),
+/// which a parent may still have set to ignored. Async-signal-safe.
+#[cfg(not(target_arch = "x86_64"))]
+fn reset_signal_dispositions() {
+    for sig in 1..=64 {
+        if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+            // SAFETY: signal(2) with SIG_DFL; glibc-reserved signals just fail.
+            unsafe { libc::signal(sig, libc::SIG_DFL) };
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn reset_signal_dispositions() {
+    let default = KernelSigaction {
+        handler: libc::SIG_DFL,
+        flags: 0,
+        restorer: 0,
+        mask: 0,
+    };
+    for sig in 1..=64 {
+        if sig == libc::SIGKILL || sig == libc::SIGSTOP {
+            continue;
+        }
+        // SAFETY: rt_sigaction with a valid struct of the size the kernel expects.
+        unsafe {
+            libc::syscall(
+                libc::SYS_rt_sigaction,
+                sig,
+                &default as *const KernelSigaction,
+                std::ptr::null_mut::<KernelSigaction>(),
+                8usize,
+            );
+        }
+    }
+}
+
 impl ChildSteps {
     /// Runs in the forked child. Only raw syscalls.
     fn run(&self) -> std::io::Result<()> {
@@ -379,6 +455,7 @@ impl ChildSteps {
                     return Err(fail(b"join cgroup", errno()));
                 }
             }
+            reset_signal_dispositions();
             if libc::setsid() < 0 {
                 let e = errno();
                 // Already a group leader (someone set process_group): still its own group.
@@ -438,6 +515,14 @@ impl ChildSteps {
                 }
                 if libc::setuid(*uid) != 0 {
                     return Err(fail(b"setuid", errno()));
+                }
+                if let Some(program) = &self.program_check
+                    && libc::access(program.as_ptr(), libc::X_OK) != 0
+                {
+                    return Err(fail(
+                        b"program is not executable by the execution's user (check permissions of every directory on its path)",
+                        errno(),
+                    ));
                 }
             }
             if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {

@@ -1,4 +1,4 @@
-//! Resolves the `user` of a task ("nobody", "1000", "name:group", "nomad-<N>") to numeric ids.
+//! Resolves the `user` of a task ("nobody", "1000", "name:group", `nomad-<N>`) to numeric ids.
 //!
 //! Lookups go through NSS (`getpwnam`/`getgrnam`), which may block on network directories:
 //! call [`resolve_user`] from a blocking context.

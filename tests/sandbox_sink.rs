@@ -1,0 +1,184 @@
+//! Output sinks: real FIFOs (with and without a reader), files, symlinks, directories, sockets.
+
+use elide_task_driver::sandbox::sink::{SinkError, open_sink};
+use nix::sys::stat::Mode;
+use nix::unistd::mkfifo;
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::symlink;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+fn tmp() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("esk")
+        .tempdir_in("/tmp")
+        .expect("tempdir")
+}
+
+fn refused(path: &Path, roots: &[PathBuf]) -> String {
+    match open_sink(path, roots, Duration::from_millis(100)) {
+        Ok(_) => panic!("{path:?} must be refused"),
+        Err(e) => {
+            let msg = e.to_string();
+            assert!(
+                msg.contains(&format!("{path:?}")),
+                "error must name the path: {msg}"
+            );
+            msg
+        }
+    }
+}
+
+fn is_nonblocking(fd: &std::os::fd::OwnedFd) -> bool {
+    // SAFETY: F_GETFL on an fd we own.
+    let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
+    assert!(flags >= 0);
+    flags & libc::O_NONBLOCK != 0
+}
+
+#[test]
+fn fifo_with_reader_opens_blocking_and_delivers_bytes() {
+    let d = tmp();
+    let fifo = d.path().join("out.fifo");
+    mkfifo(&fifo, Mode::from_bits_truncate(0o600)).expect("mkfifo");
+    let reader_path = fifo.clone();
+    let reader = std::thread::spawn(move || {
+        let mut f = std::fs::File::open(&reader_path).expect("open reader");
+        let mut s = String::new();
+        f.read_to_string(&mut s).expect("read");
+        s
+    });
+    let fd = open_sink(&fifo, &[], Duration::from_secs(30)).expect("open fifo");
+    assert!(!is_nonblocking(&fd), "the child must get a blocking fd");
+    let mut w = std::fs::File::from(fd);
+    w.write_all(b"hello fifo\n").expect("write");
+    drop(w);
+    assert_eq!(reader.join().expect("reader"), "hello fifo\n");
+}
+
+#[test]
+fn fifo_reader_arriving_late_is_waited_for() {
+    let d = tmp();
+    let fifo = d.path().join("late.fifo");
+    mkfifo(&fifo, Mode::from_bits_truncate(0o600)).expect("mkfifo");
+    let reader_path = fifo.clone();
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let reader = std::thread::spawn(move || {
+        // Attach only after the writer has started retrying.
+        rx.recv().expect("go");
+        std::thread::sleep(Duration::from_millis(200));
+        let mut f = std::fs::File::open(&reader_path).expect("open reader");
+        let mut s = String::new();
+        f.read_to_string(&mut s).expect("read");
+        s
+    });
+    tx.send(()).expect("send");
+    let fd = open_sink(&fifo, &[], Duration::from_secs(60)).expect("open fifo");
+    let mut w = std::fs::File::from(fd);
+    w.write_all(b"late\n").expect("write");
+    drop(w);
+    assert_eq!(reader.join().expect("reader"), "late\n");
+}
+
+#[test]
+fn fifo_without_reader_fails_after_deadline_naming_it() {
+    let d = tmp();
+    let fifo = d.path().join("noreader.fifo");
+    mkfifo(&fifo, Mode::from_bits_truncate(0o600)).expect("mkfifo");
+    let start = Instant::now();
+    let err = open_sink(&fifo, &[], Duration::from_millis(300)).expect_err("no reader");
+    assert!(start.elapsed() >= Duration::from_millis(300));
+    assert!(matches!(err, SinkError::NoReader { .. }), "{err}");
+    assert!(err.to_string().contains("noreader.fifo"), "{err}");
+}
+
+#[test]
+fn regular_file_under_root_is_created_and_appended() {
+    let d = tmp();
+    let roots = vec![d.path().to_path_buf()];
+    let path = d.path().join("sub").join("out.log");
+    std::fs::create_dir(d.path().join("sub")).expect("mkdir");
+    for line in ["one\n", "two\n"] {
+        let fd = open_sink(&path, &roots, Duration::from_secs(1)).expect("open file");
+        std::fs::File::from(fd)
+            .write_all(line.as_bytes())
+            .expect("write");
+    }
+    assert_eq!(std::fs::read_to_string(&path).expect("read"), "one\ntwo\n");
+}
+
+#[test]
+fn dev_null_is_allowed() {
+    let fd = open_sink(Path::new("/dev/null"), &[], Duration::from_secs(1)).expect("null");
+    std::fs::File::from(fd)
+        .write_all(b"discarded")
+        .expect("write");
+}
+
+#[test]
+fn files_outside_roots_or_without_roots_are_refused() {
+    let d = tmp();
+    let other = tmp();
+    let roots = vec![d.path().to_path_buf()];
+    let outside = other.path().join("x.log");
+    let msg = refused(&outside, &roots);
+    assert!(msg.contains("not under an allowed sink root"), "{msg}");
+    assert!(
+        !outside.exists(),
+        "nothing may be created outside the roots"
+    );
+    let msg = refused(&d.path().join("y.log"), &[]);
+    assert!(msg.contains("none is configured"), "{msg}");
+    refused(Path::new("/etc/elide-should-not-exist.log"), &roots);
+    refused(Path::new("relative.log"), &roots);
+    refused(&d.path().join("..").join("escape.log"), &roots);
+    // The root itself is a directory, not a file under it.
+    refused(d.path(), &roots);
+}
+
+#[test]
+fn symlinks_are_refused_even_inside_the_root() {
+    let d = tmp();
+    let roots = vec![d.path().to_path_buf()];
+    let target = d.path().join("real.log");
+    std::fs::write(&target, "").expect("write");
+    let link = d.path().join("link.log");
+    symlink(&target, &link).expect("symlink");
+    let msg = refused(&link, &roots);
+    assert!(msg.contains("symlink"), "{msg}");
+    // A symlink to a file outside the root.
+    let out = d.path().join("passwd.log");
+    symlink("/etc/passwd", &out).expect("symlink");
+    refused(&out, &roots);
+    // A symlinked directory that escapes the root.
+    let other = tmp();
+    let escape = d.path().join("escape");
+    symlink(other.path(), &escape).expect("symlink dir");
+    let msg = refused(&escape.join("x.log"), &roots);
+    assert!(msg.contains("not under an allowed sink root"), "{msg}");
+    assert!(!other.path().join("x.log").exists());
+    // A symlink to a FIFO is refused too.
+    let fifo = d.path().join("f.fifo");
+    mkfifo(&fifo, Mode::from_bits_truncate(0o600)).expect("mkfifo");
+    let fl = d.path().join("fifo-link");
+    symlink(&fifo, &fl).expect("symlink");
+    refused(&fl, &roots);
+}
+
+#[test]
+fn directories_sockets_devices_and_hard_links_are_refused() {
+    let d = tmp();
+    let roots = vec![d.path().to_path_buf()];
+    let dir = d.path().join("adir");
+    std::fs::create_dir(&dir).expect("mkdir");
+    assert!(refused(&dir, &roots).contains("directory"));
+    let sock = d.path().join("s.sock");
+    let _listener = std::os::unix::net::UnixListener::bind(&sock).expect("bind");
+    assert!(refused(&sock, &roots).contains("socket"));
+    assert!(refused(Path::new("/dev/zero"), &roots).contains("device"));
+    let a = d.path().join("a.log");
+    std::fs::write(&a, "").expect("write");
+    std::fs::hard_link(&a, d.path().join("b.log")).expect("link");
+    assert!(refused(&a, &roots).contains("hard link"));
+}
