@@ -92,7 +92,7 @@ impl BasePlugin for Base {
             }
             Ok(Ok(Err(e))) => {
                 // Not fatal: the driver reports UNHEALTHY and keeps retrying.
-                tracing::warn!(error = %e, "elide-daemon not usable at SetConfig")
+                tracing::warn!(error = %e, "elide-daemon not reachable at SetConfig")
             }
             Ok(Err(e)) => tracing::error!(error = %e, "daemon setup task failed"),
             Err(_) => {
