@@ -375,3 +375,24 @@ async fn unknown_ids_bad_signals_and_ended_executions_are_refused() {
         .unwrap_err();
     assert_eq!(st.code(), Code::NotFound);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn fifo_without_reader_fails_after_the_open_timeout_naming_the_sink() {
+    let d = TestDaemon::start_with(&["--sink-open-timeout", "300ms"]).await;
+    let mut c = d.client().await;
+    let s = session(&mut c, &[]).await;
+    let fifo = d.path("lonely.fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let mut r = code_req(&s, "py", "print(1)");
+    r.stderr = path_sink(&fifo);
+    let st = tokio::time::timeout(DEADLINE, c.start_execution(r))
+        .await
+        .expect("StartExecution hung on a FIFO without reader")
+        .unwrap_err();
+    assert_eq!(st.code(), Code::InvalidArgument, "{}", st.message());
+    assert!(
+        st.message().contains("stderr.path") && st.message().contains("reader"),
+        "{}",
+        st.message()
+    );
+}
