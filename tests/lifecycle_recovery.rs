@@ -202,11 +202,8 @@ async fn daemon_killed_fails_waits_within_two_seconds_and_health_follows_it() {
         m.health == HealthState::Healthy as i32
     })
     .await;
-    let root = tempfile::Builder::new()
-        .prefix("ek")
-        .tempdir_in("/tmp")
-        .unwrap();
-    let alloc = Alloc::new(root.path());
+    // Under the daemon's --output-root: such a daemon refuses FIFOs elsewhere.
+    let alloc = Alloc::new(&daemon.path("nomad"));
     let mut waits = Vec::new();
     let mut pids = Vec::new();
     for i in 0..3 {

@@ -14,14 +14,23 @@ use elide_task_driver::proto::hashicorp::nomad::plugins::drivers::proto as pb;
 use lifecycle_support::{Alloc, DEADLINE, Plugin, plugin_config};
 use serde_json::json;
 
-async fn setup() -> (TestDaemon, Plugin, tempfile::TempDir) {
+/// A daemon, a plugin using it, and a data dir for allocations. The data dir lies under the
+/// daemon's `--output-root` (a daemon with output roots only accepts FIFOs beneath them, so
+/// operators list Nomad's `<data_dir>/alloc` there).
+async fn setup() -> (TestDaemon, Plugin, DataDir) {
     let daemon = TestDaemon::start().await;
     let plugin = Plugin::launch(&plugin_config(&daemon.socket, None)).await;
-    let root = tempfile::Builder::new()
-        .prefix("ea")
-        .tempdir_in("/tmp")
-        .unwrap();
+    let root = DataDir(daemon.path("nomad"));
+    std::fs::create_dir_all(root.path()).unwrap();
     (daemon, plugin, root)
+}
+
+struct DataDir(std::path::PathBuf);
+
+impl DataDir {
+    fn path(&self) -> &std::path::Path {
+        &self.0
+    }
 }
 
 #[tokio::test]

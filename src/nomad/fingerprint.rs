@@ -31,6 +31,8 @@ pub const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 pub const ATTR_VERSION: &str = "driver.elide.version";
 /// Attribute: the daemon's version.
 pub const ATTR_DAEMON_VERSION: &str = "driver.elide.daemon_version";
+/// Attribute: whether AI intrinsics are available ("true"/"false").
+pub const ATTR_AI: &str = "driver.elide.ai";
 /// Attribute prefix: one per available runtime, value = its version.
 pub const ATTR_RUNTIME_PREFIX: &str = "driver.elide.runtime.";
 /// Nomad's own wording for a healthy driver.
@@ -110,6 +112,17 @@ pub async fn probe(link: &DaemonLink, snapshot: &Snapshot) -> FingerprintRespons
             );
         }
     }
+    // AI intrinsics need the session flag and a runtime on the Elide backend (jobs constrain
+    // on this, e.g. examples/ai-inference.nomad).
+    let ai = config.session.enable_ai
+        && info
+            .runtimes
+            .iter()
+            .any(|r| r.available && r.backend == "elide");
+    attrs.insert(
+        ATTR_AI.into(),
+        string_attr(if ai { "true" } else { "false" }),
+    );
     let session = match client.get_session(session_id).await {
         Ok(s) => Ok(s),
         Err(e) if e.code() == Some(tonic::Code::NotFound) => {
