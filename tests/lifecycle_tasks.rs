@@ -677,3 +677,75 @@ async fn bad_input_gets_named_errors_and_the_plugin_keeps_serving() {
     assert!(e.message().contains("handle"), "{e:?}");
     plugin.alive().await;
 }
+
+/// A named network namespace (what Nomad creates for `network { mode = "bridge" }`), removed
+/// on drop.
+struct NetNs(String);
+
+impl NetNs {
+    fn create() -> NetNs {
+        let name = format!(
+            "elide-lc-{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        );
+        let st = std::process::Command::new("ip")
+            .args(["netns", "add", &name])
+            .status()
+            .expect("ip netns add");
+        assert!(st.success(), "ip netns add {name}");
+        NetNs(name)
+    }
+    fn path(&self) -> String {
+        for dir in ["/run/netns", "/var/run/netns"] {
+            let p = format!("{dir}/{}", self.0);
+            if std::path::Path::new(&p).exists() {
+                return p;
+            }
+        }
+        panic!("netns {} has no path", self.0);
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.0])
+            .status();
+    }
+}
+
+#[tokio::test]
+async fn group_network_mode_joins_the_allocation_netns() {
+    let (_daemon, plugin, root) = setup().await;
+    let alloc = Alloc::new(root.path());
+    let ns = NetNs::create();
+    let code = "import socket\nprint(' '.join(sorted(n for _, n in socket.if_nameindex())))\n";
+    let task = alloc.task("grp");
+    let mut cfg = task.config(&plugin.spec, &json!({"language": "python", "code": code}));
+    cfg.network_isolation_spec = Some(pb::NetworkIsolationSpec {
+        mode: pb::network_isolation_spec::NetworkIsolationMode::Group as i32,
+        path: ns.path(),
+        labels: Default::default(),
+        hosts_config: None,
+    });
+    plugin.start(cfg).await.unwrap();
+    assert_eq!(plugin.wait(&task.id).await.result.unwrap().exit_code, 0);
+    assert_eq!(
+        task.stdout.wait_eof().await,
+        "lo\n",
+        "only the netns's loopback"
+    );
+
+    // Host mode: the host's interfaces.
+    let host = alloc.task("host");
+    plugin
+        .start_json(&host, json!({"language": "python", "code": code}))
+        .await
+        .unwrap();
+    assert_eq!(plugin.wait(&host.id).await.result.unwrap().exit_code, 0);
+    let ifaces = host.stdout.wait_eof().await;
+    assert_ne!(
+        ifaces, "lo\n",
+        "host mode sees more than loopback: {ifaces:?}"
+    );
+}

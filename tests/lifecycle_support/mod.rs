@@ -275,6 +275,34 @@ impl AutoDaemon {
     }
 }
 
+/// Pids of processes whose command line names `socket` (the auto-started daemon).
+fn daemons_on(socket: &Path) -> Vec<i32> {
+    let needle = socket.display().to_string();
+    std::fs::read_dir("/proc")
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+                .filter(|pid| {
+                    std::fs::read(format!("/proc/{pid}/cmdline"))
+                        .is_ok_and(|c| c.split(|b| *b == 0).any(|arg| arg == needle.as_bytes()))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+impl Drop for AutoDaemon {
+    /// A test that fails half-way must not leave its auto-started daemon behind.
+    fn drop(&mut self) {
+        for pid in daemons_on(&self.socket) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+    }
+}
+
 /// The pid of the daemon answering on `socket`.
 pub async fn daemon_pid(socket: &Path) -> Option<u32> {
     let c = elide_task_driver::daemon_client::DaemonClient::connect(socket, Duration::from_secs(2))
