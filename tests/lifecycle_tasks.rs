@@ -749,3 +749,56 @@ async fn group_network_mode_joins_the_allocation_netns() {
         "host mode sees more than loopback: {ifaces:?}"
     );
 }
+
+#[tokio::test]
+async fn tasks_run_as_the_requested_user_including_dynamic_nomad_users() {
+    let (_daemon, plugin, root) = setup().await;
+    let alloc = Alloc::new(root.path());
+    for (user, want) in [("nobody", "65534"), ("nomad-4242", "4242")] {
+        let task = alloc.task(&format!("u{want}"));
+        let mut cfg = task.config(
+            &plugin.spec,
+            // node lives in /usr/bin; this machine's python3 is under /root (not traversable by
+            // other users, which the daemon reports by name).
+            &json!({"language": "javascript", "code": "console.log(process.getuid(), process.getgid())"}),
+        );
+        cfg.user = user.into();
+        plugin
+            .start(cfg)
+            .await
+            .unwrap_or_else(|e| panic!("{user}: {e}"));
+        let w = plugin.wait(&task.id).await;
+        assert_eq!(
+            w.result.unwrap().exit_code,
+            0,
+            "{user}: {}",
+            task.stderr.text()
+        );
+        let out = task.stdout.wait_eof().await;
+        assert!(out.starts_with(&format!("{want} ")), "{user}: {out:?}");
+    }
+}
+
+#[tokio::test]
+async fn elide_opts_memory_limit_tightens_the_task_memory_and_oom_is_reported() {
+    let (_daemon, plugin, root) = setup().await;
+    let alloc = Alloc::new(root.path());
+    let task = alloc.task("hog");
+    plugin
+        .start_json(
+            &task,
+            json!({
+                "language": "python",
+                "code": "b = bytearray(400 * 1024 * 1024)\nfor i in range(0, len(b), 4096):\n    b[i] = 1\nprint('survived')\n",
+                "elide_opts": [{"memory_limit_mb": 64}],
+            }),
+        )
+        .await
+        .unwrap();
+    let r = plugin.wait(&task.id).await.result.unwrap();
+    assert!(
+        r.oom_killed,
+        "{r:?} (task memory 256 MiB, elide_opts 64 MiB)"
+    );
+    assert!(!task.stdout.wait_eof().await.contains("survived"));
+}

@@ -735,3 +735,123 @@ pub async fn destroy_network(
 
 /// Default deadline for daemon calls made on behalf of one RPC.
 pub const CALL_TIMEOUT: Duration = DEFAULT_CALL_TIMEOUT;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nomad::config::Language;
+
+    fn spec(memory_limit_mb: Option<u64>) -> TaskSpec {
+        TaskSpec {
+            source: Source::Code("print(1)".into()),
+            language: Language::Python,
+            args: vec!["a".into()],
+            env: [("A".to_string(), "job".to_string())].into_iter().collect(),
+            timeout: Some(Duration::from_secs(3)),
+            memory_limit_mb,
+        }
+    }
+
+    fn task(memory_mb: i64, memory_max_mb: i64) -> pb::TaskConfig {
+        pb::TaskConfig {
+            id: "a/t/x".into(),
+            name: "t".into(),
+            alloc_dir: "/nonexistent/alloc/a".into(),
+            env: [
+                ("A".to_string(), "nomad".to_string()),
+                ("NOMAD_TASK_NAME".to_string(), "t".to_string()),
+            ]
+            .into_iter()
+            .collect(),
+            resources: Some(pb::Resources {
+                allocated_resources: Some(pb::AllocatedTaskResources {
+                    cpu: Some(pb::AllocatedCpuResources { cpu_shares: 250 }),
+                    memory: Some(pb::AllocatedMemoryResources {
+                        memory_mb,
+                        memory_max_mb,
+                    }),
+                    networks: vec![],
+                }),
+                linux_resources: None,
+                ports: vec![],
+            }),
+            ..Default::default()
+        }
+    }
+
+    const MIB: i64 = 1024 * 1024;
+
+    #[test]
+    fn memory_is_the_max_of_memory_and_memory_max_tightened_by_opts_and_session() {
+        assert_eq!(memory_limit_bytes(&task(128, 0), &spec(None), 0), 128 * MIB);
+        assert_eq!(
+            memory_limit_bytes(&task(128, 512), &spec(None), 0),
+            512 * MIB
+        );
+        assert_eq!(
+            memory_limit_bytes(&task(128, 512), &spec(Some(64)), 0),
+            64 * MIB
+        );
+        assert_eq!(
+            memory_limit_bytes(&task(128, 512), &spec(Some(1024)), 0),
+            512 * MIB
+        );
+        assert_eq!(memory_limit_bytes(&task(128, 0), &spec(None), 32), 32 * MIB);
+        assert_eq!(memory_limit_bytes(&task(0, 0), &spec(None), 0), 0);
+        assert_eq!(cpu_shares(&task(1, 0)), 250);
+    }
+
+    #[test]
+    fn request_merges_env_and_maps_sinks_and_network() {
+        let mut t = task(64, 0);
+        t.stdout_path = String::new();
+        t.stderr_path = "/x/alloc/logs/.t.stderr.fifo".into();
+        t.user = "nomad-4242".into();
+        t.network_isolation_spec = Some(pb::NetworkIsolationSpec {
+            mode: pb::network_isolation_spec::NetworkIsolationMode::Group as i32,
+            path: "/var/run/netns/a".into(),
+            ..Default::default()
+        });
+        let r = execution_request(&t, &spec(None), "s1", 0);
+        let env: std::collections::HashMap<String, String> = r
+            .env
+            .iter()
+            .map(|e| {
+                (
+                    String::from_utf8_lossy(&e.key).into_owned(),
+                    String::from_utf8_lossy(&e.value).into_owned(),
+                )
+            })
+            .collect();
+        assert_eq!(env["A"], "job", "job env wins over Nomad's");
+        assert_eq!(env["NOMAD_TASK_NAME"], "t");
+        let path = |s: &Option<api::OutputSink>| match s.as_ref().and_then(|s| s.kind.clone()) {
+            Some(api::output_sink::Kind::Path(p)) => p,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(path(&r.stdout), "/dev/null");
+        assert_eq!(path(&r.stderr), "/x/alloc/logs/.t.stderr.fifo");
+        assert_eq!(r.network_namespace, "/var/run/netns/a");
+        assert_eq!(r.user, "nomad-4242");
+        assert_eq!(r.client_ref, "a/t/x");
+        assert_eq!(r.session_id, "s1");
+        assert_eq!(r.limits.unwrap().timeout.unwrap().seconds, 3);
+        t.network_isolation_spec = None;
+        assert_eq!(
+            execution_request(&t, &spec(None), "s1", 0).network_namespace,
+            ""
+        );
+    }
+
+    #[test]
+    fn recoverable_status_carries_nomads_detail() {
+        let s = recoverable("daemon down".into());
+        let st = crate::proto::google::rpc::Status::decode(s.details()).unwrap();
+        assert_eq!(st.details[0].type_url, RECOVERABLE_TYPE_URL);
+        let r = crate::proto::hashicorp::nomad::plugins::shared::structs::RecoverableError::decode(
+            st.details[0].value.as_slice(),
+        )
+        .unwrap();
+        assert!(r.recoverable);
+    }
+}
