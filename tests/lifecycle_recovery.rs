@@ -259,6 +259,8 @@ async fn daemon_killed_fails_waits_within_two_seconds_and_health_follows_it() {
     assert_eq!(recoverable_detail(&e), Some(true), "{e:?}");
     plugin.alive().await;
 
+    // The daemon comes back with an empty state dir: our session is gone and gets re-created.
+    let _ = std::fs::remove_dir_all(&daemon.state_dir);
     daemon.spawn().await;
     fingerprint_until(&mut fp, DEADLINE, |m| {
         m.health == HealthState::Healthy as i32
@@ -271,6 +273,23 @@ async fn daemon_killed_fails_waits_within_two_seconds_and_health_follows_it() {
         .unwrap();
     assert_eq!(plugin.wait(&t.id).await.result.unwrap().exit_code, 0);
     assert_eq!(t.stdout.wait_eof().await, "back\n");
+    let c = elide_task_driver::daemon_client::DaemonClient::connect(&daemon.socket, DEADLINE)
+        .await
+        .unwrap();
+    let sessions = c
+        .raw()
+        .list_sessions(elide_task_driver::proto::elide::daemon::v1alpha1::ListSessionsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .sessions;
+    let owner = format!("nomad-plugin pid {}", plugin.client.process.child.id());
+    assert!(
+        sessions
+            .iter()
+            .any(|s| s.owner == owner && s.id.starts_with("nomad-")),
+        "session re-created in the fresh daemon: {sessions:?}"
+    );
 }
 
 #[tokio::test]

@@ -20,8 +20,11 @@ use crate::proto::hashicorp::nomad::plugins::drivers::proto as pb;
 pub const MIN_STATS_INTERVAL: Duration = Duration::from_millis(100);
 /// Combined output kept by ExecTask, like Nomad's `CheckBufSize`.
 pub const EXEC_OUTPUT_CAP: usize = 4 * 1024;
-/// Pause before re-watching the daemon's events after the stream broke.
-pub const EVENTS_RETRY: Duration = Duration::from_millis(500);
+/// First pause before re-watching the daemon's events after the stream broke; doubles up to
+/// [`EVENTS_RETRY_MAX`] while the daemon stays away.
+pub const EVENTS_RETRY: Duration = Duration::from_millis(200);
+/// Longest pause between attempts to re-watch the daemon's events.
+pub const EVENTS_RETRY_MAX: Duration = Duration::from_secs(5);
 
 fn not_found(id: &str) -> Status {
     Status::not_found(format!("task with ID {id:?} not found"))
@@ -252,6 +255,7 @@ pub async fn task_events(
     let (tx, rx) = mpsc::channel(64);
     let state = state.clone();
     tokio::spawn(async move {
+        let mut pause = EVENTS_RETRY;
         loop {
             let watched = async {
                 let client = state.link.client(&state.snapshot()).await.ok()?;
@@ -263,6 +267,7 @@ pub async fn task_events(
                 () = state.shutdown.cancelled() => return,
             };
             if let Some(mut stream) = stream {
+                pause = EVENTS_RETRY;
                 loop {
                     let next = tokio::select! {
                         m = stream.message() => m,
@@ -285,10 +290,11 @@ pub async fn task_events(
                 }
             }
             tokio::select! {
-                () = tokio::time::sleep(EVENTS_RETRY) => {}
+                () = tokio::time::sleep(pause) => {}
                 () = tx.closed() => return,
                 () = state.shutdown.cancelled() => return,
             }
+            pause = (pause * 2).min(EVENTS_RETRY_MAX);
         }
     });
     Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
