@@ -315,6 +315,18 @@ async fn exec_runs_a_command_in_the_execution_context() {
         },
     ];
     let e = start_ready(&mut c, req).await;
+    // A command that cannot start is an error naming the field.
+    let bad = pb::ExecRequest {
+        msg: Some(pb::exec_request::Msg::Setup(pb::ExecSetup {
+            execution_id: e.id.clone(),
+            command: vec!["/no/such/program".into()],
+            tty: false,
+            timeout: None,
+        })),
+    };
+    let st = c.exec(futures::stream::iter(vec![bad])).await.unwrap_err();
+    assert_eq!(st.code(), tonic::Code::InvalidArgument);
+    assert!(st.message().contains("setup.command"), "{}", st.message());
     let (tx, rx) = tokio::sync::mpsc::channel(8);
     tx.send(pb::ExecRequest {
         msg: Some(pb::exec_request::Msg::Setup(pb::ExecSetup {

@@ -170,6 +170,17 @@ async fn socket_is_private_by_default() {
     let d = TestDaemon::start().await;
     let mode = std::fs::metadata(&d.socket).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);
+
+    // Optionally shared with a group.
+    use std::os::unix::fs::MetadataExt;
+    let group = nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(65534))
+        .unwrap()
+        .map(|g| g.name)
+        .unwrap_or_else(|| "65534".into());
+    let d = TestDaemon::start_with(&["--socket-mode", "0660", "--socket-group", &group]).await;
+    let meta = std::fs::metadata(&d.socket).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o660);
+    assert_eq!(meta.gid(), 65534);
 }
 
 #[tokio::test(flavor = "multi_thread")]

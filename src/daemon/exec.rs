@@ -134,48 +134,52 @@ pub async fn exec(
         stdout: dev_null()?,
         stderr: dev_null()?,
     };
-    spec.apply(&mut cmd)
-        .map_err(|err| Status::internal(format!("preparing exec isolation: {err}")))?;
-    let mut master: Option<OwnedFd> = None;
-    if setup.tty {
-        let pty = nix::pty::openpty(None, None)
-            .map_err(|err| Status::internal(format!("openpty: {err}")))?;
-        let slave = pty.slave;
-        cmd.stdin(
-            slave
-                .try_clone()
-                .map_err(|e| Status::internal(e.to_string()))?,
-        );
-        cmd.stdout(
-            slave
-                .try_clone()
-                .map_err(|e| Status::internal(e.to_string()))?,
-        );
-        cmd.stderr(slave);
-        // SAFETY: one ioctl on fd 0, async-signal-safe; runs after the sandbox's setsid.
-        unsafe {
-            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
-                if libc::ioctl(0, libc::TIOCSCTTY as _, 0) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        master = Some(pty.master);
-    } else {
-        cmd.stdin(std::process::Stdio::piped());
-        cmd.stdout(std::process::Stdio::piped());
-        cmd.stderr(std::process::Stdio::piped());
-    }
     let program = setup.command[0].clone();
-    let mut child = daemon
+    let tty = setup.tty;
+    // Isolation, pty and fork all happen on the spawner thread (blocking work, and the forking
+    // thread must outlive the child for PDEATHSIG).
+    let spawned = daemon
         .spawner()
-        .run(move || tokio::process::Command::from(cmd).spawn())
+        .run(
+            move || -> Result<(tokio::process::Child, Option<OwnedFd>), Status> {
+                spec.apply(&mut cmd)
+                    .map_err(|err| Status::internal(format!("preparing exec isolation: {err}")))?;
+                let mut master = None;
+                if tty {
+                    let pty = nix::pty::openpty(None, None)
+                        .map_err(|err| Status::internal(format!("openpty: {err}")))?;
+                    let dup =
+                        |fd: &OwnedFd| fd.try_clone().map_err(|e| Status::internal(e.to_string()));
+                    cmd.stdin(dup(&pty.slave)?);
+                    cmd.stdout(dup(&pty.slave)?);
+                    cmd.stderr(pty.slave);
+                    // SAFETY: one ioctl on fd 0, async-signal-safe; runs after the sandbox's setsid.
+                    unsafe {
+                        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+                            if libc::ioctl(0, libc::TIOCSCTTY as _, 0) != 0 {
+                                return Err(std::io::Error::last_os_error());
+                            }
+                            Ok(())
+                        });
+                    }
+                    master = Some(pty.master);
+                } else {
+                    cmd.stdin(std::process::Stdio::piped());
+                    cmd.stdout(std::process::Stdio::piped());
+                    cmd.stderr(std::process::Stdio::piped());
+                }
+                let child = tokio::process::Command::from(cmd).spawn().map_err(|err| {
+                    Status::from(DaemonError::invalid(
+                        "setup.command",
+                        format!("starting {program:?}: {err}"),
+                    ))
+                })?;
+                Ok((child, master))
+            },
+        )
         .await
-        .map_err(|err| Status::internal(err.to_string()))?
-        .map_err(|err| {
-            DaemonError::invalid("setup.command", format!("starting {program:?}: {err}"))
-        })?;
+        .map_err(|err| Status::internal(err.to_string()))?;
+    let (mut child, master) = spawned?;
     drop(e);
 
     let (tx, rx) = mpsc::channel::<Result<pb::ExecResponse, Status>>(32);
