@@ -614,7 +614,22 @@ async fn bad_input_gets_named_errors_and_the_plugin_keeps_serving() {
     let e = plugin.start(cfg).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::AlreadyExists);
     assert!(e.message().contains("already started"), "{e:?}");
+    // A forced DestroyTask of a running task kills it and answers pending WaitTask calls.
+    let pending = {
+        let mut d = plugin.driver();
+        let id = task.id.clone();
+        tokio::spawn(async move { d.wait_task(pb::WaitTaskRequest { task_id: id }).await })
+    };
+    // Give the WaitTask call time to reach the plugin (nothing observable marks its arrival).
+    tokio::time::sleep(Duration::from_millis(500)).await;
     plugin.destroy(&task.id, true).await.unwrap();
+    let w = tokio::time::timeout(DEADLINE, pending)
+        .await
+        .expect("pending WaitTask answered")
+        .unwrap()
+        .unwrap()
+        .into_inner();
+    assert_eq!(w.result.unwrap().signal, 9, "{:?}", w.err);
 
     // Unknown ids.
     let mut d = plugin.driver();

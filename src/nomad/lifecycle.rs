@@ -589,13 +589,20 @@ pub async fn destroy_task(
         )));
     }
     if let Ok(client) = state.link.client(&state.snapshot()).await {
-        if entry.exit().is_none()
-            && let Err(e) = client
+        if entry.exit().is_none() {
+            match client
                 .stop_execution(&entry.execution_id, "SIGKILL", Duration::ZERO)
                 .await
-            && e.code() != Some(tonic::Code::NotFound)
-        {
-            return Err(daemon_status(state, &req.task_id, &e));
+            {
+                Ok(resp) => {
+                    if let Some(r) = resp.result {
+                        let (result, err) = exit_of(&r, None);
+                        entry.set_exit(result, err);
+                    }
+                }
+                Err(e) if e.code() == Some(tonic::Code::NotFound) => {}
+                Err(e) => return Err(daemon_status(state, &req.task_id, &e)),
+            }
         }
         if let Err(e) = client.remove_execution(&entry.execution_id, true).await
             && e.code() != Some(tonic::Code::NotFound)
@@ -608,6 +615,8 @@ pub async fn destroy_task(
             req.task_id
         )));
     }
+    // WaitTask callers still blocked get an answer: the waiter stops now.
+    entry.set_exit(lost_result(), "task destroyed".into());
     entry.cancel.cancel();
     state.tasks.remove(&req.task_id);
     Ok(Response::new(pb::DestroyTaskResponse {}))
