@@ -248,7 +248,12 @@ async fn daemon_killed_fails_waits_within_two_seconds_and_health_follows_it() {
         "{}",
         m.health_description
     );
-    assert!(killed.elapsed() < Duration::from_secs(10));
+    // Within one fingerprint period (1 s) plus slack for a loaded machine.
+    assert!(
+        killed.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        killed.elapsed()
+    );
 
     // StartTask while the daemon is down: an error Nomad retries (RecoverableError detail).
     let t = alloc.task("down");

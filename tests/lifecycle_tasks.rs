@@ -685,6 +685,22 @@ async fn bad_input_gets_named_errors_and_the_plugin_keeps_serving() {
             .unwrap_err();
         assert!(e.message().contains(want), "want {want:?}: {e:?}");
     }
+    // A handle whose execution is gone from the daemon cannot be recovered.
+    let task = alloc.task("gone");
+    let h = plugin
+        .start_json(&task, json!({"language": "python", "code": "print('x')"}))
+        .await
+        .unwrap();
+    plugin.wait(&task.id).await;
+    plugin.destroy(&task.id, true).await.unwrap();
+    let e = d
+        .recover_task(pb::RecoverTaskRequest {
+            task_id: String::new(),
+            handle: Some(h),
+        })
+        .await
+        .unwrap_err();
+    assert!(e.message().contains("no longer exists"), "{e:?}");
     let e = d
         .recover_task(pb::RecoverTaskRequest::default())
         .await
