@@ -91,10 +91,12 @@ fn main() {
                 json!({"daemon_socket": daemon_socket.display().to_string(), "daemon": {"auto_start": false}}),
                 true,
             )
-                .await
-                .expect("SetConfig");
+            .await
+            .expect("SetConfig");
             let mut fp = c.fingerprint().await;
-            support::next_within(&mut fp, Duration::from_secs(30)).await.expect("fingerprint");
+            support::next_within(&mut fp, Duration::from_secs(30))
+                .await
+                .expect("fingerprint");
             let pid = c.process.child.id();
             (status_kib(pid, "VmRSS:"), status_kib(pid, "VmHWM:"))
         });

@@ -71,17 +71,16 @@ async fn handshake_line_has_six_fields_and_points_at_a_listening_socket() {
 #[tokio::test]
 async fn socket_goes_to_tmpdir_without_plugin_socket_dir() {
     let tmp = short_tempdir();
+    let dir = short_tempdir();
+    // PLUGIN_UNIX_SOCKET_DIR empty (Nomad never sets it): the socket goes to TMPDIR.
     let opts = Launch {
-        env: vec![("TMPDIR".into(), tmp.path().display().to_string())],
+        env: vec![
+            ("TMPDIR".into(), tmp.path().display().to_string()),
+            ("PLUGIN_UNIX_SOCKET_DIR".into(), String::new()),
+        ],
         ..Launch::default()
     };
-    let dir = short_tempdir();
-    // PLUGIN_UNIX_SOCKET_DIR set but empty: go-plugin then falls back to the temp dir.
-    let mut opts2 = opts.clone();
-    opts2
-        .env
-        .push(("PLUGIN_UNIX_SOCKET_DIR".into(), String::new()));
-    let p = PluginProcess::spawn(&opts2, dir.path());
+    let p = PluginProcess::spawn(&opts, dir.path());
     let hs = p.read_handshake(DEADLINE).expect("handshake");
     assert!(
         hs.fields[3].starts_with(&tmp.path().display().to_string()),

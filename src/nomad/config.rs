@@ -593,6 +593,40 @@ mod tests {
         r.unwrap_err().to_string()
     }
 
+    fn literal_of(spec: &Spec) -> String {
+        use crate::proto::hashicorp::nomad::plugins::shared::hclspec::spec::Block;
+        match spec.block.as_ref() {
+            Some(Block::Default(d)) => match d.default.as_ref().and_then(|x| x.block.as_ref()) {
+                Some(Block::Literal(l)) => l.value.clone(),
+                other => panic!("not a literal: {other:?}"),
+            },
+            other => panic!("not a default: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn schema_literals_snapshot() {
+        use crate::proto::hashicorp::nomad::plugins::shared::hclspec::spec::Block;
+        let spec = schema();
+        let Some(Block::Object(top)) = spec.block.as_ref() else {
+            panic!("object expected")
+        };
+        let lit = |k: &str| literal_of(&top.attributes[k]);
+        assert_eq!(lit("daemon_socket"), r#""/run/elide/daemon.sock""#);
+        assert_eq!(lit("fingerprint_period"), r#""30s""#);
+        assert_eq!(
+            lit("session_config"),
+            r#"{ context_pool_size = 2, enabled_languages = ["python", "javascript", "typescript"], enabled_intrinsics = ["env", "io", "net"], memory_limit_mb = 0, enable_ai = false }"#
+        );
+        assert_eq!(
+            lit("daemon"),
+            r#"{ auto_start = true, args = [], start_timeout = "10s" }"#
+        );
+        let ty = hclspec::implied_type(&spec).unwrap();
+        let want = "Object({\"daemon\": Object({\"args\": List(String), \"auto_start\": Bool, \"log_file\": String, \"path\": String, \"start_timeout\": String}), \"daemon_socket\": String, \"fingerprint_period\": String, \"session_config\": Object({\"context_pool_size\": Number, \"enable_ai\": Bool, \"enabled_intrinsics\": List(String), \"enabled_languages\": List(String), \"memory_limit_mb\": Number})})";
+        assert_eq!(format!("{ty:?}"), want);
+    }
+
     #[test]
     fn empty_and_all_null_configs_give_defaults() {
         assert_eq!(PluginConfig::from_msgpack(&[]), Ok(PluginConfig::default()));
