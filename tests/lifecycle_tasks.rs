@@ -833,3 +833,92 @@ async fn elide_opts_memory_limit_tightens_the_task_memory_and_oom_is_reported() 
     );
     assert!(!task.stdout.wait_eof().await.contains("survived"));
 }
+
+/// The `config {}` blocks of `examples/*.nomad`: top-level keys (with whether they were written
+/// as a block) and the keys of nested blocks. Heredoc bodies are skipped.
+fn example_configs(text: &str) -> Vec<Vec<(String, bool, Vec<String>)>> {
+    let mut out = Vec::new();
+    let mut lines = text.lines();
+    let mut heredoc: Option<String> = None;
+    while let Some(line) = lines.next() {
+        if line.trim() != "config {" {
+            continue;
+        }
+        let mut keys: Vec<(String, bool, Vec<String>)> = Vec::new();
+        let mut depth = 1;
+        for l in lines.by_ref() {
+            let t = l.trim();
+            if let Some(end) = &heredoc {
+                if t == end {
+                    heredoc = None;
+                }
+                continue;
+            }
+            if let Some(pos) = t.find("<<-").or_else(|| t.find("<<")) {
+                heredoc = Some(
+                    t[pos..]
+                        .trim_start_matches('<')
+                        .trim_start_matches('-')
+                        .to_string(),
+                );
+            }
+            let word: String = t
+                .chars()
+                .take_while(|c| c.is_alphanumeric() || *c == '_')
+                .collect();
+            let rest = t[word.len()..].trim_start();
+            if !word.is_empty() && depth == 1 {
+                keys.push((word.clone(), rest.starts_with('{'), Vec::new()));
+            } else if !word.is_empty() && depth == 2 && rest.starts_with('=') {
+                if let Some(last) = keys.last_mut().filter(|k| k.1) {
+                    last.2.push(word.clone());
+                }
+            }
+            depth += t.matches('{').count() as i32 - t.matches('}').count() as i32;
+            if depth == 0 {
+                break;
+            }
+        }
+        out.push(keys);
+    }
+    out
+}
+
+#[test]
+fn examples_use_the_task_config_schema() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().and_then(|e| e.to_str()) != Some("nomad") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        for keys in example_configs(&text) {
+            seen += 1;
+            let names: Vec<&str> = keys.iter().map(|k| k.0.as_str()).collect();
+            for (key, is_block, nested) in &keys {
+                match key.as_str() {
+                    "script" | "code" | "language" | "args" | "env" => {
+                        assert!(!is_block, "{path:?}: {key} is an attribute")
+                    }
+                    "elide_opts" => {
+                        assert!(is_block, "{path:?}: elide_opts is a block");
+                        for n in nested {
+                            assert!(
+                                ["timeout", "memory_limit_mb"].contains(&n.as_str()),
+                                "{path:?}: unknown elide_opts key {n}"
+                            );
+                        }
+                    }
+                    other => panic!("{path:?}: unknown config key {other:?}"),
+                }
+            }
+            assert!(
+                names.contains(&"code") != names.contains(&"script"),
+                "{path:?}: exactly one of code and script: {names:?}"
+            );
+        }
+    }
+    assert!(seen >= 7, "found {seen} elide config blocks");
+}
