@@ -869,10 +869,12 @@ fn example_configs(text: &str) -> Vec<Vec<(String, bool, Vec<String>)>> {
             let rest = t[word.len()..].trim_start();
             if !word.is_empty() && depth == 1 {
                 keys.push((word.clone(), rest.starts_with('{'), Vec::new()));
-            } else if !word.is_empty() && depth == 2 && rest.starts_with('=') {
-                if let Some(last) = keys.last_mut().filter(|k| k.1) {
-                    last.2.push(word.clone());
-                }
+            } else if !word.is_empty()
+                && depth == 2
+                && rest.starts_with('=')
+                && let Some(last) = keys.last_mut().filter(|k| k.1)
+            {
+                last.2.push(word.clone());
             }
             depth += t.matches('{').count() as i32 - t.matches('}').count() as i32;
             if depth == 0 {
