@@ -924,3 +924,30 @@ fn examples_use_the_task_config_schema() {
     }
     assert!(seen >= 7, "found {seen} elide config blocks");
 }
+
+#[tokio::test]
+async fn stop_without_a_signal_sends_sigint_and_bad_names_are_refused() {
+    let (_daemon, plugin, root) = setup().await;
+    let alloc = Alloc::new(root.path());
+    let task = alloc.task("int");
+    plugin
+        .start_json(
+            &task,
+            json!({"language": "javascript", "code": "console.log('ready'); setInterval(() => {}, 1000);"}),
+        )
+        .await
+        .unwrap();
+    task.stdout.wait_for("ready", |t| t.contains("ready")).await;
+    let e = plugin
+        .stop(&task.id, "SIGNOPE", Duration::from_secs(1))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("SIGNOPE"), "{e:?}");
+    plugin
+        .stop(&task.id, "", Duration::from_secs(10))
+        .await
+        .unwrap();
+    let r = plugin.wait(&task.id).await.result.unwrap();
+    assert_eq!((r.signal, r.exit_code), (2, 130), "{r:?}");
+}
