@@ -442,9 +442,19 @@ pub async fn exec_task_streaming(
         .exec(ReceiverStream::new(in_rx))
         .await
         .map_err(|e| daemon_status(state, &setup.task_id, &e))?;
-    // Client → daemon: stdin, close, resize; heartbeats (nothing set) are dropped.
+    // Client → daemon: stdin, close, resize; heartbeats (nothing set) are dropped. Ends with
+    // the output side, so nothing lingers after the command exited.
+    let done = tokio_util::sync::CancellationToken::new();
+    let input_done = done.clone();
     tokio::spawn(async move {
-        while let Ok(Some(m)) = req.message().await {
+        loop {
+            let m = tokio::select! {
+                m = req.message() => match m {
+                    Ok(Some(m)) => m,
+                    _ => break,
+                },
+                () = input_done.cancelled() => return,
+            };
             let msg = if let Some(size) = m.tty_size {
                 Some(api::exec_request::Msg::Resize(api::TerminalSize {
                     height: size.height,
@@ -474,10 +484,14 @@ pub async fn exec_task_streaming(
             }
         }
         // The client stopped sending: the process keeps running until it exits (§3.16).
-        in_tx.closed().await;
+        tokio::select! {
+            () = in_tx.closed() => {}
+            () = input_done.cancelled() => {}
+        }
     });
     let (tx, rx) = mpsc::channel(16);
     tokio::spawn(async move {
+        let _done = done.drop_guard();
         let mut result = None;
         loop {
             match out.message().await {
