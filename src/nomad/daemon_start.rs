@@ -92,6 +92,14 @@ fn on_path(name: &str) -> Option<PathBuf> {
 
 /// Resolves the daemon binary (see the module docs for the order).
 pub fn resolve_daemon_path(configured: Option<&str>) -> Result<PathBuf, StartError> {
+    resolve_daemon_path_from(configured, std::env::current_exe().ok())
+}
+
+/// [`resolve_daemon_path`] for a plugin binary at `exe`.
+pub fn resolve_daemon_path_from(
+    configured: Option<&str>,
+    exe: Option<PathBuf>,
+) -> Result<PathBuf, StartError> {
     if let Some(p) = configured {
         if p.contains('/') {
             let path = PathBuf::from(p);
@@ -108,7 +116,7 @@ pub fn resolve_daemon_path(configured: Option<&str>) -> Result<PathBuf, StartErr
         });
     }
     let mut tried = Vec::new();
-    if let Ok(exe) = std::env::current_exe() {
+    if let Some(exe) = exe {
         let real = std::fs::canonicalize(&exe).unwrap_or(exe.clone());
         let mut dirs: Vec<PathBuf> = Vec::new();
         for p in [&real, &exe] {
@@ -250,6 +258,31 @@ mod tests {
         assert_eq!(
             resolve_daemon_path(Some("/bin/sh")).unwrap(),
             PathBuf::from("/bin/sh")
+        );
+    }
+
+    #[test]
+    fn default_path_follows_the_install_layout() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let plugins = d.path().join("build/plugins");
+        let bin = d.path().join("build/bin");
+        std::fs::create_dir_all(&plugins).unwrap();
+        std::fs::create_dir_all(&bin).unwrap();
+        let plugin = plugins.join("elide");
+        std::fs::write(&plugin, "").unwrap();
+        let daemon = bin.join(DAEMON_BIN);
+        std::fs::write(&daemon, "").unwrap();
+        std::fs::set_permissions(&daemon, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let got = resolve_daemon_path_from(None, Some(plugin.clone())).unwrap();
+        assert_eq!(got.canonicalize().unwrap(), daemon.canonicalize().unwrap());
+        // Next to the plugin wins (cargo's target/debug layout).
+        let beside = plugins.join(DAEMON_BIN);
+        std::fs::write(&beside, "").unwrap();
+        std::fs::set_permissions(&beside, std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert_eq!(
+            resolve_daemon_path_from(None, Some(plugin)).unwrap(),
+            beside
         );
     }
 
