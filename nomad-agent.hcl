@@ -12,7 +12,9 @@ client {
 
 plugin "elide" {
   config {
-    # Where elide-daemon listens (absolute path).
+    # Where elide-daemon listens (absolute path). Task stdout/stderr go to Nomad's logmon
+    # FIFOs, which the daemon opens; if the daemon's own config sets `output_roots`, it must
+    # include Nomad's <data_dir>/alloc (without output_roots, FIFOs are accepted anywhere).
     daemon_socket = "/run/elide/daemon.sock"
 
     # How often the driver re-checks the daemon's health.
@@ -27,10 +29,14 @@ plugin "elide" {
       enable_ai          = false
     }
 
-    # Finding or starting the daemon.
+    # Finding or starting the daemon. With auto_start, the plugin starts elide-daemon detached
+    # (own session, stdio to log_file) when nothing answers on daemon_socket; the daemon then
+    # outlives agent and plugin restarts. Without `path`, the binary is looked up next to the
+    # plugin's real path, then at <plugin_dir>/../bin/elide-daemon (here build/bin; Nomad 1.6
+    # launches every executable in plugin_dir, so the daemon must not live there), then on PATH.
     daemon {
       auto_start    = true
-      path          = "./build/bin/elide-daemon"
+      # path        = "/usr/local/bin/elide-daemon"
       args          = []
       log_file      = "/tmp/nomad-elide/elide-daemon.log"
       start_timeout = "10s"

@@ -17,7 +17,9 @@ async fn fingerprint_follows_the_real_daemon() {
     let c = NomadClient::launch().await;
     c.set_config(
         json!({"daemon_socket": daemon.socket.display().to_string(), "fingerprint_period": "1s",
-               "session_config": {"context_pool_size": 1, "enabled_languages": ["python", "js"]}}),
+               "session_config": {"context_pool_size": 1, "enabled_languages": ["python", "js"]},
+               // The test restarts the daemon itself; the plugin must not start one meanwhile.
+               "daemon": {"auto_start": false}}),
         true,
     )
     .await

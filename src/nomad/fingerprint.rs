@@ -17,8 +17,9 @@ use tokio::sync::mpsc;
 
 use super::PLUGIN_VERSION;
 use super::config::{DEFAULT_FINGERPRINT_PERIOD, Language};
+use super::daemon_link::{DaemonLink, LinkError};
 use super::state::{PluginState, Snapshot, session_config, session_owner};
-use crate::daemon_client::{DaemonClient, DaemonError};
+use crate::daemon_client::DaemonError;
 use crate::proto::hashicorp::nomad::plugins::drivers::proto::{
     FingerprintResponse, fingerprint_response::HealthState,
 };
@@ -30,6 +31,8 @@ pub const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 pub const ATTR_VERSION: &str = "driver.elide.version";
 /// Attribute: the daemon's version.
 pub const ATTR_DAEMON_VERSION: &str = "driver.elide.daemon_version";
+/// Attribute: whether AI intrinsics are available ("true"/"false").
+pub const ATTR_AI: &str = "driver.elide.ai";
 /// Attribute prefix: one per available runtime, value = its version.
 pub const ATTR_RUNTIME_PREFIX: &str = "driver.elide.runtime.";
 /// Nomad's own wording for a healthy driver.
@@ -63,7 +66,7 @@ fn unreachable(socket: &std::path::Path, e: &DaemonError) -> String {
 }
 
 /// One health check: what Fingerprint should report right now.
-pub async fn probe(snapshot: &Snapshot) -> FingerprintResponse {
+pub async fn probe(link: &DaemonLink, snapshot: &Snapshot) -> FingerprintResponse {
     let mut attrs = BTreeMap::from([(ATTR_VERSION.to_string(), string_attr(PLUGIN_VERSION))]);
     let (Some(config), true, Some(session_id)) = (
         snapshot.config.as_ref(),
@@ -77,13 +80,28 @@ pub async fn probe(snapshot: &Snapshot) -> FingerprintResponse {
         );
     };
     let socket = &config.daemon_socket;
-    let client = match DaemonClient::connect(socket, PROBE_TIMEOUT).await {
+    // The shared link connects, auto-starts the daemon when allowed, and (re-)creates our
+    // session, e.g. after the daemon restarted and lost it.
+    let client = match link.client(snapshot).await {
         Ok(c) => c,
-        Err(e) => return message(HealthState::Unhealthy, unreachable(socket, &e), attrs),
+        Err(LinkError::Unreachable { detail, .. }) => {
+            return message(
+                HealthState::Unhealthy,
+                format!(
+                    "elide-daemon not reachable at {}: {detail}; start it with `elide-daemon` or set daemon.auto_start",
+                    socket.display()
+                ),
+                attrs,
+            );
+        }
+        Err(e) => return message(HealthState::Unhealthy, e.to_string(), attrs),
     };
     let info = match client.daemon_info().await {
         Ok(i) => i,
-        Err(e) => return message(HealthState::Unhealthy, unreachable(socket, &e), attrs),
+        Err(e) => {
+            link.invalidate();
+            return message(HealthState::Unhealthy, unreachable(socket, &e), attrs);
+        }
     };
     attrs.insert(ATTR_DAEMON_VERSION.into(), string_attr(&info.version));
     for rt in info.runtimes.iter().filter(|r| r.available) {
@@ -94,6 +112,17 @@ pub async fn probe(snapshot: &Snapshot) -> FingerprintResponse {
             );
         }
     }
+    // AI intrinsics need the session flag and a runtime on the Elide backend (jobs constrain
+    // on this, e.g. examples/ai-inference.nomad).
+    let ai = config.session.enable_ai
+        && info
+            .runtimes
+            .iter()
+            .any(|r| r.available && r.backend == "elide");
+    attrs.insert(
+        ATTR_AI.into(),
+        string_attr(if ai { "true" } else { "false" }),
+    );
     let session = match client.get_session(session_id).await {
         Ok(s) => Ok(s),
         Err(e) if e.code() == Some(tonic::Code::NotFound) => {
@@ -172,7 +201,7 @@ pub fn spawn(state: Arc<PluginState>) -> mpsc::Receiver<FingerprintResponse> {
                 .as_ref()
                 .map_or(DEFAULT_FINGERPRINT_PERIOD, |c| c.fingerprint_period);
             let mut msg = tokio::select! {
-                m = probe(&snapshot) => m,
+                m = probe(&state.link, &snapshot) => m,
                 () = tx.closed() => return,
                 () = state.shutdown.cancelled() => return,
             };
@@ -204,7 +233,7 @@ mod tests {
 
     #[tokio::test]
     async fn undetected_before_agent_config() {
-        let msg = probe(&Snapshot::default()).await;
+        let msg = probe(&DaemonLink::default(), &Snapshot::default()).await;
         assert_eq!(msg.health, HealthState::Undetected as i32);
         assert!(msg.attributes.contains_key(ATTR_VERSION));
     }
@@ -219,13 +248,18 @@ mod tests {
         let snapshot = Snapshot {
             config: Some(Arc::new(PluginConfig {
                 daemon_socket: socket.clone(),
+                daemon: crate::nomad::config::DaemonSettings {
+                    auto_start: false,
+                    ..Default::default()
+                },
                 ..PluginConfig::default()
             })),
             agent_configured: true,
             session_id: Some("nomad-x".into()),
         };
-        let a = probe(&snapshot).await;
-        let b = probe(&snapshot).await;
+        let link = DaemonLink::default();
+        let a = probe(&link, &snapshot).await;
+        let b = probe(&link, &snapshot).await;
         assert_eq!(a.health, HealthState::Unhealthy as i32);
         assert!(
             a.health_description.contains(&socket.display().to_string()),
