@@ -19,6 +19,8 @@ release:
 	install -m 0755 target/release/elide-daemon build/bin/elide-daemon
 
 ## test: formatting, lints, every Rust test, and the go-plugin conformance test
+## (gotest reuses the binaries `cargo test` built: `cargo build` would rebuild every dependency
+## without the dev-dependency feature set)
 test: lint unit gotest
 
 lint:
@@ -30,7 +32,7 @@ unit:
 
 gotest:
 	@if command -v go >/dev/null 2>&1 && [ -d tests/goplugin ]; then \
-		$(CARGO) build --bins && cd tests/goplugin && go test -count=1 ./... ; \
+		$(CARGO) test --no-run --all-targets --quiet && cd tests/goplugin && go test -count=1 ./... ; \
 	else \
 		echo "SKIPPED: go-plugin conformance test (go not on PATH or tests/goplugin missing)"; \
 	fi
