@@ -14,6 +14,7 @@ use super::events::{EventBus, EventSubject};
 use super::execution::{Execution, Phase, SupervisorContext, result_to_proto};
 use super::launcher::{ColdLauncher, LaunchError, Launcher, Spawner};
 use super::plan::{PlanContext, duration, plan_execution};
+use super::pool::PoolLauncher;
 use super::runtime::RuntimeRegistry;
 use super::session::Session;
 use super::state::{ResultRecord, StateStore};
@@ -39,6 +40,7 @@ pub struct Daemon {
     state: Arc<StateStore>,
     events: EventBus,
     launcher: Arc<dyn Launcher>,
+    pools: Arc<PoolLauncher>,
     spawner: Spawner,
     cgroups: CgroupManager,
     features: Vec<Feature>,
@@ -108,13 +110,23 @@ impl Daemon {
             }
         }
         let features = crate::sandbox::probe::probe(&cgroups);
-        let spawner = Spawner::start(runtime)?;
-        let launcher: Arc<dyn Launcher> = Arc::new(ColdLauncher::new(
+        let spawner = Spawner::start(runtime.clone())?;
+        let events = EventBus::default();
+        // Warm pools in front of the cold launcher (sessions with context_pool_size > 0).
+        let pools = Arc::new(PoolLauncher::new(
+            ColdLauncher::new(
+                spawner.clone(),
+                cgroups.clone(),
+                config.output_roots.clone(),
+                config.sink_open_timeout,
+            ),
             spawner.clone(),
-            cgroups.clone(),
-            config.output_roots.clone(),
-            config.sink_open_timeout,
+            events.clone(),
+            runtimes.clone(),
+            config.run_dir.clone(),
+            runtime,
         ));
+        let launcher: Arc<dyn Launcher> = pools.clone();
 
         let mut executions = HashMap::new();
         let now = SystemTime::now();
@@ -138,6 +150,7 @@ impl Daemon {
                     for e in executions.values().filter(|e| e.session_id == s.id) {
                         s.add(e.clone());
                     }
+                    pools.open_session(&s);
                     sessions.insert(rec.id.clone(), Arc::new(s));
                 }
                 Err(e) => {
@@ -150,8 +163,9 @@ impl Daemon {
             runtimes,
             strip_cache: Arc::new(StripCache::new(256)),
             state,
-            events: EventBus::default(),
+            events,
             launcher,
+            pools,
             spawner,
             cgroups,
             features,
@@ -268,6 +282,7 @@ impl Daemon {
             }
             map.insert(id.clone(), session.clone());
         }
+        self.pools.open_session(&session);
         let state = self.state.clone();
         let rec = session.record();
         let saved = tokio::task::spawn_blocking(move || state.save_session(&rec)).await;
@@ -314,6 +329,7 @@ impl Daemon {
                 .map(|e| e.stop(Signal::SIGTERM, grace)),
         )
         .await;
+        self.pools.close_session(id).await;
         lock(&self.sessions).remove(id);
         {
             let mut map = lock(&self.executions);
@@ -605,5 +621,11 @@ impl Daemon {
             .cloned()
             .collect();
         futures::future::join_all(execs.iter().map(|e| e.stop(Signal::SIGTERM, grace))).await;
+        self.pools.close_all().await;
+    }
+
+    /// The warm pools (pids of pool processes, for tests and benchmarks).
+    pub fn pools(&self) -> &PoolLauncher {
+        &self.pools
     }
 }
