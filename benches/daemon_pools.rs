@@ -71,10 +71,7 @@ fn machine() -> String {
         .and_then(|v| v.parse::<f64>().ok())
         .map(|kib| format!("{:.1} GiB", kib / 1024.0 / 1024.0))
         .unwrap_or_default();
-    format!(
-        "nproc {nproc}, {cpu}, Linux {}, {mem} RAM",
-        kernel.trim()
-    )
+    format!("nproc {nproc}, {cpu}, Linux {}, {mem} RAM", kernel.trim())
 }
 
 /// The real interpreter behind a possibly shimmed command.
@@ -296,11 +293,17 @@ fn cold_idle_pss(program: &Path, args: &[&str], n: usize) -> f64 {
 }
 
 /// Completed short tasks per second with `clients` concurrent clients for `secs`.
-async fn throughput(d: &TestDaemon, lang: &'static str, pool: u32, clients: usize, secs: u64) -> (f64, f64) {
+async fn throughput(
+    d: &TestDaemon,
+    lang: &'static str,
+    pool: u32,
+    clients: usize,
+    secs: u64,
+) -> (f64, f64) {
     let mut c = d.client().await;
     let s = new_session(&mut c, pool).await;
-    let _ = latency(&mut c, &s, lang, "pass", 3, Duration::from_millis(200)).await;
     let code = if lang == "py" { "pass" } else { "0" };
+    let _ = latency(&mut c, &s, lang, code, 3, Duration::from_millis(200)).await;
     let deadline = Instant::now() + Duration::from_secs(secs);
     let t = Instant::now();
     let mut tasks = Vec::new();
@@ -331,7 +334,14 @@ async fn throughput(d: &TestDaemon, lang: &'static str, pool: u32, clients: usiz
             grace: None,
         })
         .await;
-    (rate, if done > 0 { pooled as f64 / done as f64 } else { 0.0 })
+    (
+        rate,
+        if done > 0 {
+            pooled as f64 / done as f64
+        } else {
+            0.0
+        },
+    )
 }
 
 const WRITE_100MB: &str = "import sys\nb = b'x' * (1 << 20)\nw = sys.stdout.buffer.write\nfor _ in range(100):\n    w(b)\nsys.stdout.flush()\n";
@@ -340,7 +350,9 @@ const WRITE_100MB: &str = "import sys\nb = b'x' * (1 << 20)\nw = sys.stdout.buff
 async fn fifo_100mb(d: &TestDaemon, c: &mut Client, pool: u32) -> (f64, bool) {
     let s = new_session(c, pool).await;
     let _ = latency(c, &s, "py", "pass", 2, Duration::from_millis(200)).await;
-    let fifo = d.path(&format!("out-{pool}.fifo"));
+    static RUN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let run = RUN.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let fifo = d.path(&format!("out-{pool}-{run}.fifo"));
     let reader = daemon_support::fifo_reader(&fifo);
     let mut r = req(&s, "py", WRITE_100MB);
     r.stdout = path_sink(&fifo);
@@ -350,9 +362,7 @@ async fn fifo_100mb(d: &TestDaemon, c: &mut Client, pool: u32) -> (f64, bool) {
     let secs = t.elapsed().as_secs_f64();
     assert_eq!(bytes, 100 << 20, "lost log bytes");
     let _ = c
-        .wait_execution(pb::WaitExecutionRequest {
-            execution_id: e.id,
-        })
+        .wait_execution(pb::WaitExecutionRequest { execution_id: e.id })
         .await;
     (secs, e.pooled)
 }
@@ -435,8 +445,18 @@ async fn run(n: usize) -> String {
     // Let the pools warm before sampling.
     tokio::time::sleep(Duration::from_secs(2)).await;
     for (lang, code, baseline, base_name) in [
-        ("python", "print(\"hi\")", &cold_py, format!("`{} -c`", python.display())),
-        ("javascript", "console.log(\"hi\")", &cold_node, format!("`{} -e`", node.display())),
+        (
+            "python",
+            "print(\"hi\")",
+            &cold_py,
+            format!("`{} -c`", python.display()),
+        ),
+        (
+            "javascript",
+            "console.log(\"hi\")",
+            &cold_node,
+            format!("`{} -e`", node.display()),
+        ),
         (
             "typescript",
             "const s: string = \"hi\";\nconsole.log(s)",

@@ -43,15 +43,23 @@ fn machine() -> String {
         .and_then(|l| l.split(':').nth(1))
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|| "unknown CPU".into());
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     format!("{cores} cores ({cpu}), Linux {}", kernel.trim())
 }
 
 fn main() {
     // `cargo bench` passes `--bench`; nothing else to parse.
-    let n: usize = std::env::var("BENCH_N").ok().and_then(|v| v.parse().ok()).unwrap_or(50);
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let n: usize = std::env::var("BENCH_N")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(50);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
     let absent = short_tempdir();
     let daemon_socket = absent.path().join("no-daemon.sock");
 
@@ -76,11 +84,16 @@ fn main() {
 
         let (rss, hwm) = rt.block_on(async {
             let c = NomadClient::launch().await;
-            c.set_config(json!({"daemon_socket": daemon_socket.display().to_string()}), true)
-                .await
-                .expect("SetConfig");
+            c.set_config(
+                json!({"daemon_socket": daemon_socket.display().to_string()}),
+                true,
+            )
+            .await
+            .expect("SetConfig");
             let mut fp = c.fingerprint().await;
-            support::next_within(&mut fp, Duration::from_secs(30)).await.expect("fingerprint");
+            support::next_within(&mut fp, Duration::from_secs(30))
+                .await
+                .expect("fingerprint");
             let pid = c.process.child.id();
             (status_kib(pid, "VmRSS:"), status_kib(pid, "VmHWM:"))
         });
@@ -96,7 +109,11 @@ fn main() {
     let rss_p99 = percentile(&rss_kib, 99.0);
     let hwm_p99 = percentile(&hwm_kib, 99.0);
     let verdict = |ok: bool| if ok { "within budget" } else { "OVER BUDGET" };
-    let profile = if cfg!(debug_assertions) { "debug" } else { "release (bench profile)" };
+    let profile = if cfg!(debug_assertions) {
+        "debug"
+    } else {
+        "release (bench profile)"
+    };
     let section = format!(
         "{BEGIN}\n## Plugin startup (`cargo bench --bench plugin_startup`, `make bench`)\n\n\
 Machine: {}. Binary: {profile}. N = {n} launches; each launch as Nomad does it (go-plugin env, \
@@ -117,7 +134,12 @@ stdout pipe, socket in a temp dir). RSS is read from `/proc/<pid>/status` after 
     if let Ok(path) = std::env::var("BENCH_WRITE") {
         let old = std::fs::read_to_string(&path).unwrap_or_else(|_| "# Benchmarks\n\n".into());
         let new = match (old.find(BEGIN), old.find(END)) {
-            (Some(b), Some(e)) if e > b => format!("{}{}{}", &old[..b], section.trim_end(), &old[e + END.len()..]),
+            (Some(b), Some(e)) if e > b => format!(
+                "{}{}{}",
+                &old[..b],
+                section.trim_end(),
+                &old[e + END.len()..]
+            ),
             _ => format!("{}\n{}", old.trim_end(), section),
         };
         if let Err(e) = std::fs::write(&path, new) {
