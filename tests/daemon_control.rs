@@ -487,7 +487,7 @@ async fn idle_sessions_are_reclaimed_but_busy_ones_are_kept() {
         code_req(
             &busy,
             "py",
-            "import time\nprint('ready', flush=True)\ntime.sleep(6)",
+            "import time\nprint('ready', flush=True)\ntime.sleep(300)",
         ),
     )
     .await;
@@ -511,6 +511,32 @@ async fn idle_sessions_are_reclaimed_but_busy_ones_are_kept() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // An ended execution of a reclaimed session still answers with its result.
+    let done_session = session(&mut c, &[]).await;
+    let done = c
+        .start_execution(code_req(&done_session, "py", "import sys; sys.exit(6)"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(wait(&mut c, &done.id).await.exit_code, 6);
+    let deadline = std::time::Instant::now() + DEADLINE;
+    // ListSessions is not activity (GetSession would keep the session alive).
+    while c
+        .list_sessions(pb::ListSessionsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .sessions
+        .iter()
+        .any(|x| x.id == done_session)
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "idle session never reclaimed"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(wait(&mut c, &done.id).await.exit_code, 6);
     assert_eq!(
         c.get_execution(pb::GetExecutionRequest {
             execution_id: e.id.clone()
@@ -521,4 +547,120 @@ async fn idle_sessions_are_reclaimed_but_busy_ones_are_kept() {
         .state(),
         pb::ExecutionState::Running
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn stream_output_resumes_from_an_offset_and_follows_live_output() {
+    let d = TestDaemon::start().await;
+    let mut c = d.client().await;
+    let s = session(&mut c, &[]).await;
+    let code = "import sys, time\nprint('ready', flush=True)\nfor i in range(5):\n    print('line', i, flush=True)\n    time.sleep(0.2)\n";
+    let e = start_ready(&mut c, code_req(&s, "py", code)).await;
+    // Follow from byte 6 ("ready\n" skipped) while the snippet still writes.
+    let mut st = c
+        .stream_output(pb::StreamOutputRequest {
+            execution_id: e.id.clone(),
+            streams: vec![],
+            offset: 6,
+            follow: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut got = Vec::new();
+    let mut next = 6u64;
+    while let Some(ch) = tokio::time::timeout(DEADLINE, st.message())
+        .await
+        .unwrap()
+        .unwrap()
+    {
+        assert_eq!(ch.stream(), pb::OutputStream::Stdout);
+        assert_eq!(ch.offset, next);
+        next += ch.data.len() as u64;
+        got.extend(ch.data);
+    }
+    assert_eq!(
+        String::from_utf8_lossy(&got),
+        "line 0\nline 1\nline 2\nline 3\nline 4\n"
+    );
+    assert_eq!(wait(&mut c, &e.id).await.exit_code, 0);
+    // Without follow, an ended execution's output is returned at once from any offset.
+    let mut st = c
+        .stream_output(pb::StreamOutputRequest {
+            execution_id: e.id.clone(),
+            streams: vec![pb::OutputStream::Stdout as i32],
+            offset: 13,
+            follow: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let ch = st.message().await.unwrap().unwrap();
+    assert_eq!(
+        (ch.offset, &ch.data[..]),
+        (13, &b"line 1\nline 2\nline 3\nline 4\n"[..])
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn exec_command_is_killed_when_its_client_goes_away() {
+    let d = TestDaemon::start().await;
+    let mut c = d.client().await;
+    let s = session(&mut c, &[]).await;
+    let e = start_ready(
+        &mut c,
+        code_req(
+            &s,
+            "py",
+            "import time\nprint('ready', flush=True)\ntime.sleep(300)",
+        ),
+    )
+    .await;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(pb::ExecRequest {
+        msg: Some(pb::exec_request::Msg::Setup(pb::ExecSetup {
+            execution_id: e.id.clone(),
+            command: vec![
+                "/bin/sh".into(),
+                "-c".into(),
+                "echo $$; exec /bin/sleep 300".into(),
+            ],
+            tty: false,
+            timeout: None,
+        })),
+    })
+    .await
+    .unwrap();
+    let mut c2 = d.client().await;
+    let mut out = c2
+        .exec(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = tokio::time::timeout(DEADLINE, out.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let Some(pb::exec_response::Msg::Stdout(b)) = first.msg else {
+        panic!("expected the pid on stdout, got {first:?}");
+    };
+    let pid: u32 = String::from_utf8_lossy(&b).trim().parse().unwrap();
+    assert!(alive(pid));
+    drop(out);
+    drop(tx);
+    drop(c2);
+    eventually("exec'd command killed after its client left", || {
+        !alive(pid)
+    })
+    .await;
+    // The execution itself is untouched.
+    assert!(alive(e.pid));
+    c.stop_execution(pb::StopExecutionRequest {
+        execution_id: e.id.clone(),
+        signal: "KILL".into(),
+        grace: None,
+    })
+    .await
+    .unwrap();
 }

@@ -170,4 +170,60 @@ async fn socket_is_private_by_default() {
     let d = TestDaemon::start().await;
     let mode = std::fs::metadata(&d.socket).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);
+
+    // Optionally shared with a group.
+    use std::os::unix::fs::MetadataExt;
+    let group = nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(65534))
+        .unwrap()
+        .map(|g| g.name)
+        .unwrap_or_else(|| "65534".into());
+    let d = TestDaemon::start_with(&["--socket-mode", "0660", "--socket-group", &group]).await;
+    let meta = std::fs::metadata(&d.socket).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o660);
+    assert_eq!(meta.gid(), 65534);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kill9_daemon_also_kills_grandchildren_that_left_the_process_group() {
+    let mut d = TestDaemon::start().await;
+    let mut c = d.client().await;
+    let s = session(&mut c, &["env", "io", "net"]).await;
+    let mut req = code_req(
+        &s,
+        "py",
+        "import subprocess, time\n\
+         p = subprocess.Popen(['/bin/sleep', '300'], start_new_session=True)\n\
+         print(p.pid, flush=True)\ntime.sleep(300)\n",
+    );
+    req.env = vec![pb::EnvVar {
+        key: b"PATH".to_vec(),
+        value: b"/usr/bin:/bin".to_vec(),
+    }];
+    let e = c.start_execution(req).await.unwrap().into_inner();
+    let mut out = c
+        .stream_output(pb::StreamOutputRequest {
+            execution_id: e.id.clone(),
+            streams: vec![pb::OutputStream::Stdout as i32],
+            offset: 0,
+            follow: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let line = tokio::time::timeout(DEADLINE, out.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let grandchild: u32 = String::from_utf8_lossy(&line.data).trim().parse().unwrap();
+    assert!(alive(grandchild));
+    drop(out);
+    drop(c);
+    d.kill9();
+    // No restart: the daemon's reaper cleans up on its own.
+    eventually("execution killed with the daemon", || !alive(e.pid)).await;
+    eventually("escaped grandchild killed with the daemon", || {
+        !alive(grandchild)
+    })
+    .await;
 }

@@ -159,9 +159,17 @@ async fn inline_code_larger_than_one_argv_string_runs() {
     let d = TestDaemon::start().await;
     let mut c = d.client().await;
     let s = session(&mut c, &[]).await;
-    // ~1 MiB of code: far beyond the kernel's 128 KiB limit for one argv string.
+    // Just under the default 4 MiB maximum: far beyond the kernel's 128 KiB limit for one argv
+    // string, and beyond gRPC's default 4 MiB message limit once wrapped in the request.
+    let max = c
+        .get_daemon_info(pb::GetDaemonInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .max_code_bytes as usize;
+    assert_eq!(max, 4 * 1024 * 1024);
     let mut code = String::from("total = 0\n");
-    while code.len() < 1024 * 1024 {
+    while code.len() < max - 200 {
         code.push_str("total += 1  # padding padding padding padding padding padding\n");
     }
     let lines = code.lines().count() - 1;
@@ -307,4 +315,145 @@ async fn cli_run_streams_output_and_exits_with_the_snippet_code() {
     .unwrap();
     assert!(info.status.success());
     assert!(String::from_utf8_lossy(&info.stdout).contains("python"));
+
+    // The listing commands show what runs.
+    let mut c = d.client().await;
+    let s = session(&mut c, &[]).await;
+    let e = c
+        .start_execution(code_req(&s, "py", "import time; time.sleep(60)"))
+        .await
+        .unwrap()
+        .into_inner();
+    for cmd in ["sessions", "executions"] {
+        let socket = d.socket.clone();
+        let out = tokio::task::spawn_blocking(move || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_elide-daemon"))
+                .args([cmd, "--socket"])
+                .arg(&socket)
+                .output()
+                .unwrap()
+        })
+        .await
+        .unwrap();
+        assert!(
+            out.status.success(),
+            "{cmd}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains(&s), "{cmd}: {text}");
+        if cmd == "executions" {
+            assert!(text.contains(&e.id) && text.contains("running"), "{text}");
+        }
+    }
+    c.stop_execution(pb::StopExecutionRequest {
+        execution_id: e.id,
+        signal: "KILL".into(),
+        grace: None,
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn elide_backend_runs_snippets_through_elide_run() {
+    // A stand-in `elide` binary: answers --version and runs `elide run FILE ARGS` with python3.
+    let dir = tempfile::Builder::new()
+        .prefix("e")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let fake = dir.path().join("elide");
+    let python = std::process::Command::new("python3")
+        .args(["-c", "import sys; print(sys.executable)"])
+        .output()
+        .unwrap();
+    let python = String::from_utf8_lossy(&python.stdout).trim().to_string();
+    std::fs::write(
+        &fake,
+        format!(
+            "#!/bin/sh\nif [ \"$1\" = --version ]; then echo 'elide 9.9.9-fake'; exit 0; fi\n\
+             [ \"$1\" = run ] || exit 64\nshift\necho via-elide\nexec {python} \"$@\"\n"
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let config = dir.path().join("daemon.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[runtimes.python]\nbackend = \"elide\"\nelide = \"{}\"\n",
+            fake.display()
+        ),
+    )
+    .unwrap();
+    let d = TestDaemon::start_with(&["--config", config.to_str().unwrap()]).await;
+    let mut c = d.client().await;
+    let info = c
+        .get_daemon_info(pb::GetDaemonInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let py = info
+        .runtimes
+        .iter()
+        .find(|r| r.language == "python")
+        .unwrap();
+    assert_eq!(
+        (py.backend.as_str(), py.version.as_str()),
+        ("elide", "elide 9.9.9-fake")
+    );
+    let s = session(&mut c, &["env", "io", "net"]).await;
+    let mut req = code_req(&s, "py", "import sys\nprint('args', sys.argv[1:])");
+    req.args = vec!["z".into()];
+    let (r, out, err) = run(&mut c, req).await;
+    assert_eq!(r.exit_code, 0, "{err}");
+    assert_eq!(out, "via-elide\nargs ['z']\n");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn peers_outside_allowed_uids_are_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("SKIPPED: needs root to act as another uid");
+        return;
+    }
+    let d = TestDaemon::start_with(&["--socket-mode", "0666"]).await;
+    std::fs::set_permissions(&d.socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let socket = d.socket.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("setpriv")
+            .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups"])
+            .arg(env!("CARGO_BIN_EXE_elide-daemon"))
+            .args(["info", "--socket"])
+            .arg(&socket)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not allowed") && err.contains("uid"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn execution_is_its_own_process_group_with_only_stdio_fds() {
+    let d = TestDaemon::start().await;
+    let mut c = d.client().await;
+    let s = session(&mut c, &["env", "io", "net"]).await;
+    let code = "import os, sys\n\
+                fds = sorted(int(f) for f in os.listdir('/proc/self/fd'))\n\
+                print(os.getpgrp() == os.getpid(), os.getsid(0) == os.getpid())\n\
+                print(open('/proc/self/oom_score_adj').read().strip())\n\
+                print(fds)\n\
+                print(repr(sys.stdin.read()))\n";
+    let (r, out, err) = run(&mut c, code_req(&s, "py", code)).await;
+    assert_eq!(r.exit_code, 0, "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[0], "True True");
+    assert_eq!(lines[1], "0");
+    // 0, 1, 2 and the descriptor listdir itself held open.
+    assert_eq!(lines[2], "[0, 1, 2, 3]");
+    assert_eq!(lines[3], "''", "stdin is not /dev/null");
 }

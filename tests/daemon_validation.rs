@@ -375,3 +375,75 @@ async fn unknown_ids_bad_signals_and_ended_executions_are_refused() {
         .unwrap_err();
     assert_eq!(st.code(), Code::NotFound);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn fifo_without_reader_fails_after_the_open_timeout_naming_the_sink() {
+    let d = TestDaemon::start_with(&["--sink-open-timeout", "300ms"]).await;
+    let mut c = d.client().await;
+    let s = session(&mut c, &[]).await;
+    let fifo = d.path("lonely.fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let mut r = code_req(&s, "py", "print(1)");
+    r.stderr = path_sink(&fifo);
+    let st = tokio::time::timeout(DEADLINE, c.start_execution(r))
+        .await
+        .expect("StartExecution hung on a FIFO without reader")
+        .unwrap_err();
+    assert_eq!(st.code(), Code::InvalidArgument, "{}", st.message());
+    assert!(
+        st.message().contains("stderr.path") && st.message().contains("reader"),
+        "{}",
+        st.message()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn language_disabled_on_the_node_is_refused_and_reported() {
+    let dir = tempfile::Builder::new()
+        .prefix("e")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let config = dir.path().join("d.toml");
+    std::fs::write(&config, "[runtimes.javascript]\nenabled = false\n").unwrap();
+    let d = TestDaemon::start_with(&["--config", config.to_str().unwrap()]).await;
+    let mut c = d.client().await;
+    let info = c
+        .get_daemon_info(pb::GetDaemonInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let js = info
+        .runtimes
+        .iter()
+        .find(|r| r.language == "javascript")
+        .unwrap();
+    assert!(!js.available && js.detail.contains("disabled"), "{js:?}");
+    // A session asking for every language gets only the available ones.
+    let s = c
+        .create_session(pb::CreateSessionRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        !s.languages.contains(&"javascript".to_string()),
+        "{:?}",
+        s.languages
+    );
+    // Explicitly enabling it in a session does not make it runnable.
+    let s = c
+        .create_session(pb::CreateSessionRequest {
+            config: Some(pb::SessionConfig {
+                enabled_languages: vec!["js".into()],
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    check(
+        c.start_execution(code_req(&s.id, "js", "1")).await,
+        Code::FailedPrecondition,
+        &["language", "javascript", "not available", "disabled"],
+    );
+}

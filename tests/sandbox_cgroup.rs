@@ -387,3 +387,51 @@ fn v1_limits_are_written_to_every_hierarchy() {
     assert!(cg.procs_files().iter().all(|p| p.exists()));
     cg.remove().expect("remove");
 }
+
+#[test]
+fn v1_sub_cgroups_created_by_a_root_snippet_are_killed_and_removed() {
+    let Some(t) = live(
+        "v1_sub_cgroups_created_by_a_root_snippet_are_killed_and_removed",
+        CgroupMode::V1,
+    ) else {
+        return;
+    };
+    let cg =
+        t.m.create("nested", &CgroupLimits::default())
+            .expect("create");
+    let memory_dir = cg
+        .dirs()
+        .into_iter()
+        .find(|d| d.starts_with("/sys/fs/cgroup/memory"))
+        .expect("memory hierarchy");
+    let s = Scratch::new();
+    let mut cmd = Command::new("/bin/sh");
+    cmd.args([
+        "-c",
+        "mkdir \"$1/sub\" || exit 1; sleep 1000 & echo $! > \"$1/sub/cgroup.procs\" && echo moved; wait",
+        "sh",
+    ]);
+    cmd.arg(&memory_dir);
+    let mut child = spawn_in(&cg, &s, cmd);
+    wait_for("sleeper moved to the sub-cgroup", || {
+        (s.stdout() == "moved\n").then_some(())
+    });
+    let sub_pids = std::fs::read_to_string(memory_dir.join("sub/cgroup.procs")).expect("sub procs");
+    let sleeper: u32 = sub_pids.trim().parse().expect("one pid in sub");
+    assert!(
+        cg.pids().contains(&sleeper),
+        "pids() must include sub-cgroup members"
+    );
+    cg.remove().expect("remove");
+    let st = wait(&mut child, Duration::from_secs(30));
+    assert_eq!(st.signal(), Some(libc::SIGKILL));
+    assert!(!memory_dir.exists());
+    wait_for("sleeper gone", || {
+        let stat = std::fs::read_to_string(format!("/proc/{sleeper}/stat")).ok();
+        match stat {
+            None => Some(()),
+            Some(s) if s.contains(") Z ") => Some(()),
+            Some(_) => None,
+        }
+    });
+}

@@ -27,6 +27,11 @@ attempt("write_extra", lambda: open(os.path.join(sys.argv[2], "extra.txt"), "w")
 attempt("tempfile", lambda: tempfile.NamedTemporaryFile().close())
 attempt("devnull", lambda: open("/dev/null", "w").write("x"))
 attempt("urandom", lambda: os.urandom(8))
+attempt("proc_self", lambda: open("/proc/self/status").read())
+attempt("proc_thread_self", lambda: open("/proc/thread-self/comm").read())
+attempt("proc_parent_environ", lambda: open("/proc/%d/environ" % os.getppid(), "rb").read())
+attempt("proc_init_cmdline", lambda: open("/proc/1/cmdline", "rb").read())
+attempt("cpu_count", lambda: os.sched_getaffinity(0) and open("/proc/cpuinfo").read())
 print(json.dumps(results, sort_keys=True))
 "#;
 
@@ -73,6 +78,14 @@ fn io_off_confines_python_to_working_dir_and_runtime() {
     );
     assert_eq!(r["devnull"], "ok", "{r}");
     assert_eq!(r["urandom"], "ok", "{r}");
+    assert_eq!(r["proc_self"], "ok", "{r}");
+    assert_eq!(r["proc_thread_self"], "ok", "{r}");
+    assert_eq!(
+        r["proc_parent_environ"], "denied",
+        "the daemon's environment must stay hidden: {r}"
+    );
+    assert_eq!(r["proc_init_cmdline"], "denied", "{r}");
+    assert_eq!(r["cpu_count"], "ok", "{r}");
     assert!(!std::path::Path::new(&tmp_target).exists());
     assert_eq!(
         std::fs::read_to_string(s.work().join("inside.txt")).expect("written"),
@@ -140,6 +153,9 @@ attempt('write_tmp', () => fs.writeFileSync(process.argv[process.argv.length - 1
 attempt('write_workdir', () => fs.writeFileSync('inside.txt', 'hello'));
 attempt('read_workdir', () => fs.readFileSync('inside.txt'));
 attempt('crypto', () => require('crypto').randomBytes(8));
+attempt('os_info', () => { if (require('os').cpus().length < 1 || require('os').totalmem() < 1) throw new Error('no info'); });
+attempt('proc_self', () => fs.readFileSync('/proc/self/status'));
+attempt('proc_init', () => fs.readFileSync('/proc/1/cmdline'));
 console.log(JSON.stringify(r));
 "#;
 
@@ -169,4 +185,37 @@ fn io_off_confines_node_too() {
     assert_eq!(r["write_workdir"], "ok", "{r}");
     assert_eq!(r["read_workdir"], "ok", "{r}");
     assert_eq!(r["crypto"], "ok", "{r}");
+    assert_eq!(r["os_info"], "ok", "{r}");
+    assert_eq!(r["proc_self"], "ok", "{r}");
+    assert_eq!(r["proc_init"], "denied", "{r}");
+}
+
+#[test]
+fn io_off_cannot_reach_abstract_unix_sockets_outside_the_sandbox() {
+    if abi_version() < 6 {
+        return skip(
+            "io_off_cannot_reach_abstract_unix_sockets_outside_the_sandbox",
+            "Landlock ABI < 6 has no abstract socket scoping",
+        );
+    }
+    use std::os::linux::net::SocketAddrExt;
+    let name = format!("elide-test-abstract-{}", std::process::id());
+    let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).expect("addr");
+    let _listener = std::os::unix::net::UnixListener::bind_addr(&addr).expect("bind abstract");
+    let script = "import socket,sys\ns=socket.socket(socket.AF_UNIX)\ntry:\n    s.connect('\\0'+sys.argv[1]); print('connected')\nexcept OSError as e:\n    print(type(e).__name__)";
+    let (py, prefix) = python();
+    for (io, expected) in [(false, "PermissionError\n"), (true, "connected\n")] {
+        let s = Scratch::new();
+        let mut spec = s.spec();
+        spec.intrinsics = Intrinsics {
+            io,
+            ..Intrinsics::ALL
+        };
+        spec.read_paths = vec![prefix.clone()];
+        let mut cmd = Command::new(&py);
+        cmd.args(["-c", script, &name]);
+        let (st, out, err) = run(&s, spec, cmd);
+        assert!(st.success(), "{} stderr={err}", describe(st));
+        assert_eq!(out, expected, "io={io} stderr={err}");
+    }
 }

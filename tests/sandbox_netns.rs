@@ -122,12 +122,27 @@ fn joins_an_existing_network_namespace() {
         &port.to_string(),
     ]);
     let (st, out, err) = run(&s, spec, cmd);
+    // Checked while the group's listener is still up.
+    let leaked = host_reaches_group(port);
     let _ = group.kill();
     let _ = wait(&mut group, Duration::from_secs(30));
     assert!(st.success(), "{} stderr={err}", describe(st));
     assert_eq!(out, "from-group\n");
-    // From the host namespace the group's listener is not reachable.
-    assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err());
+    assert!(!leaked, "the group's listener leaked to the host namespace");
+}
+
+fn host_reaches_group(port: u16) -> bool {
+    // From the host namespace the group's listener is not reachable (an unrelated host
+    // listener may happen to own the same port number: it just must not be the group's).
+    let Ok(mut conn) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    use std::io::Read;
+    conn.set_read_timeout(Some(Duration::from_secs(2)))
+        .expect("timeout");
+    let mut buf = [0u8; 10];
+    let n = conn.read(&mut buf).unwrap_or(0);
+    &buf[..n] == b"from-group"
 }
 
 #[test]

@@ -182,3 +182,33 @@ fn directories_sockets_devices_and_hard_links_are_refused() {
     std::fs::hard_link(&a, d.path().join("b.log")).expect("link");
     assert!(refused(&a, &roots).contains("hard link"));
 }
+
+#[test]
+fn fifos_outside_configured_roots_are_refused() {
+    let root = tmp();
+    let elsewhere = tmp();
+    let roots = vec![root.path().to_path_buf()];
+    let outside = elsewhere.path().join("sys.fifo");
+    mkfifo(&outside, Mode::from_bits_truncate(0o600)).expect("mkfifo");
+    let msg = refused(&outside, &roots);
+    assert!(msg.contains("not under an allowed sink root"), "{msg}");
+    // The same FIFO reached through a symlinked directory inside the root is refused too.
+    let escape = root.path().join("escape");
+    symlink(elsewhere.path(), &escape).expect("symlink");
+    refused(&escape.join("sys.fifo"), &roots);
+    // Inside the root it opens (a reader is attached so the open succeeds at once).
+    let inside = root.path().join("ok.fifo");
+    mkfifo(&inside, Mode::from_bits_truncate(0o600)).expect("mkfifo");
+    let reader_path = inside.clone();
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        std::fs::File::open(&reader_path)
+            .expect("reader")
+            .read_to_string(&mut s)
+            .expect("read");
+        s
+    });
+    let fd = open_sink(&inside, &roots, Duration::from_secs(30)).expect("inside root");
+    std::fs::File::from(fd).write_all(b"in\n").expect("write");
+    assert_eq!(reader.join().expect("reader"), "in\n");
+}

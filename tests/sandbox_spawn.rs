@@ -278,6 +278,21 @@ fn plan_lists_steps_in_order_as_json() {
     );
     assert!(plan.steps.contains(&PlanStep::SetUid { uid: 65534 }));
     assert!(plan.base_env.is_some());
+    // net on + a namespace path: join it; net on alone: host network (no step).
+    let mut spec = s.spec();
+    spec.network_namespace = Some("/proc/self/ns/net".into());
+    assert!(spec.plan().steps.contains(&PlanStep::JoinNetns {
+        path: "/proc/self/ns/net".into()
+    }));
+    let host = s.spec().plan();
+    assert!(
+        !host.steps.iter().any(|s| matches!(
+            s,
+            PlanStep::JoinNetns { .. } | PlanStep::NewNetns | PlanStep::Landlock { .. }
+        )),
+        "{host:?}"
+    );
+    assert_eq!(host.base_env, None);
     let json = serde_json::to_string(&plan).expect("serialize");
     let back: elide_task_driver::sandbox::IsolationPlan =
         serde_json::from_str(&json).expect("deserialize");

@@ -41,6 +41,19 @@ enum Command {
     Executions(ExecutionsArgs),
     /// Show daemon version, runtimes and isolation features.
     Info(ClientArgs),
+    /// Internal: the daemon's companion cleanup process.
+    #[command(name = "__reaper", hide = true)]
+    Reaper(ReaperArgs),
+}
+
+#[derive(Debug, Args)]
+struct ReaperArgs {
+    #[arg(long)]
+    state_dir: PathBuf,
+    #[arg(long)]
+    cgroup_root: PathBuf,
+    #[arg(long)]
+    cgroup_parent: String,
 }
 
 #[derive(Debug, Args, Default)]
@@ -75,6 +88,9 @@ struct ServeArgs {
     /// Directory under which regular files may be used as output sinks (repeatable).
     #[arg(long = "output-root")]
     output_roots: Vec<PathBuf>,
+    /// How long to wait for a reader when opening a FIFO output sink [default: 10s].
+    #[arg(long)]
+    sink_open_timeout: Option<String>,
     /// cgroupfs mount point [default: /sys/fs/cgroup].
     #[arg(long)]
     cgroup_root: Option<PathBuf>,
@@ -140,6 +156,13 @@ pub fn main() -> ExitCode {
             Some(Command::Sessions(a)) => sessions(a).await.map(|_| 0),
             Some(Command::Executions(a)) => executions(a).await.map(|_| 0),
             Some(Command::Info(a)) => info(a).await.map(|_| 0),
+            Some(Command::Reaper(a)) => tokio::task::spawn_blocking(move || {
+                super::reaper::run(a.state_dir, a.cgroup_root, a.cgroup_parent)
+            })
+            .await
+            .map_err(anyhow::Error::from)
+            .and_then(|r| r)
+            .map(|_| 0),
         }
     });
     match result {
@@ -170,6 +193,7 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         max_code_bytes: a.max_code_bytes,
         session_idle_ttl: a.session_idle_ttl,
         output_roots: a.output_roots,
+        sink_open_timeout: a.sink_open_timeout,
         cgroup_root: a.cgroup_root,
         cgroup_parent: a.cgroup_parent,
     })?;

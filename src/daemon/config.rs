@@ -189,6 +189,8 @@ pub struct Overrides {
     pub session_idle_ttl: Option<String>,
     /// --output-root (repeatable)
     pub output_roots: Vec<PathBuf>,
+    /// --sink-open-timeout
+    pub sink_open_timeout: Option<String>,
     /// --cgroup-root
     pub cgroup_root: Option<PathBuf>,
     /// --cgroup-parent
@@ -290,6 +292,9 @@ impl DaemonConfig {
             c.session_idle_ttl = duration("--session-idle-ttl", v)?;
         }
         c.output_roots.extend(o.output_roots.iter().cloned());
+        if let Some(v) = &o.sink_open_timeout {
+            c.sink_open_timeout = duration("--sink-open-timeout", v)?;
+        }
         if let Some(v) = &o.cgroup_root {
             c.cgroup_root = v.clone();
         }

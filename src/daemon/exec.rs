@@ -256,21 +256,33 @@ pub async fn exec(
     tokio::spawn(async move {
         let child_pid = child.id().unwrap_or(0);
         let mut timed_out = false;
-        let status = match timeout {
-            Some(t) => match tokio::time::timeout(t, child.wait()).await {
-                Ok(s) => s,
-                Err(_) => {
-                    timed_out = true;
-                    if child_pid != 0 {
-                        let _ = nix::sys::signal::killpg(
-                            nix::unistd::Pid::from_raw(child_pid as i32),
-                            nix::sys::signal::Signal::SIGKILL,
-                        );
-                    }
-                    child.wait().await
-                }
-            },
-            None => child.wait().await,
+        let kill_group = || {
+            if child_pid != 0 {
+                let _ = nix::sys::signal::killpg(
+                    nix::unistd::Pid::from_raw(child_pid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        };
+        let limit = async {
+            match timeout {
+                Some(t) => tokio::time::sleep(t).await,
+                None => std::future::pending().await,
+            }
+        };
+        // The command ends by itself, by its timeout, or when the client goes away (nobody
+        // would ever read its output or result).
+        let status = tokio::select! {
+            s = child.wait() => s,
+            _ = limit => {
+                timed_out = true;
+                kill_group();
+                child.wait().await
+            }
+            _ = tx.closed() => {
+                kill_group();
+                child.wait().await
+            }
         };
         // Output still buffered in the pipes is delivered before the result.
         for r in readers {

@@ -271,7 +271,16 @@ impl Execution {
             ));
         }
         if let Some(cg) = cgroup {
-            let _ = cg.kill_all();
+            // Killing a v1 cgroup polls until it is empty: keep that off the async workers.
+            let kill = move || {
+                let _ = cg.kill_all();
+            };
+            match tokio::runtime::Handle::try_current() {
+                Ok(h) => {
+                    h.spawn_blocking(kill);
+                }
+                Err(_) => kill(),
+            }
         }
     }
 
@@ -394,15 +403,14 @@ impl Execution {
         };
         // The leader is gone; whatever it left behind in its group or cgroup goes too.
         self.kill_all();
-        let cgroup = self.lock().cgroup.clone();
+        let cgroup = self.lock().cgroup.take();
         let oom = match cgroup {
             Some(cg) => tokio::task::spawn_blocking(move || {
                 let oom = cg.oom_killed();
-                let _ = cg.kill_all();
-                if let Ok(cg) = Arc::try_unwrap(cg) {
-                    let _ = cg.remove();
-                } else {
-                    // Someone is sampling stats; a later reap_stale removes the directory.
+                // A stats sampler may still hold the Arc; the directories go either way.
+                let owned: ExecutionCgroup = (*cg).clone();
+                if let Err(e) = owned.remove() {
+                    tracing::warn!(error = %e, "cannot remove an execution cgroup");
                 }
                 oom
             })

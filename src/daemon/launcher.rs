@@ -287,24 +287,23 @@ impl Launcher for ColdLauncher {
                 }
                 e
             };
-            if let Err(e) = spec.apply(&mut cmd) {
-                return Err(fail(cgroup, LaunchError::Sandbox(e.to_string())));
-            }
             let program = plan.argv[0].to_string_lossy().into_owned();
+            // Building the isolation (Landlock ruleset, namespace and cgroup fds) and forking
+            // both happen on the spawner thread, off the async workers.
             let spawned = self
                 .spawner
                 .run(move || {
+                    spec.apply(&mut cmd)
+                        .map_err(|e| LaunchError::Sandbox(e.to_string()))?;
                     let mut cmd = tokio::process::Command::from(cmd);
                     cmd.kill_on_drop(false);
                     cmd.spawn()
+                        .map_err(|source| LaunchError::Spawn { program, source })
                 })
                 .await;
             let mut child = match spawned {
                 Ok(Ok(c)) => c,
-                Ok(Err(source)) => {
-                    return Err(fail(cgroup, LaunchError::Spawn { program, source }));
-                }
-                Err(e) => return Err(fail(cgroup, e)),
+                Ok(Err(e)) | Err(e) => return Err(fail(cgroup, e)),
             };
             let pid = child.id().unwrap_or(0);
             let exit = Box::pin(async move { child.wait().await.map(convert) });

@@ -459,6 +459,23 @@ pub fn plan_execution(
             chown(&script).map_err(cleanup_on_err)?;
         }
     }
+    if let Some(u) = &user {
+        // Fail with the reason now rather than with EACCES from exec in the child.
+        for (what, p) in [("interpreter", &runtime.command), ("script", &script)] {
+            if let Err(reason) = accessible_by(p, u, what == "interpreter") {
+                let _ = std::fs::remove_dir_all(&exec_dir);
+                return Err(DaemonError::invalid(
+                    "user",
+                    format!(
+                        "user {:?} (uid {}) cannot use the {what} {}: {reason}",
+                        u.spec,
+                        u.uid,
+                        p.display()
+                    ),
+                ));
+            }
+        }
+    }
     read_paths.push(script.clone());
 
     let working_dir = working_dir.unwrap_or_else(|| exec_dir.clone());
@@ -509,4 +526,128 @@ fn write_private(path: &Path, bytes: &[u8]) -> DaemonResult<()> {
         .map_err(|e| DaemonError::Internal(format!("writing {}: {e}", path.display())))?;
     f.write_all(bytes)
         .map_err(|e| DaemonError::Internal(format!("writing {}: {e}", path.display())))
+}
+
+/// Whether `user` may reach `path` (search permission on every ancestor) and read it (and
+/// execute it when `exec`), by the classic owner/group/other mode bits. Root passes.
+fn accessible_by(path: &Path, user: &ResolvedUser, exec: bool) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    if user.uid == 0 {
+        return Ok(());
+    }
+    let allows = |m: &std::fs::Metadata, bit: u32| {
+        let mode = m.mode();
+        if m.uid() == user.uid {
+            mode & (bit << 6) != 0
+        } else if m.gid() == user.gid || user.groups.contains(&m.gid()) {
+            mode & (bit << 3) != 0
+        } else {
+            mode & bit != 0
+        }
+    };
+    let mut ancestors: Vec<&Path> = path.ancestors().skip(1).collect();
+    ancestors.reverse();
+    for dir in ancestors {
+        let m = std::fs::metadata(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        if !allows(&m, 0o1) {
+            return Err(format!(
+                "no search permission on directory {}",
+                dir.display()
+            ));
+        }
+    }
+    let m = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    if !allows(&m, 0o4) {
+        return Err("no read permission".to_string());
+    }
+    if exec && !allows(&m, 0o1) {
+        return Err("no execute permission".to_string());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_keys_are_validated_and_later_duplicates_win() {
+        let e = |k: &[u8], v: &[u8]| pb::EnvVar {
+            key: k.to_vec(),
+            value: v.to_vec(),
+        };
+        let got = env_vars(&[e(b"A", b"1"), e(b"B", b"\xff"), e(b"A", b"2")]).unwrap();
+        assert_eq!(got.len(), 2);
+        assert_eq!(got[1], ("A".to_string(), OsString::from("2")));
+        assert_eq!(got[0].1.as_encoded_bytes(), b"\xff");
+        let err = env_vars(&[e(b"OK", b""), e(b"\xc3\x28", b"x")]).unwrap_err();
+        assert!(err.to_string().starts_with("env[1].key"), "{err}");
+        let err = env_vars(&[e(b"", b"x")]).unwrap_err();
+        assert!(err.to_string().starts_with("env[0].key"), "{err}");
+        let err = env_vars(&[e(b"K", b"a\0b")]).unwrap_err();
+        assert!(err.to_string().starts_with("env[0].value"), "{err}");
+    }
+
+    #[test]
+    fn limits_and_durations_refuse_negative_values() {
+        assert_eq!(non_negative("f", 0).unwrap(), None);
+        assert_eq!(non_negative("f", 5).unwrap(), Some(5));
+        assert!(
+            non_negative("limits.pids", -1)
+                .unwrap_err()
+                .to_string()
+                .contains("limits.pids")
+        );
+        let d = prost_types::Duration {
+            seconds: 1,
+            nanos: 500,
+        };
+        assert_eq!(duration("t", &d).unwrap(), Duration::new(1, 500));
+        let bad = prost_types::Duration {
+            seconds: 0,
+            nanos: -1,
+        };
+        assert!(
+            duration("grace", &bad)
+                .unwrap_err()
+                .to_string()
+                .contains("grace")
+        );
+    }
+
+    #[test]
+    fn intrinsics_parse_names_and_reject_unknown() {
+        let s = IntrinsicSet::parse(&["ENV".into(), "net".into()], "x").unwrap();
+        assert_eq!((s.env, s.io, s.net), (true, false, true));
+        assert_eq!(s.names(), vec!["env", "net"]);
+        let err = IntrinsicSet::parse(&["io".into(), "disk".into()], "cfg").unwrap_err();
+        assert!(err.to_string().contains("cfg[1]") && err.to_string().contains("disk"));
+    }
+
+    #[test]
+    fn access_check_follows_mode_bits() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("x");
+        std::fs::write(&f, "").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        let other = ResolvedUser {
+            spec: "12345".into(),
+            uid: 12345,
+            gid: 12345,
+            groups: vec![],
+            home: None,
+            name: None,
+        };
+        let err = accessible_by(&f, &other, false).unwrap_err();
+        assert!(err.contains("search permission"), "{err}");
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o644)).unwrap();
+        accessible_by(&f, &other, false).unwrap();
+        assert!(
+            accessible_by(&f, &other, true)
+                .unwrap_err()
+                .contains("execute")
+        );
+    }
 }

@@ -15,6 +15,7 @@ use super::execution::{Execution, Phase, SupervisorContext, result_to_proto};
 use super::launcher::{ColdLauncher, LaunchError, Launcher, Spawner};
 use super::plan::{PlanContext, duration, plan_execution};
 use super::pool::PoolLauncher;
+use super::reaper::Reaper;
 use super::runtime::RuntimeRegistry;
 use super::session::Session;
 use super::state::{ResultRecord, StateStore};
@@ -49,6 +50,7 @@ pub struct Daemon {
     started_at: SystemTime,
     /// Cancelled when the daemon shuts down.
     pub shutdown: CancellationToken,
+    _reaper: Reaper,
 }
 
 /// Who is calling (from the socket's peer credentials).
@@ -85,6 +87,13 @@ impl Daemon {
             std::os::unix::fs::PermissionsExt::from_mode(0o711),
         )
         .map_err(|e| anyhow::anyhow!("chmod run_dir {}: {e}", config.run_dir.display()))?;
+        // The reaper must hold the handover lock before anything else happens: once it does,
+        // any previous daemon's cleanup is over and cannot touch what we start.
+        let reaper = Reaper::start(
+            &config.state_dir,
+            &config.cgroup_root,
+            &config.cgroup_parent,
+        )?;
         let runtimes = RuntimeRegistry::discover(&config.runtimes);
         let cgroups = CgroupManager::detect_at(&config.cgroup_root, &config.cgroup_parent);
 
@@ -173,6 +182,7 @@ impl Daemon {
             executions: Mutex::new(executions),
             started_at: SystemTime::now(),
             shutdown: CancellationToken::new(),
+            _reaper: reaper,
         }))
     }
 
@@ -309,11 +319,23 @@ impl Daemon {
         v
     }
 
-    /// CloseSession: stops every execution (grace, then SIGKILL), then forgets the session.
+    /// CloseSession: stops every execution (grace, then SIGKILL), then forgets the session and
+    /// its executions.
     pub async fn close_session(
         &self,
         id: &str,
         grace: Option<&prost_types::Duration>,
+    ) -> DaemonResult<()> {
+        self.close_session_inner(id, grace, true).await
+    }
+
+    /// Closes a session; with `forget` false its ended executions stay queryable by id until
+    /// `ended_retention` (idle reclaim must not lose a result a returning client will ask for).
+    async fn close_session_inner(
+        &self,
+        id: &str,
+        grace: Option<&prost_types::Duration>,
+        forget: bool,
     ) -> DaemonResult<()> {
         let grace = match grace {
             Some(d) => duration("grace", d)?,
@@ -331,7 +353,7 @@ impl Daemon {
         .await;
         self.pools.close_session(id).await;
         lock(&self.sessions).remove(id);
-        {
+        if forget {
             let mut map = lock(&self.executions);
             for e in &execs {
                 map.remove(&e.id);
@@ -339,7 +361,11 @@ impl Daemon {
         }
         let state = self.state.clone();
         let id_owned = id.to_string();
-        let ids: Vec<String> = execs.iter().map(|e| e.id.clone()).collect();
+        let ids: Vec<String> = if forget {
+            execs.iter().map(|e| e.id.clone()).collect()
+        } else {
+            Vec::new()
+        };
         let _ = tokio::task::spawn_blocking(move || {
             for e in ids {
                 state.remove_execution(&e);
@@ -443,6 +469,14 @@ impl Daemon {
                 let state = self.state.clone();
                 let e2 = exec.clone();
                 let _ = tokio::task::spawn_blocking(move || e2.persist(&state)).await;
+                if session.is_closed() {
+                    // CloseSession ran while this one was starting and did not see it.
+                    exec.kill_all();
+                    return Err(DaemonError::FailedPrecondition(format!(
+                        "session_id: session {:?} was closed while the execution started; it was stopped",
+                        exec.session_id
+                    )));
+                }
                 Ok(exec.to_proto())
             }
             Err(e) => {
@@ -581,7 +615,7 @@ impl Daemon {
             .collect();
         for id in idle {
             tracing::info!(session = %id, "closing idle session");
-            let _ = self.close_session(&id, None).await;
+            let _ = self.close_session_inner(&id, None, false).await;
         }
         let old: Vec<String> = lock(&self.executions)
             .values()

@@ -104,7 +104,7 @@ pub struct SessionRecord {
 /// The state directory.
 pub struct StateStore {
     root: PathBuf,
-    _lock: nix::fcntl::Flock<File>,
+    _lock: Option<nix::fcntl::Flock<File>>,
 }
 
 impl StateStore {
@@ -141,7 +141,21 @@ impl StateStore {
         };
         Ok(Self {
             root: root.to_path_buf(),
-            _lock: lock,
+            _lock: Some(lock),
+        })
+    }
+
+    /// Opens the state dir for reading without taking the daemon lock (the reaper's view).
+    pub fn open_readonly(root: &Path) -> Result<Self, StateError> {
+        if !root.is_dir() {
+            return Err(StateError::Io {
+                path: root.to_path_buf(),
+                source: std::io::Error::from(std::io::ErrorKind::NotFound),
+            });
+        }
+        Ok(Self {
+            root: root.to_path_buf(),
+            _lock: None,
         })
     }
 

@@ -40,6 +40,12 @@ impl CgroupMode {
 pub enum CgroupError {
     #[error("invalid cgroup name {name:?}: {reason}")]
     InvalidName { name: String, reason: &'static str },
+    #[error("invalid cgroup limit {field} = {value}: {reason}")]
+    InvalidLimit {
+        field: &'static str,
+        value: u64,
+        reason: &'static str,
+    },
     #[error("cgroups are not available on this machine (no v2 controllers, no v1 hierarchies)")]
     Unavailable,
     #[error("cgroup {path:?}: {op} failed: {source}")]
@@ -70,6 +76,40 @@ pub struct CgroupLimits {
     pub cpu_shares: Option<u64>,
     /// Maximum number of tasks (processes + threads).
     pub pids: Option<u64>,
+}
+
+/// Smallest memory limit accepted: below this an interpreter cannot even start, and the
+/// kernel refuses limits under the current usage.
+pub const MIN_MEMORY_BYTES: u64 = 4 << 20;
+
+impl CgroupLimits {
+    /// Rejects limits no execution could run under.
+    pub fn validate(&self) -> Result<(), CgroupError> {
+        if let Some(m) = self.memory_bytes
+            && m < MIN_MEMORY_BYTES
+        {
+            return Err(CgroupError::InvalidLimit {
+                field: "memory_bytes",
+                value: m,
+                reason: "must be at least 4 MiB",
+            });
+        }
+        if self.pids == Some(0) {
+            return Err(CgroupError::InvalidLimit {
+                field: "pids",
+                value: 0,
+                reason: "must be at least 1 (the execution's own process)",
+            });
+        }
+        if self.cpu_shares == Some(0) {
+            return Err(CgroupError::InvalidLimit {
+                field: "cpu_shares",
+                value: 0,
+                reason: "must be at least 1 (use None for the default weight)",
+            });
+        }
+        Ok(())
+    }
 }
 
 /// Resource usage of an execution cgroup; `None` means "not measured on this machine".
@@ -334,6 +374,21 @@ impl CgroupManager {
         }
     }
 
+    /// Whether this process may create cgroups in every hierarchy in use (write access to the
+    /// parent, or to the hierarchy root when the parent does not exist yet).
+    pub fn writable(&self) -> bool {
+        let dirs = self.parent_dirs();
+        !dirs.is_empty()
+            && dirs.iter().all(|(_, parent)| {
+                let target = if parent.exists() {
+                    parent.as_path()
+                } else {
+                    parent.parent().unwrap_or(parent)
+                };
+                nix::unistd::access(target, nix::unistd::AccessFlags::W_OK).is_ok()
+            })
+    }
+
     /// Human-readable description: mode, where, controllers.
     pub fn describe(&self) -> String {
         match &self.layout {
@@ -423,13 +478,15 @@ impl CgroupManager {
         })
     }
 
-    /// Creates the cgroup of one execution and applies `limits`.
+    /// Creates the cgroup of one execution and applies `limits` (file I/O on cgroupfs:
+    /// call from a blocking context).
     pub fn create(
         &self,
         name: &str,
         limits: &CgroupLimits,
     ) -> Result<ExecutionCgroup, CgroupError> {
         validate_name(name)?;
+        limits.validate()?;
         let dirs = match &self.layout {
             Layout::None => return Err(CgroupError::Unavailable),
             Layout::V2 { hierarchy } => {
@@ -450,20 +507,30 @@ impl CgroupManager {
             dirs,
             rel: format!("/{}/{}", self.parent_name, name),
         };
+        let mut created: Vec<&Path> = Vec::new();
+        let undo = |created: &[&Path]| {
+            for d in created {
+                let _ = remove_tree(d);
+            }
+        };
         for (_, dir) in &cg.dirs {
-            if let Some(parent) = dir.parent() {
-                Self::ensure_dir(parent)?;
+            if let Some(parent) = dir.parent()
+                && let Err(e) = Self::ensure_dir(parent)
+            {
+                undo(&created);
+                return Err(e);
             }
             match fs::create_dir(dir) {
-                Ok(()) => {}
-                Err(e) if e.kind() == ErrorKind::AlreadyExists => {
-                    return Err(io_err(
-                        dir,
-                        "mkdir (an execution cgroup with this name already exists)",
-                        e,
-                    ));
+                Ok(()) => created.push(dir),
+                Err(e) => {
+                    undo(&created);
+                    let op = if e.kind() == ErrorKind::AlreadyExists {
+                        "mkdir (an execution cgroup with this name already exists)"
+                    } else {
+                        "mkdir"
+                    };
+                    return Err(io_err(dir, op, e));
                 }
-                Err(e) => return Err(io_err(dir, "mkdir", e)),
             }
         }
         if let Err(e) = cg.apply_limits(limits) {
@@ -490,6 +557,7 @@ impl CgroupManager {
 
     /// Kills and removes every execution cgroup left under the parent by a previous daemon.
     /// Call at startup, before any execution is created. Returns how many were removed.
+    /// Blocking (polls while processes die).
     pub fn reap_stale(&self) -> Result<usize, CgroupError> {
         let mut names: Vec<String> = Vec::new();
         for (_, parent) in self.parent_dirs() {
@@ -718,14 +786,8 @@ impl ExecutionCgroup {
     /// Pids currently in the execution (union over hierarchies).
     pub fn pids(&self) -> Vec<u32> {
         let mut out: Vec<u32> = Vec::new();
-        for f in self.procs_files() {
-            if let Ok(c) = fs::read_to_string(&f) {
-                for p in c.lines().filter_map(|l| l.trim().parse::<u32>().ok()) {
-                    if !out.contains(&p) {
-                        out.push(p);
-                    }
-                }
-            }
+        for (_, dir) in &self.dirs {
+            collect_procs(dir, &mut out);
         }
         out
     }
@@ -733,7 +795,8 @@ impl ExecutionCgroup {
     /// Kills every process of the execution and waits (bounded) until none is left.
     ///
     /// v2 uses `cgroup.kill` when the kernel has it (≥ 5.14); otherwise every pid listed is
-    /// sent SIGKILL, repeatedly, so processes forked meanwhile are caught too.
+    /// sent SIGKILL, repeatedly, so processes forked meanwhile are caught too. Blocking (polls
+    /// for up to 10 s): call from a blocking context.
     pub fn kill_all(&self) -> Result<(), CgroupError> {
         if self.mode == CgroupMode::V2
             && let Some((_, dir)) = self.dirs.first()
@@ -765,43 +828,82 @@ impl ExecutionCgroup {
 
     fn remove_dirs(&self) -> Result<(), CgroupError> {
         for (_, dir) in &self.dirs {
-            let deadline = Instant::now() + Duration::from_secs(5);
-            loop {
-                match fs::remove_dir(dir) {
-                    Ok(()) => break,
-                    Err(e) if e.kind() == ErrorKind::NotFound => break,
-                    // Exiting tasks leave the cgroup asynchronously.
-                    Err(e)
-                        if e.raw_os_error() == Some(libc::EBUSY) && Instant::now() < deadline =>
-                    {
-                        std::thread::sleep(Duration::from_millis(10));
-                    }
-                    Err(e) if e.raw_os_error() == Some(libc::ENOTEMPTY) => {
-                        // Only the test fake has regular files in a cgroup directory.
-                        fs::remove_dir_all(dir).map_err(|e| io_err(dir, "rmdir", e))?;
-                        break;
-                    }
-                    Err(e) => return Err(io_err(dir, "rmdir", e)),
-                }
-            }
+            remove_tree(dir)?;
         }
         Ok(())
     }
 
-    /// Kills what is left in the execution and removes its directories.
+    /// Kills what is left in the execution and removes its directories. Blocking (see
+    /// [`kill_all`](Self::kill_all)).
     pub fn remove(self) -> Result<(), CgroupError> {
         self.kill_all()?;
         self.remove_dirs()
     }
 }
 
-/// Whether `/proc/<pid>/cgroup` places `pid` in the cgroup at `rel` in any hierarchy.
+/// Pids in `dir` and in every cgroup below it (a root snippet may create sub-cgroups; their
+/// members are not listed in the parent's cgroup.procs).
+fn collect_procs(dir: &Path, out: &mut Vec<u32>) {
+    if let Ok(c) = fs::read_to_string(dir.join("cgroup.procs")) {
+        for p in c.lines().filter_map(|l| l.trim().parse::<u32>().ok()) {
+            if !out.contains(&p) {
+                out.push(p);
+            }
+        }
+    }
+    if let Ok(entries) = fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                collect_procs(&e.path(), out);
+            }
+        }
+    }
+}
+
+/// Removes a cgroup directory and any cgroups below it, deepest first.
+fn remove_tree(dir: &Path) -> Result<(), CgroupError> {
+    if let Ok(entries) = fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                remove_tree(&e.path())?;
+            }
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut cleared_files = false;
+    loop {
+        match fs::remove_dir(dir) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
+            // Exiting tasks leave the cgroup asynchronously.
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            // cgroupfs removes its control files itself; only the test fake holds regular
+            // files that must go first.
+            Err(e) if e.raw_os_error() == Some(libc::ENOTEMPTY) && !cleared_files => {
+                cleared_files = true;
+                if let Ok(entries) = fs::read_dir(dir) {
+                    for e in entries.flatten() {
+                        if e.file_type().map(|t| t.is_file()).unwrap_or(false) {
+                            let _ = fs::remove_file(e.path());
+                        }
+                    }
+                }
+            }
+            Err(e) => return Err(io_err(dir, "rmdir", e)),
+        }
+    }
+}
+
+/// Whether `/proc/<pid>/cgroup` places `pid` in the cgroup at `rel` (or below it) in any
+/// hierarchy.
 fn in_cgroup(pid: u32, rel: &str) -> bool {
     fs::read_to_string(format!("/proc/{pid}/cgroup"))
         .map(|c| {
             c.lines()
                 .filter_map(|l| l.splitn(3, ':').nth(2))
-                .any(|path| path == rel || path.ends_with(rel))
+                .any(|path| path.ends_with(rel) || path.contains(&format!("{rel}/")))
         })
         .unwrap_or(false)
 }
@@ -1126,6 +1228,146 @@ mod tests {
         assert_eq!(s.cpu_user_ns, Some(3 * ticks_to_ns()));
         assert_eq!(s.cpu_system_ns, Some(ticks_to_ns()));
         assert_eq!(s.memory_rss_bytes, Some(8192));
+        cg.remove().expect("remove");
+    }
+
+    #[test]
+    fn impossible_limits_are_rejected_naming_the_field() {
+        let root = fake_v2();
+        let m = CgroupManager::detect_at(root.path(), "elide");
+        for (limits, field) in [
+            (
+                CgroupLimits {
+                    memory_bytes: Some(0),
+                    ..Default::default()
+                },
+                "memory_bytes",
+            ),
+            (
+                CgroupLimits {
+                    memory_bytes: Some(1 << 20),
+                    ..Default::default()
+                },
+                "memory_bytes",
+            ),
+            (
+                CgroupLimits {
+                    pids: Some(0),
+                    ..Default::default()
+                },
+                "pids",
+            ),
+            (
+                CgroupLimits {
+                    cpu_shares: Some(0),
+                    ..Default::default()
+                },
+                "cpu_shares",
+            ),
+        ] {
+            let err = m.create("x", &limits).expect_err(field);
+            assert!(err.to_string().contains(field), "{err}");
+            assert!(!root.path().join("elide/x").exists());
+        }
+    }
+
+    #[test]
+    fn v1_co_mounted_cpu_and_cpuacct_share_one_directory() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let both = root.path().join("cpu,cpuacct");
+        fs::create_dir_all(&both).expect("mkdir");
+        fs::write(both.join("cpu.shares"), "1024").expect("write");
+        fs::write(both.join("cpuacct.usage"), "0").expect("write");
+        std::os::unix::fs::symlink(&both, root.path().join("cpu")).expect("symlink");
+        std::os::unix::fs::symlink(&both, root.path().join("cpuacct")).expect("symlink");
+        let m = CgroupManager::detect_at(root.path(), "elide");
+        assert_eq!(m.controllers(), ["cpu", "cpuacct"]);
+        let cg = m.create("x", &CgroupLimits::default()).expect("create");
+        assert_eq!(
+            cg.dirs().len(),
+            1,
+            "one hierarchy, one directory: {:?}",
+            cg.dirs()
+        );
+        let dir = &cg.dirs()[0];
+        fs::write(dir.join("cpuacct.usage_user"), "7").expect("write");
+        fs::write(dir.join("cpuacct.usage_sys"), "3").expect("write");
+        fs::write(dir.join("cpuacct.usage"), "10").expect("write");
+        let s = cg.stats();
+        assert_eq!(
+            (s.cpu_user_ns, s.cpu_system_ns, s.cpu_total_ns),
+            (Some(7), Some(3), Some(10))
+        );
+        cg.remove().expect("remove");
+    }
+
+    #[test]
+    fn v1_partial_create_is_undone_and_foreign_dirs_are_kept() {
+        let root = tempfile::tempdir().expect("tempdir");
+        for (c, marker) in [
+            ("memory", "memory.usage_in_bytes"),
+            ("pids", "pids.current"),
+        ] {
+            fs::create_dir_all(root.path().join(c)).expect("mkdir");
+            fs::write(root.path().join(c).join(marker), "0").expect("write");
+        }
+        // Someone else's cgroup with the same name in the second hierarchy.
+        fs::create_dir_all(root.path().join("pids/elide/x")).expect("mkdir");
+        let m = CgroupManager::detect_at(root.path(), "elide");
+        let err = m
+            .create("x", &CgroupLimits::default())
+            .expect_err("collision");
+        assert!(err.to_string().contains("already exists"), "{err}");
+        assert!(
+            !root.path().join("memory/elide/x").exists(),
+            "our half must be undone"
+        );
+        assert!(
+            root.path().join("pids/elide/x").exists(),
+            "the foreign dir must be kept"
+        );
+    }
+
+    #[test]
+    fn v1_oom_falls_back_to_failcnt_when_the_kernel_has_no_oom_kill_counter() {
+        let root = tempfile::tempdir().expect("tempdir");
+        fs::create_dir_all(root.path().join("memory")).expect("mkdir");
+        fs::write(root.path().join("memory/memory.usage_in_bytes"), "0").expect("write");
+        let m = CgroupManager::detect_at(root.path(), "elide");
+        let cg = m
+            .create(
+                "old",
+                &CgroupLimits {
+                    memory_bytes: Some(64 << 20),
+                    ..Default::default()
+                },
+            )
+            .expect("create");
+        let dir = root.path().join("memory/elide/old");
+        // Pre-4.13 oom_control: no oom_kill line.
+        fs::write(
+            dir.join("memory.oom_control"),
+            "oom_kill_disable 0\nunder_oom 0\n",
+        )
+        .expect("write");
+        fs::write(dir.join("memory.failcnt"), "0").expect("write");
+        fs::write(
+            dir.join("memory.max_usage_in_bytes"),
+            (10u64 << 20).to_string(),
+        )
+        .expect("write");
+        assert!(!cg.oom_killed());
+        fs::write(dir.join("memory.failcnt"), "57").expect("write");
+        assert!(
+            !cg.oom_killed(),
+            "reclaim failures far below the limit are not an OOM kill"
+        );
+        fs::write(
+            dir.join("memory.max_usage_in_bytes"),
+            (64u64 << 20).to_string(),
+        )
+        .expect("write");
+        assert!(cg.oom_killed());
         cg.remove().expect("remove");
     }
 }

@@ -8,7 +8,7 @@
 
 use landlock::{
     ABI, Access, AccessFs, CompatLevel, Compatible, Ruleset, RulesetAttr, RulesetCreatedAttr,
-    path_beneath_rules,
+    Scope, path_beneath_rules,
 };
 use serde::{Deserialize, Serialize};
 use std::os::fd::{OwnedFd, RawFd};
@@ -63,9 +63,19 @@ pub const SYSTEM_READ_PATHS: &[&str] = &[
     "/etc/hosts",
     "/etc/passwd",
     "/etc/group",
-    // /proc/self cannot be named (it would resolve to the daemon's pid when the rule is
-    // built), so /proc is readable; other users' entries stay protected by ptrace rules.
-    "/proc",
+    // Machine-wide /proc files runtimes read (CPU count, memory, malloc tuning). The child's
+    // own /proc/self is added in the child itself (see `allow_proc_self`): named here it
+    // would resolve to the daemon's pid. Other processes' /proc entries stay denied, so a
+    // root snippet cannot read the daemon's environ or memory.
+    "/proc/cpuinfo",
+    "/proc/meminfo",
+    "/proc/stat",
+    "/proc/loadavg",
+    "/proc/uptime",
+    "/proc/version",
+    "/proc/filesystems",
+    "/proc/sys/kernel",
+    "/proc/sys/vm/overcommit_memory",
     "/sys/devices/system/cpu",
     "/sys/fs/cgroup",
     "/dev/urandom",
@@ -115,6 +125,8 @@ const TARGET_ABI: ABI = ABI::V10;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AccessMasks {
     pub handled: u64,
+    /// `LANDLOCK_SCOPE_*` bits (ABI ≥ 6).
+    pub scoped: u64,
     pub read_exec: u64,
     pub read_write: u64,
     pub file_only: u64,
@@ -124,6 +136,7 @@ pub struct AccessMasks {
 pub fn access_masks() -> AccessMasks {
     AccessMasks {
         handled: AccessFs::from_all(TARGET_ABI).bits(),
+        scoped: Scope::AbstractUnixSocket as u64,
         read_exec: AccessFs::from_read(TARGET_ABI).bits(),
         read_write: AccessFs::from_all(TARGET_ABI).bits(),
         file_only: AccessFs::from_file(TARGET_ABI).bits(),
@@ -152,6 +165,10 @@ pub fn build_ruleset(policy: &FsPolicy, required: &[PathBuf]) -> Result<OwnedFd,
         .set_compatibility(CompatLevel::BestEffort)
         .handle_access(AccessFs::from_all(TARGET_ABI))
         .map_err(rr)?
+        // Abstract Unix sockets have no path for the filesystem rules to catch (ABI ≥ 6;
+        // older kernels skip this, and a private netns hides them anyway).
+        .scope(Scope::AbstractUnixSocket)
+        .map_err(rr)?
         .create()
         .map_err(rr)?
         .add_rules(path_beneath_rules(
@@ -166,6 +183,53 @@ pub fn build_ruleset(policy: &FsPolicy, required: &[PathBuf]) -> Result<OwnedFd,
         .map_err(rr)?;
     let fd: Option<OwnedFd> = created.into();
     fd.ok_or(LandlockError::Unsupported { abi })
+}
+
+/// `struct landlock_path_beneath_attr` (packed in the kernel UAPI).
+#[repr(C, packed)]
+struct PathBeneathAttr {
+    allowed_access: u64,
+    parent_fd: i32,
+}
+
+const LANDLOCK_RULE_PATH_BENEATH: libc::c_int = 1;
+
+/// Adds a read/execute rule for the calling process's own `/proc/self` to the ruleset at
+/// `ruleset_fd`. Must run in the child (after fork) so `/proc/self` resolves to the child's
+/// pid, which it keeps across exec. Async-signal-safe; returns errno.
+pub fn allow_proc_self(ruleset_fd: RawFd, read_exec_access: u64) -> Result<(), i32> {
+    let errno = || {
+        std::io::Error::last_os_error()
+            .raw_os_error()
+            .unwrap_or(libc::EIO)
+    };
+    // SAFETY: open/syscall/close on a static path and a stack struct of the UAPI layout.
+    unsafe {
+        let dir = libc::open(
+            c"/proc/self".as_ptr(),
+            libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        );
+        if dir < 0 {
+            return Err(errno());
+        }
+        let attr = PathBeneathAttr {
+            allowed_access: read_exec_access,
+            parent_fd: dir,
+        };
+        let r = libc::syscall(
+            libc::SYS_landlock_add_rule,
+            ruleset_fd,
+            LANDLOCK_RULE_PATH_BENEATH,
+            &attr as *const PathBeneathAttr,
+            0u32,
+        );
+        let e = errno();
+        libc::close(dir);
+        if r != 0 {
+            return Err(e);
+        }
+    }
+    Ok(())
 }
 
 /// Confines the calling thread with the ruleset at `fd` (sets `no_new_privs` first, which an
@@ -196,6 +260,8 @@ mod tests {
         let m = access_masks();
         // LANDLOCK_ACCESS_FS_EXECUTE | READ_FILE | READ_DIR
         assert_eq!(m.read_exec, (1 << 0) | (1 << 2) | (1 << 3));
+        // LANDLOCK_SCOPE_ABSTRACT_UNIX_SOCKET
+        assert_eq!(m.scoped, 1);
         // Every handled right is granted to read-write paths; read-only is a strict subset.
         assert_eq!(m.read_write, m.handled);
         assert_eq!(m.read_exec & !m.handled, 0);

@@ -14,8 +14,10 @@
 //! - `io` off: Landlock (ABI ≥ 1) denies every filesystem access except: read/execute of system
 //!   libraries and binaries ([`landlock_rules::SYSTEM_READ_PATHS`]: /usr, /lib*, /bin, /sbin,
 //!   ld.so cache, TLS certificates and openssl.cnf, localtime, resolv.conf/hosts/nsswitch,
-//!   passwd/group, /proc, CPU and cgroup info in /sys, /dev/urandom) and of the runtime's
-//!   install dirs (`read_paths`); read/write of the working dir, `write_paths` and /dev/null.
+//!   passwd/group, machine-wide /proc info files, the child's own /proc/self (never other
+//!   processes'), CPU and cgroup info in /sys, /dev/urandom) and of the runtime's install dirs
+//!   (`read_paths`); read/write of the working dir, `write_paths` and /dev/null.
+//!   Abstract Unix sockets outside the sandbox are unreachable too (ABI ≥ 6).
 //!   `TMPDIR` points at the working dir. Without Landlock, `apply` fails rather than running
 //!   unconfined.
 //! - `net` off: a fresh network namespace holding only `lo` (up): the host's interfaces and its

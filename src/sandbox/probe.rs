@@ -64,10 +64,15 @@ fn can_unshare(flags: libc::c_int) -> Result<(), String> {
 /// Probes every feature. Cheap (two short-lived forks); call once at daemon start.
 pub fn probe(cgroups: &CgroupManager) -> Vec<Feature> {
     let mut out = Vec::new();
+    let usable = cgroups.mode() != super::cgroup::CgroupMode::None && cgroups.writable();
     out.push(feature(
         "cgroup",
-        cgroups.mode() != super::cgroup::CgroupMode::None,
-        cgroups.describe(),
+        usable,
+        if usable || cgroups.mode() == super::cgroup::CgroupMode::None {
+            cgroups.describe()
+        } else {
+            format!("{}; not writable by this daemon", cgroups.describe())
+        },
     ));
     let abi = landlock_rules::abi_version();
     out.push(if abi >= 1 {
@@ -133,6 +138,14 @@ mod tests {
                 "cgroup", "landlock", "netns", "userns", "setuid", "seccomp", "pidns"
             ]
         );
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } == 0 && m.mode() != crate::sandbox::cgroup::CgroupMode::None {
+            assert!(f[0].enforced, "root can create cgroups: {:?}", f[0]);
+        }
+        let fake = tempfile::tempdir().expect("tempdir");
+        let none = probe(&CgroupManager::detect_at(fake.path(), "elide"));
+        assert!(!none[0].enforced);
+        assert!(none[0].detail.contains("no usable cgroup"), "{:?}", none[0]);
         let landlock = &f[1];
         assert_eq!(landlock.enforced, landlock_rules::abi_version() >= 1);
         assert!(f.iter().all(|f| !f.detail.is_empty()));

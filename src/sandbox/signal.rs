@@ -73,6 +73,20 @@ mod tests {
     }
 
     #[test]
+    fn every_signal_parses_by_name_short_name_and_number() {
+        for sig in Signal::iterator() {
+            let name = sig.as_str();
+            assert_eq!(parse_signal(name), Ok(sig), "{name}");
+            assert_eq!(
+                parse_signal(&name[3..].to_ascii_lowercase()),
+                Ok(sig),
+                "{name}"
+            );
+            assert_eq!(parse_signal(&(sig as i32).to_string()), Ok(sig), "{name}");
+        }
+    }
+
+    #[test]
     fn names_round_trip() {
         assert_eq!(signal_name(Signal::SIGINT), "SIGINT");
         assert_eq!(

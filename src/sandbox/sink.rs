@@ -56,7 +56,9 @@ const FIFO_RETRY: Duration = Duration::from_millis(20);
 ///
 /// FIFOs are opened non-blocking and retried while the kernel says no reader is attached
 /// (ENXIO), until `deadline` has elapsed; then `O_NONBLOCK` is cleared so the child sees an
-/// ordinary blocking pipe. Regular files must resolve under one of `allowed_roots`.
+/// ordinary blocking pipe. Regular files must resolve under one of `allowed_roots`. FIFOs must
+/// too when any root is configured (so a system FIFO such as /run/initctl is out of reach);
+/// with no roots configured, file sinks are refused and FIFOs are accepted anywhere.
 pub fn open_sink(
     path: &Path,
     allowed_roots: &[PathBuf],
@@ -75,7 +77,14 @@ pub fn open_sink(
         Ok(meta) => {
             let ft = meta.file_type();
             if ft.is_fifo() {
-                open_fifo(path, deadline)
+                if !allowed_roots.is_empty() {
+                    resolve_under_roots(path, &canonical_roots(allowed_roots))?;
+                }
+                let fd = open_fifo(path, deadline)?;
+                if !allowed_roots.is_empty() {
+                    check_fd_under_roots(path, &fd, &canonical_roots(allowed_roots))?;
+                }
+                Ok(fd)
             } else if ft.is_file() {
                 if meta.nlink() > 1 {
                     return Err(refused(path, "regular file has more than one hard link"));
@@ -156,6 +165,42 @@ fn canonical_roots(roots: &[PathBuf]) -> Vec<PathBuf> {
     roots.iter().filter_map(|r| r.canonicalize().ok()).collect()
 }
 
+fn under_root(roots: &[PathBuf], p: &Path) -> bool {
+    roots.iter().any(|r| p.starts_with(r) && p != r.as_path())
+}
+
+/// The path with its parent directory canonicalised, if it lies under one of `roots`.
+fn resolve_under_roots(path: &Path, roots: &[PathBuf]) -> Result<PathBuf, SinkError> {
+    let (Some(parent), Some(file_name)) = (path.parent(), path.file_name()) else {
+        return Err(refused(path, "has no parent directory"));
+    };
+    let parent = parent
+        .canonicalize()
+        .map_err(|e| io_err(path, "resolve parent directory", e))?;
+    let resolved = parent.join(file_name);
+    if !under_root(roots, &resolved) {
+        return Err(refused(
+            path,
+            format!("is not under an allowed sink root ({roots:?})"),
+        ));
+    }
+    Ok(resolved)
+}
+
+/// A directory component may have been swapped for a symlink after canonicalisation: check
+/// where the opened fd really points.
+fn check_fd_under_roots(path: &Path, fd: &OwnedFd, roots: &[PathBuf]) -> Result<(), SinkError> {
+    let real = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+        .map_err(|e| io_err(path, "resolve opened file", e))?;
+    if !under_root(roots, &real) {
+        return Err(refused(
+            path,
+            format!("resolved to {real:?}, outside the allowed sink roots"),
+        ));
+    }
+    Ok(())
+}
+
 fn open_regular(path: &Path, allowed_roots: &[PathBuf]) -> Result<OwnedFd, SinkError> {
     let roots = canonical_roots(allowed_roots);
     if roots.is_empty() {
@@ -164,21 +209,9 @@ fn open_regular(path: &Path, allowed_roots: &[PathBuf]) -> Result<OwnedFd, SinkE
             "regular files are only allowed under a configured sink root, and none is configured",
         ));
     }
-    let (Some(parent), Some(file_name)) = (path.parent(), path.file_name()) else {
-        return Err(refused(path, "has no parent directory"));
-    };
-    let parent = parent
-        .canonicalize()
-        .map_err(|e| io_err(path, "resolve parent directory", e))?;
-    let under_root = |p: &Path| roots.iter().any(|r| p.starts_with(r) && p != r.as_path());
-    if !under_root(&parent.join(file_name)) {
-        return Err(refused(
-            path,
-            format!("is not under an allowed sink root ({roots:?})"),
-        ));
-    }
+    let resolved = resolve_under_roots(path, &roots)?;
     let fd = open(
-        &parent.join(file_name),
+        &resolved,
         OFlag::O_WRONLY | OFlag::O_APPEND | OFlag::O_CREAT | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW,
         Mode::from_bits_truncate(0o640),
     )
@@ -190,15 +223,6 @@ fn open_regular(path: &Path, allowed_roots: &[PathBuf]) -> Result<OwnedFd, SinkE
     if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT != SFlag::S_IFREG {
         return Err(refused(path, "is not a regular file"));
     }
-    // A directory component may have been swapped for a symlink after canonicalisation:
-    // check where the fd really points.
-    let real = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
-        .map_err(|e| io_err(path, "resolve opened file", e))?;
-    if !under_root(&real) {
-        return Err(refused(
-            path,
-            format!("resolved to {real:?}, outside the allowed sink roots"),
-        ));
-    }
+    check_fd_under_roots(path, &fd, &roots)?;
     Ok(fd)
 }

@@ -23,8 +23,11 @@ use std::process::{Command, Stdio};
 /// Which ambient capabilities an execution keeps (all true = no restriction).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Intrinsics {
-    /// Inherit the daemon's environment; when false the child sees only a minimal environment
-    /// plus the variables set explicitly on the command.
+    /// When true, `apply` leaves the Command's environment alone: the child gets whatever the
+    /// Command carries, which includes the daemon's own environment unless the caller called
+    /// `env_clear()` (the daemon does, to pass exactly the requested variables). When false,
+    /// the inherited environment is dropped and the child sees only a minimal environment
+    /// ([`IsolationSpec::base_env`]) plus the variables set explicitly on the Command.
     pub env: bool,
     /// Filesystem beyond the working dir and runtime files; when false Landlock confines it.
     pub io: bool,
@@ -129,10 +132,13 @@ pub enum PlanStep {
     },
     /// `prctl(PR_SET_NO_NEW_PRIVS, 1)`: setuid binaries cannot regain privileges.
     NoNewPrivs,
-    /// Landlock `restrict_self` with these rules (everything else denied).
+    /// Landlock `restrict_self` with these rules (everything else denied). `child_read_exec`
+    /// rules must be added in the child itself, just before restricting (`/proc/self` must
+    /// resolve to the child's pid).
     Landlock {
         read_exec: Vec<PathBuf>,
         read_write: Vec<PathBuf>,
+        child_read_exec: Vec<PathBuf>,
         masks: landlock_rules::AccessMasks,
     },
     /// Mark every fd >= `from` close-on-exec (`close_range(from, ~0, CLOSE_RANGE_CLOEXEC)`).
@@ -224,6 +230,7 @@ impl IsolationSpec {
             steps.push(PlanStep::Landlock {
                 read_exec: p.read_exec,
                 read_write: p.read_write,
+                child_read_exec: vec![PathBuf::from("/proc/self")],
                 masks: landlock_rules::access_masks(),
             });
         }
@@ -301,8 +308,14 @@ impl IsolationSpec {
             new_netns: !self.intrinsics.net,
             netns_fd: netns_fd.as_ref().map(AsRawFd::as_raw_fd),
             parent_pid: std::process::id() as libc::pid_t,
-            user: self.user.as_ref().map(|u| (u.groups.clone(), u.gid, u.uid)),
+            // A non-root daemon may "switch" only to itself (checked above): nothing to do.
+            user: self
+                .user
+                .as_ref()
+                .filter(|_| euid == 0)
+                .map(|u| (u.groups.clone(), u.gid, u.uid)),
             landlock_fd: landlock_fd.as_ref().map(AsRawFd::as_raw_fd),
+            landlock_proc_access: landlock_rules::access_masks().read_exec,
             program_check: self.user.as_ref().and_then(|_| {
                 let program = Path::new(cmd.get_program());
                 program
@@ -370,6 +383,8 @@ struct ChildSteps {
     parent_pid: libc::pid_t,
     user: Option<(Vec<u32>, u32, u32)>,
     landlock_fd: Option<RawFd>,
+    /// Access granted to the child's own /proc/self (read/execute bits).
+    landlock_proc_access: u64,
     /// The program, checked for execute permission as the new user so the failure names
     /// itself instead of surfacing as a bare EACCES from exec.
     program_check: Option<std::ffi::CString>,
@@ -443,6 +458,25 @@ fn reset_signal_dispositions() {
     }
 }
 
+/// Whether /proc/self/oom_score_adj reads "0". Async-signal-safe (stack buffer only).
+fn oom_score_adj_is_zero() -> bool {
+    let mut buf = [0u8; 16];
+    // SAFETY: open/read/close with a stack buffer.
+    let n = unsafe {
+        let fd = libc::open(
+            c"/proc/self/oom_score_adj".as_ptr(),
+            libc::O_RDONLY | libc::O_CLOEXEC,
+        );
+        if fd < 0 {
+            return false;
+        }
+        let n = libc::read(fd, buf.as_mut_ptr().cast(), buf.len());
+        libc::close(fd);
+        n
+    };
+    n >= 1 && buf[0] == b'0' && (n == 1 || buf[1] == b'\n')
+}
+
 impl ChildSteps {
     /// Runs in the forked child. Only raw syscalls.
     fn run(&self) -> std::io::Result<()> {
@@ -479,18 +513,22 @@ impl ChildSteps {
             if libc::setrlimit(libc::RLIMIT_CORE, &no_core) != 0 {
                 return Err(fail(b"setrlimit core", errno()));
             }
-            let adj = libc::open(
-                c"/proc/self/oom_score_adj".as_ptr(),
-                libc::O_WRONLY | libc::O_CLOEXEC,
-            );
-            if adj < 0 {
-                return Err(fail(b"open oom_score_adj", errno()));
-            }
-            let ok = libc::write(adj, b"0".as_ptr().cast(), 1) == 1;
-            let e = errno();
-            libc::close(adj);
-            if !ok {
-                return Err(fail(b"write oom_score_adj", e));
+            // Only write when needed, so hosts with a read-only /proc still work for the
+            // common case of a daemon at the default score.
+            if !oom_score_adj_is_zero() {
+                let adj = libc::open(
+                    c"/proc/self/oom_score_adj".as_ptr(),
+                    libc::O_WRONLY | libc::O_CLOEXEC,
+                );
+                if adj < 0 {
+                    return Err(fail(b"open oom_score_adj", errno()));
+                }
+                let ok = libc::write(adj, b"0".as_ptr().cast(), 1) == 1;
+                let e = errno();
+                libc::close(adj);
+                if !ok {
+                    return Err(fail(b"write oom_score_adj", e));
+                }
             }
             if libc::prctl(
                 libc::PR_SET_PDEATHSIG,
@@ -528,10 +566,13 @@ impl ChildSteps {
             if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
                 return Err(fail(b"prctl NO_NEW_PRIVS", errno()));
             }
-            if let Some(fd) = self.landlock_fd
-                && let Err(e) = landlock_rules::restrict_self(fd)
-            {
-                return Err(fail(b"landlock restrict_self", e));
+            if let Some(fd) = self.landlock_fd {
+                if let Err(e) = landlock_rules::allow_proc_self(fd, self.landlock_proc_access) {
+                    return Err(fail(b"landlock rule for /proc/self", e));
+                }
+                if let Err(e) = landlock_rules::restrict_self(fd) {
+                    return Err(fail(b"landlock restrict_self", e));
+                }
             }
             // Mark rather than close: std's exec-error pipe must survive until exec.
             if libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, CLOSE_RANGE_CLOEXEC) != 0 {

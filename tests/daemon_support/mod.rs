@@ -162,6 +162,13 @@ impl Drop for TestDaemon {
                 }
             }
         }
+        for line in self
+            .log()
+            .lines()
+            .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+        {
+            eprintln!("daemon log: {line}");
+        }
         // Remove this daemon's (now empty) parent cgroups.
         for h in ["memory", "cpu,cpuacct", "cpu", "cpuacct", "pids", "unified"] {
             let p = Path::new("/sys/fs/cgroup")
