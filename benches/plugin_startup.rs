@@ -85,7 +85,7 @@ fn main() {
         let (rss, hwm) = rt.block_on(async {
             let c = NomadClient::launch().await;
             c.set_config(
-                json!({"daemon_socket": daemon_socket.display().to_string()}),
+                json!({"daemon_socket": daemon_socket.display().to_string(), "daemon": {"auto_start": false}}),
                 true,
             )
             .await

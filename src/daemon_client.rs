@@ -13,6 +13,11 @@ use api::execution_api_client::ExecutionApiClient;
 /// Default deadline for connecting and for each unary call.
 pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// HTTP/2 ping interval on the daemon connection.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+/// How long a ping may go unanswered before the connection counts as dead.
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Daemon client failures.
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -96,7 +101,12 @@ impl DaemonClient {
                 detail: root_cause(&e),
             })?
             .connect_timeout(timeout)
-            .timeout(timeout);
+            // No channel-wide request timeout: WaitExecution, WatchEvents and Exec block for
+            // as long as the task runs. Unary calls get their deadline in `call`. Keepalive
+            // pings notice a daemon that hangs without closing the socket.
+            .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+            .keep_alive_while_idle(true);
         let channel = match tokio::time::timeout(timeout, endpoint.connect()).await {
             Ok(Ok(ch)) => ch,
             Ok(Err(e)) => {
@@ -175,6 +185,148 @@ impl DaemonClient {
             session_id: session_id.to_string(),
         };
         self.call("GetSession", c.get_session(req)).await
+    }
+
+    /// The per-call deadline of this client.
+    pub fn call_timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    async fn call_within<T>(
+        &self,
+        call: &'static str,
+        timeout: Duration,
+        fut: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    ) -> Result<T, DaemonError> {
+        match tokio::time::timeout(timeout, fut).await {
+            Ok(Ok(resp)) => Ok(resp.into_inner()),
+            Ok(Err(status)) => Err(DaemonError::Rpc { call, status }),
+            Err(_) => Err(DaemonError::Timeout { call, timeout }),
+        }
+    }
+
+    /// `StartExecution`. Bounded by the call deadline plus the daemon's FIFO-open wait.
+    pub async fn start_execution(
+        &self,
+        req: api::StartExecutionRequest,
+        timeout: Duration,
+    ) -> Result<api::Execution, DaemonError> {
+        let mut c = self.inner.clone();
+        self.call_within("StartExecution", timeout, c.start_execution(req))
+            .await
+    }
+
+    /// `GetExecution`.
+    pub async fn get_execution(&self, execution_id: &str) -> Result<api::Execution, DaemonError> {
+        let mut c = self.inner.clone();
+        let req = api::GetExecutionRequest {
+            execution_id: execution_id.to_string(),
+        };
+        self.call("GetExecution", c.get_execution(req)).await
+    }
+
+    /// `WaitExecution`: no deadline (it lasts as long as the execution); fails when the
+    /// connection to the daemon breaks.
+    pub async fn wait_execution(
+        &self,
+        execution_id: &str,
+    ) -> Result<api::WaitExecutionResponse, DaemonError> {
+        let mut c = self.inner.clone();
+        let req = api::WaitExecutionRequest {
+            execution_id: execution_id.to_string(),
+        };
+        c.wait_execution(req)
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(|status| DaemonError::Rpc {
+                call: "WaitExecution",
+                status,
+            })
+    }
+
+    /// `SignalExecution`.
+    pub async fn signal_execution(
+        &self,
+        execution_id: &str,
+        signal: &str,
+    ) -> Result<(), DaemonError> {
+        let mut c = self.inner.clone();
+        let req = api::SignalExecutionRequest {
+            execution_id: execution_id.to_string(),
+            signal: signal.to_string(),
+        };
+        self.call("SignalExecution", c.signal_execution(req))
+            .await
+            .map(|_| ())
+    }
+
+    /// `StopExecution`: the deadline covers the grace period plus the kill.
+    pub async fn stop_execution(
+        &self,
+        execution_id: &str,
+        signal: &str,
+        grace: Duration,
+    ) -> Result<api::StopExecutionResponse, DaemonError> {
+        let mut c = self.inner.clone();
+        let req = api::StopExecutionRequest {
+            execution_id: execution_id.to_string(),
+            signal: signal.to_string(),
+            grace: Some(prost_types::Duration {
+                seconds: i64::try_from(grace.as_secs()).unwrap_or(i64::MAX),
+                nanos: grace.subsec_nanos() as i32,
+            }),
+        };
+        let timeout = grace + self.timeout + self.timeout;
+        self.call_within("StopExecution", timeout, c.stop_execution(req))
+            .await
+    }
+
+    /// `GetExecutionStats`.
+    pub async fn stats(&self, execution_id: &str) -> Result<api::ExecutionStats, DaemonError> {
+        let mut c = self.inner.clone();
+        let req = api::GetExecutionStatsRequest {
+            execution_id: execution_id.to_string(),
+        };
+        self.call("GetExecutionStats", c.get_execution_stats(req))
+            .await
+    }
+
+    /// `RemoveExecution`.
+    pub async fn remove_execution(
+        &self,
+        execution_id: &str,
+        force: bool,
+    ) -> Result<(), DaemonError> {
+        let mut c = self.inner.clone();
+        let req = api::RemoveExecutionRequest {
+            execution_id: execution_id.to_string(),
+            force,
+        };
+        let timeout = self.timeout + self.timeout;
+        self.call_within("RemoveExecution", timeout, c.remove_execution(req))
+            .await
+            .map(|_| ())
+    }
+
+    /// `WatchEvents`: the stream lives until the daemon goes away or it is dropped.
+    pub async fn watch_events(
+        &self,
+        session_id: &str,
+    ) -> Result<tonic::Streaming<api::ExecutionEvent>, DaemonError> {
+        let mut c = self.inner.clone();
+        let req = api::WatchEventsRequest {
+            session_id: session_id.to_string(),
+        };
+        self.call("WatchEvents", c.watch_events(req)).await
+    }
+
+    /// `Exec`: `input` must start with the setup message.
+    pub async fn exec(
+        &self,
+        input: impl tonic::IntoStreamingRequest<Message = api::ExecRequest>,
+    ) -> Result<tonic::Streaming<api::ExecResponse>, DaemonError> {
+        let mut c = self.inner.clone();
+        self.call("Exec", c.exec(input)).await
     }
 
     /// The raw generated client, for calls this wrapper does not cover yet.

@@ -4,6 +4,9 @@
 //! Layers (each knows nothing of the ones above it):
 //! - [`proto`]: generated protobuf bindings (Nomad plugin API, go-plugin housekeeping, and our
 //!   own `elide.daemon.v1alpha1` ExecutionAPI).
+//! - [`goplugin`]: the go-plugin transport (handshake, socket, housekeeping services, hclog).
+//! - [`nomad`]: Nomad's plugin API on top (BasePlugin, Driver, config schemas, fingerprint).
+//! - [`daemon_client`]: the plugin's typed client of the daemon's ExecutionAPI.
 //! - [`daemon`]: the node daemon serving the ExecutionAPI (sessions, executions, runtimes).
 //! - [`sandbox`]: isolation and limits of one execution (cgroups, Landlock, netns, user, sinks).
 

@@ -352,7 +352,7 @@ async fn validation_launch_creates_no_session_but_agent_launch_does() {
     let socket = dir.path().join("d.sock");
     let daemon = FakeDaemon::start(&socket).await;
     let c = NomadClient::launch().await;
-    let cfg = json!({"daemon_socket": socket.display().to_string(), "session_config": {"context_pool_size": 3, "enabled_languages": ["js"]}});
+    let cfg = json!({"daemon_socket": socket.display().to_string(), "session_config": {"context_pool_size": 3, "enabled_languages": ["js"]}, "daemon": {"auto_start": false}});
     c.set_config(cfg.clone(), false)
         .await
         .expect("validation SetConfig");
@@ -385,7 +385,7 @@ async fn agent_set_config_succeeds_without_a_daemon() {
     let dir = short_tempdir();
     let c = NomadClient::launch().await;
     c.set_config(
-        json!({"daemon_socket": dir.path().join("absent.sock").display().to_string()}),
+        json!({"daemon_socket": dir.path().join("absent.sock").display().to_string(), "daemon": {"auto_start": false}}),
         true,
     )
     .await

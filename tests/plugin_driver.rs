@@ -1,5 +1,6 @@
 //! Driver service over the real binary: schema, capabilities, fingerprint health transitions,
-//! and fast Unimplemented answers for the task RPCs that are not built yet.
+//! and fast, clean answers from the task RPCs before any task exists (the task lifecycle
+//! itself is covered by the `lifecycle_*` tests).
 
 mod support;
 
@@ -100,82 +101,112 @@ async fn capabilities_are_honest() {
         .into_inner()
         .capabilities
         .expect("set");
-    assert!(!caps.send_signals);
-    assert!(!caps.exec);
+    assert!(caps.send_signals);
+    assert!(caps.exec);
+    assert!(!caps.disable_log_collection);
     assert_eq!(
         caps.fs_isolation,
         pb::driver_capabilities::FsIsolation::None as i32
     );
     assert_eq!(
         caps.network_isolation_modes,
-        vec![pb::network_isolation_spec::NetworkIsolationMode::Host as i32]
+        vec![
+            pb::network_isolation_spec::NetworkIsolationMode::Host as i32,
+            pb::network_isolation_spec::NetworkIsolationMode::Group as i32
+        ]
     );
     assert!(!caps.must_create_network);
 }
 
 #[tokio::test]
-async fn task_rpcs_answer_unimplemented_quickly_and_plugin_keeps_serving() {
+async fn task_rpcs_without_tasks_answer_quickly_and_plugin_keeps_serving() {
     let c = NomadClient::launch().await;
     let mut d = c.driver.clone();
     let quick = Duration::from_secs(10);
-    let codes = vec![
-        tokio::time::timeout(quick, d.start_task(pb::StartTaskRequest::default()))
+    use tonic::Code;
+    let code = |r: Result<(), tonic::Status>| match r {
+        Ok(()) => Code::Ok,
+        Err(s) => s.code(),
+    };
+    let got = vec![
+        code(
+            tokio::time::timeout(quick, d.start_task(pb::StartTaskRequest::default()))
+                .await
+                .unwrap()
+                .map(|_| ()),
+        ),
+        code(
+            tokio::time::timeout(quick, d.recover_task(pb::RecoverTaskRequest::default()))
+                .await
+                .unwrap()
+                .map(|_| ()),
+        ),
+        code(
+            tokio::time::timeout(quick, d.wait_task(pb::WaitTaskRequest::default()))
+                .await
+                .unwrap()
+                .map(|_| ()),
+        ),
+        code(
+            tokio::time::timeout(quick, d.stop_task(pb::StopTaskRequest::default()))
+                .await
+                .unwrap()
+                .map(|_| ()),
+        ),
+        code(
+            tokio::time::timeout(quick, d.destroy_task(pb::DestroyTaskRequest::default()))
+                .await
+                .unwrap()
+                .map(|_| ()),
+        ),
+        code(
+            tokio::time::timeout(quick, d.inspect_task(pb::InspectTaskRequest::default()))
+                .await
+                .unwrap()
+                .map(|_| ()),
+        ),
+        code(
+            tokio::time::timeout(quick, d.signal_task(pb::SignalTaskRequest::default()))
+                .await
+                .unwrap()
+                .map(|_| ()),
+        ),
+        code(
+            tokio::time::timeout(quick, d.exec_task(pb::ExecTaskRequest::default()))
+                .await
+                .unwrap()
+                .map(|_| ()),
+        ),
+        code(
+            tokio::time::timeout(quick, d.create_network(pb::CreateNetworkRequest::default()))
+                .await
+                .unwrap()
+                .map(|_| ()),
+        ),
+        code(
+            tokio::time::timeout(
+                quick,
+                d.destroy_network(pb::DestroyNetworkRequest::default()),
+            )
             .await
             .unwrap()
-            .unwrap_err()
-            .code(),
-        tokio::time::timeout(quick, d.recover_task(pb::RecoverTaskRequest::default()))
-            .await
-            .unwrap()
-            .unwrap_err()
-            .code(),
-        tokio::time::timeout(quick, d.wait_task(pb::WaitTaskRequest::default()))
-            .await
-            .unwrap()
-            .unwrap_err()
-            .code(),
-        tokio::time::timeout(quick, d.stop_task(pb::StopTaskRequest::default()))
-            .await
-            .unwrap()
-            .unwrap_err()
-            .code(),
-        tokio::time::timeout(quick, d.destroy_task(pb::DestroyTaskRequest::default()))
-            .await
-            .unwrap()
-            .unwrap_err()
-            .code(),
-        tokio::time::timeout(quick, d.inspect_task(pb::InspectTaskRequest::default()))
-            .await
-            .unwrap()
-            .unwrap_err()
-            .code(),
-        tokio::time::timeout(quick, d.signal_task(pb::SignalTaskRequest::default()))
-            .await
-            .unwrap()
-            .unwrap_err()
-            .code(),
-        tokio::time::timeout(quick, d.exec_task(pb::ExecTaskRequest::default()))
-            .await
-            .unwrap()
-            .unwrap_err()
-            .code(),
-        tokio::time::timeout(quick, d.create_network(pb::CreateNetworkRequest::default()))
-            .await
-            .unwrap()
-            .unwrap_err()
-            .code(),
-        tokio::time::timeout(
-            quick,
-            d.destroy_network(pb::DestroyNetworkRequest::default()),
-        )
-        .await
-        .unwrap()
-        .unwrap_err()
-        .code(),
+            .map(|_| ()),
+        ),
     ];
-    assert!(
-        codes.iter().all(|c| *c == tonic::Code::Unimplemented),
-        "{codes:?}"
+    assert_eq!(
+        got,
+        vec![
+            Code::InvalidArgument, // StartTask without a task
+            Code::InvalidArgument, // RecoverTask without a handle
+            Code::NotFound,        // WaitTask, unknown id
+            Code::Ok,              // StopTask, unknown id: OK so the client does not retry
+            Code::Ok,              // DestroyTask, unknown id: harmless
+            Code::NotFound,        // InspectTask
+            Code::NotFound,        // SignalTask
+            Code::NotFound,        // ExecTask
+            Code::Unimplemented,   // CreateNetwork (not advertised)
+            Code::Unimplemented,   // DestroyNetwork
+        ]
     );
     let stats = tokio::time::timeout(quick, d.task_stats(pb::TaskStatsRequest::default()))
         .await
@@ -184,7 +215,7 @@ async fn task_rpcs_answer_unimplemented_quickly_and_plugin_keeps_serving() {
         Err(s) => s.code(),
         Ok(r) => r.into_inner().message().await.unwrap_err().code(),
     };
-    assert_eq!(stats_code, tonic::Code::Unimplemented);
+    assert_eq!(stats_code, Code::NotFound);
     let exec = tokio::time::timeout(
         quick,
         d.exec_task_streaming(tokio_stream::iter(vec![
@@ -197,7 +228,11 @@ async fn task_rpcs_answer_unimplemented_quickly_and_plugin_keeps_serving() {
         Err(s) => s.code(),
         Ok(r) => r.into_inner().message().await.unwrap_err().code(),
     };
-    assert_eq!(exec_code, tonic::Code::Unimplemented);
+    assert_eq!(
+        exec_code,
+        Code::InvalidArgument,
+        "first message without setup"
+    );
     assert_eq!(c.plugin_info().await.name, "elide");
 }
 
@@ -242,7 +277,7 @@ async fn fingerprint_is_unhealthy_with_an_operator_hint_without_daemon() {
     let socket = dir.path().join("absent.sock");
     let c = NomadClient::launch().await;
     c.set_config(
-        json!({"daemon_socket": socket.display().to_string(), "fingerprint_period": "1s"}),
+        json!({"daemon_socket": socket.display().to_string(), "fingerprint_period": "1s", "daemon": {"auto_start": false}}),
         true,
     )
     .await
@@ -276,7 +311,7 @@ async fn fingerprint_follows_the_daemon_healthy_unhealthy_healthy() {
     let daemon = FakeDaemon::start(&socket).await;
     let c = NomadClient::launch().await;
     c.set_config(
-        json!({"daemon_socket": socket.display().to_string(), "fingerprint_period": "1s"}),
+        json!({"daemon_socket": socket.display().to_string(), "fingerprint_period": "1s", "daemon": {"auto_start": false}}),
         true,
     )
     .await
@@ -337,7 +372,7 @@ async fn fingerprint_is_unhealthy_when_no_enabled_language_is_available() {
     let daemon = FakeDaemon::start(&socket).await;
     let c = NomadClient::launch().await;
     // The fake daemon reports typescript as unavailable.
-    c.set_config(json!({"daemon_socket": socket.display().to_string(), "session_config": {"enabled_languages": ["ts"]}}), true).await.unwrap();
+    c.set_config(json!({"daemon_socket": socket.display().to_string(), "session_config": {"enabled_languages": ["ts"]}, "daemon": {"auto_start": false}}), true).await.unwrap();
     let mut fp = c.fingerprint().await;
     let m = fingerprint_until(&mut fp, DEADLINE, unhealthy).await;
     assert!(

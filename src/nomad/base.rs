@@ -6,9 +6,8 @@ use std::time::Duration;
 use tonic::{Request, Response, Status};
 
 use super::config::{PluginConfig, schema};
-use super::state::{PluginState, session_config, session_owner};
+use super::state::PluginState;
 use super::{DRIVER_API_VERSION, PLUGIN_NAME, PLUGIN_VERSION};
-use crate::daemon_client::DaemonClient;
 use crate::proto::hashicorp::nomad::plugins::base::proto::{
     self as pb, base_plugin_server::BasePlugin,
 };
@@ -76,23 +75,28 @@ impl BasePlugin for Base {
             return Ok(Response::new(pb::SetConfigResponse {}));
         }
         let socket = config.daemon_socket.clone();
-        let session = session_config(&config);
-        let session_id = self.state.set_agent_config(config);
-        match DaemonClient::connect(&socket, SESSION_SETUP_TIMEOUT).await {
-            Ok(client) => match client
-                .create_session(&session_id, &session_owner(), session)
-                .await
-            {
-                Ok(s) => {
-                    tracing::info!(session = %s.id, socket = %socket.display(), "daemon session created")
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, session = %session_id, "daemon session not created yet; the fingerprint loop retries")
-                }
-            },
-            // Not fatal: the driver reports UNHEALTHY and keeps retrying.
-            Err(e) => {
-                tracing::warn!(error = %e, socket = %socket.display(), "elide-daemon not reachable at SetConfig")
+        self.state.set_agent_config(config);
+        // Connect (auto-starting the daemon if allowed) and create our session. Bounded: the
+        // agent waits on SetConfig; an unfinished start goes on in the background and the
+        // fingerprint loop reports the outcome.
+        let state = self.state.clone();
+        let setup = tokio::spawn(async move {
+            let snapshot = state.snapshot();
+            let r = state.link.client(&snapshot).await.map(|_| ());
+            state.notify();
+            r
+        });
+        match tokio::time::timeout(SESSION_SETUP_TIMEOUT, setup).await {
+            Ok(Ok(Ok(()))) => {
+                tracing::info!(socket = %socket.display(), "daemon session ready")
+            }
+            Ok(Ok(Err(e))) => {
+                // Not fatal: the driver reports UNHEALTHY and keeps retrying.
+                tracing::warn!(error = %e, "elide-daemon not reachable at SetConfig")
+            }
+            Ok(Err(e)) => tracing::error!(error = %e, "daemon setup task failed"),
+            Err(_) => {
+                tracing::info!(socket = %socket.display(), "elide-daemon still starting; continuing in the background")
             }
         }
         self.state.notify();

@@ -1,5 +1,11 @@
-//! What the driver advertises: only what works today. The task-lifecycle work raises these as
-//! features land.
+//! What the driver advertises: only what works (fact sheet §3.18).
+//!
+//! - signals and exec go through the daemon to the execution's process group / context;
+//! - no filesystem isolation of the task dir (tasks see host paths: `fs_isolation = NONE`;
+//!   Landlock confinement is an intrinsic, not a chroot);
+//! - host networking, and group networking (bridge/cni) by joining the netns Nomad made;
+//! - no volume mounts placed into the snippet's view;
+//! - Nomad's logmon collects the logs from the FIFOs the executions write.
 
 use crate::proto::hashicorp::nomad::plugins::drivers::proto::{
     DriverCapabilities, driver_capabilities, network_isolation_spec::NetworkIsolationMode,
@@ -8,11 +14,14 @@ use crate::proto::hashicorp::nomad::plugins::drivers::proto::{
 /// The current capabilities.
 pub fn capabilities() -> DriverCapabilities {
     DriverCapabilities {
-        send_signals: false,
-        exec: false,
+        send_signals: true,
+        exec: true,
         fs_isolation: driver_capabilities::FsIsolation::None as i32,
-        // Host networking only; group (bridge) mode needs the daemon to join the netns.
-        network_isolation_modes: vec![NetworkIsolationMode::Host as i32],
+        // Group mode: the execution joins the netns Nomad created for the allocation.
+        network_isolation_modes: vec![
+            NetworkIsolationMode::Host as i32,
+            NetworkIsolationMode::Group as i32,
+        ],
         must_create_network: false,
         // Snippets do not get volume mounts placed into their view of the filesystem.
         mount_configs: driver_capabilities::MountConfigs::NoMounts as i32,
@@ -26,16 +35,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn capabilities_are_honest_for_the_foundation() {
+    fn capabilities_are_honest() {
         let c = capabilities();
-        assert!(!c.send_signals && !c.exec && !c.must_create_network);
+        assert!(c.send_signals && c.exec && !c.must_create_network);
+        assert!(!c.disable_log_collection);
         assert_eq!(
             c.fs_isolation,
             driver_capabilities::FsIsolation::None as i32
         );
         assert_eq!(
             c.network_isolation_modes,
-            vec![NetworkIsolationMode::Host as i32]
+            vec![
+                NetworkIsolationMode::Host as i32,
+                NetworkIsolationMode::Group as i32
+            ]
         );
         assert_eq!(
             c.mount_configs,

@@ -17,8 +17,9 @@ use tokio::sync::mpsc;
 
 use super::PLUGIN_VERSION;
 use super::config::{DEFAULT_FINGERPRINT_PERIOD, Language};
+use super::daemon_link::{DaemonLink, LinkError};
 use super::state::{PluginState, Snapshot, session_config, session_owner};
-use crate::daemon_client::{DaemonClient, DaemonError};
+use crate::daemon_client::DaemonError;
 use crate::proto::hashicorp::nomad::plugins::drivers::proto::{
     FingerprintResponse, fingerprint_response::HealthState,
 };
@@ -63,7 +64,7 @@ fn unreachable(socket: &std::path::Path, e: &DaemonError) -> String {
 }
 
 /// One health check: what Fingerprint should report right now.
-pub async fn probe(snapshot: &Snapshot) -> FingerprintResponse {
+pub async fn probe(link: &DaemonLink, snapshot: &Snapshot) -> FingerprintResponse {
     let mut attrs = BTreeMap::from([(ATTR_VERSION.to_string(), string_attr(PLUGIN_VERSION))]);
     let (Some(config), true, Some(session_id)) = (
         snapshot.config.as_ref(),
@@ -77,13 +78,28 @@ pub async fn probe(snapshot: &Snapshot) -> FingerprintResponse {
         );
     };
     let socket = &config.daemon_socket;
-    let client = match DaemonClient::connect(socket, PROBE_TIMEOUT).await {
+    // The shared link connects, auto-starts the daemon when allowed, and (re-)creates our
+    // session, e.g. after the daemon restarted and lost it.
+    let client = match link.client(snapshot).await {
         Ok(c) => c,
-        Err(e) => return message(HealthState::Unhealthy, unreachable(socket, &e), attrs),
+        Err(LinkError::Unreachable { detail, .. }) => {
+            return message(
+                HealthState::Unhealthy,
+                format!(
+                    "elide-daemon not reachable at {}: {detail}; start it with `elide-daemon` or set daemon.auto_start",
+                    socket.display()
+                ),
+                attrs,
+            );
+        }
+        Err(e) => return message(HealthState::Unhealthy, e.to_string(), attrs),
     };
     let info = match client.daemon_info().await {
         Ok(i) => i,
-        Err(e) => return message(HealthState::Unhealthy, unreachable(socket, &e), attrs),
+        Err(e) => {
+            link.invalidate();
+            return message(HealthState::Unhealthy, unreachable(socket, &e), attrs);
+        }
     };
     attrs.insert(ATTR_DAEMON_VERSION.into(), string_attr(&info.version));
     for rt in info.runtimes.iter().filter(|r| r.available) {
@@ -172,7 +188,7 @@ pub fn spawn(state: Arc<PluginState>) -> mpsc::Receiver<FingerprintResponse> {
                 .as_ref()
                 .map_or(DEFAULT_FINGERPRINT_PERIOD, |c| c.fingerprint_period);
             let mut msg = tokio::select! {
-                m = probe(&snapshot) => m,
+                m = probe(&state.link, &snapshot) => m,
                 () = tx.closed() => return,
                 () = state.shutdown.cancelled() => return,
             };
@@ -204,7 +220,7 @@ mod tests {
 
     #[tokio::test]
     async fn undetected_before_agent_config() {
-        let msg = probe(&Snapshot::default()).await;
+        let msg = probe(&DaemonLink::default(), &Snapshot::default()).await;
         assert_eq!(msg.health, HealthState::Undetected as i32);
         assert!(msg.attributes.contains_key(ATTR_VERSION));
     }
@@ -219,13 +235,18 @@ mod tests {
         let snapshot = Snapshot {
             config: Some(Arc::new(PluginConfig {
                 daemon_socket: socket.clone(),
+                daemon: crate::nomad::config::DaemonSettings {
+                    auto_start: false,
+                    ..Default::default()
+                },
                 ..PluginConfig::default()
             })),
             agent_configured: true,
             session_id: Some("nomad-x".into()),
         };
-        let a = probe(&snapshot).await;
-        let b = probe(&snapshot).await;
+        let link = DaemonLink::default();
+        let a = probe(&link, &snapshot).await;
+        let b = probe(&link, &snapshot).await;
         assert_eq!(a.health, HealthState::Unhealthy as i32);
         assert!(
             a.health_description.contains(&socket.display().to_string()),

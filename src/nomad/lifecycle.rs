@@ -1,110 +1,716 @@
-//! Task lifecycle RPCs. Placeholders until the task-lifecycle work lands: each answers
-//! `Unimplemented` at once (never hangs, never crashes). Replace a function here to implement
-//! its RPC; `driver.rs` only delegates.
+//! Task lifecycle RPCs: StartTask, WaitTask, StopTask, DestroyTask, InspectTask, SignalTask and
+//! RecoverTask, on top of the daemon's executions. Streams (TaskStats, TaskEvents, exec) live
+//! in [`super::task_io`].
+//!
+//! Model: every Nomad task is one daemon execution. The daemon owns the process (and its FIFO
+//! write ends and exit status), so the plugin can be SIGKILLed at any time; a new plugin finds
+//! the execution again from `driver_state` alone. Per task, one background waiter blocks on
+//! WaitExecution and publishes the exit to every WaitTask caller.
+//!
+//! Choices (fact sheet §3.8–§3.17):
+//! - StopTask with an empty signal sends SIGINT, like Nomad's executor-based drivers; a
+//!   timeout of 0 kills at once. Unknown or already-ended tasks answer OK.
+//! - DestroyTask refuses a running task unless `force`; unknown ids answer OK.
+//! - Wait/Inspect/Signal on unknown ids answer NotFound (never Unavailable).
+//! - A daemon that cannot be reached at StartTask gives a RecoverableError so Nomad retries.
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
+use prost::Message;
 use tonic::{Response, Status, Streaming};
 
-use super::state::PluginState;
+use super::driver_state::{DRIVER_STATE_VERSION, DriverState};
+use super::state::{PluginState, Snapshot};
+use super::task_config::{Source, TaskSpec};
+use super::tasks::{Reserve, TaskEntry};
+use crate::daemon_client::{DEFAULT_CALL_TIMEOUT, DaemonClient, DaemonError};
 use crate::goplugin::services::BoxStream;
+use crate::proto::elide::daemon::v1alpha1 as api;
 use crate::proto::hashicorp::nomad::plugins::drivers::proto as pb;
 
-fn not_yet(rpc: &str) -> Status {
-    Status::unimplemented(format!(
-        "{rpc} is not implemented yet by the elide driver (task lifecycle pending)"
-    ))
+/// StartExecution deadline: the daemon may wait up to its `sink_open_timeout` (10 s by
+/// default) for logmon to open the FIFOs.
+pub const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// Signal StopTask sends when Nomad passes none (what Nomad's executor does).
+pub const DEFAULT_STOP_SIGNAL: &str = "SIGINT";
+/// How long the waiter may spend checking whether a broken connection means a dead daemon.
+pub const LOST_CHECK_TIMEOUT: Duration = Duration::from_millis(1500);
+/// Prefix of WaitTask's `err` when the daemon went away under a running task.
+pub const CONNECTION_LOST: &str = "elide-daemon connection lost";
+
+const RECOVERABLE_TYPE_URL: &str =
+    "type.googleapis.com/hashicorp.nomad.plugins.shared.structs.RecoverableError";
+
+/// A status carrying Nomad's `RecoverableError{recoverable: true}` detail (fact sheet §3.21):
+/// the restart policy applies instead of failing the task for good.
+pub fn recoverable(message: String) -> Status {
+    let detail = crate::proto::hashicorp::nomad::plugins::shared::structs::RecoverableError {
+        recoverable: true,
+    };
+    let status = crate::proto::google::rpc::Status {
+        code: tonic::Code::FailedPrecondition as i32,
+        message: message.clone(),
+        details: vec![prost_types::Any {
+            type_url: RECOVERABLE_TYPE_URL.into(),
+            value: detail.encode_to_vec(),
+        }],
+    };
+    Status::with_details(
+        tonic::Code::FailedPrecondition,
+        message,
+        status.encode_to_vec().into(),
+    )
 }
 
-/// RecoverTask.
+fn not_found(id: &str) -> Status {
+    Status::not_found(format!("task with ID {id:?} not found"))
+}
+
+/// Maps a daemon failure of an operation on task `id` to a status (never Unavailable: the
+/// client reads that as "plugin died").
+pub fn daemon_status(state: &PluginState, id: &str, e: &DaemonError) -> Status {
+    if e.is_unreachable() {
+        state.link.invalidate();
+        return Status::failed_precondition(format!("task {id}: elide-daemon unreachable: {e}"));
+    }
+    let msg = format!("task {id}: {e}");
+    match e.code() {
+        Some(tonic::Code::InvalidArgument) => Status::invalid_argument(msg),
+        Some(tonic::Code::NotFound) => Status::not_found(msg),
+        Some(tonic::Code::AlreadyExists) => Status::already_exists(msg),
+        Some(tonic::Code::PermissionDenied) => Status::permission_denied(msg),
+        Some(tonic::Code::ResourceExhausted) => Status::resource_exhausted(msg),
+        _ => Status::failed_precondition(msg),
+    }
+}
+
+async fn client_for(state: &PluginState, snapshot: &Snapshot) -> Result<DaemonClient, Status> {
+    state
+        .link
+        .client(snapshot)
+        .await
+        .map_err(|e| Status::failed_precondition(e.to_string()))
+}
+
+/// The task dir Nomad made for this task (`<alloc_dir>/<task name>`).
+pub fn task_dir(cfg: &pb::TaskConfig) -> PathBuf {
+    Path::new(&cfg.alloc_dir).join(&cfg.name)
+}
+
+/// The memory limit in bytes: the task's `resources` (max of memory and memory_max),
+/// tightened by `elide_opts.memory_limit_mb` and `session_config.memory_limit_mb`; 0 = none.
+pub fn memory_limit_bytes(cfg: &pb::TaskConfig, spec: &TaskSpec, session_cap_mb: u64) -> i64 {
+    const MIB: i64 = 1024 * 1024;
+    let res = cfg.resources.as_ref();
+    let from_alloc = res
+        .and_then(|r| r.allocated_resources.as_ref())
+        .and_then(|a| a.memory.as_ref())
+        .map(|m| m.memory_mb.max(m.memory_max_mb).saturating_mul(MIB))
+        .unwrap_or(0);
+    let from_linux = res
+        .and_then(|r| r.linux_resources.as_ref())
+        .map(|l| l.memory_limit_bytes)
+        .unwrap_or(0);
+    let nomad = if from_alloc > 0 {
+        from_alloc
+    } else {
+        from_linux
+    };
+    let opts = spec.memory_limit_mb.map_or(0, |m| {
+        i64::try_from(m).unwrap_or(i64::MAX).saturating_mul(MIB)
+    });
+    let session = i64::try_from(session_cap_mb)
+        .unwrap_or(i64::MAX)
+        .saturating_mul(MIB);
+    [nomad, opts, session]
+        .into_iter()
+        .filter(|v| *v > 0)
+        .min()
+        .unwrap_or(0)
+}
+
+/// CPU shares (Nomad MHz) from the task's resources; 0 = none.
+pub fn cpu_shares(cfg: &pb::TaskConfig) -> i64 {
+    let res = cfg.resources.as_ref();
+    let alloc = res
+        .and_then(|r| r.allocated_resources.as_ref())
+        .and_then(|a| a.cpu.as_ref())
+        .map(|c| c.cpu_shares)
+        .unwrap_or(0);
+    if alloc > 0 {
+        alloc
+    } else {
+        res.and_then(|r| r.linux_resources.as_ref())
+            .map(|l| l.cpu_shares)
+            .unwrap_or(0)
+            .max(0)
+    }
+}
+
+fn duration_proto(d: Duration) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+        nanos: d.subsec_nanos() as i32,
+    }
+}
+
+fn duration_from(d: Option<&prost_types::Duration>) -> Duration {
+    match d {
+        Some(d) if d.seconds > 0 || (d.seconds == 0 && d.nanos > 0) => Duration::new(
+            d.seconds.max(0) as u64,
+            d.nanos.clamp(0, 999_999_999) as u32,
+        ),
+        _ => Duration::ZERO,
+    }
+}
+
+/// The daemon request for a validated task.
+pub fn execution_request(
+    cfg: &pb::TaskConfig,
+    spec: &TaskSpec,
+    session_id: &str,
+    session_cap_mb: u64,
+) -> api::StartExecutionRequest {
+    // Nomad's env is the task's complete environment; the job's `env` map goes on top.
+    let mut env: std::collections::BTreeMap<&str, &str> = cfg
+        .env
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    for (k, v) in &spec.env {
+        env.insert(k, v);
+    }
+    let (code, path) = match &spec.source {
+        Source::Code(c) => (c.clone(), String::new()),
+        Source::Script(p) => (String::new(), p.display().to_string()),
+    };
+    let sink = |p: &str| {
+        Some(api::OutputSink {
+            kind: Some(api::output_sink::Kind::Path(if p.is_empty() {
+                crate::sandbox::sink::DEV_NULL.to_string()
+            } else {
+                p.to_string()
+            })),
+        })
+    };
+    let network_namespace = cfg
+        .network_isolation_spec
+        .as_ref()
+        .filter(|n| {
+            n.mode == pb::network_isolation_spec::NetworkIsolationMode::Group as i32
+                && !n.path.is_empty()
+        })
+        .map(|n| n.path.clone())
+        .unwrap_or_default();
+    let dir = task_dir(cfg);
+    let shared = Path::new(&cfg.alloc_dir).join("alloc");
+    let extra: Vec<String> = [&dir, &shared]
+        .into_iter()
+        .filter(|p| p.is_dir())
+        .map(|p| p.display().to_string())
+        .collect();
+    api::StartExecutionRequest {
+        session_id: session_id.to_string(),
+        language: spec.language.as_str().to_string(),
+        code,
+        path,
+        args: spec.args.clone(),
+        env: env
+            .into_iter()
+            .map(|(k, v)| api::EnvVar {
+                key: k.as_bytes().to_vec(),
+                value: v.as_bytes().to_vec(),
+            })
+            .collect(),
+        working_dir: if dir.is_dir() {
+            dir.display().to_string()
+        } else {
+            String::new()
+        },
+        user: cfg.user.clone(),
+        limits: Some(api::Limits {
+            memory_bytes: memory_limit_bytes(cfg, spec, session_cap_mb),
+            cpu_shares: cpu_shares(cfg),
+            pids: 0,
+            timeout: spec.timeout.map(duration_proto),
+        }),
+        stdout: sink(&cfg.stdout_path),
+        stderr: sink(&cfg.stderr_path),
+        network_namespace,
+        client_ref: cfg.id.clone(),
+        extra_read_paths: extra.clone(),
+        extra_write_paths: extra,
+    }
+}
+
+/// The Nomad exit result of a daemon result; `err` explains abnormal ends.
+pub fn exit_of(r: &api::ExecutionResult, timeout: Option<Duration>) -> (pb::ExitResult, String) {
+    let err = if !r.error.is_empty() {
+        r.error.clone()
+    } else if r.timed_out {
+        match timeout {
+            Some(t) => format!(
+                "killed after elide_opts.timeout ({})",
+                humantime::format_duration(t)
+            ),
+            None => "killed after elide_opts.timeout".into(),
+        }
+    } else {
+        String::new()
+    };
+    (
+        pb::ExitResult {
+            exit_code: r.exit_code,
+            signal: r.signal,
+            oom_killed: r.oom_killed,
+        },
+        err,
+    )
+}
+
+/// Starts the background waiter of a task: blocks on WaitExecution and publishes the exit.
+/// A broken connection is checked against a fresh one: a daemon that still knows the
+/// execution means a blip (wait again); no daemon means the task is gone with it.
+pub fn spawn_waiter(state: Arc<PluginState>, entry: Arc<TaskEntry>, timeout: Option<Duration>) {
+    tokio::spawn(async move {
+        loop {
+            let snapshot = state.snapshot();
+            let client = match state.link.client(&snapshot).await {
+                Ok(c) => c,
+                Err(e) => {
+                    entry.set_exit(
+                        lost_result(),
+                        format!("{CONNECTION_LOST}: {e}; the daemon's executions end with it"),
+                    );
+                    return;
+                }
+            };
+            let waited = tokio::select! {
+                r = client.wait_execution(&entry.execution_id) => r,
+                () = entry.cancel.cancelled() => return,
+            };
+            match waited {
+                Ok(resp) => {
+                    let r = resp.result.unwrap_or_default();
+                    let (result, err) = exit_of(&r, timeout);
+                    entry.set_exit(result, err);
+                    return;
+                }
+                Err(e) if e.code() == Some(tonic::Code::NotFound) => {
+                    entry.set_exit(
+                        lost_result(),
+                        format!(
+                            "execution {} is unknown to elide-daemon (its state was lost): {e}",
+                            entry.execution_id
+                        ),
+                    );
+                    return;
+                }
+                Err(e) => {
+                    state.link.invalidate();
+                    let socket = client.socket().to_path_buf();
+                    let check = async {
+                        let c = DaemonClient::connect(&socket, LOST_CHECK_TIMEOUT).await?;
+                        c.get_execution(&entry.execution_id).await
+                    };
+                    match tokio::time::timeout(LOST_CHECK_TIMEOUT, check).await {
+                        Ok(Ok(exec)) if exec.state == api::ExecutionState::Exited as i32 => {
+                            let r = exec.result.unwrap_or_default();
+                            let (result, err) = exit_of(&r, timeout);
+                            entry.set_exit(result, err);
+                            return;
+                        }
+                        Ok(Ok(_)) => {
+                            tracing::debug!(task = %entry.id, error = %e, "wait interrupted; the execution still runs, waiting again");
+                            continue;
+                        }
+                        _ => {
+                            tracing::warn!(task = %entry.id, error = %e, "elide-daemon went away under a running task");
+                            entry.set_exit(
+                                lost_result(),
+                                format!(
+                                    "{CONNECTION_LOST} while the task was running ({e}); the daemon's executions end with it"
+                                ),
+                            );
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+    });
+}
+
+fn lost_result() -> pb::ExitResult {
+    // Like Nomad's executor when it cannot tell how the process ended.
+    pb::ExitResult {
+        exit_code: -1,
+        signal: 0,
+        oom_killed: false,
+    }
+}
+
+/// RecoverTask: rebuilds the entry from the handle alone (`handle.config.id` and
+/// `driver_state`; the request's `task_id` and the raw driver config are never there).
 pub async fn recover_task(
-    _state: &Arc<PluginState>,
-    _req: pb::RecoverTaskRequest,
+    state: &Arc<PluginState>,
+    req: pb::RecoverTaskRequest,
 ) -> Result<Response<pb::RecoverTaskResponse>, Status> {
-    Err(not_yet("RecoverTask"))
+    let handle = req
+        .handle
+        .ok_or_else(|| Status::invalid_argument("handle: missing"))?;
+    let cfg = handle.config.ok_or_else(|| {
+        Status::invalid_argument("handle.config: missing; cannot tell which task")
+    })?;
+    if cfg.id.is_empty() {
+        return Err(Status::invalid_argument("handle.config.id: empty"));
+    }
+    if state.tasks.get(&cfg.id).is_some() {
+        tracing::debug!(task = %cfg.id, "nothing to recover; task already known");
+        return Ok(Response::new(pb::RecoverTaskResponse {}));
+    }
+    if handle.version != DRIVER_STATE_VERSION as i32 {
+        return Err(Status::invalid_argument(format!(
+            "handle.version {} is not supported (this plugin writes version {DRIVER_STATE_VERSION}); task {} cannot be recovered",
+            handle.version, cfg.id
+        )));
+    }
+    let ds = DriverState::decode(&handle.driver_state)
+        .map_err(|e| Status::invalid_argument(format!("task {}: handle.{e}", cfg.id)))?;
+    let snapshot = state.snapshot();
+    if let Some(c) = snapshot.config.as_ref()
+        && c.daemon_socket != ds.daemon_socket
+    {
+        return Err(Status::failed_precondition(format!(
+            "task {} was started on elide-daemon at {} but the plugin now uses {}",
+            cfg.id,
+            ds.daemon_socket.display(),
+            c.daemon_socket.display()
+        )));
+    }
+    let client = client_for(state, &snapshot).await?;
+    let exec = client
+        .get_execution(&ds.execution_id)
+        .await
+        .map_err(|e| match e.code() {
+            Some(tonic::Code::NotFound) => Status::not_found(format!(
+                "task {}: execution {} no longer exists in elide-daemon",
+                cfg.id, ds.execution_id
+            )),
+            _ => daemon_status(state, &cfg.id, &e),
+        })?;
+    let running = exec.state != api::ExecutionState::Exited as i32;
+    if running && ds.pid != 0 && (exec.pid != ds.pid || exec.pid_start_ticks != ds.pid_start_ticks)
+    {
+        return Err(Status::failed_precondition(format!(
+            "task {}: execution {} runs pid {} (start {}), not the recorded pid {} (start {})",
+            cfg.id, ds.execution_id, exec.pid, exec.pid_start_ticks, ds.pid, ds.pid_start_ticks
+        )));
+    }
+    let entry = Arc::new(TaskEntry::new(
+        &cfg,
+        ds.execution_id.clone(),
+        ds.session_id.clone(),
+        ds.pid,
+        ds.started_at(),
+    ));
+    match state.tasks.reserve(&cfg.id) {
+        Ok(r) => r.commit(entry.clone()),
+        // Recovered concurrently by another call: that one wins.
+        Err(Reserve::Taken) => return Ok(Response::new(pb::RecoverTaskResponse {})),
+    }
+    tracing::info!(task = %cfg.id, execution = %ds.execution_id, running, "task recovered");
+    spawn_waiter(state.clone(), entry, None);
+    Ok(Response::new(pb::RecoverTaskResponse {}))
 }
 
 /// StartTask.
 pub async fn start_task(
-    _state: &Arc<PluginState>,
-    _req: pb::StartTaskRequest,
-) -> Result<Response<pb::StartTaskResponse>, Status> {
-    Err(not_yet("StartTask"))
-}
-
-/// WaitTask.
-pub async fn wait_task(
-    _state: &Arc<PluginState>,
-    _req: pb::WaitTaskRequest,
-) -> Result<Response<pb::WaitTaskResponse>, Status> {
-    Err(not_yet("WaitTask"))
-}
-
-/// StopTask.
-pub async fn stop_task(
-    _state: &Arc<PluginState>,
-    _req: pb::StopTaskRequest,
-) -> Result<Response<pb::StopTaskResponse>, Status> {
-    Err(not_yet("StopTask"))
-}
-
-/// DestroyTask.
-pub async fn destroy_task(
-    _state: &Arc<PluginState>,
-    _req: pb::DestroyTaskRequest,
-) -> Result<Response<pb::DestroyTaskResponse>, Status> {
-    Err(not_yet("DestroyTask"))
-}
-
-/// InspectTask.
-pub async fn inspect_task(
-    _state: &Arc<PluginState>,
-    _req: pb::InspectTaskRequest,
-) -> Result<Response<pb::InspectTaskResponse>, Status> {
-    Err(not_yet("InspectTask"))
-}
-
-/// TaskStats.
-pub async fn task_stats(
-    _state: &Arc<PluginState>,
-    _req: pb::TaskStatsRequest,
-) -> Result<Response<BoxStream<pb::TaskStatsResponse>>, Status> {
-    Err(not_yet("TaskStats"))
-}
-
-/// TaskEvents: a long-lived stream the client re-opens at once if it ends, so it stays open
-/// (silent: no tasks yet) until the client cancels or the plugin stops.
-pub async fn task_events(
     state: &Arc<PluginState>,
-    _req: pb::TaskEventsRequest,
-) -> Result<Response<BoxStream<pb::DriverTaskEvent>>, Status> {
-    Ok(Response::new(crate::goplugin::services::silent_until(
-        state.shutdown.clone(),
-    )))
+    req: pb::StartTaskRequest,
+) -> Result<Response<pb::StartTaskResponse>, Status> {
+    let cfg = req
+        .task
+        .ok_or_else(|| Status::invalid_argument("task: missing"))?;
+    if cfg.id.is_empty() {
+        return Err(Status::invalid_argument("task.id: empty"));
+    }
+    let reservation = state.tasks.reserve(&cfg.id).map_err(|_| {
+        Status::already_exists(format!("task with ID {:?} already started", cfg.id))
+    })?;
+    let snapshot = state.snapshot();
+    let (Some(config), Some(session_id)) = (snapshot.config.clone(), snapshot.session_id.clone())
+    else {
+        return Err(recoverable(
+            "the elide plugin has not been configured by the Nomad client yet".into(),
+        ));
+    };
+    let spec = TaskSpec::decode(
+        &cfg.msgpack_driver_config,
+        &task_dir(&cfg),
+        &config.session.enabled_languages,
+    )
+    .map_err(|e| Status::invalid_argument(e.to_string()))?;
+    let client = state.link.client(&snapshot).await.map_err(|e| {
+        if e.is_transient() {
+            recoverable(format!("cannot start task {}: {e}", cfg.id))
+        } else {
+            Status::failed_precondition(format!("cannot start task {}: {e}", cfg.id))
+        }
+    })?;
+    let request = execution_request(&cfg, &spec, &session_id, config.session.memory_limit_mb);
+    let mut result = client.start_execution(request.clone(), START_TIMEOUT).await;
+    if let Err(e) = &result
+        && e.code() == Some(tonic::Code::NotFound)
+        && e.to_string().contains("session")
+    {
+        // The daemon lost our session (restarted with a fresh state dir): make it again.
+        super::daemon_link::ensure_session(&client, &snapshot, &session_id)
+            .await
+            .map_err(|e| recoverable(format!("cannot start task {}: {e}", cfg.id)))?;
+        result = client.start_execution(request, START_TIMEOUT).await;
+    }
+    let exec = result.map_err(|e| {
+        if e.is_unreachable() {
+            state.link.invalidate();
+            recoverable(format!("cannot start task {}: elide-daemon: {e}", cfg.id))
+        } else if e.code() == Some(tonic::Code::InvalidArgument) {
+            Status::invalid_argument(format!("cannot start task {}: {e}", cfg.id))
+        } else {
+            daemon_status(state, &cfg.id, &e)
+        }
+    })?;
+    let started_at = exec
+        .started_at
+        .and_then(|t| SystemTime::try_from(t).ok())
+        .unwrap_or_else(SystemTime::now);
+    let ds = DriverState::new(
+        config.daemon_socket.clone(),
+        session_id.clone(),
+        exec.id.clone(),
+        started_at,
+        exec.pid,
+        exec.pid_start_ticks,
+    );
+    let entry = Arc::new(TaskEntry::new(
+        &cfg,
+        exec.id.clone(),
+        session_id,
+        exec.pid,
+        started_at,
+    ));
+    reservation.commit(entry.clone());
+    spawn_waiter(state.clone(), entry, spec.timeout);
+    tracing::info!(task = %cfg.id, execution = %exec.id, pid = exec.pid, "task started");
+    let handle = pb::TaskHandle {
+        version: DRIVER_STATE_VERSION as i32,
+        config: Some(cfg),
+        state: pb::TaskState::Running as i32,
+        driver_state: ds.encode(),
+    };
+    Ok(Response::new(pb::StartTaskResponse {
+        result: pb::start_task_response::Result::Success as i32,
+        driver_error_msg: String::new(),
+        handle: Some(handle),
+        network_override: None,
+    }))
+}
+
+/// WaitTask: the exit once known; any number of callers; immediate for ended tasks.
+pub async fn wait_task(
+    state: &Arc<PluginState>,
+    req: pb::WaitTaskRequest,
+) -> Result<Response<pb::WaitTaskResponse>, Status> {
+    let entry = state
+        .tasks
+        .get(&req.task_id)
+        .ok_or_else(|| not_found(&req.task_id))?;
+    let exit = entry.wait().await;
+    Ok(Response::new(pb::WaitTaskResponse {
+        result: Some(exit.result),
+        err: exit.err,
+    }))
+}
+
+/// StopTask: signal (SIGINT when empty), wait up to `timeout`, then SIGKILL the group.
+pub async fn stop_task(
+    state: &Arc<PluginState>,
+    req: pb::StopTaskRequest,
+) -> Result<Response<pb::StopTaskResponse>, Status> {
+    let Some(entry) = state.tasks.get(&req.task_id) else {
+        // Unknown ids answer OK: the client would otherwise retry for minutes (§3.9).
+        return Ok(Response::new(pb::StopTaskResponse {}));
+    };
+    if entry.exit().is_some() {
+        return Ok(Response::new(pb::StopTaskResponse {}));
+    }
+    let signal = if req.signal.trim().is_empty() {
+        DEFAULT_STOP_SIGNAL
+    } else {
+        req.signal.trim()
+    };
+    let grace = duration_from(req.timeout.as_ref());
+    let client = client_for(state, &state.snapshot()).await?;
+    match client
+        .stop_execution(&entry.execution_id, signal, grace)
+        .await
+    {
+        Ok(resp) => {
+            if let Some(r) = resp.result {
+                let (result, err) = exit_of(&r, None);
+                entry.set_exit(result, err);
+            }
+            Ok(Response::new(pb::StopTaskResponse {}))
+        }
+        Err(e) if e.code() == Some(tonic::Code::NotFound) => {
+            Ok(Response::new(pb::StopTaskResponse {}))
+        }
+        Err(e) if e.code() == Some(tonic::Code::InvalidArgument) => Err(Status::invalid_argument(
+            format!("StopTask {}: signal {signal:?}: {e}", req.task_id),
+        )),
+        Err(e) => Err(daemon_status(state, &req.task_id, &e)),
+    }
+}
+
+/// DestroyTask: forgets the task (killing it first with `force`); unknown ids are fine.
+pub async fn destroy_task(
+    state: &Arc<PluginState>,
+    req: pb::DestroyTaskRequest,
+) -> Result<Response<pb::DestroyTaskResponse>, Status> {
+    let Some(entry) = state.tasks.get(&req.task_id) else {
+        return Ok(Response::new(pb::DestroyTaskResponse {}));
+    };
+    if entry.exit().is_none() && !req.force {
+        return Err(Status::failed_precondition(format!(
+            "cannot destroy running task {:?}; stop it first or set force",
+            req.task_id
+        )));
+    }
+    if let Ok(client) = state.link.client(&state.snapshot()).await {
+        if entry.exit().is_none()
+            && let Err(e) = client
+                .stop_execution(&entry.execution_id, "SIGKILL", Duration::ZERO)
+                .await
+            && e.code() != Some(tonic::Code::NotFound)
+        {
+            return Err(daemon_status(state, &req.task_id, &e));
+        }
+        if let Err(e) = client.remove_execution(&entry.execution_id, true).await
+            && e.code() != Some(tonic::Code::NotFound)
+        {
+            tracing::warn!(task = %req.task_id, error = %e, "daemon did not forget the execution");
+        }
+    } else if entry.exit().is_none() {
+        return Err(Status::failed_precondition(format!(
+            "cannot destroy task {:?}: elide-daemon unreachable",
+            req.task_id
+        )));
+    }
+    entry.cancel.cancel();
+    state.tasks.remove(&req.task_id);
+    Ok(Response::new(pb::DestroyTaskResponse {}))
+}
+
+/// Go's zero time (0001-01-01T00:00:00Z), Nomad's "not set".
+pub fn go_zero_time() -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: -62_135_596_800,
+        nanos: 0,
+    }
+}
+
+/// InspectTask: every field the Go client dereferences is set (Appendix A).
+pub async fn inspect_task(
+    state: &Arc<PluginState>,
+    req: pb::InspectTaskRequest,
+) -> Result<Response<pb::InspectTaskResponse>, Status> {
+    let entry = state
+        .tasks
+        .get(&req.task_id)
+        .ok_or_else(|| not_found(&req.task_id))?;
+    let exit = entry.exit();
+    let attributes = [
+        ("pid".to_string(), entry.pid.to_string()),
+        ("execution_id".to_string(), entry.execution_id.clone()),
+        ("session_id".to_string(), entry.session_id.clone()),
+    ]
+    .into_iter()
+    .collect();
+    Ok(Response::new(pb::InspectTaskResponse {
+        task: Some(pb::TaskStatus {
+            id: entry.id.clone(),
+            name: entry.name.clone(),
+            state: if exit.is_some() {
+                pb::TaskState::Exited as i32
+            } else {
+                pb::TaskState::Running as i32
+            },
+            started_at: Some(entry.started_at.into()),
+            completed_at: Some(
+                exit.as_ref()
+                    .map_or_else(go_zero_time, |e| e.completed_at.into()),
+            ),
+            result: Some(exit.map(|e| e.result).unwrap_or_default()),
+        }),
+        driver: Some(pb::TaskDriverStatus { attributes }),
+        network_override: None,
+    }))
 }
 
 /// SignalTask.
 pub async fn signal_task(
-    _state: &Arc<PluginState>,
-    _req: pb::SignalTaskRequest,
+    state: &Arc<PluginState>,
+    req: pb::SignalTaskRequest,
 ) -> Result<Response<pb::SignalTaskResponse>, Status> {
-    Err(not_yet("SignalTask"))
+    let entry = state
+        .tasks
+        .get(&req.task_id)
+        .ok_or_else(|| not_found(&req.task_id))?;
+    if req.signal.trim().is_empty() {
+        return Err(Status::invalid_argument(
+            "signal: empty; give a name such as \"SIGHUP\"",
+        ));
+    }
+    let client = client_for(state, &state.snapshot()).await?;
+    client
+        .signal_execution(&entry.execution_id, req.signal.trim())
+        .await
+        .map_err(|e| daemon_status(state, &req.task_id, &e))?;
+    Ok(Response::new(pb::SignalTaskResponse {}))
+}
+
+/// TaskStats.
+pub async fn task_stats(
+    state: &Arc<PluginState>,
+    req: pb::TaskStatsRequest,
+) -> Result<Response<BoxStream<pb::TaskStatsResponse>>, Status> {
+    super::task_io::task_stats(state, req).await
+}
+
+/// TaskEvents.
+pub async fn task_events(
+    state: &Arc<PluginState>,
+    req: pb::TaskEventsRequest,
+) -> Result<Response<BoxStream<pb::DriverTaskEvent>>, Status> {
+    super::task_io::task_events(state, req).await
 }
 
 /// ExecTask.
 pub async fn exec_task(
-    _state: &Arc<PluginState>,
-    _req: pb::ExecTaskRequest,
+    state: &Arc<PluginState>,
+    req: pb::ExecTaskRequest,
 ) -> Result<Response<pb::ExecTaskResponse>, Status> {
-    Err(not_yet("ExecTask"))
+    super::task_io::exec_task(state, req).await
 }
 
 /// ExecTaskStreaming.
 pub async fn exec_task_streaming(
-    _state: &Arc<PluginState>,
-    _req: Streaming<pb::ExecTaskStreamingRequest>,
+    state: &Arc<PluginState>,
+    req: Streaming<pb::ExecTaskStreamingRequest>,
 ) -> Result<Response<BoxStream<pb::ExecTaskStreamingResponse>>, Status> {
-    Err(not_yet("ExecTaskStreaming"))
+    super::task_io::exec_task_streaming(state, req).await
 }
 
 /// CreateNetwork: not advertised (`must_create_network = false`).
@@ -126,3 +732,6 @@ pub async fn destroy_network(
         "DestroyNetwork: the elide driver does not create networks (must_create_network = false)",
     ))
 }
+
+/// Default deadline for daemon calls made on behalf of one RPC.
+pub const CALL_TIMEOUT: Duration = DEFAULT_CALL_TIMEOUT;

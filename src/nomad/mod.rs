@@ -6,12 +6,17 @@ pub mod base;
 pub mod capabilities;
 pub mod config;
 pub mod cty;
+pub mod daemon_link;
+pub mod daemon_start;
 pub mod driver;
+pub mod driver_state;
 pub mod fingerprint;
 pub mod hclspec;
 pub mod lifecycle;
 pub mod state;
 pub mod task_config;
+pub mod task_io;
+pub mod tasks;
 
 use std::sync::Arc;
 

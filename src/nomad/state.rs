@@ -7,6 +7,8 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::config::PluginConfig;
+use super::daemon_link::DaemonLink;
+use super::tasks::TaskStore;
 use crate::proto::elide::daemon::v1alpha1 as api;
 
 /// A consistent copy of the configuration-related state.
@@ -27,6 +29,10 @@ pub struct PluginState {
     changed: watch::Sender<u64>,
     /// Cancelled when the plugin shuts down; long-lived streams end then.
     pub shutdown: CancellationToken,
+    /// The shared daemon connection (auto-start, reconnect, session).
+    pub link: DaemonLink,
+    /// The tasks this plugin process handles.
+    pub tasks: TaskStore,
 }
 
 impl PluginState {
@@ -36,6 +42,8 @@ impl PluginState {
             inner: Mutex::new(Snapshot::default()),
             changed: watch::channel(0).0,
             shutdown,
+            link: DaemonLink::default(),
+            tasks: TaskStore::default(),
         }
     }
 

@@ -399,7 +399,7 @@ func TestLongLivedInstanceFingerprint(t *testing.T) {
 	h := launch(t)
 	spec := h.configSpec(t)
 	socket := filepath.Join(t.TempDir(), "absent.sock")
-	cfg := encodeConfig(t, spec, `{"daemon_socket": "`+socket+`", "fingerprint_period": "1s"}`)
+	cfg := encodeConfig(t, spec, `{"daemon_socket": "`+socket+`", "fingerprint_period": "1s", "daemon": [{"auto_start": false}]}`)
 	if err := h.setConfig(t, cfg, true); err != nil {
 		t.Fatalf("SetConfig: %v", err)
 	}
@@ -447,9 +447,9 @@ func TestLongLivedInstanceFingerprint(t *testing.T) {
 		t.Fatal(err)
 	}
 	encodeConfig(t, toHCLDec(t, &ts, ""), `{"code": "print(1)", "language": "py", "args": ["a"], "env": {"K": "v"}, "elide_opts": [{"timeout": "5s"}]}`)
-	// An unimplemented task RPC fails fast without hurting the plugin.
+	// A StartTask without a task fails fast with a named error, without hurting the plugin.
 	err = h.unary(t, "/"+driverPkg+".Driver/StartTask", newMsg(t, driverPkg+".StartTaskRequest"), newMsg(t, driverPkg+".StartTaskResponse"))
-	if status.Code(err) != codes.Unimplemented {
+	if status.Code(err) != codes.InvalidArgument {
 		t.Fatalf("StartTask: %v", err)
 	}
 	h.kill(t)

@@ -1,0 +1,179 @@
+//! The plugin's one connection to the node daemon, shared by every RPC: connected on demand,
+//! dropped when a call finds the daemon gone, and re-established with back-off; when nothing
+//! answers and `daemon.auto_start` is on, the daemon is started (one start at a time) and our
+//! session is (re-)created before the connection is handed out.
+
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use super::daemon_start::{self, StartError};
+use super::state::{Snapshot, session_config, session_owner};
+use crate::daemon_client::{DEFAULT_CALL_TIMEOUT, DaemonClient, DaemonError};
+
+/// First pause before another auto-start after one failed; doubles up to [`MAX_BACKOFF`].
+pub const MIN_BACKOFF: Duration = Duration::from_secs(1);
+/// Longest pause between auto-start attempts.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// Why no daemon connection is available.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum LinkError {
+    /// SetConfig from the Nomad client has not arrived.
+    #[error("the plugin is not configured yet (no SetConfig from the Nomad client)")]
+    NotConfigured,
+    /// The daemon does not answer (auto-start off).
+    #[error("elide-daemon not reachable at {socket}: {detail}")]
+    Unreachable {
+        /// The socket.
+        socket: PathBuf,
+        /// Why.
+        detail: String,
+    },
+    /// The daemon does not answer and could not be started.
+    #[error("elide-daemon not reachable at {socket} and auto-start failed: {error}")]
+    StartFailed {
+        /// The socket.
+        socket: PathBuf,
+        /// Why the start failed.
+        error: StartError,
+    },
+    /// The daemon answers but our session cannot be created.
+    #[error("elide-daemon at {socket} refused session {session}: {detail}")]
+    Session {
+        /// The socket.
+        socket: PathBuf,
+        /// Session id.
+        session: String,
+        /// Why.
+        detail: String,
+    },
+}
+
+#[derive(Debug, Default)]
+struct StartBackoff {
+    last_failure: Option<(Instant, Duration, StartError)>,
+}
+
+/// Shared daemon connection.
+#[derive(Debug, Default)]
+pub struct DaemonLink {
+    cached: Mutex<Option<(PathBuf, DaemonClient)>>,
+    connecting: tokio::sync::Mutex<StartBackoff>,
+}
+
+impl DaemonLink {
+    fn cached_for(&self, socket: &PathBuf) -> Option<DaemonClient> {
+        let guard = self.cached.lock().unwrap_or_else(|p| p.into_inner());
+        guard
+            .as_ref()
+            .filter(|(s, _)| s == socket)
+            .map(|(_, c)| c.clone())
+    }
+
+    /// Forgets the connection (a call found the daemon gone); the next `client` reconnects.
+    pub fn invalidate(&self) {
+        *self.cached.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    /// A connected client with our session in place, auto-starting the daemon if allowed.
+    pub async fn client(&self, snapshot: &Snapshot) -> Result<DaemonClient, LinkError> {
+        let (Some(cfg), true, Some(session)) = (
+            snapshot.config.as_ref(),
+            snapshot.agent_configured,
+            snapshot.session_id.as_ref(),
+        ) else {
+            return Err(LinkError::NotConfigured);
+        };
+        let socket = cfg.daemon_socket.clone();
+        if let Some(c) = self.cached_for(&socket) {
+            return Ok(c);
+        }
+        let mut backoff = self.connecting.lock().await;
+        if let Some(c) = self.cached_for(&socket) {
+            return Ok(c);
+        }
+        let client = match DaemonClient::connect(&socket, DEFAULT_CALL_TIMEOUT).await {
+            Ok(c) if c.daemon_info().await.is_ok() => c,
+            first => {
+                let detail = match first {
+                    Err(e) => e.to_string(),
+                    Ok(_) => "it accepts connections but does not answer GetDaemonInfo".into(),
+                };
+                if !cfg.daemon.auto_start {
+                    return Err(LinkError::Unreachable { socket, detail });
+                }
+                if let Some((at, pause, err)) = &backoff.last_failure
+                    && at.elapsed() < *pause
+                {
+                    return Err(LinkError::StartFailed {
+                        socket,
+                        error: err.clone(),
+                    });
+                }
+                match daemon_start::start(cfg).await {
+                    Ok(_) => backoff.last_failure = None,
+                    Err(error) => {
+                        let pause = backoff
+                            .last_failure
+                            .as_ref()
+                            .map_or(MIN_BACKOFF, |(_, p, _)| (*p * 2).min(MAX_BACKOFF));
+                        tracing::error!(error = %error, socket = %socket.display(), "cannot auto-start elide-daemon");
+                        backoff.last_failure = Some((Instant::now(), pause, error.clone()));
+                        return Err(LinkError::StartFailed { socket, error });
+                    }
+                }
+                DaemonClient::connect(&socket, DEFAULT_CALL_TIMEOUT)
+                    .await
+                    .map_err(|e| LinkError::Unreachable {
+                        socket: socket.clone(),
+                        detail: e.to_string(),
+                    })?
+            }
+        };
+        ensure_session(&client, snapshot, session).await?;
+        *self.cached.lock().unwrap_or_else(|p| p.into_inner()) = Some((socket, client.clone()));
+        Ok(client)
+    }
+}
+
+/// Creates our session unless the daemon already has it.
+pub async fn ensure_session(
+    client: &DaemonClient,
+    snapshot: &Snapshot,
+    session: &str,
+) -> Result<(), LinkError> {
+    let Some(cfg) = snapshot.config.as_ref() else {
+        return Err(LinkError::NotConfigured);
+    };
+    let err = |e: DaemonError| LinkError::Session {
+        socket: client.socket().to_path_buf(),
+        session: session.to_string(),
+        detail: e.to_string(),
+    };
+    match client.get_session(session).await {
+        Ok(_) => Ok(()),
+        Err(e) if e.code() == Some(tonic::Code::NotFound) => {
+            match client
+                .create_session(session, &session_owner(), session_config(cfg))
+                .await
+            {
+                Ok(_) => {
+                    tracing::info!(session, "daemon session created");
+                    Ok(())
+                }
+                Err(e) if e.code() == Some(tonic::Code::AlreadyExists) => Ok(()),
+                Err(e) => Err(err(e)),
+            }
+        }
+        Err(e) => Err(err(e)),
+    }
+}
+
+impl LinkError {
+    /// True when retrying later may help (the daemon is down or starting), as opposed to a
+    /// configuration problem.
+    pub fn is_transient(&self) -> bool {
+        !matches!(self, LinkError::Session { .. })
+    }
+}

@@ -1,0 +1,313 @@
+//! Faults: the plugin SIGKILLed under running tasks (recovery from the handle alone), the
+//! daemon SIGKILLed under running tasks, and a daemon that cannot be auto-started.
+
+#[path = "daemon_support/mod.rs"]
+mod daemon_support;
+mod lifecycle_support;
+mod support;
+
+use std::time::{Duration, Instant};
+
+use daemon_support::TestDaemon;
+use elide_task_driver::proto::hashicorp::nomad::plugins::drivers::proto::{
+    self as pb, fingerprint_response::HealthState,
+};
+use lifecycle_support::{
+    Alloc, AutoDaemon, DEADLINE, Plugin, alive, daemon_pid, eventually, handle_pid, plugin_config,
+};
+use prost::Message;
+use serde_json::json;
+use support::fingerprint_until;
+
+const COUNTER: &str =
+    "import time\ni = 0\nwhile True:\n    print(i, flush=True)\n    i += 1\n    time.sleep(0.05)\n";
+
+fn assert_contiguous(text: &str, what: &str) -> usize {
+    let nums: Vec<u64> = text
+        .lines()
+        .map(|l| {
+            l.trim()
+                .parse()
+                .unwrap_or_else(|_| panic!("{what}: bad line {l:?}"))
+        })
+        .collect();
+    for (i, n) in nums.iter().enumerate() {
+        assert_eq!(*n, i as u64, "{what}: gap or duplicate at line {i}");
+    }
+    nums.len()
+}
+
+fn proc_stat_field(pid: u32, idx: usize) -> Option<String> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = s.rsplit(')').next()?;
+    rest.split_whitespace().nth(idx).map(str::to_string)
+}
+
+#[tokio::test]
+async fn plugin_killed_under_ten_tasks_recovers_them_from_the_handles_alone() {
+    let root = tempfile::Builder::new()
+        .prefix("er")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let auto = AutoDaemon::new(root.path());
+    let config = plugin_config(&auto.socket, Some(&auto));
+    let plugin = Plugin::launch(&config).await;
+    // The plugin auto-started the daemon: detached, own session, stdio away from the plugin.
+    eventually("auto-started daemon answers", || auto.socket.exists()).await;
+    let dpid = daemon_pid(&auto.socket).await.expect("daemon answers");
+    assert_eq!(
+        proc_stat_field(dpid, 3).as_deref(),
+        Some(dpid.to_string().as_str()),
+        "own session (setsid)"
+    );
+    assert_eq!(
+        std::fs::read_link(format!("/proc/{dpid}/fd/0")).unwrap(),
+        std::path::PathBuf::from("/dev/null")
+    );
+    assert_eq!(
+        std::fs::read_link(format!("/proc/{dpid}/fd/2")).unwrap(),
+        auto.log
+    );
+
+    let alloc = Alloc::new(root.path());
+    let mut tasks = Vec::new();
+    for i in 0..10 {
+        let t = alloc.task(&format!("c{i}"));
+        let h = plugin
+            .start_json(&t, json!({"language": "python", "code": COUNTER}))
+            .await
+            .unwrap();
+        tasks.push((t, h));
+    }
+    let ender = alloc.task("ender");
+    let marker = ender.task_dir.join("local/go");
+    let ender_handle = plugin
+        .start_json(
+            &ender,
+            json!({"language": "python", "code": format!(
+                "import os, sys, time\nwhile not os.path.exists({:?}):\n    time.sleep(0.02)\nprint('ending', flush=True)\nsys.exit(5)\n",
+                marker.display().to_string()
+            )}),
+        )
+        .await
+        .unwrap();
+    for (t, _) in &tasks {
+        t.stdout
+            .wait_for("first lines", |s| s.lines().count() >= 3)
+            .await;
+    }
+
+    // The agent restarts: the plugin is SIGKILLed.
+    let mut plugin = plugin;
+    plugin.client.process.child.kill().unwrap();
+    plugin.client.process.child.wait().unwrap();
+    assert!(alive(dpid), "daemon outlives the plugin");
+    for (t, h) in &tasks {
+        assert!(alive(handle_pid(h)), "{} died with the plugin", t.id);
+    }
+    // One task ends while no plugin runs.
+    std::fs::write(&marker, "").unwrap();
+    let ender_pid = handle_pid(&ender_handle);
+    eventually("ender exits", || !alive(ender_pid)).await;
+    let before: Vec<usize> = tasks
+        .iter()
+        .map(|(t, _)| t.stdout.text().lines().count())
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // A new plugin instance: SetConfig, then RecoverTask from the persisted handles (the raw
+    // driver config does not survive Nomad's state store).
+    let plugin = Plugin::launch(&config).await;
+    assert_eq!(
+        daemon_pid(&auto.socket).await,
+        Some(dpid),
+        "same daemon, no second start"
+    );
+    let mut d = plugin.driver();
+    for (_, h) in tasks
+        .iter()
+        .chain(std::iter::once(&(ender, ender_handle.clone())))
+    {
+        let mut h = h.clone();
+        if let Some(c) = h.config.as_mut() {
+            c.msgpack_driver_config.clear();
+        }
+        d.recover_task(pb::RecoverTaskRequest {
+            task_id: String::new(),
+            handle: Some(h.clone()),
+        })
+        .await
+        .unwrap();
+        // Recovering a task the plugin already knows is fine.
+        d.recover_task(pb::RecoverTaskRequest {
+            task_id: String::new(),
+            handle: Some(h),
+        })
+        .await
+        .unwrap();
+    }
+    let ender_id = ender_handle.config.as_ref().unwrap().id.clone();
+    let w = plugin.wait(&ender_id).await;
+    assert_eq!(
+        w.result.unwrap().exit_code,
+        5,
+        "real exit code after the plugin was down"
+    );
+
+    for ((t, _), n0) in tasks.iter().zip(&before) {
+        let st = plugin.inspect(&t.id).await.unwrap().task.unwrap();
+        assert_eq!(st.state, pb::TaskState::Running as i32, "{}", t.id);
+        t.stdout
+            .wait_for("output continues", |s| s.lines().count() > n0 + 3)
+            .await;
+    }
+    for (t, _) in &tasks {
+        plugin
+            .stop(&t.id, "SIGTERM", Duration::from_secs(5))
+            .await
+            .unwrap();
+        let r = plugin.wait(&t.id).await.result.unwrap();
+        assert_eq!(r.signal, 15, "{}: {r:?}", t.id);
+        let text = t.stdout.wait_eof().await;
+        let n = assert_contiguous(&text, &t.id);
+        assert!(n > 10, "{}: {n} lines", t.id);
+        plugin.destroy(&t.id, true).await.unwrap();
+    }
+    drop(plugin);
+    auto.kill().await;
+}
+
+fn recoverable_detail(s: &tonic::Status) -> Option<bool> {
+    let st = elide_task_driver::proto::google::rpc::Status::decode(s.details()).ok()?;
+    let any = st.details.first()?;
+    if !any
+        .type_url
+        .ends_with("hashicorp.nomad.plugins.shared.structs.RecoverableError")
+    {
+        return None;
+    }
+    elide_task_driver::proto::hashicorp::nomad::plugins::shared::structs::RecoverableError::decode(
+        any.value.as_slice(),
+    )
+    .ok()
+    .map(|r| r.recoverable)
+}
+
+#[tokio::test]
+async fn daemon_killed_fails_waits_within_two_seconds_and_health_follows_it() {
+    let mut daemon = TestDaemon::start().await;
+    let plugin = Plugin::launch(&plugin_config(&daemon.socket, None)).await;
+    let mut fp = plugin.client.fingerprint().await;
+    fingerprint_until(&mut fp, DEADLINE, |m| {
+        m.health == HealthState::Healthy as i32
+    })
+    .await;
+    let root = tempfile::Builder::new()
+        .prefix("ek")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let alloc = Alloc::new(root.path());
+    let mut waits = Vec::new();
+    let mut pids = Vec::new();
+    for i in 0..3 {
+        let t = alloc.task(&format!("k{i}"));
+        let h = plugin
+            .start_json(&t, json!({"language": "python", "code": COUNTER}))
+            .await
+            .unwrap();
+        pids.push(handle_pid(&h));
+        t.stdout.wait_for("running", |s| !s.is_empty()).await;
+        let mut d = plugin.driver();
+        let id = t.id.clone();
+        waits.push(tokio::spawn(async move {
+            let r = d.wait_task(pb::WaitTaskRequest { task_id: id }).await;
+            (r, Instant::now())
+        }));
+    }
+    let killed = Instant::now();
+    daemon.kill9();
+    for w in waits {
+        let (r, at) = tokio::time::timeout(DEADLINE, w).await.unwrap().unwrap();
+        let r = r
+            .expect("WaitTask answers with a result, not a status")
+            .into_inner();
+        assert!(r.result.is_some());
+        assert!(r.err.contains("elide-daemon connection lost"), "{r:?}");
+        assert!(
+            at.duration_since(killed) < Duration::from_secs(2),
+            "took {:?}",
+            at.duration_since(killed)
+        );
+    }
+    for pid in pids {
+        eventually("executions die with the daemon", || !alive(pid)).await;
+    }
+    let m = fingerprint_until(&mut fp, Duration::from_secs(10), |m| {
+        m.health == HealthState::Unhealthy as i32
+    })
+    .await;
+    assert!(
+        m.health_description.contains("not reachable"),
+        "{}",
+        m.health_description
+    );
+    assert!(killed.elapsed() < Duration::from_secs(10));
+
+    // StartTask while the daemon is down: an error Nomad retries (RecoverableError detail).
+    let t = alloc.task("down");
+    let e = plugin
+        .start_json(&t, json!({"language": "python", "code": "print(1)"}))
+        .await
+        .unwrap_err();
+    assert_eq!(recoverable_detail(&e), Some(true), "{e:?}");
+    plugin.alive().await;
+
+    daemon.spawn().await;
+    fingerprint_until(&mut fp, DEADLINE, |m| {
+        m.health == HealthState::Healthy as i32
+    })
+    .await;
+    let t = alloc.task("after");
+    plugin
+        .start_json(&t, json!({"language": "python", "code": "print('back')"}))
+        .await
+        .unwrap();
+    assert_eq!(plugin.wait(&t.id).await.result.unwrap().exit_code, 0);
+    assert_eq!(t.stdout.wait_eof().await, "back\n");
+}
+
+#[tokio::test]
+async fn daemon_that_cannot_be_started_is_reported_and_start_task_is_retryable() {
+    let root = tempfile::Builder::new()
+        .prefix("en")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let socket = root.path().join("d.sock");
+    let mut config = plugin_config(&socket, None);
+    config["daemon"] = json!([{"auto_start": true, "path": "/nonexistent/elide-daemon"}]);
+    let plugin = Plugin::launch(&config).await;
+    let mut fp = plugin.client.fingerprint().await;
+    let m = fingerprint_until(&mut fp, DEADLINE, |m| {
+        m.health == HealthState::Unhealthy as i32
+    })
+    .await;
+    assert!(
+        m.health_description.contains("auto-start failed"),
+        "{}",
+        m.health_description
+    );
+    assert!(
+        m.health_description.contains("/nonexistent/elide-daemon"),
+        "{}",
+        m.health_description
+    );
+    let alloc = Alloc::new(root.path());
+    let t = alloc.task("t");
+    let e = plugin
+        .start_json(&t, json!({"language": "python", "code": "print(1)"}))
+        .await
+        .unwrap_err();
+    assert_eq!(recoverable_detail(&e), Some(true), "{e:?}");
+    assert!(e.message().contains("auto-start failed"), "{e:?}");
+    plugin.alive().await;
+}

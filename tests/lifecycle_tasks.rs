@@ -1,0 +1,670 @@
+//! Task lifecycle end to end: the harness plays the Nomad client against the real plugin
+//! binary, which runs snippets through a real `elide-daemon` on a temp socket; output is read
+//! from logmon-like FIFOs in a Nomad-shaped alloc dir.
+
+#[path = "daemon_support/mod.rs"]
+mod daemon_support;
+mod lifecycle_support;
+mod support;
+
+use std::time::{Duration, Instant};
+
+use daemon_support::TestDaemon;
+use elide_task_driver::proto::hashicorp::nomad::plugins::drivers::proto as pb;
+use lifecycle_support::{Alloc, DEADLINE, Plugin, plugin_config};
+use serde_json::json;
+
+async fn setup() -> (TestDaemon, Plugin, tempfile::TempDir) {
+    let daemon = TestDaemon::start().await;
+    let plugin = Plugin::launch(&plugin_config(&daemon.socket, None)).await;
+    let root = tempfile::Builder::new()
+        .prefix("ea")
+        .tempdir_in("/tmp")
+        .unwrap();
+    (daemon, plugin, root)
+}
+
+#[tokio::test]
+async fn batch_task_in_each_language_logs_to_the_fifos_and_propagates_the_exit_code() {
+    let (_daemon, plugin, root) = setup().await;
+    let alloc = Alloc::new(root.path());
+    let cases = [
+        (
+            "py",
+            "python",
+            r#"
+import os, sys
+print("out", sys.argv[1:], os.environ["GREETING"], os.environ["NOMAD_TASK_NAME"], os.environ["NOMAD_ALLOC_ID"], os.getcwd())
+print("err-line", file=sys.stderr)
+sys.exit(3)
+"#,
+        ),
+        (
+            "js",
+            "javascript",
+            r#"
+console.log("out", JSON.stringify(process.argv.slice(2)), process.env.GREETING, process.env.NOMAD_TASK_NAME, process.env.NOMAD_ALLOC_ID, process.cwd());
+console.error("err-line");
+process.exit(3);
+"#,
+        ),
+        (
+            "ts",
+            "typescript",
+            r#"
+const parts: string[] = ["out", JSON.stringify(process.argv.slice(2)), process.env.GREETING as string, process.env.NOMAD_TASK_NAME as string, process.env.NOMAD_ALLOC_ID as string, process.cwd()];
+console.log(parts.join(" "));
+console.error("err-line");
+process.exit(3);
+"#,
+        ),
+    ];
+    for (name, language, code) in cases {
+        let task = alloc.task(name);
+        let h = plugin
+            .start_json(
+                &task,
+                json!({
+                    "language": language,
+                    "code": code,
+                    "args": ["a1", "a 2"],
+                    "env": {"GREETING": "hola"},
+                }),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{language}: {e}"));
+        assert_eq!(h.version, 1);
+        assert_eq!(h.config.as_ref().unwrap().id, task.id, "config echoed");
+        let w = plugin.wait(&task.id).await;
+        let r = w.result.expect("result always set");
+        assert_eq!(
+            r.exit_code,
+            3,
+            "{language}: {w:?} stderr {}",
+            task.stderr.text()
+        );
+        assert_eq!(w.err, "");
+        let out = task.stdout.wait_eof().await;
+        assert!(out.starts_with("out "), "{language}: {out:?}");
+        assert!(
+            out.contains("a1") && out.contains("a 2"),
+            "{language}: {out:?}"
+        );
+        assert!(out.contains(" hola "), "{language}: env: {out:?}");
+        assert!(
+            out.contains(&format!(" {name} ")),
+            "{language}: NOMAD_TASK_NAME: {out:?}"
+        );
+        assert!(
+            out.contains(&alloc.id),
+            "{language}: NOMAD_ALLOC_ID: {out:?}"
+        );
+        assert!(
+            out.trim_end()
+                .ends_with(&task.task_dir.display().to_string()),
+            "{language}: cwd is the task dir: {out:?}"
+        );
+        assert!(
+            !out.contains("err-line"),
+            "{language}: stderr leaked into stdout"
+        );
+        assert_eq!(task.stderr.wait_eof().await, "err-line\n", "{language}");
+        // Exited tasks answer WaitTask at once, again and again, until DestroyTask.
+        let again = plugin.wait_within(&task.id, Duration::from_secs(5)).await;
+        assert_eq!(again.result.unwrap().exit_code, 3);
+        let i = plugin.inspect(&task.id).await.unwrap();
+        let st = i.task.unwrap();
+        assert_eq!(st.state, pb::TaskState::Exited as i32);
+        assert!(st.completed_at.unwrap().seconds > 0);
+        plugin.destroy(&task.id, true).await.unwrap();
+        let gone = plugin
+            .driver()
+            .wait_task(pb::WaitTaskRequest {
+                task_id: task.id.clone(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(gone.code(), tonic::Code::NotFound);
+    }
+}
+
+#[tokio::test]
+async fn script_under_local_runs_with_language_from_the_extension() {
+    let (_daemon, plugin, root) = setup().await;
+    let alloc = Alloc::new(root.path());
+    let task = alloc.task("script");
+    std::fs::write(
+        task.task_dir.join("local/main.py"),
+        "import sys\nprint('script ran', *sys.argv[1:])\n",
+    )
+    .unwrap();
+    plugin
+        .start_json(&task, json!({"script": "local/main.py", "args": ["x"]}))
+        .await
+        .unwrap();
+    let w = plugin.wait(&task.id).await;
+    assert_eq!(w.result.unwrap().exit_code, 0, "{}", task.stderr.text());
+    assert_eq!(task.stdout.wait_eof().await, "script ran x\n");
+    // An absolute path inside the task dir is fine too (e.g. "${NOMAD_TASK_DIR}/main.py").
+    let t2 = alloc.task("script2");
+    std::fs::write(
+        t2.task_dir.join("local/main.js"),
+        "console.log('js script')\n",
+    )
+    .unwrap();
+    let abs = t2.task_dir.join("local/main.js").display().to_string();
+    plugin
+        .start_json(&t2, json!({"script": abs}))
+        .await
+        .unwrap();
+    assert_eq!(plugin.wait(&t2.id).await.result.unwrap().exit_code, 0);
+    assert_eq!(t2.stdout.wait_eof().await, "js script\n");
+}
+
+const SERVICE: &str = r#"
+import signal, sys, time
+def term(*_):
+    print("got TERM", flush=True)
+    sys.exit(0)
+def usr1(*_):
+    print("got USR1", flush=True)
+signal.signal(signal.SIGTERM, term)
+signal.signal(signal.SIGUSR1, usr1)
+buf = bytearray(30 * 1024 * 1024)
+print("ready", flush=True)
+while True:
+    end = time.time() + 0.05
+    while time.time() < end:
+        pass
+    time.sleep(0.05)
+"#;
+
+#[tokio::test]
+async fn service_task_runs_reports_stats_takes_signals_and_stops_on_sigterm() {
+    let (_daemon, plugin, root) = setup().await;
+    let alloc = Alloc::new(root.path());
+    let task = alloc.task("svc");
+    let h = plugin
+        .start_json(&task, json!({"language": "python", "code": SERVICE}))
+        .await
+        .unwrap();
+    task.stdout.wait_for("ready", |t| t.contains("ready")).await;
+
+    let i = plugin.inspect(&task.id).await.unwrap();
+    let st = i.task.unwrap();
+    assert_eq!(st.state, pb::TaskState::Running as i32);
+    assert_eq!(st.completed_at.unwrap().seconds, -62_135_596_800);
+    assert!(st.started_at.unwrap().seconds > 0);
+    assert!(st.result.is_some());
+    assert_eq!(
+        i.driver.unwrap().attributes["pid"],
+        lifecycle_support::handle_pid(&h).to_string()
+    );
+
+    // TaskStats: one message per interval, running with CPU and memory.
+    let mut stats = plugin
+        .driver()
+        .task_stats(pb::TaskStatsRequest {
+            task_id: task.id.clone(),
+            collection_interval: Some(prost_types::Duration {
+                seconds: 0,
+                nanos: 300_000_000,
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut saw_cpu = false;
+    let mut saw_mem = false;
+    for _ in 0..10 {
+        let m = tokio::time::timeout(DEADLINE, stats.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .expect("stream stays open");
+        let s = m.stats.expect("stats set");
+        assert!(s.timestamp.is_some());
+        let agg = s.agg_resource_usage.expect("agg set");
+        let cpu = agg.cpu.unwrap();
+        let mem = agg.memory.unwrap();
+        if cpu
+            .measured_fields
+            .contains(&(pb::cpu_usage::Fields::Percent as i32))
+            && cpu.percent > 0.0
+        {
+            saw_cpu = true;
+        }
+        if mem
+            .measured_fields
+            .contains(&(pb::memory_usage::Fields::Rss as i32))
+            && mem.rss > 20 * 1024 * 1024
+        {
+            saw_mem = true;
+        }
+        if saw_cpu && saw_mem {
+            break;
+        }
+    }
+    assert!(saw_cpu && saw_mem, "cpu {saw_cpu} mem {saw_mem}");
+    drop(stats);
+
+    plugin
+        .driver()
+        .signal_task(pb::SignalTaskRequest {
+            task_id: task.id.clone(),
+            signal: "SIGUSR1".into(),
+        })
+        .await
+        .unwrap();
+    task.stdout
+        .wait_for("USR1", |t| t.contains("got USR1"))
+        .await;
+    let bad = plugin
+        .driver()
+        .signal_task(pb::SignalTaskRequest {
+            task_id: task.id.clone(),
+            signal: "SIGNOPE".into(),
+        })
+        .await
+        .unwrap_err();
+    assert!(bad.message().contains("SIGNOPE"), "{bad:?}");
+
+    // A running task cannot be destroyed without force.
+    let e = plugin.destroy(&task.id, false).await.unwrap_err();
+    assert!(e.message().contains("cannot destroy running task"), "{e:?}");
+
+    let waiter = {
+        let d = plugin.driver();
+        let id = task.id.clone();
+        tokio::spawn(async move {
+            let mut d = d;
+            d.wait_task(pb::WaitTaskRequest { task_id: id }).await
+        })
+    };
+    plugin
+        .stop(&task.id, "SIGTERM", Duration::from_secs(20))
+        .await
+        .unwrap();
+    let w = waiter.await.unwrap().unwrap().into_inner();
+    assert_eq!(w.result.unwrap().exit_code, 0);
+    assert!(task.stdout.wait_eof().await.contains("got TERM"));
+    // Stopping again, or an unknown id, is fine.
+    plugin
+        .stop(&task.id, "", Duration::from_secs(1))
+        .await
+        .unwrap();
+    plugin.destroy(&task.id, false).await.unwrap();
+    plugin.destroy(&task.id, true).await.unwrap();
+}
+
+#[tokio::test]
+async fn stop_kills_with_sigkill_after_the_timeout() {
+    let (_daemon, plugin, root) = setup().await;
+    let alloc = Alloc::new(root.path());
+    let task = alloc.task("stubborn");
+    plugin
+        .start_json(
+            &task,
+            json!({"language": "python", "code": "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nprint('ready', flush=True)\ntime.sleep(600)\n"}),
+        )
+        .await
+        .unwrap();
+    task.stdout.wait_for("ready", |t| t.contains("ready")).await;
+    let t0 = Instant::now();
+    plugin
+        .stop(&task.id, "SIGTERM", Duration::from_secs(1))
+        .await
+        .unwrap();
+    assert!(t0.elapsed() >= Duration::from_millis(900), "grace honoured");
+    let r = plugin.wait(&task.id).await.result.unwrap();
+    assert_eq!(r.signal, 9, "{r:?}");
+    assert_eq!(r.exit_code, 128 + 9);
+}
+
+#[tokio::test]
+async fn exec_and_exec_streaming_run_in_the_task_context() {
+    let (_daemon, plugin, root) = setup().await;
+    let alloc = Alloc::new(root.path());
+    let task = alloc.task("ex");
+    plugin
+        .start_json(
+            &task,
+            json!({"language": "python", "code": "import time\ntime.sleep(600)\n"}),
+        )
+        .await
+        .unwrap();
+    let r = plugin
+        .driver()
+        .exec_task(pb::ExecTaskRequest {
+            task_id: task.id.clone(),
+            command: vec![
+                "/bin/sh".into(),
+                "-c".into(),
+                "pwd; echo err >&2; exit 4".into(),
+            ],
+            timeout: Some(prost_types::Duration {
+                seconds: 30,
+                nanos: 0,
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.result.unwrap().exit_code, 4);
+    let out = String::from_utf8_lossy(&r.stdout).into_owned();
+    assert!(
+        out.contains(&task.task_dir.display().to_string()),
+        "{out:?}"
+    );
+    assert!(out.contains("err"), "combined output: {out:?}");
+    // Output is capped at 4 KiB like Nomad's script checks.
+    let big = plugin
+        .driver()
+        .exec_task(pb::ExecTaskRequest {
+            task_id: task.id.clone(),
+            command: vec![
+                "/bin/sh".into(),
+                "-c".into(),
+                "head -c 100000 /dev/zero".into(),
+            ],
+            timeout: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(big.stdout.len(), 4096);
+    assert_eq!(big.result.unwrap().exit_code, 0);
+
+    // Streaming: setup, stdin, close, heartbeat; output then exited with the result.
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    tx.send(pb::ExecTaskStreamingRequest {
+        setup: Some(pb::exec_task_streaming_request::Setup {
+            task_id: task.id.clone(),
+            command: vec![
+                "/bin/sh".into(),
+                "-c".into(),
+                "read x; echo got-$x; exit 7".into(),
+            ],
+            tty: false,
+        }),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut out = plugin
+        .driver()
+        .exec_task_streaming(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    tx.send(pb::ExecTaskStreamingRequest::default())
+        .await
+        .unwrap(); // heartbeat
+    tx.send(pb::ExecTaskStreamingRequest {
+        stdin: Some(pb::ExecTaskStreamingIoOperation {
+            data: b"hello\n".to_vec(),
+            close: false,
+        }),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    tx.send(pb::ExecTaskStreamingRequest {
+        stdin: Some(pb::ExecTaskStreamingIoOperation {
+            data: vec![],
+            close: true,
+        }),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut stdout = Vec::new();
+    let mut exited = None;
+    while let Some(m) = tokio::time::timeout(DEADLINE, out.message())
+        .await
+        .unwrap()
+        .unwrap()
+    {
+        if let Some(o) = m.stdout {
+            stdout.extend_from_slice(&o.data);
+        }
+        if m.exited {
+            exited = m.result;
+        }
+    }
+    assert_eq!(String::from_utf8_lossy(&stdout), "got-hello\n");
+    assert_eq!(exited.expect("exited message").exit_code, 7);
+
+    // A tty exec sees a terminal.
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    tx.send(pb::ExecTaskStreamingRequest {
+        setup: Some(pb::exec_task_streaming_request::Setup {
+            task_id: task.id.clone(),
+            command: vec![
+                "/bin/sh".into(),
+                "-c".into(),
+                "test -t 1 && stty size".into(),
+            ],
+            tty: true,
+        }),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut out = plugin
+        .driver()
+        .exec_task_streaming(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    tx.send(pb::ExecTaskStreamingRequest {
+        tty_size: Some(pb::exec_task_streaming_request::TerminalSize {
+            height: 33,
+            width: 101,
+        }),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut text = Vec::new();
+    let mut code = None;
+    while let Some(m) = tokio::time::timeout(DEADLINE, out.message())
+        .await
+        .unwrap()
+        .unwrap()
+    {
+        if let Some(o) = m.stdout {
+            text.extend_from_slice(&o.data);
+        }
+        if m.exited {
+            code = m.result.map(|r| r.exit_code);
+        }
+    }
+    assert_eq!(code, Some(0), "{}", String::from_utf8_lossy(&text));
+    drop(tx);
+    plugin
+        .stop(&task.id, "SIGKILL", Duration::ZERO)
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn task_events_are_routed_by_alloc_and_task_name() {
+    let (_daemon, plugin, root) = setup().await;
+    let mut events = plugin
+        .driver()
+        .task_events(pb::TaskEventsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let alloc = Alloc::new(root.path());
+    let task = alloc.task("ev");
+    plugin
+        .start_json(
+            &task,
+            json!({"language": "python", "code": "import time\ntime.sleep(30)\n", "elide_opts": [{"timeout": "1s"}]}),
+        )
+        .await
+        .unwrap();
+    let mut kinds = Vec::new();
+    while !kinds.iter().any(|k| k == "timed_out") {
+        let ev = tokio::time::timeout(DEADLINE, events.message())
+            .await
+            .expect("event in time")
+            .unwrap()
+            .expect("stream stays open");
+        assert_eq!(ev.alloc_id, alloc.id);
+        assert_eq!(ev.task_name, "ev");
+        assert_eq!(ev.task_id, task.id);
+        assert!(ev.timestamp.is_some_and(|t| t.seconds > 0));
+        kinds.push(ev.annotations["kind"].clone());
+    }
+    assert!(kinds.contains(&"started".to_string()), "{kinds:?}");
+    let w = plugin.wait(&task.id).await;
+    assert!(w.err.contains("elide_opts.timeout"), "{w:?}");
+}
+
+#[tokio::test]
+async fn bad_input_gets_named_errors_and_the_plugin_keeps_serving() {
+    let (_daemon, plugin, root) = setup().await;
+    let alloc = Alloc::new(root.path());
+    let outside = root.path().join("outside.py");
+    std::fs::write(&outside, "print('escaped')").unwrap();
+    let cases: Vec<(serde_json::Value, &str)> = vec![
+        (
+            json!({"language": "python", "code": "print(1)", "script": "local/a.py"}),
+            "script: both `script` and `code`",
+        ),
+        (
+            json!({"language": "python"}),
+            "code: neither `script` nor `code`",
+        ),
+        (json!({"script": "../outside.py"}), "contains `..`"),
+        (
+            json!({"script": outside.display().to_string()}),
+            "is outside the task dir",
+        ),
+        (json!({"script": "local/link.py"}), "symlink"),
+        (
+            json!({"script": "local/missing.py"}),
+            "not found in the task dir",
+        ),
+        (
+            json!({"language": "cobol", "code": "x"}),
+            "language: unknown language \"cobol\"",
+        ),
+        (
+            json!({"code": 5, "language": "python"}),
+            "code: expected string",
+        ),
+        (
+            json!({"code": "x", "language": "python", "args": "a"}),
+            "args: expected list",
+        ),
+        (
+            json!({"code": "x", "language": "python", "env": {"A": 1}}),
+            "env",
+        ),
+        (
+            json!({"code": "x", "language": "python", "elide_opts": [{"timeout": "soon"}]}),
+            "elide_opts.timeout",
+        ),
+    ];
+    for (i, (config, want)) in cases.into_iter().enumerate() {
+        let task = alloc.task(&format!("bad{i}"));
+        std::os::unix::fs::symlink(&outside, task.task_dir.join("local/link.py")).unwrap();
+        let e = plugin.start_json(&task, config.clone()).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{config}: {e:?}");
+        assert!(
+            e.message().contains(want),
+            "{config}: want {want:?} in {:?}",
+            e.message()
+        );
+    }
+    // A language the node does not enable.
+    let only_py = Plugin::launch(&{
+        let mut c = plugin_config(&_daemon.socket, None);
+        c["session_config"] = json!([{"enabled_languages": ["python"]}]);
+        c
+    })
+    .await;
+    let task = alloc.task("disabled");
+    let e = only_py
+        .start_json(&task, json!({"language": "ts", "code": "console.log(1)"}))
+        .await
+        .unwrap_err();
+    assert!(e.message().contains("typescript is not enabled"), "{e:?}");
+
+    // Duplicate id.
+    let task = alloc.task("dup");
+    let cfg = task.config(
+        &plugin.spec,
+        &json!({"language": "python", "code": "import time\ntime.sleep(60)"}),
+    );
+    plugin.start(cfg.clone()).await.unwrap();
+    let e = plugin.start(cfg).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::AlreadyExists);
+    assert!(e.message().contains("already started"), "{e:?}");
+    plugin.destroy(&task.id, true).await.unwrap();
+
+    // Unknown ids.
+    let mut d = plugin.driver();
+    let e = d
+        .wait_task(pb::WaitTaskRequest {
+            task_id: "nope".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound);
+    let e = d
+        .inspect_task(pb::InspectTaskRequest {
+            task_id: "nope".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound);
+    plugin
+        .stop("nope", "", Duration::from_secs(1))
+        .await
+        .unwrap();
+    plugin.destroy("nope", true).await.unwrap();
+    plugin.destroy("nope", false).await.unwrap();
+
+    // RecoverTask with garbage or an old driver_state, or without a config.
+    let task = alloc.task("rec");
+    let cfg = task.config_raw(vec![]);
+    for (version, state, want) in [
+        (
+            1,
+            b"\x93garbage".to_vec(),
+            "driver_state is not elide driver state",
+        ),
+        (
+            1,
+            br#"{"version":0,"execution_id":"e"}"#.to_vec(),
+            "version 0 is not supported",
+        ),
+        (1, Vec::new(), "driver_state is empty"),
+        (7, br#"{"version":1}"#.to_vec(), "handle.version 7"),
+    ] {
+        let e = d
+            .recover_task(pb::RecoverTaskRequest {
+                task_id: String::new(),
+                handle: Some(pb::TaskHandle {
+                    version,
+                    config: Some(cfg.clone()),
+                    state: 0,
+                    driver_state: state,
+                }),
+            })
+            .await
+            .unwrap_err();
+        assert!(e.message().contains(want), "want {want:?}: {e:?}");
+    }
+    let e = d
+        .recover_task(pb::RecoverTaskRequest::default())
+        .await
+        .unwrap_err();
+    assert!(e.message().contains("handle"), "{e:?}");
+    plugin.alive().await;
+}
