@@ -35,8 +35,15 @@ fn processes() -> Vec<(u32, u32, char, String)> {
     v
 }
 
-/// Every descendant of `root`: (pid, state, cmdline).
+/// Every descendant of `root` except the daemon's reaper companion: (pid, state, cmdline).
 fn descendants(root: u32) -> Vec<(u32, char, String)> {
+    all_descendants(root)
+        .into_iter()
+        .filter(|(_, _, c)| !c.contains("__reaper"))
+        .collect()
+}
+
+fn all_descendants(root: u32) -> Vec<(u32, char, String)> {
     let procs = processes();
     let mut children: HashMap<u32, Vec<usize>> = HashMap::new();
     for (i, p) in procs.iter().enumerate() {
