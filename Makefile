@@ -40,6 +40,7 @@ gotest:
 bench:
 	BENCH_WRITE=$(CURDIR)/BENCHMARKS.md $(CARGO) bench --bench plugin_startup
 	BENCH_WRITE=$(CURDIR)/BENCHMARKS.md $(CARGO) bench --bench daemon_pools
+	BENCH_WRITE=$(CURDIR)/BENCHMARKS.md $(CARGO) bench --bench plugin_tasks
 
 clean:
 	$(CARGO) clean
