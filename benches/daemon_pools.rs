@@ -114,9 +114,15 @@ fn cold_spawn(program: &Path, args: &[&str], n: usize) -> Stats {
 }
 
 async fn new_session(c: &mut Client, pool: u32) -> String {
+    session_for(c, pool, &[]).await
+}
+
+/// A session with only `languages` enabled (all when empty), so only their pools are warmed.
+async fn session_for(c: &mut Client, pool: u32, languages: &[&str]) -> String {
     c.create_session(pb::CreateSessionRequest {
         config: Some(pb::SessionConfig {
             enabled_intrinsics: vec!["env".into(), "io".into(), "net".into()],
+            enabled_languages: languages.iter().map(|s| s.to_string()).collect(),
             context_pool_size: pool,
             ..Default::default()
         }),
@@ -239,7 +245,7 @@ fn descendants(root: u32) -> Vec<u32> {
 
 /// PSS of 50 idle snippets through the daemon (daemon + descendants, /N), in KiB.
 async fn daemon_idle_pss(d: &TestDaemon, c: &mut Client, lang: &str, code: &str, n: usize) -> f64 {
-    let s = new_session(c, 4).await;
+    let s = session_for(c, 4, &[lang]).await;
     // Warm up (and let a zygote start) before the measured batch.
     let _ = latency(c, &s, lang, "1", 3, Duration::from_millis(100)).await;
     let mut ids = Vec::new();
