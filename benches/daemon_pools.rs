@@ -71,7 +71,14 @@ fn machine() -> String {
         .and_then(|v| v.parse::<f64>().ok())
         .map(|kib| format!("{:.1} GiB", kib / 1024.0 / 1024.0))
         .unwrap_or_default();
-    format!("nproc {nproc}, {cpu}, Linux {}, {mem} RAM", kernel.trim())
+    // The machine is shared: the load at the time of the run says how noisy the numbers are.
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let load: Vec<&str> = load.split_whitespace().take(3).collect();
+    format!(
+        "nproc {nproc}, {cpu}, Linux {}, {mem} RAM; load average at start {}",
+        kernel.trim(),
+        load.join(" ")
+    )
 }
 
 /// The real interpreter behind a possibly shimmed command.
