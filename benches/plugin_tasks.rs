@@ -120,11 +120,9 @@ async fn run(n: usize) -> String {
     let daemon = TestDaemon::start().await;
     let mut rows = String::new();
     let mut budgets = String::new();
-    let root = tempfile::Builder::new()
-        .prefix("eb")
-        .tempdir_in("/tmp")
-        .expect("tempdir");
-    let alloc = Alloc::new(root.path());
+    // Under the daemon's allowed output root, so it accepts the FIFOs as sinks.
+    let root = daemon.dir.path().to_path_buf();
+    let alloc = Alloc::new(&root);
     for pool in [4u32, 0] {
         let mut cfg = plugin_config(&daemon.socket, None);
         cfg["session_config"] = json!([{ "context_pool_size": pool }]);
@@ -181,7 +179,7 @@ async fn run(n: usize) -> String {
             // Sustained short python tasks: 4 concurrent Nomad-like callers for 5 s.
             eprintln!("plugin throughput");
             let plugin = Arc::new(plugin);
-            let alloc = Arc::new(Alloc::new(root.path()));
+            let alloc = Arc::new(Alloc::new(&root));
             let deadline = Instant::now() + Duration::from_secs(5);
             let t = Instant::now();
             let mut tasks = Vec::new();
