@@ -425,7 +425,7 @@ impl Daemon {
             let runtimes = self.runtimes.clone();
             let id = id.clone();
             let strip = self.strip_cache.clone();
-            tokio::task::spawn_blocking(move || {
+            super::pool::offload(move || {
                 let ctx = PlanContext {
                     runtimes: &runtimes,
                     session_languages: &ctx_languages,
@@ -468,7 +468,7 @@ impl Daemon {
                 // crash can still answer for it.
                 let state = self.state.clone();
                 let e2 = exec.clone();
-                let _ = tokio::task::spawn_blocking(move || e2.persist(&state)).await;
+                let _ = super::pool::offload(move || e2.persist(&state)).await;
                 if session.is_closed() {
                     // CloseSession ran while this one was starting and did not see it.
                     exec.kill_all();

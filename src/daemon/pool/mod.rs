@@ -43,6 +43,20 @@ use python_zygote::Zygote;
 /// How long a pooled child may take to apply its isolation before the start fails.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Runs short blocking work (cgroupfs writes, small state files) without a thread hop: on the
+/// daemon's multi-threaded runtime the current worker becomes a blocking thread for the call
+/// (`block_in_place`, other tasks move to the remaining workers); elsewhere it falls back to the
+/// blocking pool. On a loaded machine every hop to another thread waits for a time slice, and a
+/// start used to take four such hops; this keeps the runtime unblocked without paying them.
+pub async fn offload<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, tokio::task::JoinError> {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => Ok(tokio::task::block_in_place(f)),
+        _ => tokio::task::spawn_blocking(f).await,
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -220,7 +234,7 @@ impl PoolLauncher {
     ) -> Result<(Prepared, Option<OwnedFd>), LaunchError> {
         let plan = Arc::new(plan.clone());
         let preparer = self.preparer.clone();
-        tokio::task::spawn_blocking(move || {
+        offload(move || {
             let prepared = preparer.prepare(&plan)?;
             let ruleset = if landlock {
                 let mut required = vec![plan.working_dir.clone()];

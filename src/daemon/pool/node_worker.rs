@@ -247,7 +247,7 @@ impl NodePool {
         let prepared = {
             let plan = Arc::new(plan.clone());
             let preparer = preparer.clone();
-            tokio::task::spawn_blocking(move || {
+            super::offload(move || {
                 let prepared = preparer.prepare(&plan)?;
                 if let Some(cg) = &prepared.cgroup {
                     for f in cg.procs_files() {
@@ -305,7 +305,7 @@ impl NodePool {
         ];
         // The job is small next to a pipe buffer, but a huge environment could exceed it and the
         // worker reads it only once it is all there: write off the runtime.
-        let sent = tokio::task::spawn_blocking(move || {
+        let sent = super::offload(move || {
             let r = job.write_all(body.as_bytes());
             drop(job);
             r
