@@ -15,7 +15,6 @@ mod support;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use daemon_support::TestDaemon;
@@ -180,22 +179,19 @@ async fn run(n: usize) -> String {
         if pool > 0 {
             // Sustained short python tasks: 4 concurrent Nomad-like callers for 5 s.
             eprintln!("plugin throughput");
-            let plugin = Arc::new(plugin);
-            let alloc = Arc::new(Alloc::new(&root));
+            let plugin = &plugin;
+            let alloc = &Alloc::new(&root);
             let deadline = Instant::now() + Duration::from_secs(5);
             let t = Instant::now();
             let mut tasks = Vec::new();
             for w in 0..4 {
-                let plugin = plugin.clone();
-                let alloc = alloc.clone();
                 // Polled together on this task (the harness client is not Send).
                 tasks.push(async move {
                     let mut done = 0u64;
                     let mut i = 0;
                     while Instant::now() < deadline {
                         let (_, code) =
-                            one_task(&plugin, &alloc, &format!("tp-{w}-{i}"), "python", "pass")
-                                .await;
+                            one_task(plugin, alloc, &format!("tp-{w}-{i}"), "python", "pass").await;
                         assert_eq!(code, 0);
                         done += 1;
                         i += 1;
