@@ -37,9 +37,12 @@ gotest:
 		echo "SKIPPED: go-plugin conformance test (go not on PATH or tests/goplugin missing)"; \
 	fi
 
-## bench: plugin startup (handshake latency, RSS) on optimised binaries; results into BENCHMARKS.md
+## bench: plugin startup (handshake latency, RSS) and daemon warm pools vs cold interpreters
+## (latency, memory, throughput, log throughput) on optimised binaries; results into BENCHMARKS.md
 bench:
 	BENCH_WRITE=$(CURDIR)/BENCHMARKS.md $(CARGO) bench --bench plugin_startup
+	BENCH_WRITE=$(CURDIR)/BENCHMARKS.md $(CARGO) bench --bench daemon_pools
+	BENCH_WRITE=$(CURDIR)/BENCHMARKS.md $(CARGO) bench --bench plugin_tasks
 
 clean:
 	$(CARGO) clean

@@ -405,7 +405,7 @@ impl Execution {
         self.kill_all();
         let cgroup = self.lock().cgroup.take();
         let oom = match cgroup {
-            Some(cg) => tokio::task::spawn_blocking(move || {
+            Some(cg) => super::pool::offload(move || {
                 let oom = cg.oom_killed();
                 // A stats sampler may still hold the Arc; the directories go either way.
                 let owned: ExecutionCgroup = (*cg).clone();
@@ -451,7 +451,7 @@ impl Execution {
         let state = ctx.state.clone();
         let exec_dir = self.plan.as_ref().map(|p| p.exec_dir.clone());
         let me = self.clone();
-        let _ = tokio::task::spawn_blocking(move || {
+        let _ = super::pool::offload(move || {
             if let Err(e) = me.persist(&state) {
                 tracing::error!(execution = %me.id, error = %e, "cannot persist exit status");
             }

@@ -133,18 +133,18 @@ pub struct ColdLauncher {
 }
 
 /// Opens sinks and creates cgroups (blocking work, run on the blocking pool).
-struct Preparer {
+pub(crate) struct Preparer {
     cgroups: CgroupManager,
     output_roots: Vec<PathBuf>,
     sink_timeout: Duration,
 }
 
-struct Prepared {
-    stdout: OwnedFd,
-    stderr: OwnedFd,
-    stdout_capture: Option<OwnedFd>,
-    stderr_capture: Option<OwnedFd>,
-    cgroup: Option<ExecutionCgroup>,
+pub(crate) struct Prepared {
+    pub(crate) stdout: OwnedFd,
+    pub(crate) stderr: OwnedFd,
+    pub(crate) stdout_capture: Option<OwnedFd>,
+    pub(crate) stderr_capture: Option<OwnedFd>,
+    pub(crate) cgroup: Option<ExecutionCgroup>,
 }
 
 fn capture_pipe() -> Result<(OwnedFd, OwnedFd), LaunchError> {
@@ -179,6 +179,13 @@ impl ColdLauncher {
     }
 }
 
+impl ColdLauncher {
+    /// The sink/cgroup preparation shared with the warm-pool launcher.
+    pub(crate) fn preparer(&self) -> std::sync::Arc<Preparer> {
+        self.preparer.clone()
+    }
+}
+
 impl Preparer {
     fn open_one(
         &self,
@@ -199,7 +206,7 @@ impl Preparer {
         }
     }
 
-    fn prepare(&self, plan: &ExecutionPlan) -> Result<Prepared, LaunchError> {
+    pub(crate) fn prepare(&self, plan: &ExecutionPlan) -> Result<Prepared, LaunchError> {
         let (stdout, stdout_capture) = self.open_one("stdout.path", &plan.stdout)?;
         let (stderr, stderr_capture) = self.open_one("stderr.path", &plan.stderr)?;
         let cgroup = if self.cgroups.mode() == CgroupMode::None {
@@ -226,7 +233,7 @@ impl Preparer {
     }
 }
 
-fn convert(status: std::process::ExitStatus) -> ProcessExit {
+pub(crate) fn convert(status: std::process::ExitStatus) -> ProcessExit {
     use std::os::unix::process::ExitStatusExt;
     match (status.code(), status.signal()) {
         (Some(c), _) => ProcessExit::Exited(c),

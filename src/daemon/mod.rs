@@ -8,7 +8,7 @@
 //! - [`runtime`]: python3/node/elide discovery; [`tsstrip`]: TypeScript type stripping.
 //! - [`state`]: exit statuses on disk; [`output`]: captured output; [`events`]: event fan-out;
 //!   [`exec`]: commands run inside an execution's context; [`reaper`]: the companion process
-//!   that kills what a dead daemon left behind.
+//!   that kills what a dead daemon left behind; [`pool`]: warm runtimes per session.
 //!
 //! Intrinsics (per session, enforced by the kernel through [`crate::sandbox`]):
 //! - `env` off: the snippet's environment is only PATH, HOME, LANG (+ USER); the requested
@@ -26,6 +26,7 @@ pub mod execution;
 pub mod launcher;
 pub mod output;
 pub mod plan;
+pub mod pool;
 pub mod reaper;
 pub mod runtime;
 pub mod server;

@@ -14,6 +14,7 @@ use super::events::{EventBus, EventSubject};
 use super::execution::{Execution, Phase, SupervisorContext, result_to_proto};
 use super::launcher::{ColdLauncher, LaunchError, Launcher, Spawner};
 use super::plan::{PlanContext, duration, plan_execution};
+use super::pool::PoolLauncher;
 use super::reaper::Reaper;
 use super::runtime::RuntimeRegistry;
 use super::session::Session;
@@ -40,6 +41,7 @@ pub struct Daemon {
     state: Arc<StateStore>,
     events: EventBus,
     launcher: Arc<dyn Launcher>,
+    pools: Arc<PoolLauncher>,
     spawner: Spawner,
     cgroups: CgroupManager,
     features: Vec<Feature>,
@@ -117,13 +119,23 @@ impl Daemon {
             }
         }
         let features = crate::sandbox::probe::probe(&cgroups);
-        let spawner = Spawner::start(runtime)?;
-        let launcher: Arc<dyn Launcher> = Arc::new(ColdLauncher::new(
+        let spawner = Spawner::start(runtime.clone())?;
+        let events = EventBus::default();
+        // Warm pools in front of the cold launcher (sessions with context_pool_size > 0).
+        let pools = Arc::new(PoolLauncher::new(
+            ColdLauncher::new(
+                spawner.clone(),
+                cgroups.clone(),
+                config.output_roots.clone(),
+                config.sink_open_timeout,
+            ),
             spawner.clone(),
-            cgroups.clone(),
-            config.output_roots.clone(),
-            config.sink_open_timeout,
+            events.clone(),
+            runtimes.clone(),
+            config.run_dir.clone(),
+            runtime,
         ));
+        let launcher: Arc<dyn Launcher> = pools.clone();
 
         let mut executions = HashMap::new();
         let now = SystemTime::now();
@@ -147,6 +159,7 @@ impl Daemon {
                     for e in executions.values().filter(|e| e.session_id == s.id) {
                         s.add(e.clone());
                     }
+                    pools.open_session(&s);
                     sessions.insert(rec.id.clone(), Arc::new(s));
                 }
                 Err(e) => {
@@ -159,8 +172,9 @@ impl Daemon {
             runtimes,
             strip_cache: Arc::new(StripCache::new(256)),
             state,
-            events: EventBus::default(),
+            events,
             launcher,
+            pools,
             spawner,
             cgroups,
             features,
@@ -278,6 +292,7 @@ impl Daemon {
             }
             map.insert(id.clone(), session.clone());
         }
+        self.pools.open_session(&session);
         let state = self.state.clone();
         let rec = session.record();
         let saved = tokio::task::spawn_blocking(move || state.save_session(&rec)).await;
@@ -336,6 +351,7 @@ impl Daemon {
                 .map(|e| e.stop(Signal::SIGTERM, grace)),
         )
         .await;
+        self.pools.close_session(id).await;
         lock(&self.sessions).remove(id);
         if forget {
             let mut map = lock(&self.executions);
@@ -409,7 +425,7 @@ impl Daemon {
             let runtimes = self.runtimes.clone();
             let id = id.clone();
             let strip = self.strip_cache.clone();
-            tokio::task::spawn_blocking(move || {
+            super::pool::offload(move || {
                 let ctx = PlanContext {
                     runtimes: &runtimes,
                     session_languages: &ctx_languages,
@@ -452,7 +468,7 @@ impl Daemon {
                 // crash can still answer for it.
                 let state = self.state.clone();
                 let e2 = exec.clone();
-                let _ = tokio::task::spawn_blocking(move || e2.persist(&state)).await;
+                let _ = super::pool::offload(move || e2.persist(&state)).await;
                 if session.is_closed() {
                     // CloseSession ran while this one was starting and did not see it.
                     exec.kill_all();
@@ -639,5 +655,11 @@ impl Daemon {
             .cloned()
             .collect();
         futures::future::join_all(execs.iter().map(|e| e.stop(Signal::SIGTERM, grace))).await;
+        self.pools.close_all().await;
+    }
+
+    /// The warm pools (pids of pool processes, for tests and benchmarks).
+    pub fn pools(&self) -> &PoolLauncher {
+        &self.pools
     }
 }

@@ -1,0 +1,560 @@
+//! Warm context pools: a [`PoolLauncher`] sits in front of the [`ColdLauncher`] and runs an
+//! execution on a warm runtime of its session when it can, cold otherwise.
+//!
+//! - Python ([`python_zygote`]): one zygote (fork server) per session with the interpreter
+//!   initialised and common modules imported; each execution is a fresh fork that replays the
+//!   same isolation plan a cold spawn applies, so pages are shared copy-on-write and nothing of
+//!   one execution is visible to the next. A dead zygote is restarted in the background.
+//! - JavaScript/TypeScript ([`node_worker`]): node cannot fork, so `context_pool_size` node
+//!   processes are pre-started per session, each used for exactly one execution and replaced in
+//!   the background.
+//!
+//! Pools exist only for sessions with `context_pool_size > 0`; 0 disables warming. Whenever a
+//! pooled start is impossible (pool still warming or empty, a plan the warm runtime cannot
+//! honour, the zygote gone) the execution starts cold and an `EVENT_KIND_POOL_FALLBACK` event
+//! says why. A session's pool is torn down (and its processes reaped) when the session closes.
+
+pub mod node_worker;
+pub mod python_zygote;
+
+use std::collections::HashMap;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use tokio::io::unix::AsyncFd;
+use tokio_util::sync::CancellationToken;
+
+use super::events::{EventBus, EventSubject};
+use super::launcher::{
+    ColdLauncher, LaunchError, Launched, Launcher, Prepared, Preparer, ProcessExit, Spawner,
+    start_ticks,
+};
+use super::plan::ExecutionPlan;
+use super::runtime::{Backend, Language, RuntimeRegistry};
+use super::session::Session;
+use crate::proto::elide::daemon::v1alpha1 as pb;
+use crate::sandbox::landlock_rules::{FsPolicy, build_ruleset};
+use crate::sandbox::{Intrinsics, IsolationSpec};
+use python_zygote::Zygote;
+
+/// How long a pooled child may take to apply its isolation before the start fails.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Runs short blocking work (cgroupfs writes, small state files) without a thread hop: on the
+/// daemon's multi-threaded runtime the current worker becomes a blocking thread for the call
+/// (`block_in_place`, other tasks move to the remaining workers); elsewhere it falls back to the
+/// blocking pool. On a loaded machine every hop to another thread waits for a time slice, and a
+/// start used to take four such hops; this keeps the runtime unblocked without paying them.
+pub async fn offload<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, tokio::task::JoinError> {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => Ok(tokio::task::block_in_place(f)),
+        _ => tokio::task::spawn_blocking(f).await,
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Why a pooled start did not happen.
+enum NotPooled {
+    /// Start cold instead, telling the client why.
+    Fallback(String),
+    /// A real error the cold path would report too (bad sink, isolation failure).
+    Fail(LaunchError),
+}
+
+/// The warm runtimes of one session.
+pub struct SessionPool {
+    session_id: String,
+    closed: CancellationToken,
+    python: Option<Arc<Mutex<Option<Arc<Zygote>>>>>,
+    node: Option<Arc<node_worker::NodePool>>,
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+impl SessionPool {
+    /// Pids of the pool's own processes (zygote, idle workers), for tests and benchmarks.
+    pub fn pids(&self) -> Vec<u32> {
+        let mut v = Vec::new();
+        if let Some(z) = self.python.as_ref().and_then(|p| lock(p).clone()) {
+            v.push(z.pid);
+        }
+        if let Some(n) = &self.node {
+            v.extend(n.idle_pids());
+        }
+        v
+    }
+}
+
+/// Runs executions on warm runtimes when possible, cold otherwise.
+pub struct PoolLauncher {
+    cold: ColdLauncher,
+    preparer: Arc<Preparer>,
+    spawner: Spawner,
+    events: EventBus,
+    runtimes: RuntimeRegistry,
+    run_dir: PathBuf,
+    runtime: tokio::runtime::Handle,
+    pools: Mutex<HashMap<String, Arc<SessionPool>>>,
+}
+
+impl PoolLauncher {
+    /// Wraps `cold`; pool processes are forked on `spawner` and live under `run_dir`.
+    pub fn new(
+        cold: ColdLauncher,
+        spawner: Spawner,
+        events: EventBus,
+        runtimes: RuntimeRegistry,
+        run_dir: PathBuf,
+        runtime: tokio::runtime::Handle,
+    ) -> Self {
+        Self {
+            preparer: cold.preparer(),
+            cold,
+            spawner,
+            events,
+            runtimes,
+            run_dir,
+            runtime,
+            pools: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Starts warming `session`'s pool (no-op when its `context_pool_size` is 0).
+    pub fn open_session(&self, session: &Session) {
+        let size = session.config.context_pool_size;
+        if size == 0 || lock(&self.pools).contains_key(&session.id) {
+            return;
+        }
+        let native = |lang: Language| {
+            session.languages.contains(&lang)
+                && self
+                    .runtimes
+                    .get(lang)
+                    .is_some_and(|r| r.available && r.backend == Backend::Native)
+        };
+        let workdir = self.run_dir.join(format!("pool-{}", session.id));
+        if let Err(e) = std::fs::create_dir_all(&workdir) {
+            tracing::warn!(session = %session.id, error = %e, "cannot create the pool dir; pool disabled");
+            return;
+        }
+        let node_lang = [Language::JavaScript, Language::TypeScript]
+            .into_iter()
+            .any(native);
+        let pool = Arc::new(SessionPool {
+            session_id: session.id.clone(),
+            closed: CancellationToken::new(),
+            python: native(Language::Python).then(|| Arc::new(Mutex::new(None))),
+            node: node_lang
+                .then(|| self.runtimes.get(Language::JavaScript))
+                .flatten()
+                .map(|rt| {
+                    Arc::new(node_worker::NodePool::new(
+                        rt.command.clone(),
+                        workdir.clone(),
+                        size,
+                        session.intrinsics,
+                    ))
+                }),
+            tasks: Mutex::new(Vec::new()),
+        });
+        let mut tasks = Vec::new();
+        if let (Some(slot), Some(rt)) = (&pool.python, self.runtimes.get(Language::Python)) {
+            tasks.push(self.runtime.spawn(run_python_zygote(
+                pool.session_id.clone(),
+                slot.clone(),
+                rt.command.clone(),
+                workdir.clone(),
+                self.spawner.clone(),
+                pool.closed.clone(),
+            )));
+        }
+        if let Some(node) = &pool.node {
+            tasks.push(
+                self.runtime
+                    .spawn(node.clone().run(self.spawner.clone(), pool.closed.clone())),
+            );
+        }
+        *lock(&pool.tasks) = tasks;
+        lock(&self.pools).insert(session.id.clone(), pool);
+    }
+
+    /// Tears down `session_id`'s pool and waits until its processes are reaped.
+    pub async fn close_session(&self, session_id: &str) {
+        let Some(pool) = lock(&self.pools).remove(session_id) else {
+            return;
+        };
+        pool.closed.cancel();
+        let tasks = std::mem::take(&mut *lock(&pool.tasks));
+        for t in tasks {
+            let _ = t.await;
+        }
+        let dir = self.run_dir.join(format!("pool-{session_id}"));
+        let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir)).await;
+    }
+
+    /// Tears down every pool (daemon shutdown).
+    pub async fn close_all(&self) {
+        let ids: Vec<String> = lock(&self.pools).keys().cloned().collect();
+        for id in ids {
+            self.close_session(&id).await;
+        }
+    }
+
+    /// The pool of a session, if it has one.
+    pub fn pool(&self, session_id: &str) -> Option<Arc<SessionPool>> {
+        lock(&self.pools).get(session_id).cloned()
+    }
+
+    fn fallback_event(&self, plan: &ExecutionPlan, reason: &str) {
+        let mut ann = HashMap::new();
+        ann.insert("language".to_string(), plan.language.name().to_string());
+        self.events.emit(
+            pb::EventKind::PoolFallback,
+            &EventSubject {
+                session_id: &plan.session_id,
+                execution_id: &plan.execution_id,
+                client_ref: &plan.client_ref,
+            },
+            format!("starting cold: {reason}"),
+            ann,
+        );
+    }
+
+    async fn prepare(
+        &self,
+        plan: &ExecutionPlan,
+        landlock: bool,
+    ) -> Result<(Prepared, Option<OwnedFd>), LaunchError> {
+        let plan = Arc::new(plan.clone());
+        let preparer = self.preparer.clone();
+        offload(move || {
+            let prepared = preparer.prepare(&plan)?;
+            let ruleset = if landlock {
+                let mut required = vec![plan.working_dir.clone()];
+                required.extend(plan.write_paths.iter().cloned());
+                let policy =
+                    FsPolicy::for_execution(&plan.working_dir, &plan.read_paths, &plan.write_paths);
+                match build_ruleset(&policy, &required) {
+                    Ok(fd) => Some(fd),
+                    Err(e) => {
+                        if let Some(cg) = prepared.cgroup {
+                            let _ = cg.remove();
+                        }
+                        return Err(LaunchError::Sandbox(e.to_string()));
+                    }
+                }
+            } else {
+                None
+            };
+            Ok((prepared, ruleset))
+        })
+        .await
+        .map_err(|e| LaunchError::Sandbox(format!("prepare task failed: {e}")))?
+    }
+
+    async fn launch_python(
+        &self,
+        pool: &SessionPool,
+        plan: &ExecutionPlan,
+    ) -> Result<Launched, NotPooled> {
+        let Some(slot) = &pool.python else {
+            return Err(NotPooled::Fallback(
+                "python is not warmed in this session".into(),
+            ));
+        };
+        let zygote = lock(slot).clone().filter(|z| z.alive());
+        let Some(zygote) = zygote else {
+            return Err(NotPooled::Fallback(
+                "the python zygote is not ready (starting or restarting)".into(),
+            ));
+        };
+        let job = python_job(plan).map_err(NotPooled::Fallback)?;
+        let (prepared, ruleset) = self
+            .prepare(plan, !plan.intrinsics.io)
+            .await
+            .map_err(NotPooled::Fail)?;
+        let Prepared {
+            stdout,
+            stderr,
+            stdout_capture,
+            stderr_capture,
+            cgroup,
+        } = prepared;
+        let spec = isolation_spec(plan, &cgroup, stdout, stderr);
+        let isolation = spec.plan();
+        let mut job = job;
+        job.insert(
+            "steps".into(),
+            serde_json::to_value(&isolation.steps).unwrap_or_default(),
+        );
+        job.insert("env".into(), serde_json::json!(final_env(plan, &spec)));
+        let mut fds = vec![spec.stdout.as_raw_fd(), spec.stderr.as_raw_fd()];
+        if let Some(r) = &ruleset {
+            fds.push(r.as_raw_fd());
+        }
+        let remove_cgroup = |cg: Option<crate::sandbox::cgroup::ExecutionCgroup>| {
+            if let Some(cg) = cg {
+                let _ = cg.remove();
+            }
+        };
+        let submitted = zygote.submit(job, &fds);
+        // The zygote holds its own copies now (or the job was refused).
+        drop((spec, ruleset));
+        let job = match submitted {
+            Ok(j) => j,
+            Err(e) => {
+                remove_cgroup(cgroup);
+                return Err(NotPooled::Fallback(e.to_string()));
+            }
+        };
+        let ready = match tokio::time::timeout(READY_TIMEOUT, job.ready).await {
+            Ok(Ok(Ok(r))) => r,
+            Ok(Ok(Err(msg))) => {
+                if let Some(cg) = &cgroup {
+                    let _ = cg.kill_all();
+                }
+                remove_cgroup(cgroup);
+                return Err(NotPooled::Fail(LaunchError::Spawn {
+                    program: plan.argv[0].to_string_lossy().into_owned(),
+                    source: std::io::Error::other(format!("isolation step failed: {msg}")),
+                }));
+            }
+            Ok(Err(_)) => {
+                remove_cgroup(cgroup);
+                return Err(NotPooled::Fallback(
+                    "the python zygote exited while starting the execution".into(),
+                ));
+            }
+            Err(_) => {
+                if let Some(cg) = &cgroup {
+                    let _ = cg.kill_all();
+                }
+                remove_cgroup(cgroup);
+                return Err(NotPooled::Fail(LaunchError::Sandbox(format!(
+                    "the pooled python child did not report within {}s",
+                    READY_TIMEOUT.as_secs()
+                ))));
+            }
+        };
+        let pid = ready.pid;
+        let pidfd = ready.pidfd;
+        let exit_rx = job.exit;
+        let exit = Box::pin(async move {
+            match exit_rx.await {
+                Ok(status) => Ok(python_zygote::exit_of(status)),
+                Err(_) => {
+                    // The zygote died; PDEATHSIG kills the child. Its pidfd says when.
+                    // SAFETY: we own the pidfd and move it into the AsyncFd, which
+                    // deregisters it before closing it.
+                    let afd = unsafe { AsyncFd::register(pidfd)? };
+                    let _ = afd.readable().await?;
+                    Ok(ProcessExit::Signaled(libc::SIGKILL))
+                }
+            }
+        });
+        Ok(Launched {
+            pid,
+            start_ticks: start_ticks(pid),
+            cgroup,
+            stdout_capture,
+            stderr_capture,
+            exit,
+            pooled: true,
+        })
+    }
+}
+
+impl Launcher for PoolLauncher {
+    fn launch(&self, plan: ExecutionPlan) -> BoxFuture<'_, Result<Launched, LaunchError>> {
+        Box::pin(async move {
+            let Some(pool) = self.pool(&plan.session_id) else {
+                return self.cold.launch(plan).await;
+            };
+            let tried = match plan.language {
+                Language::Python => self.launch_python(&pool, &plan).await,
+                Language::JavaScript | Language::TypeScript => match &pool.node {
+                    Some(node) => {
+                        node.launch(&plan, &self.preparer, &self.spawner, &pool.closed)
+                            .await
+                    }
+                    None => Err(NotPooled::Fallback(
+                        "node is not warmed in this session".into(),
+                    )),
+                },
+            };
+            match tried {
+                Ok(l) => Ok(l),
+                Err(NotPooled::Fail(e)) => Err(e),
+                Err(NotPooled::Fallback(reason)) => {
+                    tracing::debug!(execution = %plan.execution_id, %reason, "pool fallback");
+                    self.fallback_event(&plan, &reason);
+                    self.cold.launch(plan).await
+                }
+            }
+        })
+    }
+}
+
+/// The isolation spec a cold spawn of `plan` would use.
+fn isolation_spec(
+    plan: &ExecutionPlan,
+    cgroup: &Option<crate::sandbox::cgroup::ExecutionCgroup>,
+    stdout: OwnedFd,
+    stderr: OwnedFd,
+) -> IsolationSpec {
+    IsolationSpec {
+        user: plan.user.clone(),
+        working_dir: plan.working_dir.clone(),
+        intrinsics: Intrinsics {
+            env: plan.intrinsics.env,
+            io: plan.intrinsics.io,
+            net: plan.intrinsics.net,
+        },
+        read_paths: plan.read_paths.clone(),
+        write_paths: plan.write_paths.clone(),
+        network_namespace: plan.network_namespace.clone(),
+        cgroup_procs: cgroup.as_ref().map(|c| c.procs_files()).unwrap_or_default(),
+        stdout,
+        stderr,
+    }
+}
+
+/// The environment a cold spawn gives the child: the base environment without `env`, the
+/// plan's variables over it, and TMPDIR in the working dir without `io`.
+fn final_env(plan: &ExecutionPlan, spec: &IsolationSpec) -> Vec<(String, String)> {
+    let mut env = spec.base_env().unwrap_or_default();
+    for (k, v) in &plan.env {
+        let v = v.to_string_lossy().into_owned();
+        match env.iter_mut().find(|(ek, _)| ek == k) {
+            Some(e) => e.1 = v,
+            None => env.push((k.clone(), v)),
+        }
+    }
+    if !plan.intrinsics.io && env.iter().all(|(k, _)| k != "TMPDIR") {
+        env.push((
+            "TMPDIR".to_string(),
+            plan.working_dir.to_string_lossy().into_owned(),
+        ));
+    }
+    env
+}
+
+/// The plan-independent part of a zygote job, or why the zygote cannot run `plan` exactly as a
+/// cold interpreter would.
+fn python_job(plan: &ExecutionPlan) -> Result<serde_json::Map<String, serde_json::Value>, String> {
+    if plan.backend != Backend::Native {
+        return Err("the elide backend is not pooled".into());
+    }
+    // SAFETY: geteuid/getegid have no preconditions.
+    let (euid, egid) = unsafe { (libc::geteuid(), libc::getegid()) };
+    if let Some(u) = &plan.user
+        && euid != 0
+        && (u.uid != euid || u.gid != egid)
+    {
+        return Err("switching users needs a root daemon".into());
+    }
+    let mut argv = Vec::with_capacity(plan.argv.len());
+    for a in &plan.argv {
+        argv.push(
+            a.to_str()
+                .ok_or("an argument is not valid UTF-8")?
+                .to_string(),
+        );
+    }
+    if argv.len() < 2 {
+        return Err("no script in argv".into());
+    }
+    for (k, v) in &plan.env {
+        if v.to_str().is_none() {
+            return Err(format!("environment variable {k} is not valid UTF-8"));
+        }
+        // These change how the interpreter starts (paths, hash seed, flags): the warm one
+        // started without them.
+        if k.starts_with("PYTHON") {
+            return Err(format!(
+                "environment variable {k} changes interpreter start-up"
+            ));
+        }
+        // The warm interpreter's standard streams are UTF-8; another charset must start cold.
+        if matches!(k.as_str(), "LC_ALL" | "LC_CTYPE" | "LANG") {
+            let v = v.to_string_lossy().to_ascii_lowercase();
+            if !(v.is_empty()
+                || v == "c"
+                || v == "posix"
+                || v.contains("utf-8")
+                || v.contains("utf8"))
+            {
+                return Err(format!("{k}={v} selects a non-UTF-8 charset"));
+            }
+        }
+    }
+    let mut job = serde_json::Map::new();
+    job.insert("script".into(), argv[1].clone().into());
+    job.insert("argv".into(), serde_json::json!(argv));
+    Ok(job)
+}
+
+/// Keeps one warm zygote in `slot` until `closed`; restarts it (with backoff) when it dies.
+async fn run_python_zygote(
+    session_id: String,
+    slot: Arc<Mutex<Option<Arc<Zygote>>>>,
+    python: PathBuf,
+    workdir: PathBuf,
+    spawner: Spawner,
+    closed: CancellationToken,
+) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        if closed.is_cancelled() {
+            return;
+        }
+        match python_zygote::spawn(&python, &workdir, &spawner).await {
+            Ok(spawned) => {
+                let python_zygote::Spawned {
+                    zygote,
+                    hello,
+                    mut child,
+                } = spawned;
+                let mut warm = false;
+                tokio::select! {
+                    h = hello => {
+                        if h.is_ok() {
+                            *lock(&slot) = Some(zygote.clone());
+                            warm = true;
+                        }
+                    }
+                    _ = child.wait() => {}
+                    _ = closed.cancelled() => {}
+                }
+                if warm {
+                    tokio::select! {
+                        _ = child.wait() => {
+                            tracing::warn!(session = %session_id, "python zygote exited; restarting");
+                        }
+                        _ = closed.cancelled() => {}
+                    }
+                    backoff = Duration::from_millis(100);
+                }
+                *lock(&slot) = None;
+                zygote.shutdown();
+                let _ = child.start_kill();
+                let _ = child.wait().await;
+            }
+            Err(e) => {
+                tracing::warn!(session = %session_id, error = %e, "cannot start the python zygote");
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = closed.cancelled() => return,
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(10));
+    }
+}

@@ -1,0 +1,429 @@
+//! Pre-started node workers (node cannot fork): `context_pool_size` per session, each waiting
+//! for one job and used exactly once, replaced in the background.
+//!
+//! A worker is spawned through the normal sandboxed path with the session's baseline: the
+//! daemon's user (root, so it can still switch), its own session and process group, signals
+//! reset, PDEATHSIG, no inherited fds, and, when the session lacks `net`, its own network
+//! namespace with loopback only (each worker gets a fresh one). It boots node, then blocks
+//! reading its job from fd 0 (`worker.js`).
+//!
+//! Handing over an execution:
+//! - cgroup: the daemon writes the worker's pid into the execution's `cgroup.procs` files
+//!   before sending the job, so everything the snippet does is limited and accounted (memory
+//!   charged before the move stays with the daemon's cgroup on v1).
+//! - cwd, environment, argv, user: the job carries them; the worker applies `process.chdir`,
+//!   replaces `process.env` and `process.argv`, and calls `setgroups/setgid/setuid` before
+//!   running the script with `Module.runMain` (so `require.main === module` holds).
+//! - output: node cannot receive fds, so the worker's fds 1/2 are pipes created at spawn; the
+//!   daemon `splice(2)`s each into the execution's sink (FIFO, file, /dev/null or capture pipe)
+//!   on a small thread until EOF. Nothing is lost: the copy ends only at EOF (every writer gone),
+//!   and the execution's exit is reported once both copies drained (bounded wait, in case a
+//!   descendant keeps the pipe open). splice moves pages without copying them to user space.
+//!
+//! Plans a warm worker cannot honour fall back to a cold start: without `io` (Landlock must be
+//! applied before node starts, with per-execution paths), joining a given network namespace,
+//! `NODE_*` variables (they change start-up), non-UTF-8 values, the elide backend.
+
+use std::collections::VecDeque;
+use std::io::Write;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use super::{NotPooled, final_env, isolation_spec};
+use crate::daemon::launcher::{
+    LaunchError, Launched, Prepared, Preparer, Spawner, convert, start_ticks,
+};
+use crate::daemon::plan::{ExecutionPlan, IntrinsicSet};
+use crate::daemon::runtime::Backend;
+use crate::sandbox::{Intrinsics, IsolationSpec};
+
+/// The worker's source (run with `node -e`).
+pub const WORKER_SOURCE: &str = include_str!("worker.js");
+
+/// How long the exit report waits for output still in flight after the process ended.
+const DRAIN_GRACE: Duration = Duration::from_secs(5);
+
+struct Worker {
+    child: tokio::process::Child,
+    pid: u32,
+    job: std::fs::File,
+    stdout: OwnedFd,
+    stderr: OwnedFd,
+}
+
+/// The idle workers of one session.
+pub struct NodePool {
+    node: PathBuf,
+    workdir: PathBuf,
+    size: u32,
+    intrinsics: IntrinsicSet,
+    idle: Mutex<VecDeque<Worker>>,
+    wake: Notify,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn pipe() -> Result<(OwnedFd, OwnedFd), LaunchError> {
+    nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .map_err(|e| LaunchError::Sandbox(format!("pipe: {e}")))
+}
+
+impl NodePool {
+    /// A pool of `size` workers of `node`, idle in `workdir`.
+    pub fn new(node: PathBuf, workdir: PathBuf, size: u32, intrinsics: IntrinsicSet) -> Self {
+        Self {
+            node,
+            workdir,
+            size,
+            intrinsics,
+            idle: Mutex::new(VecDeque::new()),
+            wake: Notify::new(),
+        }
+    }
+
+    /// Pids of the idle workers.
+    pub fn idle_pids(&self) -> Vec<u32> {
+        lock(&self.idle).iter().map(|w| w.pid).collect()
+    }
+
+    async fn spawn_worker(&self, spawner: &Spawner) -> Result<Worker, LaunchError> {
+        let (job_r, job_w) = pipe()?;
+        let (out_r, out_w) = pipe()?;
+        let (err_r, err_w) = pipe()?;
+        let mut cmd = std::process::Command::new(&self.node);
+        cmd.arg("-e").arg(WORKER_SOURCE);
+        cmd.env_clear();
+        cmd.env("PATH", crate::sandbox::spawn::MINIMAL_PATH);
+        cmd.env("LANG", "C.UTF-8");
+        cmd.env("HOME", &self.workdir);
+        let spec = IsolationSpec {
+            user: None,
+            working_dir: self.workdir.clone(),
+            intrinsics: Intrinsics {
+                env: true,
+                io: true,
+                net: self.intrinsics.net,
+            },
+            read_paths: Vec::new(),
+            write_paths: Vec::new(),
+            network_namespace: None,
+            cgroup_procs: Vec::new(),
+            stdout: out_w,
+            stderr: err_w,
+        };
+        spec.apply(&mut cmd)
+            .map_err(|e| LaunchError::Sandbox(e.to_string()))?;
+        cmd.stdin(std::process::Stdio::from(job_r));
+        let program = self.node.display().to_string();
+        let child = spawner
+            .run(move || {
+                let mut cmd = tokio::process::Command::from(cmd);
+                cmd.kill_on_drop(true);
+                cmd.spawn()
+            })
+            .await?
+            .map_err(|source| LaunchError::Spawn { program, source })?;
+        let pid = child.id().unwrap_or(0);
+        Ok(Worker {
+            child,
+            pid,
+            job: std::fs::File::from(job_w),
+            stdout: out_r,
+            stderr: err_r,
+        })
+    }
+
+    /// Keeps `size` workers idle until `closed`, then kills and reaps them.
+    pub async fn run(self: Arc<Self>, spawner: Spawner, closed: CancellationToken) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            if closed.is_cancelled() {
+                break;
+            }
+            // Forget workers that died while idle.
+            lock(&self.idle).retain_mut(|w| matches!(w.child.try_wait(), Ok(None)));
+            if lock(&self.idle).len() < self.size as usize {
+                match self.spawn_worker(&spawner).await {
+                    Ok(w) => {
+                        lock(&self.idle).push_back(w);
+                        backoff = Duration::from_millis(100);
+                        continue;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot start a node worker");
+                        tokio::select! {
+                            _ = tokio::time::sleep(backoff) => {}
+                            _ = closed.cancelled() => break,
+                        }
+                        backoff = (backoff * 2).min(Duration::from_secs(10));
+                        continue;
+                    }
+                }
+            }
+            tokio::select! {
+                _ = self.wake.notified() => {}
+                // Notice workers killed while idle.
+                _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                _ = closed.cancelled() => break,
+            }
+        }
+        let workers: Vec<Worker> = lock(&self.idle).drain(..).collect();
+        for mut w in workers {
+            let _ = w.child.start_kill();
+            let _ = w.child.wait().await;
+        }
+    }
+
+    fn eligible(plan: &ExecutionPlan) -> Result<(), String> {
+        if plan.backend != Backend::Native {
+            return Err("the elide backend is not pooled".into());
+        }
+        if !plan.intrinsics.io {
+            return Err(
+                "without the io intrinsic Landlock must confine node before it starts".into(),
+            );
+        }
+        if plan.network_namespace.is_some() {
+            return Err("joining a network namespace must happen before node starts".into());
+        }
+        // SAFETY: geteuid/getegid have no preconditions.
+        let (euid, egid) = unsafe { (libc::geteuid(), libc::getegid()) };
+        if let Some(u) = &plan.user
+            && euid != 0
+            && (u.uid != euid || u.gid != egid)
+        {
+            return Err("switching users needs a root daemon".into());
+        }
+        if plan.argv.iter().any(|a| a.to_str().is_none()) {
+            return Err("an argument is not valid UTF-8".into());
+        }
+        for (k, v) in &plan.env {
+            if v.to_str().is_none() {
+                return Err(format!("environment variable {k} is not valid UTF-8"));
+            }
+            if k.starts_with("NODE_") || k == "UV_THREADPOOL_SIZE" || k == "OPENSSL_CONF" {
+                return Err(format!("environment variable {k} changes node start-up"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs `plan` on an idle worker.
+    pub(super) async fn launch(
+        self: &Arc<Self>,
+        plan: &ExecutionPlan,
+        preparer: &Arc<Preparer>,
+        _spawner: &Spawner,
+        _closed: &CancellationToken,
+    ) -> Result<Launched, NotPooled> {
+        Self::eligible(plan).map_err(NotPooled::Fallback)?;
+        let worker = loop {
+            let Some(mut w) = lock(&self.idle).pop_front() else {
+                self.wake.notify_one();
+                return Err(NotPooled::Fallback(
+                    "no idle node worker (pool empty; refilling)".into(),
+                ));
+            };
+            if matches!(w.child.try_wait(), Ok(None)) {
+                break w;
+            }
+        };
+        self.wake.notify_one();
+        let Worker {
+            mut child,
+            pid,
+            mut job,
+            stdout,
+            stderr,
+        } = worker;
+
+        let prepared = {
+            let plan = Arc::new(plan.clone());
+            let preparer = preparer.clone();
+            super::offload(move || {
+                let prepared = preparer.prepare(&plan)?;
+                if let Some(cg) = &prepared.cgroup {
+                    for f in cg.procs_files() {
+                        std::fs::write(&f, pid.to_string()).map_err(|e| {
+                            LaunchError::Sandbox(format!("moving worker into {}: {e}", f.display()))
+                        })?;
+                    }
+                }
+                Ok::<Prepared, LaunchError>(prepared)
+            })
+            .await
+            .map_err(|e| NotPooled::Fail(LaunchError::Sandbox(format!("prepare: {e}"))))?
+        };
+        let prepared = match prepared {
+            Ok(p) => p,
+            Err(e) => {
+                let _ = child.start_kill();
+                tokio::spawn(async move {
+                    let _ = child.wait().await;
+                });
+                return Err(NotPooled::Fail(e));
+            }
+        };
+        let Prepared {
+            stdout: sink_out,
+            stderr: sink_err,
+            stdout_capture,
+            stderr_capture,
+            cgroup,
+        } = prepared;
+        let spec = isolation_spec(plan, &cgroup, sink_out, sink_err);
+        let env = final_env(plan, &spec);
+        let IsolationSpec {
+            stdout: sink_out,
+            stderr: sink_err,
+            ..
+        } = spec;
+        let argv: Vec<String> = plan
+            .argv
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        let body = serde_json::json!({
+            "cwd": plan.working_dir.to_string_lossy(),
+            "env": env,
+            "argv": argv,
+            "user": plan.user.as_ref().map(|u| serde_json::json!({
+                "uid": u.uid, "gid": u.gid, "groups": u.groups,
+            })),
+        })
+        .to_string();
+        let copies = [
+            spawn_splice(stdout, sink_out, "stdout"),
+            spawn_splice(stderr, sink_err, "stderr"),
+        ];
+        // The job is small next to a pipe buffer, but a huge environment could exceed it and the
+        // worker reads it only once it is all there: write off the runtime.
+        let sent = super::offload(move || {
+            let r = job.write_all(body.as_bytes());
+            drop(job);
+            r
+        })
+        .await;
+        if !matches!(sent, Ok(Ok(()))) {
+            let _ = child.start_kill();
+            tokio::spawn(async move {
+                let _ = child.wait().await;
+            });
+            if let Some(cg) = cgroup {
+                let _ = cg.kill_all();
+                let _ = cg.remove();
+            }
+            return Err(NotPooled::Fallback(
+                "the node worker died before taking the job".into(),
+            ));
+        }
+        let exit = Box::pin(async move {
+            let status = child.wait().await.map(convert);
+            for c in copies.into_iter().flatten() {
+                let _ = tokio::time::timeout(DRAIN_GRACE, c).await;
+            }
+            status
+        });
+        Ok(Launched {
+            pid,
+            start_ticks: start_ticks(pid),
+            cgroup,
+            stdout_capture,
+            stderr_capture,
+            exit,
+            pooled: true,
+        })
+    }
+}
+
+/// Copies `from` (a pipe) into `to` until EOF on a small thread; resolves when done.
+fn spawn_splice(
+    from: OwnedFd,
+    to: OwnedFd,
+    name: &'static str,
+) -> Option<tokio::sync::oneshot::Receiver<()>> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let spawned = std::thread::Builder::new()
+        .name(format!("elide-splice-{name}"))
+        .stack_size(64 * 1024)
+        .spawn(move || {
+            copy_until_eof(&from, &to);
+            let _ = tx.send(());
+        });
+    spawned.ok().map(|_| rx)
+}
+
+fn copy_until_eof(from: &OwnedFd, to: &OwnedFd) {
+    let (f, t) = (from.as_raw_fd(), to.as_raw_fd());
+    let mut use_splice = true;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        if use_splice {
+            // SAFETY: splice on two fds we own, null offsets (pipes / FIFOs / append files).
+            let n = unsafe {
+                libc::splice(
+                    f,
+                    std::ptr::null_mut(),
+                    t,
+                    std::ptr::null_mut(),
+                    1 << 20,
+                    libc::SPLICE_F_MOVE,
+                )
+            };
+            match n {
+                0 => return,
+                n if n > 0 => continue,
+                _ => {
+                    let e = std::io::Error::last_os_error().raw_os_error();
+                    if e == Some(libc::EINTR) {
+                        continue;
+                    }
+                    if e == Some(libc::EINVAL) {
+                        // The sink does not support splice: copy through user space.
+                        use_splice = false;
+                        continue;
+                    }
+                    // The sink is gone (EPIPE...): keep draining so the writer never blocks.
+                    drain(f, &mut buf);
+                    return;
+                }
+            }
+        }
+        match nix::unistd::read(from, &mut buf) {
+            Ok(0) => return,
+            Ok(n) => {
+                let mut off = 0;
+                while off < n {
+                    match nix::unistd::write(to, &buf[off..n]) {
+                        Ok(w) => off += w,
+                        Err(nix::errno::Errno::EINTR) => {}
+                        Err(_) => {
+                            drain(f, &mut buf);
+                            return;
+                        }
+                    }
+                }
+            }
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(_) => return,
+        }
+    }
+}
+
+fn drain(fd: std::os::fd::RawFd, buf: &mut [u8]) {
+    loop {
+        // SAFETY: read into a buffer we own.
+        let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+        if n == 0 || (n < 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR))
+        {
+            return;
+        }
+    }
+}

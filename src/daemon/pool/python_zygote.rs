@@ -1,0 +1,363 @@
+//! The Python zygote: one fork server per session, started through the normal sandboxed spawn
+//! path, with the interpreter initialised and common modules imported (`zygote.py`).
+//!
+//! Protocol (one JSON object per `SOCK_SEQPACKET` message, so boundaries are kept and the
+//! zygote's and its children's messages never interleave):
+//! - daemon → zygote: the job (`token`, isolation `steps` from [`IsolationSpec::plan`], final
+//!   `env`, `argv`, `script`) with SCM_RIGHTS `[stdout, stderr, landlock ruleset?]`;
+//! - zygote → daemon: `hello` once warm, `forked {token, pid}`, `exit {pid, status}` (the zygote
+//!   is the parent and reaps);
+//! - child → daemon: `ready {token, pid}` with a pidfd of itself (SCM_RIGHTS), or
+//!   `failed {token, error}` naming the isolation step that failed.
+//!
+//! The Landlock ruleset is built by the daemon exactly as for a cold spawn and passed as an fd,
+//! so the child's `landlock_restrict_self` enforces the identical ruleset. A child that
+//! outlives its zygote is killed by `PR_SET_PDEATHSIG`; its end is then observed through the
+//! pidfd it sent (pidfds cannot be fooled by pid reuse) and reported as SIGKILL.
+//!
+//! [`IsolationSpec::plan`]: crate::sandbox::IsolationSpec::plan
+
+use std::collections::HashMap;
+use std::io::IoSliceMut;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use nix::sys::socket::{
+    AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags, SockFlag, SockType, recvmsg,
+    sendmsg, socketpair,
+};
+use serde::Deserialize;
+use tokio::sync::oneshot;
+
+use crate::daemon::launcher::{LaunchError, ProcessExit, Spawner};
+use crate::sandbox::{Intrinsics, IsolationSpec};
+
+/// The fork server's source (run with `python3 -c`).
+pub const ZYGOTE_SOURCE: &str = include_str!("zygote.py");
+
+/// What the child reports once isolated.
+pub struct Ready {
+    /// Its pid.
+    pub pid: u32,
+    /// A pidfd of it.
+    pub pidfd: OwnedFd,
+}
+
+struct Pending {
+    ready: Option<oneshot::Sender<Result<Ready, String>>>,
+    exit: Option<oneshot::Sender<i32>>,
+    pid: Option<u32>,
+}
+
+#[derive(Default)]
+struct Table {
+    pending: HashMap<u64, Pending>,
+    by_pid: HashMap<u32, u64>,
+}
+
+/// A running zygote.
+pub struct Zygote {
+    sock: Arc<OwnedFd>,
+    /// The zygote's pid.
+    pub pid: u32,
+    table: Arc<Mutex<Table>>,
+    alive: Arc<AtomicBool>,
+    next_token: AtomicU64,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Message {
+    Hello { hello: u32 },
+    Forked { forked: u64, pid: u32 },
+    Ready { ready: u64, pid: u32 },
+    Failed { failed: u64, error: String },
+    Exit { exit: u32, status: i32 },
+}
+
+fn lock(t: &Mutex<Table>) -> std::sync::MutexGuard<'_, Table> {
+    t.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A job in flight: resolves when the child is isolated, then when it has exited.
+pub struct Job {
+    /// The child's report.
+    pub ready: oneshot::Receiver<Result<Ready, String>>,
+    /// Its raw wait status (dropped sender = the zygote died).
+    pub exit: oneshot::Receiver<i32>,
+}
+
+/// Why a job could not be handed over (the caller falls back to a cold start).
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    /// The zygote has exited.
+    #[error("the python zygote is not running")]
+    Dead,
+    /// The socket refused the message.
+    #[error("sending the job to the python zygote: {0}")]
+    Socket(nix::Error),
+}
+
+impl Zygote {
+    /// Whether it still runs.
+    pub fn alive(&self) -> bool {
+        self.alive.load(Ordering::SeqCst)
+    }
+
+    /// Hands `job` (JSON without `token`) and `fds` to the zygote.
+    pub fn submit(
+        &self,
+        mut job: serde_json::Map<String, serde_json::Value>,
+        fds: &[RawFd],
+    ) -> Result<Job, SendError> {
+        if !self.alive() {
+            return Err(SendError::Dead);
+        }
+        let token = self.next_token.fetch_add(1, Ordering::SeqCst);
+        job.insert("token".into(), token.into());
+        let bytes = serde_json::Value::Object(job).to_string().into_bytes();
+        let (rtx, rrx) = oneshot::channel();
+        let (etx, erx) = oneshot::channel();
+        lock(&self.table).pending.insert(
+            token,
+            Pending {
+                ready: Some(rtx),
+                exit: Some(etx),
+                pid: None,
+            },
+        );
+        let iov = [std::io::IoSlice::new(&bytes)];
+        let cmsg = [ControlMessage::ScmRights(fds)];
+        // MSG_DONTWAIT: a full socket means a stuck zygote; never block the runtime on it.
+        let sent = sendmsg::<()>(
+            self.sock.as_raw_fd(),
+            &iov,
+            &cmsg,
+            MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL,
+            None,
+        );
+        if let Err(e) = sent {
+            lock(&self.table).pending.remove(&token);
+            return Err(SendError::Socket(e));
+        }
+        Ok(Job {
+            ready: rrx,
+            exit: erx,
+        })
+    }
+
+    /// Stops the zygote: EOF on its socket makes it exit; its children die with it.
+    pub fn shutdown(&self) {
+        self.alive.store(false, Ordering::SeqCst);
+        let _ = nix::sys::socket::shutdown(self.sock.as_raw_fd(), nix::sys::socket::Shutdown::Both);
+    }
+}
+
+impl Drop for Zygote {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+fn reader(
+    sock: Arc<OwnedFd>,
+    table: Arc<Mutex<Table>>,
+    alive: Arc<AtomicBool>,
+    hello: oneshot::Sender<u32>,
+) {
+    let mut hello = Some(hello);
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let mut cmsg = nix::cmsg_space!([RawFd; 4]);
+        let (n, fds) = {
+            let mut iov = [IoSliceMut::new(&mut buf)];
+            match recvmsg::<()>(
+                sock.as_raw_fd(),
+                &mut iov,
+                Some(&mut cmsg),
+                MsgFlags::MSG_CMSG_CLOEXEC,
+            ) {
+                Ok(m) => {
+                    let mut fds: Vec<OwnedFd> = Vec::new();
+                    if let Ok(cms) = m.cmsgs() {
+                        for c in cms {
+                            if let ControlMessageOwned::ScmRights(raw) = c {
+                                // SAFETY: the kernel just installed these fds for us.
+                                fds.extend(
+                                    raw.into_iter().map(|f| unsafe { OwnedFd::from_raw_fd(f) }),
+                                );
+                            }
+                        }
+                    }
+                    (m.bytes, fds)
+                }
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(_) => (0, Vec::new()),
+            }
+        };
+        if n == 0 {
+            break;
+        }
+        let msg: Message = match serde_json::from_slice(&buf[..n]) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(error = %e, "garbled message from the python zygote");
+                continue;
+            }
+        };
+        let mut t = lock(&table);
+        match msg {
+            Message::Hello { hello: pid } => {
+                if let Some(tx) = hello.take() {
+                    let _ = tx.send(pid);
+                }
+            }
+            Message::Forked { forked, pid } => {
+                if let Some(p) = t.pending.get_mut(&forked) {
+                    p.pid = Some(pid);
+                    t.by_pid.insert(pid, forked);
+                }
+            }
+            Message::Ready { ready, pid } => {
+                t.by_pid.insert(pid, ready);
+                if let Some(p) = t.pending.get_mut(&ready) {
+                    p.pid = Some(pid);
+                    if let (Some(tx), Some(pidfd)) = (p.ready.take(), fds.into_iter().next()) {
+                        let _ = tx.send(Ok(Ready { pid, pidfd }));
+                    }
+                }
+            }
+            Message::Failed { failed, error } => {
+                if let Some(tx) = t.pending.get_mut(&failed).and_then(|p| p.ready.take()) {
+                    let _ = tx.send(Err(error));
+                }
+            }
+            Message::Exit { exit: pid, status } => {
+                if let Some(token) = t.by_pid.remove(&pid)
+                    && let Some(mut p) = t.pending.remove(&token)
+                {
+                    if let Some(tx) = p.ready.take() {
+                        let _ = tx.send(Err(format!(
+                            "the zygote child ended before running the snippet ({})",
+                            describe_status(status)
+                        )));
+                    }
+                    if let Some(tx) = p.exit.take() {
+                        let _ = tx.send(status);
+                    }
+                }
+            }
+        }
+    }
+    alive.store(false, Ordering::SeqCst);
+    // Dropping the senders tells every waiter the zygote is gone.
+    let mut t = lock(&table);
+    t.pending.clear();
+    t.by_pid.clear();
+}
+
+/// A wait status as a [`ProcessExit`].
+pub fn exit_of(status: i32) -> ProcessExit {
+    if libc::WIFSIGNALED(status) {
+        ProcessExit::Signaled(libc::WTERMSIG(status))
+    } else {
+        ProcessExit::Exited(libc::WEXITSTATUS(status))
+    }
+}
+
+fn describe_status(status: i32) -> String {
+    match exit_of(status) {
+        ProcessExit::Exited(c) => format!("exit code {c}"),
+        ProcessExit::Signaled(s) => format!("signal {s}"),
+    }
+}
+
+/// A zygote process starting up.
+pub struct Spawned {
+    /// The zygote (usable once `hello` resolved).
+    pub zygote: Arc<Zygote>,
+    /// Resolves once the zygote is warm (imports done), with its pid.
+    pub hello: oneshot::Receiver<u32>,
+    /// The zygote process, to be awaited (reaped) by the caller.
+    pub child: tokio::process::Child,
+}
+
+/// Starts a zygote of `python` in `workdir`, forked on `spawner` with the standard sandbox
+/// (own session, PDEATHSIG to the daemon, no inherited fds, signals reset); it keeps the
+/// daemon's user and privileges because each child drops them itself.
+pub async fn spawn(
+    python: &Path,
+    workdir: &Path,
+    spawner: &Spawner,
+) -> Result<Spawned, LaunchError> {
+    let sandbox = |e: String| LaunchError::Sandbox(e);
+    let (ours, theirs) = socketpair(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )
+    .map_err(|e| sandbox(format!("socketpair: {e}")))?;
+    let null = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/null")
+        .map_err(|e| sandbox(format!("/dev/null: {e}")))?;
+    let stderr = std::io::stderr()
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(|e| sandbox(format!("dup stderr: {e}")))?;
+    let mut cmd = std::process::Command::new(python);
+    cmd.arg("-c").arg(ZYGOTE_SOURCE);
+    cmd.env_clear();
+    cmd.env("PATH", crate::sandbox::spawn::MINIMAL_PATH);
+    cmd.env("LANG", "C.UTF-8");
+    cmd.env("HOME", workdir);
+    let spec = IsolationSpec {
+        user: None,
+        working_dir: workdir.to_path_buf(),
+        intrinsics: Intrinsics::ALL,
+        read_paths: Vec::new(),
+        write_paths: Vec::new(),
+        network_namespace: None,
+        cgroup_procs: Vec::new(),
+        stdout: null.into(),
+        stderr,
+    };
+    spec.apply(&mut cmd).map_err(|e| sandbox(e.to_string()))?;
+    // After apply: fd 0 of the zygote is its end of the socket pair.
+    cmd.stdin(std::process::Stdio::from(theirs));
+    let program = python.display().to_string();
+    let child = spawner
+        .run(move || {
+            let mut cmd = tokio::process::Command::from(cmd);
+            cmd.kill_on_drop(true);
+            cmd.spawn()
+        })
+        .await?
+        .map_err(|source| LaunchError::Spawn { program, source })?;
+    let pid = child.id().unwrap_or(0);
+    let sock = Arc::new(ours);
+    let table = Arc::new(Mutex::new(Table::default()));
+    let alive = Arc::new(AtomicBool::new(true));
+    let (htx, hrx) = oneshot::channel();
+    {
+        let (sock, table, alive) = (sock.clone(), table.clone(), alive.clone());
+        std::thread::Builder::new()
+            .name("elide-zygote-rx".into())
+            .spawn(move || reader(sock, table, alive, htx))
+            .map_err(|e| sandbox(format!("zygote reader thread: {e}")))?;
+    }
+    Ok(Spawned {
+        zygote: Arc::new(Zygote {
+            sock,
+            pid,
+            table,
+            alive,
+            next_token: AtomicU64::new(1),
+        }),
+        hello: hrx,
+        child,
+    })
+}

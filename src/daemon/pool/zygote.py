@@ -1,0 +1,338 @@
+# elide python zygote: a fork server owned by one daemon session.
+#
+# fd 0 is a SOCK_SEQPACKET socket to the daemon. Every message is one JSON object.
+#   daemon -> zygote: {"token", "steps", "env", "argv", "script"} + SCM_RIGHTS [stdout, stderr, (landlock ruleset)]
+#   zygote -> daemon: {"hello": pid}, {"forked": token, "pid"}, {"exit": pid, "status": wait status}
+#   child  -> daemon: {"ready": token, "pid"} + SCM_RIGHTS [pidfd]  or  {"failed": token, "error"}
+# The child replays the daemon's isolation plan (the same steps the cold spawn runs in pre_exec),
+# then runs the script as __main__ and leaves with os._exit, never returning into this loop.
+import os, sys, json, signal, socket, selectors, gc, ctypes, errno
+
+# Modules snippets commonly import: loaded once here, shared copy-on-write by every child.
+import io, re, math, time, random, struct, types, builtins, traceback, threading, atexit
+import collections, functools, itertools, typing, datetime, pathlib, base64, hashlib
+import json.decoder, urllib.parse, string, textwrap, copy, dataclasses, enum, subprocess
+import resource, fcntl, tokenize, linecache, codecs, encodings.idna, locale
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_PR_SET_PDEATHSIG = 1
+_PR_SET_NO_NEW_PRIVS = 38
+_CLONE_NEWNET = 0x40000000
+_SYS_LANDLOCK_RESTRICT_SELF = 446
+_SIOCGIFFLAGS = 0x8913
+_SIOCSIFFLAGS = 0x8914
+_IFF_UP = 0x1
+
+
+_OWN_FILE = (lambda: None).__code__.co_filename
+
+
+def _coerce_c_locale(env):
+    # PEP 538: an interpreter whose LC_CTYPE would be "C" sets LC_CTYPE=C.UTF-8 in its own
+    # environment at start-up; a cold child would show it, so the forked one does too.
+    if env.get("LC_ALL"):
+        return
+    ctype = env.get("LC_CTYPE") or env.get("LANG") or ""
+    if ctype in ("", "C", "POSIX") and env.get("PYTHONCOERCECLOCALE") != "0":
+        env["LC_CTYPE"] = "C.UTF-8"
+
+
+class StepError(Exception):
+    pass
+
+
+def _check(rc, what):
+    if rc != 0:
+        e = ctypes.get_errno()
+        raise StepError("%s: %s" % (what, os.strerror(e)))
+
+
+def _loopback_up():
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, 0)
+    try:
+        req = struct.pack("16sh22x", b"lo", 0)
+        got = fcntl.ioctl(s.fileno(), _SIOCGIFFLAGS, req)
+        flags = struct.unpack("16sh22x", got)[1] | _IFF_UP
+        fcntl.ioctl(s.fileno(), _SIOCSIFFLAGS, struct.pack("16sh22x", b"lo", flags))
+    finally:
+        s.close()
+
+
+def _python_signal_defaults():
+    # What a freshly started interpreter has: SIGINT raises KeyboardInterrupt, SIGPIPE and
+    # SIGXFSZ ignored, everything else at its default action.
+    for sig in range(1, signal.NSIG):
+        if sig in (signal.SIGKILL, signal.SIGSTOP):
+            continue
+        try:
+            signal.signal(sig, signal.SIG_DFL)
+        except (OSError, ValueError, RuntimeError):
+            pass
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    signal.set_wakeup_fd(-1)
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+
+
+def _replay(job, fds, zygote_pid):
+    """Applies the isolation steps in the daemon's order. Raises StepError naming the step."""
+    stdout_fd, stderr_fd = fds[0], fds[1]
+    landlock_fd = fds[2] if len(fds) > 2 else -1
+    for step in job["steps"]:
+        kind = step["step"]
+        try:
+            if kind == "chdir":
+                os.chdir(step["path"])
+            elif kind == "stdio":
+                null = os.open(step["stdin"], os.O_RDONLY)
+                os.dup2(null, 0)
+                os.close(null)
+                os.dup2(stdout_fd, 1)
+                os.dup2(stderr_fd, 2)
+            elif kind == "join_cgroup":
+                fd = os.open(step["procs_file"], os.O_WRONLY)
+                try:
+                    os.write(fd, b"0")
+                finally:
+                    os.close(fd)
+            elif kind == "reset_signals":
+                _python_signal_defaults()
+            elif kind == "new_session":
+                os.setsid()
+            elif kind == "join_netns":
+                fd = os.open(step["path"], os.O_RDONLY)
+                try:
+                    _check(_libc.setns(fd, _CLONE_NEWNET), "setns")
+                finally:
+                    os.close(fd)
+            elif kind == "new_netns":
+                _check(_libc.unshare(_CLONE_NEWNET), "unshare(CLONE_NEWNET)")
+                _loopback_up()
+            elif kind == "set_rlimit":
+                res = getattr(resource, "RLIMIT_" + step["resource"].upper())
+                resource.setrlimit(res, (step["soft"], step["hard"]))
+            elif kind == "oom_score_adj":
+                with open("/proc/self/oom_score_adj", "w") as f:
+                    f.write(str(step["value"]))
+            elif kind == "parent_death_signal":
+                # Our parent is this zygote (which itself dies with the daemon).
+                _check(_libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0), "prctl PDEATHSIG")
+                if os.getppid() != zygote_pid:
+                    raise StepError("zygote died during fork")
+            elif kind == "set_groups":
+                os.setgroups(step["groups"])
+            elif kind == "set_gid":
+                os.setgid(step["gid"])
+            elif kind == "set_uid":
+                os.setuid(step["uid"])
+                # A cold start would exec the interpreter as this user and fail the same way.
+                if not os.access(job["argv"][0], os.X_OK):
+                    raise StepError(
+                        "program is not executable by the execution's user "
+                        "(check permissions of every directory on its path)"
+                    )
+            elif kind == "no_new_privs":
+                _check(_libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl NO_NEW_PRIVS")
+            elif kind == "landlock":
+                if landlock_fd < 0:
+                    raise StepError("no ruleset fd was passed")
+                rc = _libc.syscall(_SYS_LANDLOCK_RESTRICT_SELF, landlock_fd, 0)
+                _check(0 if rc == 0 else -1, "landlock_restrict_self")
+            elif kind == "close_fds_from":
+                pass  # done last, after the report to the daemon
+            else:
+                raise StepError("unknown step")
+        except StepError as e:
+            raise StepError("%s: %s" % (kind, e))
+        except OSError as e:
+            raise StepError("%s: %s" % (kind, e))
+
+
+def _exit_code_of(e):
+    code = e.code
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code & 0xFF
+    try:
+        sys.stderr.write(str(code) + "\n")
+    except Exception:
+        pass
+    return 1
+
+
+def _finish(code):
+    # What interpreter shutdown would do for the snippet: join non-daemon threads, run atexit
+    # handlers, flush the standard streams.
+    try:
+        threading._shutdown()
+    except BaseException:
+        pass
+    try:
+        atexit._run_exitfuncs()
+    except BaseException:
+        pass
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except BaseException:
+            if code == 0:
+                code = 120
+    os._exit(code)
+
+
+def _run_main(job):
+    argv = job["argv"]
+    script = job["script"]
+    sys.argv = list(argv[1:])
+    sys.path[0] = os.path.dirname(os.path.abspath(script))
+    try:
+        with open(script, "rb") as f:
+            source = f.read()
+    except OSError as e:
+        sys.stderr.write("%s: can't open file %r: [Errno %d] %s\n" % (argv[0], script, e.errno, e.strerror))
+        _finish(2)
+    main = types.ModuleType("__main__")
+    main.__file__ = script
+    main.__cached__ = None
+    main.__builtins__ = builtins
+    sys.modules["__main__"] = main
+    try:
+        code = compile(source, script, "exec", dont_inherit=True)
+        exec(code, main.__dict__)
+    except SystemExit as e:
+        _finish(_exit_code_of(e))
+    except KeyboardInterrupt:
+        traceback.print_exc()
+        try:
+            sys.stderr.flush()
+        except BaseException:
+            pass
+        # Like the interpreter: die of SIGINT so the parent sees the signal.
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
+        _finish(130)
+    except BaseException:
+        etype, value, tb = sys.exc_info()
+        # Hide our frames: the traceback starts at the snippet, as with a cold interpreter.
+        while tb is not None and tb.tb_frame.f_code.co_filename == _OWN_FILE:
+            tb = tb.tb_next
+        try:
+            if value is not None:
+                value.__traceback__ = tb
+            sys.excepthook(etype, value, tb)
+        except BaseException:
+            pass
+        _finish(1)
+    _finish(0)
+
+
+def _child(sock, job, fds, zygote_pid):
+    token = job["token"]
+    try:
+        _replay(job, fds, zygote_pid)
+        env = dict(job["env"])
+        _coerce_c_locale(env)
+        os.environ.clear()
+        for k, v in env.items():
+            os.environ[k] = v
+        time.tzset()
+        try:
+            locale.setlocale(locale.LC_CTYPE, "")
+        except locale.Error:
+            pass
+        for fd in fds:
+            if fd > 2:
+                os.close(fd)
+        pidfd = os.pidfd_open(os.getpid())
+        socket.send_fds(sock, [json.dumps({"ready": token, "pid": os.getpid()}).encode()], [pidfd])
+        os.close(pidfd)
+    except BaseException as e:
+        try:
+            sock.send(json.dumps({"failed": token, "error": str(e)}).encode())
+        except OSError:
+            pass
+        os._exit(127)
+    sock.close()
+    os.closerange(3, 1 << 16)
+    gc.enable()
+    _run_main(job)
+
+
+def main():
+    # Move the daemon's socket off fd 0 (children put /dev/null there) and keep it inheritable
+    # by forks only: a child closes it itself once it has reported.
+    sock = socket.socket(fileno=os.dup(0))
+    null = os.open("/dev/null", os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+    zygote_pid = os.getpid()
+    rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    signal.set_wakeup_fd(wfd)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    sel = selectors.DefaultSelector()
+    sel.register(sock, selectors.EVENT_READ)
+    sel.register(rfd, selectors.EVENT_READ)
+    # Everything allocated so far stays untouched by the collector in the children, so
+    # their pages are not dirtied by gc bookkeeping.
+    gc.collect()
+    gc.freeze()
+    gc.disable()
+    sock.send(json.dumps({"hello": zygote_pid}).encode())
+
+    def reap():
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            sock.send(json.dumps({"exit": pid, "status": status}).encode())
+
+    while True:
+        try:
+            events = sel.select()
+        except InterruptedError:
+            continue
+        for key, _ in events:
+            if key.fileobj is sock:
+                try:
+                    msg, fds, _flags, _addr = socket.recv_fds(sock, 1 << 20, 8)
+                except InterruptedError:
+                    continue
+                if not msg:
+                    # The daemon closed the pool: children die with us (PDEATHSIG).
+                    os._exit(0)
+                try:
+                    job = json.loads(msg)
+                except ValueError:
+                    for fd in fds:
+                        os.close(fd)
+                    continue
+                pid = os.fork()
+                if pid == 0:
+                    sel.close()
+                    os.close(rfd)
+                    os.close(wfd)
+                    _child(sock, job, fds, zygote_pid)
+                    os._exit(127)
+                for fd in fds:
+                    os.close(fd)
+                sock.send(json.dumps({"forked": job["token"], "pid": pid}).encode())
+            else:
+                try:
+                    while os.read(rfd, 512):
+                        pass
+                except (BlockingIOError, InterruptedError):
+                    pass
+                reap()
+        # A SIGCHLD may have arrived while we were busy with a job.
+        reap()
+
+
+if __name__ == "__main__":
+    main()

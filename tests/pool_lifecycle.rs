@@ -1,0 +1,338 @@
+//! Warm pools over time: no state crosses executions, `context_pool_size = 0` disables warming,
+//! pools refill after bursts and are torn down with their session, and 1,000 executions leave
+//! no zombie or leaked worker behind.
+
+mod daemon_support;
+
+use daemon_support::*;
+use elide_task_driver::proto::elide::daemon::v1alpha1 as pb;
+use std::collections::HashMap;
+
+/// (pid, ppid, state, cmdline) of every process.
+fn processes() -> Vec<(u32, u32, char, String)> {
+    let mut v = Vec::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return v;
+    };
+    for e in dir.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r.to_string()) else {
+            continue;
+        };
+        let mut f = rest.split_whitespace();
+        let state = f.next().and_then(|s| s.chars().next()).unwrap_or('?');
+        let ppid = f.next().and_then(|s| s.parse().ok()).unwrap_or(0);
+        let cmd = std::fs::read(format!("/proc/{pid}/cmdline"))
+            .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
+            .unwrap_or_default();
+        v.push((pid, ppid, state, cmd));
+    }
+    v
+}
+
+/// Every descendant of `root` except the daemon's reaper companion: (pid, state, cmdline).
+fn descendants(root: u32) -> Vec<(u32, char, String)> {
+    all_descendants(root)
+        .into_iter()
+        .filter(|(_, _, c)| !c.contains("__reaper"))
+        .collect()
+}
+
+fn all_descendants(root: u32) -> Vec<(u32, char, String)> {
+    let procs = processes();
+    let mut children: HashMap<u32, Vec<usize>> = HashMap::new();
+    for (i, p) in procs.iter().enumerate() {
+        children.entry(p.1).or_default().push(i);
+    }
+    let mut out = Vec::new();
+    let mut stack = vec![root];
+    while let Some(p) = stack.pop() {
+        for &i in children.get(&p).map(Vec::as_slice).unwrap_or(&[]) {
+            let (pid, _, state, cmd) = &procs[i];
+            out.push((*pid, *state, cmd.clone()));
+            stack.push(*pid);
+        }
+    }
+    out
+}
+
+fn zygotes(daemon: u32) -> Vec<u32> {
+    descendants(daemon)
+        .into_iter()
+        .filter(|(_, _, c)| c.contains("elide python zygote"))
+        .map(|(p, _, _)| p)
+        .collect()
+}
+
+fn node_workers(daemon: u32) -> Vec<u32> {
+    descendants(daemon)
+        .into_iter()
+        .filter(|(_, _, c)| c.contains("elide node worker"))
+        .map(|(p, _, _)| p)
+        .collect()
+}
+
+async fn pooled_session(c: &mut Client, size: u32) -> String {
+    c.create_session(pb::CreateSessionRequest {
+        config: Some(pb::SessionConfig {
+            enabled_intrinsics: vec!["env".into(), "io".into(), "net".into()],
+            context_pool_size: size,
+            ..Default::default()
+        }),
+        owner: "pool-test".into(),
+        session_id: String::new(),
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .id
+}
+
+/// Runs `code` until an execution of it is pooled; returns its stdout.
+async fn run_pooled(c: &mut Client, s: &str, lang: &str, code: &str) -> String {
+    let deadline = std::time::Instant::now() + DEADLINE;
+    loop {
+        let e = c
+            .start_execution(code_req(s, lang, code))
+            .await
+            .unwrap()
+            .into_inner();
+        let out = output(c, &e.id, pb::OutputStream::Stdout).await;
+        let err = output(c, &e.id, pb::OutputStream::Stderr).await;
+        let r = wait(c, &e.id).await;
+        if e.pooled {
+            assert_eq!(r.exit_code, 0, "{}", String::from_utf8_lossy(&err));
+            return String::from_utf8_lossy(&out).into_owned();
+        }
+        assert!(std::time::Instant::now() < deadline, "never pooled");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn no_state_crosses_pooled_executions() {
+    let d = TestDaemon::start().await;
+    let mut c = d.client().await;
+    let s = pooled_session(&mut c, 2).await;
+    let set = r#"
+import os, sys, json, colorsys
+json.LEAK = "global"
+os.environ["LEAK"] = "env"
+sys.modules["leaky_module"] = sys
+open("leak.txt", "w").write("file")
+LEAK_MAIN = 1
+print("set")
+"#;
+    let check = r#"
+import os, sys, json
+print(json.dumps([
+    hasattr(json, "LEAK"), os.environ.get("LEAK"), "leaky_module" in sys.modules,
+    "colorsys" in sys.modules, os.path.exists("leak.txt"), "LEAK_MAIN" in globals(),
+]))
+"#;
+    assert_eq!(run_pooled(&mut c, &s, "py", set).await, "set\n");
+    for _ in 0..3 {
+        assert_eq!(
+            run_pooled(&mut c, &s, "py", check).await,
+            "[false, null, false, false, false, false]\n"
+        );
+    }
+    let set_js = "globalThis.LEAK = 1; process.env.LEAK = 'env'; require('fs').writeFileSync('leak.txt', 'x'); console.log('set')";
+    let check_js = "console.log(JSON.stringify([typeof globalThis.LEAK, process.env.LEAK ?? null, require('fs').existsSync('leak.txt')]))";
+    assert_eq!(run_pooled(&mut c, &s, "js", set_js).await, "set\n");
+    assert_eq!(
+        run_pooled(&mut c, &s, "js", check_js).await,
+        "[\"undefined\",null,false]\n"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pool_size_zero_disables_warming_and_close_tears_the_pool_down() {
+    let d = TestDaemon::start().await;
+    let mut c = d.client().await;
+    let daemon = d.pid();
+    let cold = pooled_session(&mut c, 0).await;
+    let mut events = c
+        .watch_events(pb::WatchEventsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let (r, out, _) = run(&mut c, code_req(&cold, "py", "print('cold')")).await;
+    assert_eq!((r.exit_code, out.as_str()), (0, "cold\n"));
+    assert!(zygotes(daemon).is_empty() && node_workers(daemon).is_empty());
+
+    let s = pooled_session(&mut c, 3).await;
+    eventually("a zygote and 3 node workers", || {
+        zygotes(daemon).len() == 1 && node_workers(daemon).len() == 3
+    })
+    .await;
+    let _ = run_pooled(&mut c, &s, "py", "print(1)").await;
+    c.close_session(pb::CloseSessionRequest {
+        session_id: s,
+        grace: None,
+    })
+    .await
+    .unwrap();
+    // CloseSession returns once the pool's processes are reaped.
+    assert!(zygotes(daemon).is_empty(), "{:?}", descendants(daemon));
+    assert!(node_workers(daemon).is_empty(), "{:?}", descendants(daemon));
+    assert!(descendants(daemon).is_empty(), "{:?}", descendants(daemon));
+    // The cold session never fell back: it has no pool to fall back from.
+    while let Ok(Some(ev)) =
+        tokio::time::timeout(std::time::Duration::from_millis(200), events.message())
+            .await
+            .map(|m| m.unwrap())
+    {
+        if ev.session_id == cold {
+            assert_ne!(ev.kind, pb::EventKind::PoolFallback as i32, "{ev:?}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn burst_falls_back_with_an_event_then_the_pool_refills() {
+    let d = TestDaemon::start().await;
+    let mut c = d.client().await;
+    let daemon = d.pid();
+    let s = pooled_session(&mut c, 2).await;
+    eventually("2 idle node workers", || node_workers(daemon).len() == 2).await;
+    let mut events = c
+        .watch_events(pb::WatchEventsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    // A burst of 8 at once against 2 warm workers: each start is pooled or falls back to cold
+    // with an event, and all of them run correctly either way.
+    let starts = (0..8).map(|i| {
+        let mut c = c.clone();
+        let s = s.clone();
+        async move {
+            let e = c
+                .start_execution(code_req(
+                    &s,
+                    "js",
+                    &format!("setTimeout(() => console.log('done {i}'), 300)"),
+                ))
+                .await
+                .unwrap()
+                .into_inner();
+            (e.id, e.pooled)
+        }
+    });
+    let ids = futures::future::join_all(starts).await;
+    let pooled = ids.iter().filter(|(_, p)| *p).count();
+    assert!(pooled >= 2, "{ids:?}");
+    for (i, (id, _)) in ids.iter().enumerate() {
+        let out = output(&mut c, id, pb::OutputStream::Stdout).await;
+        assert_eq!(String::from_utf8_lossy(&out), format!("done {i}\n"));
+        assert_eq!(wait(&mut c, id).await.exit_code, 0);
+    }
+    let mut fallbacks = 0;
+    while let Ok(Some(ev)) =
+        tokio::time::timeout(std::time::Duration::from_millis(500), events.message())
+            .await
+            .map(|m| m.unwrap())
+    {
+        if ev.kind == pb::EventKind::PoolFallback as i32 {
+            assert!(ev.message.contains("starting cold"), "{ev:?}");
+            fallbacks += 1;
+        }
+    }
+    assert_eq!(fallbacks, 8 - pooled, "{ids:?}");
+    eventually("the pool refilled to 2 workers", || {
+        node_workers(daemon).len() == 2
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_killed_zygote_is_replaced() {
+    let d = TestDaemon::start().await;
+    let mut c = d.client().await;
+    let daemon = d.pid();
+    let s = pooled_session(&mut c, 1).await;
+    let _ = run_pooled(&mut c, &s, "py", "print(1)").await;
+    let old = zygotes(daemon);
+    assert_eq!(old.len(), 1);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(old[0] as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    // Meanwhile executions still run (cold) and the zygote comes back.
+    let (r, out, _) = run(&mut c, code_req(&s, "py", "print('still')")).await;
+    assert_eq!((r.exit_code, out.as_str()), (0, "still\n"));
+    eventually("a new zygote", || {
+        let z = zygotes(daemon);
+        z.len() == 1 && z != old
+    })
+    .await;
+    assert_eq!(run_pooled(&mut c, &s, "py", "print(2)").await, "2\n");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_thousand_executions_leave_no_zombie_or_leaked_worker() {
+    let d = TestDaemon::start().await;
+    let daemon = d.pid();
+    let mut c = d.client().await;
+    let s = pooled_session(&mut c, 2).await;
+    let _ = run_pooled(&mut c, &s, "py", "pass").await;
+    eventually("warm pool", || {
+        zygotes(daemon).len() == 1 && node_workers(daemon).len() == 2
+    })
+    .await;
+    let mut pooled = 0;
+    // 4 clients in parallel, 250 executions each (python mostly, some javascript).
+    let mut tasks = Vec::new();
+    for t in 0..4 {
+        let mut c = d.client().await;
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut pooled = 0;
+            for i in 0..250 {
+                let (lang, code) = if i % 25 == 0 {
+                    ("js", format!("console.log({t}*1000+{i})"))
+                } else {
+                    ("py", format!("print({t}*1000+{i})"))
+                };
+                let e = c
+                    .start_execution(code_req(&s, lang, &code))
+                    .await
+                    .unwrap()
+                    .into_inner();
+                let out = output(&mut c, &e.id, pb::OutputStream::Stdout).await;
+                assert_eq!(String::from_utf8_lossy(&out), format!("{}\n", t * 1000 + i));
+                assert_eq!(wait(&mut c, &e.id).await.exit_code, 0);
+                pooled += e.pooled as u32;
+            }
+            pooled
+        }));
+    }
+    for t in tasks {
+        pooled += t.await.unwrap();
+    }
+    assert!(pooled > 500, "only {pooled} of 1000 executions were pooled");
+    // Once the pool refilled, only the zygote and the idle workers remain, none a zombie.
+    eventually("only pool processes left", || {
+        let d = descendants(daemon);
+        d.len() == 3 && zygotes(daemon).len() == 1 && node_workers(daemon).len() == 2
+    })
+    .await;
+    let zombies: Vec<_> = descendants(daemon)
+        .into_iter()
+        .filter(|(_, st, _)| *st == 'Z')
+        .collect();
+    assert!(zombies.is_empty(), "{zombies:?}");
+    c.close_session(pb::CloseSessionRequest {
+        session_id: s,
+        grace: None,
+    })
+    .await
+    .unwrap();
+    assert!(descendants(daemon).is_empty(), "{:?}", descendants(daemon));
+}

@@ -1,0 +1,396 @@
+//! A pooled execution (python zygote fork, node worker) gets exactly what a cold one gets: the
+//! same assertions run against a session with `context_pool_size = 0` and one with a warm pool,
+//! and the pooled runs must really have been pooled (`Execution.pooled`).
+
+mod daemon_support;
+
+use daemon_support::*;
+use elide_task_driver::proto::elide::daemon::v1alpha1 as pb;
+use std::time::Instant;
+
+/// Which launch path a session exercises.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Kind {
+    Cold,
+    Pooled,
+}
+
+const KINDS: [Kind; 2] = [Kind::Cold, Kind::Pooled];
+
+async fn session_of(c: &mut Client, kind: Kind, intrinsics: &[&str]) -> String {
+    c.create_session(pb::CreateSessionRequest {
+        config: Some(pb::SessionConfig {
+            enabled_intrinsics: intrinsics.iter().map(|s| s.to_string()).collect(),
+            context_pool_size: if kind == Kind::Pooled { 2 } else { 0 },
+            ..Default::default()
+        }),
+        owner: "pool-test".into(),
+        session_id: String::new(),
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .id
+}
+
+/// Runs `req`; asserts it took the expected path. Pooled starts may fall back while the pool
+/// warms up: retry until a pooled start happens (or the deadline passes).
+async fn run_on(
+    c: &mut Client,
+    kind: Kind,
+    req: pb::StartExecutionRequest,
+) -> (pb::ExecutionResult, String, String) {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let e = c.start_execution(req.clone()).await.unwrap().into_inner();
+        let out = output(c, &e.id, pb::OutputStream::Stdout).await;
+        let err = output(c, &e.id, pb::OutputStream::Stderr).await;
+        let r = wait(c, &e.id).await;
+        let got = (
+            r,
+            String::from_utf8_lossy(&out).into_owned(),
+            String::from_utf8_lossy(&err).into_owned(),
+        );
+        match kind {
+            Kind::Cold => {
+                assert!(!e.pooled, "a session without a pool ran pooled");
+                return got;
+            }
+            Kind::Pooled if e.pooled => return got,
+            Kind::Pooled => {
+                assert!(Instant::now() < deadline, "never ran pooled: {req:?}");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+fn env_var(k: &str, v: &str) -> pb::EnvVar {
+    pb::EnvVar {
+        key: k.into(),
+        value: v.into(),
+    }
+}
+
+const PY_REPORT: &str = r#"
+import os, sys, json, resource
+print(json.dumps({
+    "argv": sys.argv[1:],
+    "argv0_is_script": sys.argv[0].endswith("main.py"),
+    "cwd": os.getcwd(),
+    "env": dict(os.environ),
+    "uid": os.getuid(), "gid": os.getgid(), "groups": sorted(os.getgroups()),
+    "core": resource.getrlimit(resource.RLIMIT_CORE),
+    "oom": open("/proc/self/oom_score_adj").read().strip(),
+    "pgid_is_pid": os.getpgid(0) == os.getpid(),
+    "sid_is_pid": os.getsid(0) == os.getpid(),
+    "stdin": os.readlink("/proc/self/fd/0"),
+    "fds": sorted(int(f) for f in os.listdir("/proc/self/fd")),
+    "main": __name__, "file_is_script": __file__ == sys.argv[0],
+    "path0": sys.path[0] == os.path.dirname(sys.argv[0]),
+    "nnp": [l for l in open("/proc/self/status") if l.startswith("NoNewPrivs")][0].split()[1],
+}, sort_keys=True))
+"#;
+
+const JS_REPORT: &str = r#"
+const fs = require('fs');
+console.log(JSON.stringify({
+  argv: process.argv.slice(2),
+  argv0_is_script: process.argv[1].endsWith('main.js'),
+  cwd: process.cwd(),
+  env: Object.fromEntries(Object.entries(process.env).sort()),
+  uid: process.getuid(), gid: process.getgid(), groups: process.getgroups().sort(),
+  oom: fs.readFileSync('/proc/self/oom_score_adj', 'utf8').trim(),
+  main: require.main === module,
+  nnp: fs.readFileSync('/proc/self/status', 'utf8').split('\n').find(l => l.startsWith('NoNewPrivs')).split(/\s+/)[1],
+}));
+"#;
+
+fn report_req(s: &str, lang: &str, wd: &std::path::Path, user: &str) -> pb::StartExecutionRequest {
+    let mut req = code_req(s, lang, if lang == "py" { PY_REPORT } else { JS_REPORT });
+    req.args = vec!["a b".into(), "--flag".into(), "ü".into()];
+    req.env = vec![env_var("FOO", "bar"), env_var("EMPTY", "")];
+    req.working_dir = wd.display().to_string();
+    req.user = user.into();
+    req
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn environment_cwd_argv_user_and_process_state_match_cold() {
+    let d = TestDaemon::start().await;
+    let mut c = d.client().await;
+    let wd = d.path("wd");
+    std::fs::create_dir(&wd).unwrap();
+    std::fs::set_permissions(&wd, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    for intrinsics in [&["env", "io", "net"][..], &["io"][..]] {
+        // python3 lives under /root/.pyenv here, which nobody cannot execute: see
+        // `unusable_interpreter_fails_on_both_paths`.
+        for (lang, user) in [("py", ""), ("js", ""), ("js", "nobody")] {
+            let mut seen = Vec::new();
+            for kind in KINDS {
+                let s = session_of(&mut c, kind, intrinsics).await;
+                let (r, out, err) = run_on(&mut c, kind, report_req(&s, lang, &wd, user)).await;
+                assert_eq!(r.exit_code, 0, "{kind:?} {lang} {user}: {err}");
+                assert!(err.is_empty(), "{kind:?} {lang}: {err}");
+                let v: serde_json::Value = serde_json::from_str(out.trim())
+                    .unwrap_or_else(|e| panic!("{kind:?} {lang}: {e}: {out}"));
+                assert_eq!(
+                    v["argv"],
+                    serde_json::json!(["a b", "--flag", "ü"]),
+                    "{kind:?} {lang}"
+                );
+                assert_eq!(v["cwd"], wd.display().to_string());
+                assert_eq!(v["oom"], "0");
+                assert_eq!(v["nnp"], "1");
+                if intrinsics.contains(&"env") {
+                    assert_eq!(v["env"]["FOO"], "bar", "{kind:?} {lang}");
+                } else {
+                    assert!(v["env"].get("FOO").is_none(), "{kind:?} {lang}: env leaked");
+                }
+                if user == "nobody" {
+                    assert_eq!(v["uid"], 65534);
+                }
+                seen.push(v);
+                c.close_session(pb::CloseSessionRequest {
+                    session_id: s,
+                    grace: None,
+                })
+                .await
+                .unwrap();
+            }
+            // Everything observable is identical between the two paths.
+            assert_eq!(
+                seen[0], seen[1],
+                "cold vs pooled differ ({lang}, {user:?}, {intrinsics:?})"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn exit_semantics_and_stream_separation_match_cold() {
+    let d = TestDaemon::start().await;
+    let mut c = d.client().await;
+    let cases: &[(&str, &str, i32, i32, &str, &str)] = &[
+        // (lang, code, exit code, signal, stdout, stderr must contain)
+        (
+            "py",
+            "print('out')\nimport sys\nprint('err', file=sys.stderr)",
+            0,
+            0,
+            "out\n",
+            "err\n",
+        ),
+        ("py", "import sys\nprint('x')\nsys.exit(3)", 3, 0, "x\n", ""),
+        (
+            "py",
+            "def f():\n    1/0\nf()",
+            1,
+            0,
+            "",
+            "ZeroDivisionError: division by zero",
+        ),
+        ("py", "raise SystemExit('bye')", 1, 0, "", "bye"),
+        (
+            "py",
+            "import os\nprint('before', flush=True)\nos.kill(os.getpid(), 9)",
+            137,
+            9,
+            "before\n",
+            "",
+        ),
+        (
+            "py",
+            "import atexit\natexit.register(lambda: print('atexit ran'))",
+            0,
+            0,
+            "atexit ran\n",
+            "",
+        ),
+        (
+            "js",
+            "console.log('out'); console.error('err')",
+            0,
+            0,
+            "out\n",
+            "err\n",
+        ),
+        ("js", "console.log('x'); process.exit(3)", 3, 0, "x\n", ""),
+        (
+            "js",
+            "function f() { throw new Error('boom') }\nf()",
+            1,
+            0,
+            "",
+            "Error: boom",
+        ),
+        (
+            "js",
+            "console.log('before'); process.kill(process.pid, 'SIGKILL')",
+            137,
+            9,
+            "before\n",
+            "",
+        ),
+        (
+            "ts",
+            "const n: number = 3;\nconsole.log(n); process.exit(n)",
+            3,
+            0,
+            "3\n",
+            "",
+        ),
+    ];
+    for kind in KINDS {
+        let s = session_of(&mut c, kind, &["env", "io", "net"]).await;
+        for (lang, code, exit, sig, out_want, err_has) in cases {
+            let (r, out, err) = run_on(&mut c, kind, code_req(&s, lang, code)).await;
+            let what = format!("{kind:?} {lang} {code:?}: {err}");
+            assert_eq!(r.exit_code, *exit, "{what}");
+            assert_eq!(r.signal, *sig, "{what}");
+            assert_eq!(out, *out_want, "{what}");
+            assert!(err.contains(err_has), "{what}");
+        }
+        // The traceback names the snippet's own file and line, nothing of the pool.
+        let (_, _, err) = run_on(
+            &mut c,
+            kind,
+            code_req(&s, "py", "x = 1\nraise ValueError('v')"),
+        )
+        .await;
+        assert!(
+            err.starts_with("Traceback (most recent call last):\n  File \""),
+            "{kind:?}: {err}"
+        );
+        assert!(
+            err.contains("main.py\", line 2, in <module>"),
+            "{kind:?}: {err}"
+        );
+        assert!(
+            !err.contains("zygote") && !err.contains("runpy"),
+            "{kind:?}: {err}"
+        );
+        assert_eq!(err.matches("File \"").count(), 1, "{kind:?}: {err}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn intrinsics_are_enforced_the_same_way() {
+    let d = TestDaemon::start().await;
+    let mut c = d.client().await;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let probe = format!(
+        r#"
+import socket
+try:
+    open("/etc/hostname").read()
+    print("read-ok")
+except PermissionError:
+    print("read-denied")
+try:
+    open("/tmp/elide-pool-probe-{port}", "w").write("x")
+    print("write-ok")
+except PermissionError:
+    print("write-denied")
+s = socket.socket()
+s.settimeout(5)
+try:
+    s.connect(("127.0.0.1", {port}))
+    print("connect-ok")
+except OSError:
+    print("connect-refused")
+open("inside.txt", "w").write("fine")
+print("cwd-write-ok")
+"#
+    );
+    for kind in KINDS {
+        let s = session_of(&mut c, kind, &[]).await;
+        let (r, out, err) = run_on(&mut c, kind, code_req(&s, "py", &probe)).await;
+        assert_eq!(r.exit_code, 0, "{kind:?}: {err}");
+        assert_eq!(
+            out, "read-denied\nwrite-denied\nconnect-refused\ncwd-write-ok\n",
+            "{kind:?}: {err}"
+        );
+        let s = session_of(&mut c, kind, &["io", "net"]).await;
+        let (_, out, err) = run_on(&mut c, kind, code_req(&s, "py", &probe)).await;
+        assert_eq!(
+            out, "read-ok\nwrite-ok\nconnect-ok\ncwd-write-ok\n",
+            "{kind:?}: {err}"
+        );
+        let _ = std::fs::remove_file(format!("/tmp/elide-pool-probe-{port}"));
+    }
+    // Node workers keep net-off sessions pooled (the worker starts in its own namespace).
+    let js_probe = format!(
+        "require('net').connect({port}, '127.0.0.1').on('connect', () => {{ console.log('connect-ok'); process.exit(0) }}).on('error', () => {{ console.log('connect-refused') }})"
+    );
+    for kind in KINDS {
+        let s = session_of(&mut c, kind, &["io"]).await;
+        let (_, out, err) = run_on(&mut c, kind, code_req(&s, "js", &js_probe)).await;
+        assert_eq!(out, "connect-refused\n", "{kind:?}: {err}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn memory_limit_and_cgroup_apply_to_pooled_children() {
+    let d = TestDaemon::start().await;
+    let mut c = d.client().await;
+    let hog = "b = []\nwhile True:\n    b.append(bytearray(8 << 20))";
+    for kind in KINDS {
+        let s = session_of(&mut c, kind, &["env", "io", "net"]).await;
+        let mut req = code_req(&s, "py", "print(open('/proc/self/cgroup').read())");
+        let (_, out, _) = run_on(&mut c, kind, req.clone()).await;
+        assert!(
+            out.contains("elide-test-"),
+            "{kind:?}: not in the execution cgroup: {out}"
+        );
+        req.code = hog.into();
+        req.limits = Some(pb::Limits {
+            memory_bytes: 64 << 20,
+            ..Default::default()
+        });
+        let (r, _, _) = run_on(&mut c, kind, req).await;
+        assert!(r.oom_killed, "{kind:?}: {r:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unusable_interpreter_fails_on_both_paths() {
+    let d = TestDaemon::start().await;
+    let mut c = d.client().await;
+    // Only meaningful where nobody cannot execute python3 (pyenv under /root); else both run.
+    let real = std::process::Command::new("python3")
+        .args(["-c", "import sys; print(sys.executable)"])
+        .output()
+        .unwrap();
+    let real = String::from_utf8_lossy(&real.stdout).trim().to_string();
+    let probe = std::process::Command::new("su")
+        .args([
+            "-s",
+            "/bin/sh",
+            "nobody",
+            "-c",
+            &format!("test -x '{real}'"),
+        ])
+        .output();
+    let nobody_can_run = probe.map(|o| o.status.success()).unwrap_or(true);
+    for kind in KINDS {
+        let s = session_of(&mut c, kind, &["env", "io", "net"]).await;
+        // Warm the pool first so the pooled attempt really goes through the zygote.
+        let _ = run_on(&mut c, kind, code_req(&s, "py", "pass")).await;
+        let mut req = code_req(&s, "py", "print('ran')");
+        req.user = "nobody".into();
+        let got = c.start_execution(req).await;
+        if nobody_can_run {
+            assert!(got.is_ok(), "{kind:?}: {got:?}");
+        } else {
+            let e = got.expect_err("nobody cannot execute the interpreter");
+            assert!(
+                e.message().contains("ermission denied")
+                    || e.message().contains("not executable")
+                    || e.message().contains("cannot use the interpreter"),
+                "{kind:?}: {e:?}"
+            );
+        }
+    }
+}
