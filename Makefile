@@ -44,6 +44,12 @@ bench:
 	BENCH_WRITE=$(CURDIR)/BENCHMARKS.md $(CARGO) bench --bench daemon_pools
 	BENCH_WRITE=$(CURDIR)/BENCHMARKS.md $(CARGO) bench --bench plugin_tasks
 
+## dev: build, then run a job's elide tasks through the real plugin and daemon as a Nomad client
+## would (no Nomad needed): make dev JOB=examples/http-server.nomad
+JOB ?= examples/hello-python.nomad
+dev:
+	$(CARGO) test --test run_job -- $(JOB)
+
 clean:
 	$(CARGO) clean
 	rm -rf build
