@@ -9,7 +9,7 @@
 //! `kill_signal` / `kill_timeout`.
 
 #[path = "daemon_support/mod.rs"]
-#[allow(dead_code, unused_imports)]
+#[allow(unused_imports)]
 mod daemon_support;
 mod lifecycle_support;
 mod support;
@@ -88,8 +88,10 @@ async fn run(job_path: &Path, check_greeting: bool) -> Result<(), String> {
             task.memory_mb = mb;
         }
         for (k, v) in &jt.env {
-            task.extra_env
-                .insert(k.clone(), v.as_str().map_or_else(|| v.to_string(), str::to_string));
+            task.extra_env.insert(
+                k.clone(),
+                v.as_str().map_or_else(|| v.to_string(), str::to_string),
+            );
         }
         let env = task.env();
         for (dest, data) in &jt.templates {
