@@ -216,6 +216,12 @@ impl Execution {
         }
     }
 
+    /// Writes the final record without fsync (see [`StateStore::save_execution_fast`]).
+    fn persist_final_fast(&self, state: &StateStore) -> Result<(), super::state::StateError> {
+        let _g = self.persist_lock.lock().unwrap_or_else(|p| p.into_inner());
+        state.save_execution_fast(&self.record())
+    }
+
     /// The API form.
     pub fn to_proto(&self) -> pb::Execution {
         let state = match self.phase() {
@@ -401,21 +407,26 @@ impl Execution {
                 }
             },
         };
-        // The leader is gone; whatever it left behind in its group or cgroup goes too.
-        self.kill_all();
-        let cgroup = self.lock().cgroup.take();
-        let oom = match cgroup {
-            Some(cg) => super::pool::offload(move || {
-                let oom = cg.oom_killed();
-                // A stats sampler may still hold the Arc; the directories go either way.
-                let owned: ExecutionCgroup = (*cg).clone();
-                if let Err(e) = owned.remove() {
-                    tracing::warn!(error = %e, "cannot remove an execution cgroup");
-                }
-                oom
-            })
-            .await
-            .unwrap_or(false),
+        // The leader is gone; whatever it left in its process group goes now (one syscall). The
+        // cgroup (which also holds processes that left the group) is killed and removed after the
+        // waiters were told, off the critical path.
+        let (pid, cgroup) = {
+            let mut i = self.lock();
+            (i.pid, i.cgroup.take())
+        };
+        if pid != 0 {
+            let _ = ignore_esrch(nix::sys::signal::killpg(
+                Pid::from_raw(pid as i32),
+                Signal::SIGKILL,
+            ));
+        }
+        let oom = match &cgroup {
+            Some(cg) => {
+                let cg = cg.clone();
+                super::pool::offload(move || cg.oom_killed())
+                    .await
+                    .unwrap_or(false)
+            }
             None => false,
         };
         let timed_out = self.timed_out.load(Ordering::SeqCst);
@@ -448,18 +459,21 @@ impl Execution {
             i.ended_at = Some(SystemTime::now());
             i.result = Some(result.clone());
         }
+        // The final record is written (write + rename, no fsync) before anyone learns the result,
+        // so a client reconnecting to a restarted daemon gets the same answer: the page cache
+        // survives a crash of the daemon process. Only a machine crash could lose it, and that
+        // ends the executions too; the fsync runs afterwards, in the cleanup below.
         let state = ctx.state.clone();
-        let exec_dir = self.plan.as_ref().map(|p| p.exec_dir.clone());
         let me = self.clone();
-        let _ = super::pool::offload(move || {
-            if let Err(e) = me.persist(&state) {
+        let persisted = super::pool::offload(move || {
+            let r = me.persist_final_fast(&state);
+            if let Err(e) = &r {
                 tracing::error!(execution = %me.id, error = %e, "cannot persist exit status");
             }
-            if let Some(d) = exec_dir {
-                let _ = std::fs::remove_dir_all(d);
-            }
+            r.is_ok()
         })
-        .await;
+        .await
+        .unwrap_or(false);
         if oom {
             ctx.events.emit(
                 pb::EventKind::OomKilled,
@@ -478,6 +492,29 @@ impl Execution {
             ann,
         );
         self.phase.send_replace(Phase::Exited);
+        // Cleanup after the waiters were told: make the record durable, kill and remove the
+        // cgroup, remove the execution's directory. Errors are logged, nothing is skipped.
+        let state = ctx.state.clone();
+        let exec_dir = self.plan.as_ref().map(|p| p.exec_dir.clone());
+        let id = self.id.clone();
+        tokio::task::spawn_blocking(move || {
+            if persisted && let Err(e) = state.sync_execution(&id) {
+                tracing::warn!(execution = %id, error = %e, "cannot fsync the exit status");
+            }
+            if let Some(cg) = cgroup {
+                // A stats sampler may still hold the Arc; the directories go either way.
+                let owned: ExecutionCgroup = (*cg).clone();
+                if let Err(e) = owned.remove() {
+                    tracing::warn!(execution = %id, error = %e, "cannot remove an execution cgroup");
+                }
+            }
+            if let Some(d) = exec_dir
+                && let Err(e) = std::fs::remove_dir_all(&d)
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                tracing::warn!(execution = %id, dir = %d.display(), error = %e, "cannot remove the execution directory");
+            }
+        });
     }
 
     /// CPU and memory of the execution's processes.

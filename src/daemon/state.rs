@@ -236,6 +236,27 @@ impl StateStore {
         )
     }
 
+    /// Saves a final execution record with write + rename but no fsync: that survives a crash of
+    /// the daemon process (the page cache does). Follow with [`sync_execution`](Self::sync_execution)
+    /// off the latency path to survive a machine crash too.
+    pub fn save_execution_fast(&self, rec: &ExecutionRecord) -> Result<(), StateError> {
+        self.save_running(rec)
+    }
+
+    /// Flushes a saved execution record to disk.
+    pub fn sync_execution(&self, id: &str) -> Result<(), StateError> {
+        if !Self::safe_name(id) {
+            return Ok(());
+        }
+        let path = self.root.join("executions").join(format!("{id}.json"));
+        match fs::File::open(&path) {
+            Ok(f) => f.sync_data().map_err(io(&path)),
+            // Removed meanwhile (the execution was forgotten): nothing to flush.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io(&path)(e)),
+        }
+    }
+
     /// Saves the record of a running execution. Not fsynced: it only has to survive a crash of
     /// the daemon process (the page cache does), and a machine crash kills the execution anyway.
     pub fn save_running(&self, rec: &ExecutionRecord) -> Result<(), StateError> {
