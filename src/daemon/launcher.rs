@@ -266,21 +266,7 @@ impl Launcher for ColdLauncher {
             cmd.args(&plan.argv[1..]);
             cmd.env_clear();
             cmd.envs(plan.env.iter().map(|(k, v)| (k, v)));
-            let spec = IsolationSpec {
-                user: plan.user.clone(),
-                working_dir: plan.working_dir.clone(),
-                intrinsics: Intrinsics {
-                    env: plan.intrinsics.env,
-                    io: plan.intrinsics.io,
-                    net: plan.intrinsics.net,
-                },
-                read_paths: plan.read_paths.clone(),
-                write_paths: plan.write_paths.clone(),
-                network_namespace: plan.network_namespace.clone(),
-                cgroup_procs: cgroup.as_ref().map(|c| c.procs_files()).unwrap_or_default(),
-                stdout,
-                stderr,
-            };
+            let spec = isolation_spec(&plan, &cgroup, stdout, stderr);
             let fail = |cgroup: Option<ExecutionCgroup>, e: LaunchError| {
                 if let Some(cg) = cgroup {
                     let _ = cg.remove();
@@ -317,5 +303,30 @@ impl Launcher for ColdLauncher {
                 pooled: false,
             })
         })
+    }
+}
+
+/// The isolation of `plan`'s process; warm launchers replay the same spec so a pooled execution
+/// is isolated exactly like a cold one.
+pub(crate) fn isolation_spec(
+    plan: &ExecutionPlan,
+    cgroup: &Option<ExecutionCgroup>,
+    stdout: OwnedFd,
+    stderr: OwnedFd,
+) -> IsolationSpec {
+    IsolationSpec {
+        user: plan.user.clone(),
+        working_dir: plan.working_dir.clone(),
+        intrinsics: Intrinsics {
+            env: plan.intrinsics.env,
+            io: plan.intrinsics.io,
+            net: plan.intrinsics.net,
+        },
+        read_paths: plan.read_paths.clone(),
+        write_paths: plan.write_paths.clone(),
+        network_namespace: plan.network_namespace.clone(),
+        cgroup_procs: cgroup.as_ref().map(|c| c.procs_files()).unwrap_or_default(),
+        stdout,
+        stderr,
     }
 }

@@ -30,14 +30,14 @@ use tokio_util::sync::CancellationToken;
 use super::events::{EventBus, EventSubject};
 use super::launcher::{
     ColdLauncher, LaunchError, Launched, Launcher, Prepared, Preparer, ProcessExit, Spawner,
-    start_ticks,
+    isolation_spec, start_ticks,
 };
 use super::plan::ExecutionPlan;
 use super::runtime::{Backend, Language, RuntimeRegistry};
 use super::session::Session;
 use crate::proto::elide::daemon::v1alpha1 as pb;
 use crate::sandbox::landlock_rules::{FsPolicy, build_ruleset};
-use crate::sandbox::{Intrinsics, IsolationSpec};
+use crate::sandbox::IsolationSpec;
 use python_zygote::Zygote;
 
 /// How long a pooled child may take to apply its isolation before the start fails.
@@ -399,30 +399,6 @@ impl Launcher for PoolLauncher {
                 }
             }
         })
-    }
-}
-
-/// The isolation spec a cold spawn of `plan` would use.
-fn isolation_spec(
-    plan: &ExecutionPlan,
-    cgroup: &Option<crate::sandbox::cgroup::ExecutionCgroup>,
-    stdout: OwnedFd,
-    stderr: OwnedFd,
-) -> IsolationSpec {
-    IsolationSpec {
-        user: plan.user.clone(),
-        working_dir: plan.working_dir.clone(),
-        intrinsics: Intrinsics {
-            env: plan.intrinsics.env,
-            io: plan.intrinsics.io,
-            net: plan.intrinsics.net,
-        },
-        read_paths: plan.read_paths.clone(),
-        write_paths: plan.write_paths.clone(),
-        network_namespace: plan.network_namespace.clone(),
-        cgroup_procs: cgroup.as_ref().map(|c| c.procs_files()).unwrap_or_default(),
-        stdout,
-        stderr,
     }
 }
 
