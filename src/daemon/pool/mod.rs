@@ -36,8 +36,8 @@ use super::plan::ExecutionPlan;
 use super::runtime::{Backend, Language, RuntimeRegistry};
 use super::session::Session;
 use crate::proto::elide::daemon::v1alpha1 as pb;
-use crate::sandbox::landlock_rules::{FsPolicy, build_ruleset};
 use crate::sandbox::IsolationSpec;
+use crate::sandbox::landlock_rules::{FsPolicy, build_ruleset};
 use python_zygote::Zygote;
 
 /// How long a pooled child may take to apply its isolation before the start fails.
