@@ -40,6 +40,9 @@ use crate::sandbox::IsolationSpec;
 use crate::sandbox::landlock_rules::{FsPolicy, build_ruleset};
 use python_zygote::Zygote;
 
+/// How long a start waits for room on a busy zygote socket before falling back.
+const SUBMIT_BACKLOG_WAIT: Duration = Duration::from_secs(20);
+
 /// How long a pooled child may take to apply its isolation before the start fails.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -304,7 +307,19 @@ impl PoolLauncher {
                 let _ = cg.remove();
             }
         };
-        let submitted = zygote.submit(job, &fds);
+        // The output sinks are open from here on: falling back to a cold start would close and
+        // reopen them, and Nomad's logmon stops reading at the first EOF. So a full socket (a
+        // burst of starts) is waited out for a while rather than treated as a fallback.
+        let mut submitted = zygote.submit(job.clone(), &fds);
+        let deadline = std::time::Instant::now() + SUBMIT_BACKLOG_WAIT;
+        while matches!(
+            submitted,
+            Err(python_zygote::SendError::Socket(nix::errno::Errno::EAGAIN))
+        ) && std::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            submitted = zygote.submit(job.clone(), &fds);
+        }
         // The zygote holds its own copies now (or the job was refused).
         drop((spec, ruleset));
         let job = match submitted {
