@@ -61,11 +61,22 @@ fn all_descendants(root: u32) -> Vec<(u32, char, String)> {
     out
 }
 
+/// The daemon's zygotes (its own children running zygote.py, not their forks).
 fn zygotes(daemon: u32) -> Vec<u32> {
-    descendants(daemon)
+    processes()
         .into_iter()
-        .filter(|(_, _, c)| c.contains("elide python zygote"))
-        .map(|(p, _, _)| p)
+        .filter(|(_, ppid, _, c)| *ppid == daemon && c.contains("elide python zygote"))
+        .map(|(p, _, _, _)| p)
+        .collect()
+}
+
+/// Forks of the zygotes: the pre-forked spare, plus any execution still running.
+fn zygote_children(daemon: u32) -> Vec<u32> {
+    let z = zygotes(daemon);
+    processes()
+        .into_iter()
+        .filter(|(_, ppid, _, _)| z.contains(ppid))
+        .map(|(p, _, _, _)| p)
         .collect()
 }
 
@@ -276,6 +287,39 @@ async fn a_killed_zygote_is_replaced() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn the_zygote_keeps_one_spare_forked_and_replaces_a_killed_one() {
+    let d = TestDaemon::start().await;
+    let mut c = d.client().await;
+    let daemon = d.pid();
+    let s = pooled_session(&mut c, 1).await;
+    let _ = run_pooled(&mut c, &s, "py", "print(1)").await;
+    eventually("one spare", || zygote_children(daemon).len() == 1).await;
+    let zygote = zygotes(daemon);
+    let spare = zygote_children(daemon);
+    // A job consumes the spare; the zygote forks the next one.
+    assert_eq!(run_pooled(&mut c, &s, "py", "print(2)").await, "2\n");
+    eventually("a fresh spare after a job", || {
+        let now = zygote_children(daemon);
+        now.len() == 1 && now != spare
+    })
+    .await;
+    // A spare killed while idle is replaced too, and the zygote itself survives.
+    let spare = zygote_children(daemon);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(spare[0] as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    eventually("a replaced spare", || {
+        let now = zygote_children(daemon);
+        now.len() == 1 && now != spare
+    })
+    .await;
+    assert_eq!(zygotes(daemon), zygote);
+    assert_eq!(run_pooled(&mut c, &s, "py", "print(3)").await, "3\n");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_thousand_executions_leave_no_zombie_or_leaked_worker() {
     let d = TestDaemon::start().await;
     let daemon = d.pid();
@@ -283,7 +327,9 @@ async fn a_thousand_executions_leave_no_zombie_or_leaked_worker() {
     let s = pooled_session(&mut c, 2).await;
     let _ = run_pooled(&mut c, &s, "py", "pass").await;
     eventually("warm pool", || {
-        zygotes(daemon).len() == 1 && node_workers(daemon).len() == 2
+        zygotes(daemon).len() == 1
+            && zygote_children(daemon).len() == 1
+            && node_workers(daemon).len() == 2
     })
     .await;
     let mut pooled = 0;
@@ -317,10 +363,14 @@ async fn a_thousand_executions_leave_no_zombie_or_leaked_worker() {
         pooled += t.await.unwrap();
     }
     assert!(pooled > 500, "only {pooled} of 1000 executions were pooled");
-    // Once the pool refilled, only the zygote and the idle workers remain, none a zombie.
+    // Once the pool refilled, only the zygote, its one pre-forked spare and the idle workers
+    // remain, none a zombie.
     eventually("only pool processes left", || {
         let d = descendants(daemon);
-        d.len() == 3 && zygotes(daemon).len() == 1 && node_workers(daemon).len() == 2
+        d.len() == 4
+            && zygotes(daemon).len() == 1
+            && zygote_children(daemon).len() == 1
+            && node_workers(daemon).len() == 2
     })
     .await;
     let zombies: Vec<_> = descendants(daemon)

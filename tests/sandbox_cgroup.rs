@@ -65,7 +65,7 @@ fn live(test: &str, want: CgroupMode) -> Option<TestManager> {
 
 fn spawn_in(cg: &ExecutionCgroup, s: &Scratch, mut cmd: Command) -> Child {
     let mut spec = s.spec();
-    spec.cgroup_procs = cg.procs_files();
+    spec.cgroup_procs = cg.self_join_files();
     spec.apply(&mut cmd).expect("apply");
     cmd.spawn().expect("spawn")
 }

@@ -375,7 +375,7 @@ fn everything_at_once_nobody_no_io_no_net_in_a_cgroup() {
     let mut spec = s.spec();
     spec.user = Some(resolve_user("nobody").expect("nobody"));
     spec.intrinsics = Intrinsics::NONE;
-    spec.cgroup_procs = cg.as_ref().map(|c| c.procs_files()).unwrap_or_default();
+    spec.cgroup_procs = cg.as_ref().map(|c| c.self_join_files()).unwrap_or_default();
     let mut cmd = Command::new(py);
     cmd.args([
         "-c",

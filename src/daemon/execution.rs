@@ -164,12 +164,12 @@ impl Execution {
         self.lock().pid
     }
 
-    /// The `cgroup.procs` files of its cgroup (empty without one).
+    /// The files a new process of this execution joins its cgroup through (empty without one).
     pub fn cgroup_procs(&self) -> Vec<std::path::PathBuf> {
         self.lock()
             .cgroup
             .as_ref()
-            .map(|c| c.procs_files())
+            .map(|c| c.self_join_files())
             .unwrap_or_default()
     }
 

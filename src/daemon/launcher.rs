@@ -325,7 +325,10 @@ pub(crate) fn isolation_spec(
         read_paths: plan.read_paths.clone(),
         write_paths: plan.write_paths.clone(),
         network_namespace: plan.network_namespace.clone(),
-        cgroup_procs: cgroup.as_ref().map(|c| c.procs_files()).unwrap_or_default(),
+        cgroup_procs: cgroup
+            .as_ref()
+            .map(|c| c.self_join_files())
+            .unwrap_or_default(),
         stdout,
         stderr,
     }

@@ -72,7 +72,8 @@ pub struct IsolationSpec {
     pub write_paths: Vec<PathBuf>,
     /// Join this network namespace (Nomad group networking) when `net` is on.
     pub network_namespace: Option<PathBuf>,
-    /// `cgroup.procs` files to join (one on v2, one per hierarchy on v1).
+    /// Files the child writes `0` to, to join its cgroup (one on v2, one per hierarchy on v1;
+    /// see `ExecutionCgroup::self_join_files`).
     pub cgroup_procs: Vec<PathBuf>,
     /// Output sinks, already opened by [`super::sink::open_sink`].
     pub stdout: OwnedFd,
@@ -286,7 +287,7 @@ impl IsolationSpec {
         let cgroup_fds = self
             .cgroup_procs
             .iter()
-            .map(|p| open_for_write(p, "cgroup.procs"))
+            .map(|p| open_for_write(p, "cgroup membership file"))
             .collect::<Result<Vec<OwnedFd>, _>>()?;
         let netns_fd = match (self.intrinsics.net, &self.network_namespace) {
             (true, Some(p)) => Some(netns::open_netns(p)?),

@@ -14,6 +14,10 @@
 //! - cwd, environment, argv, user: the job carries them; the worker applies `process.chdir`,
 //!   replaces `process.env` and `process.argv`, and calls `setgroups/setgid/setuid` before
 //!   running the script with `Module.runMain` (so `require.main === module` holds).
+//! - exit: the job travels over a socket on the worker's fd 0, and the worker answers on it
+//!   with its exit code once the snippet is done and its standard streams are closed, ahead of
+//!   node's own teardown (several ms); the process is reaped in the background. A worker that
+//!   ends without a report (fatal error, signal) is judged by its wait status.
 //! - output: node cannot receive fds, so the worker's fds 1/2 are pipes created at spawn; the
 //!   daemon `splice(2)`s each into the execution's sink (FIFO, file, /dev/null or capture pipe)
 //!   on a small thread until EOF. Nothing is lost: the copy ends only at EOF (every writer gone),
@@ -36,7 +40,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{NotPooled, final_env, isolation_spec};
 use crate::daemon::launcher::{
-    LaunchError, Launched, Prepared, Preparer, Spawner, convert, start_ticks,
+    LaunchError, Launched, Prepared, Preparer, ProcessExit, Spawner, convert, start_ticks,
 };
 use crate::daemon::plan::{ExecutionPlan, IntrinsicSet};
 use crate::daemon::runtime::Backend;
@@ -51,7 +55,8 @@ const DRAIN_GRACE: Duration = Duration::from_secs(5);
 struct Worker {
     child: tokio::process::Child,
     pid: u32,
-    job: std::fs::File,
+    /// The daemon's end of the worker's fd 0: the job goes out, the exit code comes back.
+    job: std::os::unix::net::UnixStream,
     stdout: OwnedFd,
     stderr: OwnedFd,
 }
@@ -94,7 +99,8 @@ impl NodePool {
     }
 
     async fn spawn_worker(&self, spawner: &Spawner) -> Result<Worker, LaunchError> {
-        let (job_r, job_w) = pipe()?;
+        let (job_ours, job_theirs) = std::os::unix::net::UnixStream::pair()
+            .map_err(|e| LaunchError::Sandbox(format!("socketpair: {e}")))?;
         let (out_r, out_w) = pipe()?;
         let (err_r, err_w) = pipe()?;
         let mut cmd = std::process::Command::new(&self.node);
@@ -120,7 +126,7 @@ impl NodePool {
         };
         spec.apply(&mut cmd)
             .map_err(|e| LaunchError::Sandbox(e.to_string()))?;
-        cmd.stdin(std::process::Stdio::from(job_r));
+        cmd.stdin(std::process::Stdio::from(OwnedFd::from(job_theirs)));
         let program = self.node.display().to_string();
         let child = spawner
             .run(move || {
@@ -134,7 +140,7 @@ impl NodePool {
         Ok(Worker {
             child,
             pid,
-            job: std::fs::File::from(job_w),
+            job: job_ours,
             stdout: out_r,
             stderr: err_r,
         })
@@ -303,15 +309,16 @@ impl NodePool {
             spawn_splice(stdout, sink_out, "stdout"),
             spawn_splice(stderr, sink_err, "stderr"),
         ];
-        // The job is small next to a pipe buffer, but a huge environment could exceed it and the
-        // worker reads it only once it is all there: write off the runtime.
+        // The job is small next to a socket buffer, but a huge environment could exceed it and
+        // the worker reads it only once it is all there: write off the runtime.
         let sent = super::offload(move || {
-            let r = job.write_all(body.as_bytes());
-            drop(job);
-            r
+            job.write_all(body.as_bytes())?;
+            job.shutdown(std::net::Shutdown::Write)?;
+            job.set_nonblocking(true)?;
+            tokio::net::UnixStream::from_std(job)
         })
         .await;
-        if !matches!(sent, Ok(Ok(()))) {
+        let Ok(Ok(report)) = sent else {
             let _ = child.start_kill();
             tokio::spawn(async move {
                 let _ = child.wait().await;
@@ -323,9 +330,31 @@ impl NodePool {
             return Err(NotPooled::Fallback(
                 "the node worker died before taking the job".into(),
             ));
-        }
+        };
+        let (reaped_tx, reaped) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let _ = reaped_tx.send(child.wait().await);
+        });
         let exit = Box::pin(async move {
-            let status = child.wait().await.map(convert);
+            // The worker reports its exit code before node tears itself down; without a report
+            // (a fatal error, a signal) the process's own end is the answer.
+            // (A descendant that inherited fd 0 can hold the socket open: the process's end is
+            // watched alongside.)
+            let mut reaped = reaped;
+            let report = async {
+                match read_exit_code(report).await {
+                    Some(code) => code,
+                    None => std::future::pending().await,
+                }
+            };
+            let status = tokio::select! {
+                biased;
+                code = report => Ok(ProcessExit::Exited(code)),
+                s = &mut reaped => match s {
+                    Ok(s) => s.map(convert),
+                    Err(_) => Err(std::io::Error::other("the worker's reaper task ended")),
+                },
+            };
             for c in copies.into_iter().flatten() {
                 let _ = tokio::time::timeout(DRAIN_GRACE, c).await;
             }
@@ -340,6 +369,25 @@ impl NodePool {
             exit,
             pooled: true,
         })
+    }
+}
+
+/// The exit code the worker reports on its fd 0 (`<code>\n`), or None when it ended without one.
+async fn read_exit_code(mut sock: tokio::net::UnixStream) -> Option<i32> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = Vec::with_capacity(8);
+    let mut chunk = [0u8; 16];
+    loop {
+        if let Some(end) = buf.iter().position(|&b| b == b'\n') {
+            let code: i64 = std::str::from_utf8(&buf[..end]).ok()?.trim().parse().ok()?;
+            // What the kernel keeps of exit(code).
+            return Some((code & 0xff) as i32);
+        }
+        match sock.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) if buf.len() < 64 => buf.extend_from_slice(&chunk[..n]),
+            Ok(_) => return None,
+        }
     }
 }
 

@@ -5,10 +5,15 @@
 //! zygote's and its children's messages never interleave):
 //! - daemon → zygote: the job (`token`, isolation `steps` from [`IsolationSpec::plan`], final
 //!   `env`, `argv`, `script`) with SCM_RIGHTS `[stdout, stderr, landlock ruleset?]`;
-//! - zygote → daemon: `hello` once warm, `forked {token, pid}`, `exit {pid, status}` (the zygote
-//!   is the parent and reaps);
-//! - child → daemon: `ready {token, pid}` with a pidfd of itself (SCM_RIGHTS), or
-//!   `failed {token, error}` naming the isolation step that failed.
+//! - zygote → daemon: `hello` once warm, `exit {pid, status}` (the zygote is the parent and
+//!   reaps);
+//! - child → daemon: `forked {token, pid}` as soon as it holds the job, then `ready {token, pid}`
+//!   with a pidfd of itself (SCM_RIGHTS), or `failed {token, error}` naming the isolation step
+//!   that failed.
+//!
+//! The zygote keeps one child pre-forked and blocked on the socket, so a job does not wait for
+//! the fork (the expensive part on a large interpreter: page tables are copied); the child that
+//! takes a job has the zygote fork the next one.
 //!
 //! The Landlock ruleset is built by the daemon exactly as for a cold spawn and passed as an fd,
 //! so the child's `landlock_restrict_self` enforces the identical ruleset. A child that

@@ -1,9 +1,33 @@
 // elide node worker: started warm by the daemon, used for exactly one execution.
-// fd 0 carries the job (one JSON document, then EOF); fds 1/2 are pipes the daemon splices to
-// the execution's sinks. The daemon has already moved this process into the execution's cgroup.
+// fd 0 is a stream socket to the daemon: it carries the job (one JSON document, then the
+// daemon's shutdown of its sending side) and, back, the exit code once the snippet is done.
+// fds 1/2 are pipes the daemon splices to the execution's sinks. The daemon has already moved
+// this process into the execution's cgroup when the job arrives.
 'use strict';
 const fs = require('fs');
+const path = require('path');
 const Module = require('module');
+
+// Warm up what the first snippet would otherwise pay for: the standard streams (pipes here,
+// the same fds the snippet writes to), util.format behind console.log, and the CommonJS main
+// module path (resolution, package scope lookup, compile wrapper) on an empty file.
+process.stdout;
+process.stderr;
+require('util').format('%s %d %j', 'warm', 1, {});
+try {
+  const warm = path.join(process.cwd(), `.elide-warmup-${process.pid}.js`);
+  fs.writeFileSync(warm, '');
+  try {
+    Module.runMain(warm);
+  } finally {
+    delete Module._cache[warm];
+    process.mainModule = undefined;
+    fs.unlinkSync(warm);
+  }
+} catch (e) {
+  // Only a warm-up: the job runs the same code path regardless.
+}
+
 let job;
 try {
   job = JSON.parse(fs.readFileSync(0, 'utf8'));
@@ -26,4 +50,26 @@ try {
 for (const k of Object.keys(process.env)) delete process.env[k];
 for (const [k, v] of job.env) process.env[k] = v;
 process.argv = [process.execPath].concat(job.argv.slice(1));
+
+// Report the exit code as soon as it is final, ahead of node's own teardown (several ms):
+// every JavaScript exit ends in process.reallyExit, after the 'exit' listeners ran. The
+// standard streams are synchronous for pipes, so closing them here hands the daemon an EOF
+// after the last byte. A fatal error or a signal never gets here; the daemon then waits for
+// the process itself.
+const reallyExit = process.reallyExit;
+process.reallyExit = (code) => {
+  try {
+    fs.closeSync(1);
+    fs.closeSync(2);
+    fs.writeSync(0, String(code === undefined ? 0 : code) + '\n');
+  } catch (e) {
+    // The daemon sees the process end instead.
+  }
+  reallyExit(code);
+};
+// A natural end (empty event loop) takes the same path, unless the snippet listens for
+// 'beforeExit' itself (it may schedule more work, so node's own sequence must run).
+process.on('beforeExit', () => {
+  if (process.listenerCount('beforeExit') === 1) process.exit();
+});
 Module.runMain(job.argv[1]);

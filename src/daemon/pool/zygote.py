@@ -2,11 +2,15 @@
 #
 # fd 0 is a SOCK_SEQPACKET socket to the daemon. Every message is one JSON object.
 #   daemon -> zygote: {"token", "steps", "env", "argv", "script"} + SCM_RIGHTS [stdout, stderr, (landlock ruleset)]
-#   zygote -> daemon: {"hello": pid}, {"forked": token, "pid"}, {"exit": pid, "status": wait status}
-#   child  -> daemon: {"ready": token, "pid"} + SCM_RIGHTS [pidfd]  or  {"failed": token, "error"}
-# The child replays the daemon's isolation plan (the same steps the cold spawn runs in pre_exec),
-# then runs the script as __main__ and leaves with os._exit, never returning into this loop.
-import os, sys, json, signal, socket, selectors, gc, ctypes, errno
+#   zygote -> daemon: {"hello": pid}, {"exit": pid, "status": wait status}
+#   child  -> daemon: {"forked": token, "pid"}, then
+#                     {"ready": token, "pid"} + SCM_RIGHTS [pidfd]  or  {"failed": token, "error"}
+# The zygote never reads the socket itself: it keeps one pre-forked spare child blocked on it, so
+# the fork is paid before a job arrives. The spare that receives a job tells the zygote through
+# a pipe (and the zygote forks the next spare), replays the daemon's isolation plan (the same
+# steps the cold spawn runs in pre_exec), then runs the script as __main__ and leaves with
+# os._exit, never returning into the zygote's loop.
+import os, sys, json, signal, socket, select, gc, ctypes, errno
 
 # Modules snippets commonly import: loaded once here, shared copy-on-write by every child.
 import io, re, math, time, random, struct, types, builtins, traceback, threading, atexit
@@ -260,6 +264,49 @@ def _child(sock, job, fds, zygote_pid):
     _run_main(job)
 
 
+def _drain(fd):
+    """Reads a non-blocking pipe empty; whether there was anything."""
+    got = False
+    try:
+        while os.read(fd, 512):
+            got = True
+    except (BlockingIOError, InterruptedError):
+        pass
+    return got
+
+
+def _spare(sock, taken_w, zygote_pid):
+    """A pre-forked child: waits for one job, tells the zygote it took it, then runs it."""
+    # Until the job's own steps run, an orphaned spare must not linger.
+    _libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    if os.getppid() != zygote_pid:
+        os._exit(0)
+    while True:
+        try:
+            msg, fds, _flags, _addr = socket.recv_fds(sock, 1 << 20, 8)
+            break
+        except InterruptedError:
+            continue
+        except OSError:
+            os._exit(0)
+    os.write(taken_w, b"j")
+    os.close(taken_w)
+    if not msg:
+        # The daemon closed the pool.
+        os._exit(0)
+    try:
+        job = json.loads(msg)
+        token = job["token"]
+    except (ValueError, KeyError, TypeError):
+        os._exit(0)
+    try:
+        sock.send(json.dumps({"forked": token, "pid": os.getpid()}).encode())
+    except OSError:
+        os._exit(127)
+    _child(sock, job, fds, zygote_pid)
+    os._exit(127)
+
+
 def main():
     # Move the daemon's socket off fd 0 (children put /dev/null there) and keep it inheritable
     # by forks only: a child closes it itself once it has reported.
@@ -268,70 +315,70 @@ def main():
     os.dup2(null, 0)
     os.close(null)
     zygote_pid = os.getpid()
-    rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    sig_r, sig_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    taken_r, taken_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.signal(signal.SIGCHLD, lambda *_: None)
-    signal.set_wakeup_fd(wfd)
+    signal.set_wakeup_fd(sig_w)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    sel = selectors.DefaultSelector()
-    sel.register(sock, selectors.EVENT_READ)
-    sel.register(rfd, selectors.EVENT_READ)
+    poller = select.poll()
+    # Only a hang-up of the socket: its data belongs to the spare.
+    poller.register(sock.fileno(), select.POLLRDHUP)
+    poller.register(taken_r, select.POLLIN)
+    poller.register(sig_r, select.POLLIN)
     # Everything allocated so far stays untouched by the collector in the children, so
     # their pages are not dirtied by gc bookkeeping.
     gc.collect()
     gc.freeze()
     gc.disable()
+
+    def fork_spare():
+        pid = os.fork()
+        if pid == 0:
+            signal.set_wakeup_fd(-1)
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            os.close(sig_r)
+            os.close(sig_w)
+            os.close(taken_r)
+            try:
+                _spare(sock, taken_w, zygote_pid)
+            finally:
+                os._exit(127)
+        return pid
+
+    spare = fork_spare()
     sock.send(json.dumps({"hello": zygote_pid}).encode())
 
-    def reap():
+    while True:
+        try:
+            events = poller.poll()
+        except InterruptedError:
+            continue
+        for fd, ev in events:
+            if fd == taken_r:
+                if _drain(taken_r):
+                    spare = fork_spare()
+            elif fd == sig_r:
+                _drain(sig_r)
+            elif ev & (select.POLLRDHUP | select.POLLHUP | select.POLLERR):
+                # The daemon closed the pool: children die with us (PDEATHSIG).
+                os._exit(0)
+        # Reap after every wake-up: a SIGCHLD may have arrived while we were busy.
         while True:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
-                return
+                break
             if pid == 0:
-                return
+                break
+            if pid == spare:
+                # Either it took a job and already ended (its note is still in the pipe), or it
+                # died idle (killed from outside): replace it either way.
+                took = _drain(taken_r)
+                spare = fork_spare()
+                if not took:
+                    continue
             sock.send(json.dumps({"exit": pid, "status": status}).encode())
-
-    while True:
-        try:
-            events = sel.select()
-        except InterruptedError:
-            continue
-        for key, _ in events:
-            if key.fileobj is sock:
-                try:
-                    msg, fds, _flags, _addr = socket.recv_fds(sock, 1 << 20, 8)
-                except InterruptedError:
-                    continue
-                if not msg:
-                    # The daemon closed the pool: children die with us (PDEATHSIG).
-                    os._exit(0)
-                try:
-                    job = json.loads(msg)
-                except ValueError:
-                    for fd in fds:
-                        os.close(fd)
-                    continue
-                pid = os.fork()
-                if pid == 0:
-                    sel.close()
-                    os.close(rfd)
-                    os.close(wfd)
-                    _child(sock, job, fds, zygote_pid)
-                    os._exit(127)
-                for fd in fds:
-                    os.close(fd)
-                sock.send(json.dumps({"forked": job["token"], "pid": pid}).encode())
-            else:
-                try:
-                    while os.read(rfd, 512):
-                        pass
-                except (BlockingIOError, InterruptedError):
-                    pass
-                reap()
-        # A SIGCHLD may have arrived while we were busy with a job.
-        reap()
 
 
 if __name__ == "__main__":
