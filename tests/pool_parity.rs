@@ -216,6 +216,25 @@ async fn exit_semantics_and_stream_separation_match_cold() {
             "err\n",
         ),
         ("js", "console.log('x'); process.exit(3)", 3, 0, "x\n", ""),
+        // Natural end with process.exitCode, output from 'exit' listeners and late timers, a
+        // 'beforeExit' listener that schedules more work, and a code the kernel truncates.
+        (
+            "js",
+            "process.exitCode = 4; process.on('exit', (c) => console.log('exit', c)); setTimeout(() => console.log('late'), 20)",
+            4,
+            0,
+            "late\nexit 4\n",
+            "",
+        ),
+        (
+            "js",
+            "let n = 0; process.on('beforeExit', () => { if (n++ < 2) setTimeout(() => console.log('again', n), 1) })",
+            0,
+            0,
+            "again 1\nagain 2\n",
+            "",
+        ),
+        ("js", "process.exit(258)", 2, 0, "", ""),
         (
             "js",
             "function f() { throw new Error('boom') }\nf()",
@@ -351,6 +370,24 @@ async fn memory_limit_and_cgroup_apply_to_pooled_children() {
         });
         let (r, _, _) = run_on(&mut c, kind, req).await;
         assert!(r.oom_killed, "{kind:?}: {r:?}");
+        // Node workers start inside their cgroup and get the execution's limits at hand-over.
+        let mut req = code_req(
+            &s,
+            "js",
+            "console.log(require('fs').readFileSync('/proc/self/cgroup', 'utf8'))",
+        );
+        let (_, out, _) = run_on(&mut c, kind, req.clone()).await;
+        assert!(
+            out.contains("elide-test-"),
+            "{kind:?}: node not in an execution cgroup: {out}"
+        );
+        req.code = "const b = []; for (;;) b.push(Buffer.alloc(8 << 20, 1))".into();
+        req.limits = Some(pb::Limits {
+            memory_bytes: 128 << 20,
+            ..Default::default()
+        });
+        let (r, _, _) = run_on(&mut c, kind, req).await;
+        assert!(r.oom_killed, "{kind:?}: node: {r:?}");
     }
 }
 

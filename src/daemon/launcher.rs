@@ -207,29 +207,50 @@ impl Preparer {
     }
 
     pub(crate) fn prepare(&self, plan: &ExecutionPlan) -> Result<Prepared, LaunchError> {
+        let mut prepared = self.open_sinks(plan)?;
+        if self.cgroups.mode() != CgroupMode::None {
+            prepared.cgroup = Some(
+                self.cgroups
+                    .create(&plan.execution_id, &cgroup_limits(plan))
+                    .map_err(|e| LaunchError::Sandbox(e.to_string()))?,
+            );
+        }
+        Ok(prepared)
+    }
+
+    /// Opens the plan's output sinks (no cgroup).
+    pub(crate) fn open_sinks(&self, plan: &ExecutionPlan) -> Result<Prepared, LaunchError> {
         let (stdout, stdout_capture) = self.open_one("stdout.path", &plan.stdout)?;
         let (stderr, stderr_capture) = self.open_one("stderr.path", &plan.stderr)?;
-        let cgroup = if self.cgroups.mode() == CgroupMode::None {
-            None
-        } else {
-            let limits = CgroupLimits {
-                memory_bytes: plan.limits.memory_bytes,
-                cpu_shares: plan.limits.cpu_shares,
-                pids: plan.limits.pids,
-            };
-            Some(
-                self.cgroups
-                    .create(&plan.execution_id, &limits)
-                    .map_err(|e| LaunchError::Sandbox(e.to_string()))?,
-            )
-        };
         Ok(Prepared {
             stdout,
             stderr,
             stdout_capture,
             stderr_capture,
-            cgroup,
+            cgroup: None,
         })
+    }
+
+    /// An empty cgroup (no limits yet) for a warm worker to start in; None on a machine
+    /// without cgroups.
+    pub(crate) fn worker_cgroup(&self) -> Result<Option<ExecutionCgroup>, LaunchError> {
+        if self.cgroups.mode() == CgroupMode::None {
+            return Ok(None);
+        }
+        let name = format!("w-{}", uuid::Uuid::new_v4().simple());
+        self.cgroups
+            .create(&name, &CgroupLimits::default())
+            .map(Some)
+            .map_err(|e| LaunchError::Sandbox(e.to_string()))
+    }
+}
+
+/// The cgroup limits of `plan`.
+pub(crate) fn cgroup_limits(plan: &ExecutionPlan) -> CgroupLimits {
+    CgroupLimits {
+        memory_bytes: plan.limits.memory_bytes,
+        cpu_shares: plan.limits.cpu_shares,
+        pids: plan.limits.pids,
     }
 }
 

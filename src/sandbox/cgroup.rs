@@ -664,6 +664,13 @@ impl ExecutionCgroup {
             .ok_or_else(|| missing_controller(c.name(), what))
     }
 
+    /// Sets `limits` on an existing cgroup: a warm worker placed in its cgroup ahead of time
+    /// gets the execution's limits when it is handed the execution.
+    pub fn set_limits(&self, limits: &CgroupLimits) -> Result<(), CgroupError> {
+        limits.validate()?;
+        self.apply_limits(limits)
+    }
+
     fn apply_limits(&self, limits: &CgroupLimits) -> Result<(), CgroupError> {
         match self.mode {
             CgroupMode::V2 => {

@@ -163,6 +163,7 @@ impl PoolLauncher {
                         workdir.clone(),
                         size,
                         session.intrinsics,
+                        self.preparer.clone(),
                     ))
                 }),
             tasks: Mutex::new(Vec::new()),

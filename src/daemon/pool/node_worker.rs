@@ -40,10 +40,12 @@ use tokio_util::sync::CancellationToken;
 
 use super::{NotPooled, final_env, isolation_spec};
 use crate::daemon::launcher::{
-    LaunchError, Launched, Prepared, Preparer, ProcessExit, Spawner, convert, start_ticks,
+    LaunchError, Launched, Prepared, Preparer, ProcessExit, Spawner, cgroup_limits, convert,
+    start_ticks,
 };
 use crate::daemon::plan::{ExecutionPlan, IntrinsicSet};
 use crate::daemon::runtime::Backend;
+use crate::sandbox::cgroup::ExecutionCgroup;
 use crate::sandbox::{Intrinsics, IsolationSpec};
 
 /// The worker's source (run with `node -e`).
@@ -59,6 +61,28 @@ struct Worker {
     job: std::os::unix::net::UnixStream,
     stdout: OwnedFd,
     stderr: OwnedFd,
+    /// The cgroup it started in, which becomes its execution's cgroup.
+    cgroup: Option<ExecutionCgroup>,
+}
+
+impl Worker {
+    fn try_alive(&mut self) -> std::io::Result<bool> {
+        Ok(self.child.try_wait()?.is_none())
+    }
+
+    /// Kills a worker that will not run anything and removes its cgroup, in the background.
+    fn discard(self) {
+        let Worker {
+            mut child, cgroup, ..
+        } = self;
+        let _ = child.start_kill();
+        tokio::spawn(async move {
+            let _ = child.wait().await;
+            if let Some(cg) = cgroup {
+                let _ = tokio::task::spawn_blocking(move || cg.remove()).await;
+            }
+        });
+    }
 }
 
 /// The idle workers of one session.
@@ -67,6 +91,7 @@ pub struct NodePool {
     workdir: PathBuf,
     size: u32,
     intrinsics: IntrinsicSet,
+    preparer: Arc<Preparer>,
     idle: Mutex<VecDeque<Worker>>,
     wake: Notify,
 }
@@ -81,13 +106,21 @@ fn pipe() -> Result<(OwnedFd, OwnedFd), LaunchError> {
 }
 
 impl NodePool {
-    /// A pool of `size` workers of `node`, idle in `workdir`.
-    pub fn new(node: PathBuf, workdir: PathBuf, size: u32, intrinsics: IntrinsicSet) -> Self {
+    /// A pool of `size` workers of `node`, idle in `workdir`, each in a cgroup of its own made
+    /// by `preparer`.
+    pub(crate) fn new(
+        node: PathBuf,
+        workdir: PathBuf,
+        size: u32,
+        intrinsics: IntrinsicSet,
+        preparer: Arc<Preparer>,
+    ) -> Self {
         Self {
             node,
             workdir,
             size,
             intrinsics,
+            preparer,
             idle: Mutex::new(VecDeque::new()),
             wake: Notify::new(),
         }
@@ -99,6 +132,50 @@ impl NodePool {
     }
 
     async fn spawn_worker(&self, spawner: &Spawner) -> Result<Worker, LaunchError> {
+        // The worker starts inside the cgroup its execution will use: moving a running,
+        // multi-threaded node in later takes the kernel's global thread-group lock, whose write
+        // side waits out an RCU grace period (~7 ms) whenever cgroups were idle. A forked child
+        // joining by itself before exec does not. The execution's limits are written at
+        // hand-over; node's start-up memory is charged to it, as for a cold start.
+        let cgroup = {
+            let preparer = self.preparer.clone();
+            tokio::task::spawn_blocking(move || preparer.worker_cgroup())
+                .await
+                .map_err(|e| LaunchError::Sandbox(format!("worker cgroup task failed: {e}")))??
+        };
+        let spawned = self.spawn_in(spawner, cgroup.as_ref()).await;
+        match spawned {
+            Ok((child, pid, job, stdout, stderr)) => Ok(Worker {
+                child,
+                pid,
+                job,
+                stdout,
+                stderr,
+                cgroup,
+            }),
+            Err(e) => {
+                if let Some(cg) = cgroup {
+                    let _ = tokio::task::spawn_blocking(move || cg.remove()).await;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn spawn_in(
+        &self,
+        spawner: &Spawner,
+        cgroup: Option<&ExecutionCgroup>,
+    ) -> Result<
+        (
+            tokio::process::Child,
+            u32,
+            std::os::unix::net::UnixStream,
+            OwnedFd,
+            OwnedFd,
+        ),
+        LaunchError,
+    > {
         let (job_ours, job_theirs) = std::os::unix::net::UnixStream::pair()
             .map_err(|e| LaunchError::Sandbox(format!("socketpair: {e}")))?;
         let (out_r, out_w) = pipe()?;
@@ -120,7 +197,7 @@ impl NodePool {
             read_paths: Vec::new(),
             write_paths: Vec::new(),
             network_namespace: None,
-            cgroup_procs: Vec::new(),
+            cgroup_procs: cgroup.map(|c| c.self_join_files()).unwrap_or_default(),
             stdout: out_w,
             stderr: err_w,
         };
@@ -137,13 +214,7 @@ impl NodePool {
             .await?
             .map_err(|source| LaunchError::Spawn { program, source })?;
         let pid = child.id().unwrap_or(0);
-        Ok(Worker {
-            child,
-            pid,
-            job: job_ours,
-            stdout: out_r,
-            stderr: err_r,
-        })
+        Ok((child, pid, job_ours, out_r, err_r))
     }
 
     /// Keeps `size` workers idle until `closed`, then kills and reaps them.
@@ -154,7 +225,21 @@ impl NodePool {
                 break;
             }
             // Forget workers that died while idle.
-            lock(&self.idle).retain_mut(|w| matches!(w.child.try_wait(), Ok(None)));
+            let dead: Vec<Worker> = {
+                let mut idle = lock(&self.idle);
+                let mut alive = VecDeque::with_capacity(idle.len());
+                let mut dead = Vec::new();
+                for mut w in idle.drain(..) {
+                    if matches!(w.try_alive(), Ok(true)) {
+                        alive.push_back(w);
+                    } else {
+                        dead.push(w);
+                    }
+                }
+                *idle = alive;
+                dead
+            };
+            dead.into_iter().for_each(Worker::discard);
             if lock(&self.idle).len() < self.size as usize {
                 match self.spawn_worker(&spawner).await {
                     Ok(w) => {
@@ -184,7 +269,15 @@ impl NodePool {
         for mut w in workers {
             let _ = w.child.start_kill();
             let _ = w.child.wait().await;
+            if let Some(cg) = w.cgroup.take() {
+                let _ = tokio::task::spawn_blocking(move || cg.remove()).await;
+            }
         }
+    }
+
+    /// Puts an untouched worker back at the head of the idle queue.
+    fn requeue(&self, worker: Worker) {
+        lock(&self.idle).push_front(worker);
     }
 
     fn eligible(plan: &ExecutionPlan) -> Result<(), String> {
@@ -237,53 +330,63 @@ impl NodePool {
                     "no idle node worker (pool empty; refilling)".into(),
                 ));
             };
-            if matches!(w.child.try_wait(), Ok(None)) {
+            if matches!(w.try_alive(), Ok(true)) {
                 break w;
             }
+            w.discard();
         };
         self.wake.notify_one();
+
+        // Limits first: a worker that cannot take them is replaced before any sink is opened
+        // (a fallback after opening a FIFO would show logmon an EOF).
+        let limits = cgroup_limits(plan);
+        if let Err(e) = limits.validate() {
+            self.requeue(worker);
+            return Err(NotPooled::Fail(LaunchError::Sandbox(e.to_string())));
+        }
+        if let Some(cg) = worker.cgroup.clone() {
+            let failed = match super::offload(move || cg.set_limits(&limits)).await {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(e.to_string()),
+                Err(e) => Some(e.to_string()),
+            };
+            if let Some(e) = failed {
+                worker.discard();
+                return Err(NotPooled::Fallback(format!(
+                    "a warm node worker cannot take the execution's limits: {e}"
+                )));
+            }
+        }
+        let sinks = {
+            let plan = Arc::new(plan.clone());
+            let preparer = preparer.clone();
+            super::offload(move || preparer.open_sinks(&plan))
+                .await
+                .map_err(|e| LaunchError::Sandbox(format!("opening sinks: {e}")))
+                .and_then(|r| r)
+        };
+        let sinks = match sinks {
+            Ok(p) => p,
+            Err(e) => {
+                worker.discard();
+                return Err(NotPooled::Fail(e));
+            }
+        };
         let Worker {
             mut child,
             pid,
             mut job,
             stdout,
             stderr,
+            cgroup,
         } = worker;
-
-        let prepared = {
-            let plan = Arc::new(plan.clone());
-            let preparer = preparer.clone();
-            super::offload(move || {
-                let prepared = preparer.prepare(&plan)?;
-                if let Some(cg) = &prepared.cgroup {
-                    for f in cg.procs_files() {
-                        std::fs::write(&f, pid.to_string()).map_err(|e| {
-                            LaunchError::Sandbox(format!("moving worker into {}: {e}", f.display()))
-                        })?;
-                    }
-                }
-                Ok::<Prepared, LaunchError>(prepared)
-            })
-            .await
-            .map_err(|e| NotPooled::Fail(LaunchError::Sandbox(format!("prepare: {e}"))))?
-        };
-        let prepared = match prepared {
-            Ok(p) => p,
-            Err(e) => {
-                let _ = child.start_kill();
-                tokio::spawn(async move {
-                    let _ = child.wait().await;
-                });
-                return Err(NotPooled::Fail(e));
-            }
-        };
         let Prepared {
             stdout: sink_out,
             stderr: sink_err,
             stdout_capture,
             stderr_capture,
-            cgroup,
-        } = prepared;
+            ..
+        } = sinks;
         let spec = isolation_spec(plan, &cgroup, sink_out, sink_err);
         let env = final_env(plan, &spec);
         let IsolationSpec {
