@@ -79,12 +79,50 @@ def _python_signal_defaults():
     signal.pthread_sigmask(signal.SIG_SETMASK, [])
 
 
-def _replay(job, fds, zygote_pid):
+# Steps that do not depend on the job, with the value a spare applies before it has one
+# (see _prepare_spare); the replay skips them when the job asks for exactly that.
+_AHEAD = {
+    "reset_signals": None,
+    "new_session": None,
+    "oom_score_adj": 0,
+}
+
+
+def _prepare_spare():
+    """Job-independent work a spare does while it waits, off the start's critical path: the
+    steps in _AHEAD, and a rehearsal of the code paths every job runs (their first touch after
+    the fork costs copy-on-write page faults). Returns the steps done."""
+    done = set()
+    try:
+        _python_signal_defaults()
+        done.add("reset_signals")
+        os.setsid()
+        done.add("new_session")
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write("0")
+        done.add("oom_score_adj")
+    except OSError:
+        pass
+    try:
+        json.loads(json.dumps({"token": 0, "steps": [{"step": "chdir", "path": "/"}], "env": [["A", "b"]]}))
+        env = dict(os.environ)
+        _coerce_c_locale(env)
+        time.tzset()
+        locale.setlocale(locale.LC_CTYPE, "")
+        compile("pass", "<elide-warmup>", "exec", dont_inherit=True)
+    except Exception:
+        pass
+    return done
+
+
+def _replay(job, fds, zygote_pid, done=frozenset()):
     """Applies the isolation steps in the daemon's order. Raises StepError naming the step."""
     stdout_fd, stderr_fd = fds[0], fds[1]
     landlock_fd = fds[2] if len(fds) > 2 else -1
     for step in job["steps"]:
         kind = step["step"]
+        if kind in done and step.get("value") == _AHEAD[kind]:
+            continue
         try:
             if kind == "chdir":
                 os.chdir(step["path"])
@@ -232,10 +270,10 @@ def _run_main(job):
     _finish(0)
 
 
-def _child(sock, job, fds, zygote_pid):
+def _child(sock, job, fds, zygote_pid, done=frozenset()):
     token = job["token"]
     try:
-        _replay(job, fds, zygote_pid)
+        _replay(job, fds, zygote_pid, done)
         env = dict(job["env"])
         _coerce_c_locale(env)
         os.environ.clear()
@@ -281,6 +319,7 @@ def _spare(sock, taken_w, zygote_pid):
     _libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
     if os.getppid() != zygote_pid:
         os._exit(0)
+    done = _prepare_spare()
     while True:
         try:
             msg, fds, _flags, _addr = socket.recv_fds(sock, 1 << 20, 8)
@@ -303,7 +342,7 @@ def _spare(sock, taken_w, zygote_pid):
         sock.send(json.dumps({"forked": token, "pid": os.getpid()}).encode())
     except OSError:
         os._exit(127)
-    _child(sock, job, fds, zygote_pid)
+    _child(sock, job, fds, zygote_pid, done)
     os._exit(127)
 
 
