@@ -106,6 +106,17 @@ async fn start_execution_rejects_bad_input_naming_the_field() {
             &[field, "negative"],
         );
     }
+    // A memory limit no interpreter can start under is refused before any process exists.
+    let mut r = ok();
+    r.limits = Some(pb::Limits {
+        memory_bytes: 1 << 20,
+        ..Default::default()
+    });
+    check(
+        c.start_execution(r).await,
+        Code::InvalidArgument,
+        &["limits.memory_bytes", "1048576 bytes is below"],
+    );
     let mut r = ok();
     r.limits = Some(pb::Limits {
         timeout: Some(prost_types::Duration {

@@ -18,6 +18,7 @@ use super::error::{DaemonError, DaemonResult};
 use super::runtime::{Backend, Language, RuntimeRegistry};
 use super::tsstrip::StripCache;
 use crate::proto::elide::daemon::v1alpha1 as pb;
+use crate::sandbox::cgroup::MIN_MEMORY_BYTES;
 use crate::sandbox::user::{ResolvedUser, resolve_user};
 
 /// The kernel-enforced capabilities of a session.
@@ -380,6 +381,24 @@ pub fn plan_execution(
     };
     if let Some(cap) = ctx.session_memory_cap {
         limits.memory_bytes = Some(limits.memory_bytes.map_or(cap, |m| m.min(cap)));
+    }
+    // Refused here rather than when the cgroup is made, so every launch path (cold, zygote,
+    // node worker) answers the same and no worker is taken for nothing.
+    if let Some(m) = limits.memory_bytes
+        && m < MIN_MEMORY_BYTES
+    {
+        let requested = u64::try_from(l.memory_bytes).ok() == Some(m);
+        return Err(DaemonError::invalid(
+            if requested {
+                "limits.memory_bytes"
+            } else {
+                "session config memory_limit_mb"
+            },
+            format!(
+                "{m} bytes is below the {} MiB an interpreter needs to start",
+                MIN_MEMORY_BYTES >> 20
+            ),
+        ));
     }
 
     // Sinks, netns, extra paths.

@@ -396,10 +396,7 @@ impl Launcher for PoolLauncher {
             let tried = match plan.language {
                 Language::Python => self.launch_python(&pool, &plan).await,
                 Language::JavaScript | Language::TypeScript => match &pool.node {
-                    Some(node) => {
-                        node.launch(&plan, &self.preparer, &self.spawner, &pool.closed)
-                            .await
-                    }
+                    Some(node) => node.launch(&plan, &self.preparer).await,
                     None => Err(NotPooled::Fallback(
                         "node is not warmed in this session".into(),
                     )),
@@ -438,9 +435,28 @@ fn final_env(plan: &ExecutionPlan, spec: &IsolationSpec) -> Vec<(String, String)
     env
 }
 
-/// The plan-independent part of a zygote job, or why the zygote cannot run `plan` exactly as a
-/// cold interpreter would.
-fn python_job(plan: &ExecutionPlan) -> Result<serde_json::Map<String, serde_json::Value>, String> {
+/// Forks a pool process (zygote, node worker) from `cmd` on the spawner thread, so its
+/// PDEATHSIG is tied to the daemon; killed when the returned child is dropped.
+async fn spawn_pool_process(
+    spawner: &Spawner,
+    cmd: std::process::Command,
+    program: &std::path::Path,
+) -> Result<tokio::process::Child, LaunchError> {
+    let program = program.display().to_string();
+    spawner
+        .run(move || {
+            let mut cmd = tokio::process::Command::from(cmd);
+            cmd.kill_on_drop(true);
+            cmd.spawn()
+        })
+        .await?
+        .map_err(|source| LaunchError::Spawn { program, source })
+}
+
+/// Why no warm runtime can run `plan` exactly as a cold interpreter would, for the reasons all
+/// pools share: the elide backend, a user switch a non-root daemon cannot make, arguments or
+/// environment values that are not UTF-8 (the jobs travel as JSON).
+fn warmable(plan: &ExecutionPlan) -> Result<(), String> {
     if plan.backend != Backend::Native {
         return Err("the elide backend is not pooled".into());
     }
@@ -452,21 +468,28 @@ fn python_job(plan: &ExecutionPlan) -> Result<serde_json::Map<String, serde_json
     {
         return Err("switching users needs a root daemon".into());
     }
-    let mut argv = Vec::with_capacity(plan.argv.len());
-    for a in &plan.argv {
-        argv.push(
-            a.to_str()
-                .ok_or("an argument is not valid UTF-8")?
-                .to_string(),
-        );
+    if plan.argv.iter().any(|a| a.to_str().is_none()) {
+        return Err("an argument is not valid UTF-8".into());
     }
+    if let Some((k, _)) = plan.env.iter().find(|(_, v)| v.to_str().is_none()) {
+        return Err(format!("environment variable {k} is not valid UTF-8"));
+    }
+    Ok(())
+}
+
+/// The plan-independent part of a zygote job, or why the zygote cannot run `plan` exactly as a
+/// cold interpreter would.
+fn python_job(plan: &ExecutionPlan) -> Result<serde_json::Map<String, serde_json::Value>, String> {
+    warmable(plan)?;
+    let argv: Vec<String> = plan
+        .argv
+        .iter()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
     if argv.len() < 2 {
         return Err("no script in argv".into());
     }
     for (k, v) in &plan.env {
-        if v.to_str().is_none() {
-            return Err(format!("environment variable {k} is not valid UTF-8"));
-        }
         // These change how the interpreter starts (paths, hash seed, flags): the warm one
         // started without them.
         if k.starts_with("PYTHON") {

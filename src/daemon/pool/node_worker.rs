@@ -38,13 +38,12 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use super::{NotPooled, final_env, isolation_spec};
+use super::{NotPooled, final_env, isolation_spec, warmable};
 use crate::daemon::launcher::{
     LaunchError, Launched, Prepared, Preparer, ProcessExit, Spawner, cgroup_limits, convert,
     start_ticks,
 };
 use crate::daemon::plan::{ExecutionPlan, IntrinsicSet};
-use crate::daemon::runtime::Backend;
 use crate::sandbox::cgroup::ExecutionCgroup;
 use crate::sandbox::{Intrinsics, IsolationSpec};
 
@@ -143,16 +142,8 @@ impl NodePool {
                 .await
                 .map_err(|e| LaunchError::Sandbox(format!("worker cgroup task failed: {e}")))??
         };
-        let spawned = self.spawn_in(spawner, cgroup.as_ref()).await;
-        match spawned {
-            Ok((child, pid, job, stdout, stderr)) => Ok(Worker {
-                child,
-                pid,
-                job,
-                stdout,
-                stderr,
-                cgroup,
-            }),
+        match self.spawn_in(spawner, cgroup.as_ref()).await {
+            Ok(worker) => Ok(Worker { cgroup, ..worker }),
             Err(e) => {
                 if let Some(cg) = cgroup {
                     let _ = tokio::task::spawn_blocking(move || cg.remove()).await;
@@ -162,20 +153,12 @@ impl NodePool {
         }
     }
 
+    /// Starts a worker that joins `cgroup` before exec (the returned one does not own it).
     async fn spawn_in(
         &self,
         spawner: &Spawner,
         cgroup: Option<&ExecutionCgroup>,
-    ) -> Result<
-        (
-            tokio::process::Child,
-            u32,
-            std::os::unix::net::UnixStream,
-            OwnedFd,
-            OwnedFd,
-        ),
-        LaunchError,
-    > {
+    ) -> Result<Worker, LaunchError> {
         let (job_ours, job_theirs) = std::os::unix::net::UnixStream::pair()
             .map_err(|e| LaunchError::Sandbox(format!("socketpair: {e}")))?;
         let (out_r, out_w) = pipe()?;
@@ -204,17 +187,16 @@ impl NodePool {
         spec.apply(&mut cmd)
             .map_err(|e| LaunchError::Sandbox(e.to_string()))?;
         cmd.stdin(std::process::Stdio::from(OwnedFd::from(job_theirs)));
-        let program = self.node.display().to_string();
-        let child = spawner
-            .run(move || {
-                let mut cmd = tokio::process::Command::from(cmd);
-                cmd.kill_on_drop(true);
-                cmd.spawn()
-            })
-            .await?
-            .map_err(|source| LaunchError::Spawn { program, source })?;
+        let child = super::spawn_pool_process(spawner, cmd, &self.node).await?;
         let pid = child.id().unwrap_or(0);
-        Ok((child, pid, job_ours, out_r, err_r))
+        Ok(Worker {
+            child,
+            pid,
+            job: job_ours,
+            stdout: out_r,
+            stderr: err_r,
+            cgroup: None,
+        })
     }
 
     /// Keeps `size` workers idle until `closed`, then kills and reaps them.
@@ -275,15 +257,8 @@ impl NodePool {
         }
     }
 
-    /// Puts an untouched worker back at the head of the idle queue.
-    fn requeue(&self, worker: Worker) {
-        lock(&self.idle).push_front(worker);
-    }
-
     fn eligible(plan: &ExecutionPlan) -> Result<(), String> {
-        if plan.backend != Backend::Native {
-            return Err("the elide backend is not pooled".into());
-        }
+        warmable(plan)?;
         if !plan.intrinsics.io {
             return Err(
                 "without the io intrinsic Landlock must confine node before it starts".into(),
@@ -292,24 +267,12 @@ impl NodePool {
         if plan.network_namespace.is_some() {
             return Err("joining a network namespace must happen before node starts".into());
         }
-        // SAFETY: geteuid/getegid have no preconditions.
-        let (euid, egid) = unsafe { (libc::geteuid(), libc::getegid()) };
-        if let Some(u) = &plan.user
-            && euid != 0
-            && (u.uid != euid || u.gid != egid)
+        if let Some(k) =
+            plan.env.iter().map(|(k, _)| k).find(|k| {
+                k.starts_with("NODE_") || *k == "UV_THREADPOOL_SIZE" || *k == "OPENSSL_CONF"
+            })
         {
-            return Err("switching users needs a root daemon".into());
-        }
-        if plan.argv.iter().any(|a| a.to_str().is_none()) {
-            return Err("an argument is not valid UTF-8".into());
-        }
-        for (k, v) in &plan.env {
-            if v.to_str().is_none() {
-                return Err(format!("environment variable {k} is not valid UTF-8"));
-            }
-            if k.starts_with("NODE_") || k == "UV_THREADPOOL_SIZE" || k == "OPENSSL_CONF" {
-                return Err(format!("environment variable {k} changes node start-up"));
-            }
+            return Err(format!("environment variable {k} changes node start-up"));
         }
         Ok(())
     }
@@ -319,8 +282,6 @@ impl NodePool {
         self: &Arc<Self>,
         plan: &ExecutionPlan,
         preparer: &Arc<Preparer>,
-        _spawner: &Spawner,
-        _closed: &CancellationToken,
     ) -> Result<Launched, NotPooled> {
         Self::eligible(plan).map_err(NotPooled::Fallback)?;
         let worker = loop {
@@ -340,10 +301,6 @@ impl NodePool {
         // Limits first: a worker that cannot take them is replaced before any sink is opened
         // (a fallback after opening a FIFO would show logmon an EOF).
         let limits = cgroup_limits(plan);
-        if let Err(e) = limits.validate() {
-            self.requeue(worker);
-            return Err(NotPooled::Fail(LaunchError::Sandbox(e.to_string())));
-        }
         if let Some(cg) = worker.cgroup.clone() {
             let failed = match super::offload(move || cg.set_limits(&limits)).await {
                 Ok(Ok(())) => None,

@@ -333,15 +333,7 @@ pub async fn spawn(
     spec.apply(&mut cmd).map_err(|e| sandbox(e.to_string()))?;
     // After apply: fd 0 of the zygote is its end of the socket pair.
     cmd.stdin(std::process::Stdio::from(theirs));
-    let program = python.display().to_string();
-    let child = spawner
-        .run(move || {
-            let mut cmd = tokio::process::Command::from(cmd);
-            cmd.kill_on_drop(true);
-            cmd.spawn()
-        })
-        .await?
-        .map_err(|source| LaunchError::Spawn { program, source })?;
+    let child = super::spawn_pool_process(spawner, cmd, python).await?;
     let pid = child.id().unwrap_or(0);
     let sock = Arc::new(ours);
     let table = Arc::new(Mutex::new(Table::default()));
