@@ -14,111 +14,22 @@
 //! Prints a markdown section; with `BENCH_WRITE=path` replaces this benchmark's section there.
 //! `BENCH_N` scales the latency sample count (default 200).
 
+#[path = "common/mod.rs"]
+mod common;
 #[path = "../tests/daemon_support/mod.rs"]
 mod daemon_support;
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::{Stats, cold_spawn, machine, resolve_node, resolve_python, stats, write_section};
 use daemon_support::{Client, TestDaemon, path_sink};
 use elide_task_driver::proto::elide::daemon::v1alpha1 as pb;
 
 const BEGIN: &str = "<!-- daemon_pools:begin -->";
 const END: &str = "<!-- daemon_pools:end -->";
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let rank = (p / 100.0 * (sorted.len() - 1) as f64).round() as usize;
-    sorted[rank.min(sorted.len() - 1)]
-}
-
-struct Stats {
-    median: f64,
-    p99: f64,
-    n: usize,
-}
-
-fn stats(mut v: Vec<f64>) -> Stats {
-    v.sort_by(|a, b| a.total_cmp(b));
-    Stats {
-        median: percentile(&v, 50.0),
-        p99: percentile(&v, 99.0),
-        n: v.len(),
-    }
-}
-
-fn machine() -> String {
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let cpu = cpuinfo
-        .lines()
-        .find(|l| l.starts_with("model name"))
-        .and_then(|l| l.split(':').nth(1))
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|| "unknown CPU".into());
-    let nproc = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(0);
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let mem = std::fs::read_to_string("/proc/meminfo")
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with("MemTotal"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse::<f64>().ok())
-        .map(|kib| format!("{:.1} GiB", kib / 1024.0 / 1024.0))
-        .unwrap_or_default();
-    // The machine is shared: the load at the time of the run says how noisy the numbers are.
-    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    let load: Vec<&str> = load.split_whitespace().take(3).collect();
-    format!(
-        "nproc {nproc}, {cpu}, Linux {}, {mem} RAM; load average at start {}",
-        kernel.trim(),
-        load.join(" ")
-    )
-}
-
-/// The real interpreter behind a possibly shimmed command.
-fn resolve_python() -> PathBuf {
-    let out = Command::new("python3")
-        .args(["-c", "import sys; print(sys.executable)"])
-        .output()
-        .expect("python3");
-    let p = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-    std::fs::canonicalize(&p).unwrap_or(p)
-}
-
-fn resolve_node() -> PathBuf {
-    let out = Command::new("node")
-        .args(["-e", "console.log(process.execPath)"])
-        .output()
-        .expect("node");
-    let p = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-    std::fs::canonicalize(&p).unwrap_or(p)
-}
-
-/// Cold spawn → exit of `program args`, output to /dev/null, in ms.
-fn cold_spawn(program: &Path, args: &[&str], n: usize) -> Stats {
-    let mut v = Vec::with_capacity(n);
-    for i in 0..n + 3 {
-        let t = Instant::now();
-        let st = Command::new(program)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .expect("spawn");
-        assert!(st.success());
-        if i >= 3 {
-            v.push(t.elapsed().as_secs_f64() * 1e3);
-        }
-    }
-    stats(v)
-}
 
 async fn new_session(c: &mut Client, pool: u32) -> String {
     session_for(c, pool, &[]).await
@@ -447,21 +358,7 @@ fn main() {
     if section.is_empty() {
         return;
     }
-    if let Ok(path) = std::env::var("BENCH_WRITE") {
-        let old = std::fs::read_to_string(&path).unwrap_or_else(|_| "# Benchmarks\n\n".into());
-        let new = match (old.find(BEGIN), old.find(END)) {
-            (Some(b), Some(e)) if e > b => format!(
-                "{}{}{}",
-                &old[..b],
-                section.trim_end(),
-                &old[e + END.len()..]
-            ),
-            _ => format!("{}\n\n{}\n", old.trim_end(), section.trim_end()),
-        };
-        if let Err(e) = std::fs::write(&path, new) {
-            eprintln!("cannot write {path}: {e}");
-        }
-    }
+    write_section(BEGIN, END, &section);
 }
 
 async fn run(n: usize) -> String {

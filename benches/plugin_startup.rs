@@ -5,11 +5,14 @@
 //! section and, with `BENCH_WRITE=path`, replaces this benchmark's section in that file.
 //! Budgets (ARCHITECTURE.md): handshake ≤ 20 ms, RSS ≤ 10 MiB.
 
+#[path = "common/mod.rs"]
+mod common;
 #[path = "../tests/support/mod.rs"]
 mod support;
 
 use std::time::{Duration, Instant};
 
+use common::{machine, percentile, write_section};
 use serde_json::json;
 use support::{Launch, NomadClient, PluginProcess, short_tempdir};
 
@@ -18,14 +21,6 @@ const RSS_BUDGET_KIB: u64 = 10 * 1024;
 const BEGIN: &str = "<!-- plugin_startup:begin -->";
 const END: &str = "<!-- plugin_startup:end -->";
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let rank = (p / 100.0 * (sorted.len() - 1) as f64).round() as usize;
-    sorted[rank.min(sorted.len() - 1)]
-}
-
 fn status_kib(pid: u32, key: &str) -> u64 {
     let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     text.lines()
@@ -33,21 +28,6 @@ fn status_kib(pid: u32, key: &str) -> u64 {
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|v| v.parse().ok())
         .unwrap_or(0)
-}
-
-fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with("model name"))
-        .and_then(|l| l.split(':').nth(1))
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|| "unknown CPU".into());
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(0);
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    format!("{cores} cores ({cpu}), Linux {}", kernel.trim())
 }
 
 fn main() {
@@ -137,19 +117,5 @@ stdout pipe, socket in a temp dir). RSS is read from `/proc/<pid>/status` after 
     if !bench_mode {
         return;
     }
-    if let Ok(path) = std::env::var("BENCH_WRITE") {
-        let old = std::fs::read_to_string(&path).unwrap_or_else(|_| "# Benchmarks\n\n".into());
-        let new = match (old.find(BEGIN), old.find(END)) {
-            (Some(b), Some(e)) if e > b => format!(
-                "{}{}{}",
-                &old[..b],
-                section.trim_end(),
-                &old[e + END.len()..]
-            ),
-            _ => format!("{}\n{}", old.trim_end(), section),
-        };
-        if let Err(e) = std::fs::write(&path, new) {
-            eprintln!("cannot write {path}: {e}");
-        }
-    }
+    write_section(BEGIN, END, &section);
 }

@@ -6,6 +6,8 @@
 //! `cargo bench --bench plugin_tasks`; `BENCH_N` samples (default 100); with
 //! `BENCH_WRITE=path` replaces this benchmark's section in that file.
 
+#[path = "common/mod.rs"]
+mod common;
 #[path = "../tests/daemon_support/mod.rs"]
 mod daemon_support;
 #[path = "../tests/lifecycle_support/mod.rs"]
@@ -13,54 +15,15 @@ mod lifecycle_support;
 #[path = "../tests/support/mod.rs"]
 mod support;
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::{Stats, cold_spawn, resolve_node, resolve_python, stats, write_section};
 use daemon_support::TestDaemon;
 use lifecycle_support::{Alloc, Plugin, plugin_config};
 use serde_json::json;
 
 const BEGIN: &str = "<!-- plugin_tasks:begin -->";
 const END: &str = "<!-- plugin_tasks:end -->";
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let rank = (p / 100.0 * (sorted.len() - 1) as f64).round() as usize;
-    sorted[rank.min(sorted.len() - 1)]
-}
-
-fn median_p99(mut v: Vec<f64>) -> (f64, f64) {
-    v.sort_by(|a, b| a.total_cmp(b));
-    (percentile(&v, 50.0), percentile(&v, 99.0))
-}
-
-fn resolve(cmd: &str, args: &[&str]) -> PathBuf {
-    let out = Command::new(cmd).args(args).output().expect("interpreter");
-    let p = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-    std::fs::canonicalize(&p).unwrap_or(p)
-}
-
-fn cold_spawn(program: &Path, args: &[&str], n: usize) -> (f64, f64) {
-    let mut v = Vec::new();
-    for i in 0..n + 3 {
-        let t = Instant::now();
-        let st = Command::new(program)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .expect("spawn");
-        assert!(st.success());
-        if i >= 3 {
-            v.push(t.elapsed().as_secs_f64() * 1e3);
-        }
-    }
-    median_p99(v)
-}
 
 /// One task: StartTask → WaitTask (ms, exit code); the FIFOs are created before timing.
 async fn one_task(
@@ -93,28 +56,14 @@ fn main() {
         .expect("runtime");
     let section = rt.block_on(run(n));
     println!("{section}");
-    if let Ok(path) = std::env::var("BENCH_WRITE") {
-        let old = std::fs::read_to_string(&path).unwrap_or_else(|_| "# Benchmarks\n\n".into());
-        let new = match (old.find(BEGIN), old.find(END)) {
-            (Some(b), Some(e)) if e > b => format!(
-                "{}{}{}",
-                &old[..b],
-                section.trim_end(),
-                &old[e + END.len()..]
-            ),
-            _ => format!("{}\n\n{}\n", old.trim_end(), section.trim_end()),
-        };
-        if let Err(e) = std::fs::write(&path, new) {
-            eprintln!("cannot write {path}: {e}");
-        }
-    }
+    write_section(BEGIN, END, &section);
 }
 
 async fn run(n: usize) -> String {
-    let python = resolve("python3", &["-c", "import sys; print(sys.executable)"]);
-    let node = resolve("node", &["-e", "console.log(process.execPath)"]);
-    let (py_cold, _) = cold_spawn(&python, &["-c", "print(\"hi\")"], n.min(60));
-    let (node_cold, _) = cold_spawn(&node, &["-e", "console.log(\"hi\")"], n.min(60));
+    let python = resolve_python();
+    let node = resolve_node();
+    let py_cold = cold_spawn(&python, &["-c", "print(\"hi\")"], n.min(60)).median;
+    let node_cold = cold_spawn(&node, &["-e", "console.log(\"hi\")"], n.min(60)).median;
 
     let daemon = TestDaemon::start().await;
     let mut rows = String::new();
@@ -159,7 +108,9 @@ async fn run(n: usize) -> String {
                     tokio::time::sleep(Duration::from_millis(150)).await;
                 }
             }
-            let (med, p99) = median_p99(v);
+            let Stats {
+                median: med, p99, ..
+            } = stats(v);
             let ratio = base / med;
             rows.push_str(&format!(
                 "| {lang} | {pool} | {med:.2} ms | {p99:.2} ms | {base:.2} ms | {ratio:.1}× |\n"

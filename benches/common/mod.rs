@@ -1,0 +1,120 @@
+//! What the benchmarks share: percentiles, the machine line, the real interpreters behind
+//! version-manager shims, the cold-spawn baseline and writing a section of BENCHMARKS.md.
+#![allow(dead_code)] // each bench uses its own subset
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+/// The `p`th percentile of already sorted samples (nearest rank); NaN when there are none.
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = (p / 100.0 * (sorted.len() - 1) as f64).round() as usize;
+    sorted[rank.min(sorted.len() - 1)]
+}
+
+/// Median and p99 of a sample.
+pub struct Stats {
+    pub median: f64,
+    pub p99: f64,
+    pub n: usize,
+}
+
+pub fn stats(mut v: Vec<f64>) -> Stats {
+    v.sort_by(|a, b| a.total_cmp(b));
+    Stats {
+        median: percentile(&v, 50.0),
+        p99: percentile(&v, 99.0),
+        n: v.len(),
+    }
+}
+
+/// CPU, cores, kernel, memory and the load at the start of the run (the machine is shared: the
+/// load says how noisy the numbers are).
+pub fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split(':').nth(1))
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|| "unknown CPU".into());
+    let nproc = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("MemTotal"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse::<f64>().ok())
+        .map(|kib| format!("{:.1} GiB", kib / 1024.0 / 1024.0))
+        .unwrap_or_default();
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let load: Vec<&str> = load.split_whitespace().take(3).collect();
+    format!(
+        "nproc {nproc}, {cpu}, Linux {}, {mem} RAM; load average at start {}",
+        kernel.trim(),
+        load.join(" ")
+    )
+}
+
+/// The real binary behind `cmd` (a shim such as pyenv's would add ~100 ms to every cold
+/// spawn and flatter the ratios): `cmd args` prints its own executable path.
+pub fn resolve(cmd: &str, args: &[&str]) -> PathBuf {
+    let out = Command::new(cmd).args(args).output().expect("interpreter");
+    let p = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    std::fs::canonicalize(&p).unwrap_or(p)
+}
+
+pub fn resolve_python() -> PathBuf {
+    resolve("python3", &["-c", "import sys; print(sys.executable)"])
+}
+
+pub fn resolve_node() -> PathBuf {
+    resolve("node", &["-e", "console.log(process.execPath)"])
+}
+
+/// Cold spawn → exit of `program args`, output to /dev/null, in ms (3 warm-up runs dropped).
+pub fn cold_spawn(program: &Path, args: &[&str], n: usize) -> Stats {
+    let mut v = Vec::with_capacity(n);
+    for i in 0..n + 3 {
+        let t = Instant::now();
+        let st = Command::new(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("spawn");
+        assert!(st.success());
+        if i >= 3 {
+            v.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    stats(v)
+}
+
+/// Replaces the text between `begin` and `end` in the file at `$BENCH_WRITE` with `section`
+/// (which carries both markers), or appends it; no-op without `BENCH_WRITE`.
+pub fn write_section(begin: &str, end: &str, section: &str) {
+    let Ok(path) = std::env::var("BENCH_WRITE") else {
+        return;
+    };
+    let old = std::fs::read_to_string(&path).unwrap_or_else(|_| "# Benchmarks\n\n".into());
+    let new = match (old.find(begin), old.find(end)) {
+        (Some(b), Some(e)) if e > b => format!(
+            "{}{}{}",
+            &old[..b],
+            section.trim_end(),
+            &old[e + end.len()..]
+        ),
+        _ => format!("{}\n\n{}\n", old.trim_end(), section.trim_end()),
+    };
+    if let Err(e) = std::fs::write(&path, new) {
+        eprintln!("cannot write {path}: {e}");
+    }
+}
