@@ -22,7 +22,7 @@ plugin "elide" {
 
     # The daemon session this client's tasks run in.
     session_config {
-      context_pool_size  = 2                                   # warm workers per language (>= 1)
+      context_pool_size  = 2                                   # warm workers per language (0 = none)
       enabled_languages  = ["python", "javascript", "typescript"] # aliases: py, js, ts
       enabled_intrinsics = ["env", "io", "net"]                # what snippets may use
       memory_limit_mb    = 0                                   # per-execution cap, 0 = none

@@ -951,3 +951,49 @@ async fn stop_without_a_signal_sends_sigint_and_bad_names_are_refused() {
     let r = plugin.wait(&task.id).await.result.unwrap();
     assert_eq!((r.signal, r.exit_code), (2, 130), "{r:?}");
 }
+
+#[tokio::test]
+async fn context_pool_size_zero_runs_every_task_cold() {
+    let daemon = TestDaemon::start().await;
+    let root = DataDir(daemon.path("nomad"));
+    std::fs::create_dir_all(root.path()).unwrap();
+    let alloc = Alloc::new(root.path());
+    for (size, want_pooled) in [(0, false), (1, true)] {
+        let mut cfg = plugin_config(&daemon.socket, None);
+        cfg["session_config"] = json!([{ "context_pool_size": size }]);
+        let plugin = Plugin::launch(&cfg).await;
+        let mut c = daemon.client().await;
+        // A pooled run needs its worker warm, so the pooled case retries until it is; the cold
+        // case runs a few tasks with the same pauses, long enough for a pool to have warmed.
+        let deadline = Instant::now() + DEADLINE;
+        let mut n = 0;
+        let pooled = loop {
+            n += 1;
+            let task = alloc.task(&format!("pool{size}-{n}"));
+            let h = plugin
+                .start_json(&task, json!({"language": "python", "code": "print('hi')"}))
+                .await
+                .unwrap();
+            assert_eq!(plugin.wait(&task.id).await.result.unwrap().exit_code, 0);
+            assert_eq!(task.stdout.wait_eof().await, "hi\n");
+            let pid = lifecycle_support::handle_pid(&h);
+            let e = c
+                .list_executions(
+                    elide_task_driver::proto::elide::daemon::v1alpha1::ListExecutionsRequest::default(),
+                )
+                .await
+                .unwrap()
+                .into_inner()
+                .executions
+                .into_iter()
+                .find(|e| e.pid == pid)
+                .expect("the task's execution is listed");
+            plugin.destroy(&task.id, true).await.unwrap();
+            if e.pooled || Instant::now() > deadline || (!want_pooled && n == 4) {
+                break e.pooled;
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        };
+        assert_eq!(pooled, want_pooled, "context_pool_size = {size}");
+    }
+}

@@ -99,7 +99,7 @@ impl Intrinsic {
 /// `session_config { ... }`: how the daemon session of this plugin is set up.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SessionSettings {
-    /// Warm workers per language (≥ 1).
+    /// Warm workers per language; 0 disables warming (every task starts a cold interpreter).
     pub context_pool_size: u32,
     /// Canonical, de-duplicated, in the order given.
     pub enabled_languages: Vec<Language>,
@@ -339,10 +339,10 @@ fn session_settings(f: &Fields<'_>) -> Result<SessionSettings, ConfigError> {
     if let Some(n) = f.number("context_pool_size")? {
         let field = f.path("context_pool_size");
         let size = whole(n, &field)?;
-        if size < 1 {
+        if size < 0 {
             return Err(invalid(
                 &field,
-                format!("must be at least 1 (warm workers per language), got {size}"),
+                format!("must be 0 (no warm workers) or more, got {size}"),
             ));
         }
         if size > i128::from(MAX_POOL_SIZE) {
@@ -689,14 +689,18 @@ mod tests {
     }
 
     #[test]
-    fn pool_size_must_be_positive_and_whole() {
-        for bad in [V::from(0), V::from(-1), V::from("-3")] {
+    fn pool_size_must_be_whole_and_not_negative() {
+        for bad in [V::from(-1), V::from("-3")] {
             let e = err_text(session(vec![("context_pool_size", bad)]));
             assert!(
-                e.contains("session_config.context_pool_size: must be at least 1"),
+                e.contains(
+                    "session_config.context_pool_size: must be 0 (no warm workers) or more, got -"
+                ),
                 "{e}"
             );
         }
+        let cfg = session(vec![("context_pool_size", V::from(0))]).expect("0 disables warming");
+        assert_eq!(cfg.session.context_pool_size, 0);
         let e = err_text(session(vec![("context_pool_size", V::F64(1.5))]));
         assert!(
             e.contains("session_config.context_pool_size: must be a whole number"),
