@@ -4,7 +4,8 @@
 //! a cold interpreter spawn; plus sustained throughput of short python tasks.
 //!
 //! `cargo bench --bench plugin_tasks`; `BENCH_N` samples (default 100); with
-//! `BENCH_WRITE=path` replaces this benchmark's section in that file.
+//! `BENCH_WRITE=path` replaces this benchmark's section in that file. `BENCH_QUICK=1`: python
+//! latency through a pooled plugin only (for profiling; writes nothing).
 
 #[path = "common/mod.rs"]
 mod common;
@@ -56,7 +57,9 @@ fn main() {
         .expect("runtime");
     let section = rt.block_on(run(n));
     println!("{section}");
-    write_section(BEGIN, END, &section);
+    if std::env::var("BENCH_QUICK").is_err() {
+        write_section(BEGIN, END, &section);
+    }
 }
 
 async fn run(n: usize) -> String {
@@ -71,9 +74,9 @@ async fn run(n: usize) -> String {
     // Under the daemon's allowed output root, so it accepts the FIFOs as sinks.
     let root = daemon.dir.path().to_path_buf();
     let alloc = Alloc::new(&root);
-    // The plugin refuses context_pool_size = 0 (issue 2), so only the pooled path is measured
-    // here; the daemon benchmark has the cold-session comparison.
-    for pool in [4u32] {
+    let quick = std::env::var("BENCH_QUICK").is_ok();
+    let pools: &[u32] = if quick { &[4] } else { &[4, 0] };
+    for &pool in pools {
         let mut cfg = plugin_config(&daemon.socket, None);
         cfg["session_config"] = json!([{ "context_pool_size": pool }]);
         let plugin = Plugin::launch(&cfg).await;
@@ -87,6 +90,9 @@ async fn run(n: usize) -> String {
                 node_cold,
             ),
         ] {
+            if quick && lang != "python" {
+                continue;
+            }
             eprintln!("plugin {lang} pool {pool}");
             let samples = if pool == 0 {
                 n.min(40)
@@ -127,7 +133,7 @@ async fn run(n: usize) -> String {
                 ));
             }
         }
-        if pool > 0 {
+        if pool > 0 && !quick {
             // Sustained short python tasks: 4 concurrent Nomad-like callers for 5 s.
             eprintln!("plugin throughput");
             let plugin = &plugin;

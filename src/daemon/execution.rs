@@ -212,12 +212,15 @@ impl Execution {
         if rec.result.is_some() {
             state.save_execution(&rec)
         } else {
-            state.save_running(&rec)
+            state.save_running(&rec).map(|_| ())
         }
     }
 
     /// Writes the final record without fsync (see [`StateStore::save_execution_fast`]).
-    fn persist_final_fast(&self, state: &StateStore) -> Result<(), super::state::StateError> {
+    fn persist_final_fast(
+        &self,
+        state: &StateStore,
+    ) -> Result<super::state::Written, super::state::StateError> {
         let _g = self.persist_lock.lock().unwrap_or_else(|p| p.into_inner());
         state.save_execution_fast(&self.record())
     }
@@ -470,10 +473,11 @@ impl Execution {
             if let Err(e) = &r {
                 tracing::error!(execution = %me.id, error = %e, "cannot persist exit status");
             }
-            r.is_ok()
+            r.ok()
         })
         .await
-        .unwrap_or(false);
+        .ok()
+        .flatten();
         if oom {
             ctx.events.emit(
                 pb::EventKind::OomKilled,
@@ -498,7 +502,9 @@ impl Execution {
         let exec_dir = self.plan.as_ref().map(|p| p.exec_dir.clone());
         let id = self.id.clone();
         tokio::task::spawn_blocking(move || {
-            if persisted && let Err(e) = state.sync_execution(&id) {
+            if let Some(w) = persisted
+                && let Err(e) = state.sync_execution(w)
+            {
                 tracing::warn!(execution = %id, error = %e, "cannot fsync the exit status");
             }
             if let Some(cg) = cgroup {

@@ -23,6 +23,7 @@ pub mod error;
 pub mod events;
 pub mod exec;
 pub mod execution;
+pub mod journal;
 pub mod launcher;
 pub mod output;
 pub mod plan;

@@ -1,10 +1,13 @@
-//! Durable state under the state dir: one JSON record per execution (written when it starts and
-//! again when it ends) and one per session, so that a client reconnecting after an execution
-//! ended — even across a daemon restart — gets the real result. Records are replaced atomically
-//! (write to a temp file, fsync, rename).
+//! Durable state under the state dir: a record per execution (written when it starts and again
+//! when it ends) and one per session, so that a client reconnecting after an execution ended —
+//! even across a daemon restart — gets the real result. Execution records go to an append-only
+//! journal ([`super::journal`]); session records, rare, are files replaced atomically (write to
+//! a temp file, fsync, rename).
 //!
-//! Layout: `<state_dir>/executions/<id>.json`, `<state_dir>/sessions/<id>.json`,
-//! `<state_dir>/daemon.lock` (held with flock while a daemon runs).
+//! Layout: `<state_dir>/executions.journal`, `<state_dir>/sessions/<id>.json`,
+//! `<state_dir>/daemon.lock` (held with flock while a daemon runs). Older daemons kept one
+//! `<state_dir>/executions/<id>.json` per execution; those are read, and moved into the journal
+//! by the next daemon that opens the dir.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
@@ -12,6 +15,8 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+
+use super::journal::{self, Journal};
 
 /// Errors of the state store.
 #[derive(Debug, thiserror::Error)]
@@ -101,23 +106,32 @@ pub struct SessionRecord {
     pub created_at: std::time::SystemTime,
 }
 
+/// The execution journal's file name under the state dir.
+const JOURNAL: &str = "executions.journal";
+/// Where older daemons kept one file per execution.
+const LEGACY_EXECUTIONS: &str = "executions";
+
 /// The state directory.
 pub struct StateStore {
     root: PathBuf,
+    /// The execution journal; `None` in a read-only view.
+    journal: Option<Journal>,
     _lock: Option<nix::fcntl::Flock<File>>,
 }
+
+/// A written execution record, to be made durable with [`StateStore::sync_execution`].
+#[derive(Debug, Clone, Copy)]
+pub struct Written(u64);
 
 impl StateStore {
     /// Opens (creating) the state dir and takes its lock.
     pub fn open(root: &Path) -> Result<Self, StateError> {
-        for sub in ["executions", "sessions"] {
-            let p = root.join(sub);
-            fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(&p)
-                .map_err(io(&p))?;
-        }
+        let sessions = root.join("sessions");
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&sessions)
+            .map_err(io(&sessions))?;
         let lock_path = root.join("daemon.lock");
         let lock = OpenOptions::new()
             .create(true)
@@ -139,10 +153,37 @@ impl StateStore {
                 });
             }
         };
-        Ok(Self {
+        let journal = Journal::open(&root.join(JOURNAL))?;
+        let store = Self {
             root: root.to_path_buf(),
+            journal: Some(journal),
             _lock: Some(lock),
-        })
+        };
+        store.migrate_legacy_records()?;
+        Ok(store)
+    }
+
+    /// Moves the per-execution files of an older daemon into the journal.
+    fn migrate_legacy_records(&self) -> Result<(), StateError> {
+        let legacy: Vec<ExecutionRecord> = self.read_all(LEGACY_EXECUTIONS);
+        let Some(journal) = &self.journal else {
+            return Ok(());
+        };
+        if legacy.is_empty() {
+            return Ok(());
+        }
+        let mut last = 0;
+        for rec in &legacy {
+            last = journal.put(rec)?;
+        }
+        journal.sync(last)?;
+        let dir = self.root.join(LEGACY_EXECUTIONS);
+        let _ = fs::remove_dir_all(&dir);
+        tracing::info!(
+            count = legacy.len(),
+            "moved execution records into the journal"
+        );
+        Ok(())
     }
 
     /// Opens the state dir for reading without taking the daemon lock (the reaper's view).
@@ -155,6 +196,7 @@ impl StateStore {
         }
         Ok(Self {
             root: root.to_path_buf(),
+            journal: None,
             _lock: None,
         })
     }
@@ -222,67 +264,58 @@ impl StateStore {
             && !id.starts_with('.')
     }
 
-    /// Saves an execution record.
+    /// Saves an execution record durably (fsynced before returning).
     pub fn save_execution(&self, rec: &ExecutionRecord) -> Result<(), StateError> {
-        if !Self::safe_name(&rec.id) {
-            return Ok(());
-        }
-        self.write_atomic(
-            &self
-                .root
-                .join("executions")
-                .join(format!("{}.json", rec.id)),
-            rec,
-        )
+        let w = self.save_running(rec)?;
+        self.sync_execution(w)
     }
 
-    /// Saves a final execution record with write + rename but no fsync: that survives a crash of
-    /// the daemon process (the page cache does). Follow with [`sync_execution`](Self::sync_execution)
-    /// off the latency path to survive a machine crash too.
-    pub fn save_execution_fast(&self, rec: &ExecutionRecord) -> Result<(), StateError> {
+    /// Saves a final execution record without fsync: that survives a crash of the daemon
+    /// process (the page cache does). Follow with [`sync_execution`](Self::sync_execution) off
+    /// the latency path to survive a machine crash too.
+    pub fn save_execution_fast(&self, rec: &ExecutionRecord) -> Result<Written, StateError> {
         self.save_running(rec)
     }
 
-    /// Flushes a saved execution record to disk.
-    pub fn sync_execution(&self, id: &str) -> Result<(), StateError> {
-        if !Self::safe_name(id) {
-            return Ok(());
-        }
-        let path = self.root.join("executions").join(format!("{id}.json"));
-        match fs::File::open(&path) {
-            Ok(f) => f.sync_data().map_err(io(&path)),
-            // Removed meanwhile (the execution was forgotten): nothing to flush.
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(io(&path)(e)),
+    /// Flushes a saved execution record (and every one written before it) to disk.
+    pub fn sync_execution(&self, w: Written) -> Result<(), StateError> {
+        match &self.journal {
+            Some(j) => j.sync(w.0),
+            None => Ok(()),
         }
     }
 
     /// Saves the record of a running execution. Not fsynced: it only has to survive a crash of
     /// the daemon process (the page cache does), and a machine crash kills the execution anyway.
-    pub fn save_running(&self, rec: &ExecutionRecord) -> Result<(), StateError> {
-        if !Self::safe_name(&rec.id) {
-            return Ok(());
+    pub fn save_running(&self, rec: &ExecutionRecord) -> Result<Written, StateError> {
+        match &self.journal {
+            Some(j) if Self::safe_name(&rec.id) => j.put(rec).map(Written),
+            _ => Ok(Written(0)),
         }
-        self.write_atomic_opt(
-            &self
-                .root
-                .join("executions")
-                .join(format!("{}.json", rec.id)),
-            rec,
-            false,
-        )
     }
 
     /// Deletes an execution record.
     pub fn remove_execution(&self, id: &str) {
-        if Self::safe_name(id) {
-            let _ = fs::remove_file(self.root.join("executions").join(format!("{id}.json")));
+        if let Some(j) = &self.journal
+            && let Err(e) = j.delete(id)
+        {
+            tracing::warn!(execution = %id, error = %e, "cannot remove an execution record");
         }
     }
 
     /// Every stored execution.
     pub fn load_executions(&self) -> Vec<ExecutionRecord> {
-        self.read_all("executions")
+        match &self.journal {
+            Some(j) => j.records(),
+            None => {
+                let mut out = journal::load(&self.root.join(JOURNAL)).unwrap_or_else(|e| {
+                    tracing::warn!(error = %e, "cannot read the execution journal");
+                    Vec::new()
+                });
+                out.extend(self.read_all::<ExecutionRecord>(LEGACY_EXECUTIONS));
+                out
+            }
+        }
     }
 
     /// Saves a session record.
@@ -350,6 +383,42 @@ mod tests {
         assert!(s.load_executions().is_empty());
         drop(s);
         StateStore::open(dir.path()).unwrap();
+    }
+
+    #[test]
+    fn an_older_daemons_record_files_move_into_the_journal_and_the_reaper_sees_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let legacy = dir.path().join(LEGACY_EXECUTIONS);
+        fs::create_dir_all(&legacy).unwrap();
+        let rec = ExecutionRecord {
+            id: "old".into(),
+            session_id: "s".into(),
+            language: "python".into(),
+            client_ref: String::new(),
+            pid: 42,
+            pid_start_ticks: 7,
+            started_at: None,
+            ended_at: None,
+            result: None,
+            cgroup: String::new(),
+            daemon_pid: 1,
+        };
+        fs::write(legacy.join("old.json"), serde_json::to_vec(&rec).unwrap()).unwrap();
+        // A read-only view (the reaper) reads the old layout as it is.
+        let ro = StateStore::open_readonly(dir.path()).unwrap();
+        assert_eq!(ro.load_executions().len(), 1);
+        let s = StateStore::open(dir.path()).unwrap();
+        assert!(!legacy.exists(), "the old files are gone once journaled");
+        let back = s.load_executions();
+        assert_eq!(back.len(), 1);
+        assert_eq!(back[0].id, "old");
+        let mut running = back[0].clone();
+        running.id = "new".into();
+        s.save_running(&running).unwrap();
+        // The reaper reads the journal while the daemon holds it.
+        let mut seen: Vec<String> = ro.load_executions().into_iter().map(|r| r.id).collect();
+        seen.sort();
+        assert_eq!(seen, vec!["new".to_string(), "old".to_string()]);
     }
 
     #[test]
