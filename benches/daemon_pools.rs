@@ -364,7 +364,7 @@ fn main() {
 async fn run(n: usize) -> String {
     let python = resolve_python();
     let node = resolve_node();
-    let d = TestDaemon::start().await;
+    let d = TestDaemon::start_with_tmpfs_run_dir().await;
     let mut c = d.client().await;
     // Daemon idle footprint before any session exists.
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -503,6 +503,7 @@ async fn run(n: usize) -> String {
 Command: `make bench` (`cargo bench --bench daemon_pools`, release build). Machine: {}.\n\
 Interpreters (resolved, the same binaries the daemon runs): `{}`, `{}`. Daemon = the release \
 `elide-daemon`, one gRPC client over its Unix socket, sinks `/dev/null` (FIFO for the log test), \
+state dir on disk (ext4), run dir on tmpfs (`/dev/shm`, as `/run/elide/exec` is on a systemd host), \
 sessions with `env io net`, pooled sessions `context_pool_size = 4`. Node latency samples are \
 paced 150 ms apart so the single-use worker pool can refill (sustained behaviour is in the \
 throughput table).\n\n\

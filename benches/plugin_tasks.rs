@@ -68,7 +68,7 @@ async fn run(n: usize) -> String {
     let py_cold = cold_spawn(&python, &["-c", "print(\"hi\")"], n.min(60)).median;
     let node_cold = cold_spawn(&node, &["-e", "console.log(\"hi\")"], n.min(60)).median;
 
-    let daemon = TestDaemon::start().await;
+    let daemon = TestDaemon::start_with_tmpfs_run_dir().await;
     let mut rows = String::new();
     let mut budgets = String::new();
     // Under the daemon's allowed output root, so it accepts the FIFOs as sinks.
@@ -169,7 +169,8 @@ async fn run(n: usize) -> String {
 Command: `make bench` (`cargo bench --bench plugin_tasks`). The harness launches the release \
 plugin binary as Nomad does (go-plugin handshake, SetConfig with `session_config`), creates the \
 task's logmon FIFOs (drained by reader threads) before timing, then times StartTask → WaitTask \
-(DestroyTask afterwards, untimed). Cold baseline: `{}` / `{}` spawned directly, output to /dev/null.\n\n\
+(DestroyTask afterwards, untimed). Alloc dir and daemon state dir on disk (ext4), the daemon's \
+run dir on tmpfs (`/dev/shm`, as `/run/elide/exec` is on a systemd host). Cold baseline: `{}` / `{}` spawned directly, output to /dev/null.\n\n\
 | budget | measured | verdict |\n|---|---|---|\n{budgets}\n\
 | language | context_pool_size | median | p99 | cold interpreter median | speed-up |\n|---|---|---|---|---|---|\n{rows}{END}\n",
         python.display(),

@@ -275,6 +275,14 @@ async fn a_killed_zygote_is_replaced() {
         nix::sys::signal::Signal::SIGKILL,
     )
     .unwrap();
+    // A job handed over while the killed zygote is still tearing down would be taken by its
+    // spare and die with it (PDEATHSIG), like any running child of that zygote; so this
+    // waits until the old zygote is gone.
+    eventually("the killed zygote and its spare are gone", || {
+        !zygotes(daemon).contains(&old[0])
+            && processes().iter().all(|(_, ppid, _, _)| *ppid != old[0])
+    })
+    .await;
     // Meanwhile executions still run (cold) and the zygote comes back.
     let (r, out, _) = run(&mut c, code_req(&s, "py", "print('still')")).await;
     assert_eq!((r.exit_code, out.as_str()), (0, "still\n"));

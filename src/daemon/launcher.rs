@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 
+use super::cgroup_stock::CgroupStock;
 use super::plan::{ExecutionPlan, SinkTarget};
 use crate::sandbox::cgroup::{CgroupLimits, CgroupManager, CgroupMode, ExecutionCgroup};
 use crate::sandbox::sink::open_sink;
@@ -135,9 +136,14 @@ pub struct ColdLauncher {
 /// Opens sinks and creates cgroups (blocking work, run on the blocking pool).
 pub(crate) struct Preparer {
     cgroups: CgroupManager,
+    /// Execution cgroups made ahead of time (mkdir off the start's critical path).
+    stock: CgroupStock,
     output_roots: Vec<PathBuf>,
     sink_timeout: Duration,
 }
+
+/// Execution cgroups kept ready: enough for a few concurrent starts.
+const CGROUP_STOCK: usize = 4;
 
 pub(crate) struct Prepared {
     pub(crate) stdout: OwnedFd,
@@ -171,6 +177,7 @@ impl ColdLauncher {
         Self {
             spawner,
             preparer: std::sync::Arc::new(Preparer {
+                stock: CgroupStock::new(cgroups.clone(), CGROUP_STOCK),
                 cgroups,
                 output_roots,
                 sink_timeout,
@@ -209,11 +216,15 @@ impl Preparer {
     pub(crate) fn prepare(&self, plan: &ExecutionPlan) -> Result<Prepared, LaunchError> {
         let mut prepared = self.open_sinks(plan)?;
         if self.cgroups.mode() != CgroupMode::None {
-            prepared.cgroup = Some(
-                self.cgroups
-                    .create(&plan.execution_id, &cgroup_limits(plan))
+            let limits = cgroup_limits(plan);
+            let cgroup = match self.stock.take(&limits) {
+                Some(cg) => cg,
+                None => self
+                    .cgroups
+                    .create(&plan.execution_id, &limits)
                     .map_err(|e| LaunchError::Sandbox(e.to_string()))?,
-            );
+            };
+            prepared.cgroup = Some(cgroup);
         }
         Ok(prepared)
     }

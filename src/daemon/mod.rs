@@ -17,6 +17,7 @@
 //!   `extra_read_paths`, and writes to the working dir and `extra_write_paths`.
 //! - `net` off: a private network namespace with only loopback up.
 
+pub mod cgroup_stock;
 pub mod cli;
 pub mod config;
 pub mod error;

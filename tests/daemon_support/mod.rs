@@ -26,6 +26,8 @@ pub struct TestDaemon {
     pub run_dir: PathBuf,
     pub cgroup_parent: String,
     pub extra_args: Vec<String>,
+    /// A run dir outside `dir` (removed on drop).
+    own_run_dir: bool,
 }
 
 impl TestDaemon {
@@ -34,8 +36,25 @@ impl TestDaemon {
         Self::start_with(&[]).await
     }
 
+    /// Starts a daemon whose run dir (per-execution files) lies on tmpfs (`/dev/shm`), as
+    /// `/run/elide/exec` does on a systemd host; state dir and output roots stay on disk.
+    pub async fn start_with_tmpfs_run_dir() -> Self {
+        let mut d = Self::configure(&[]);
+        let name = d.cgroup_parent.clone();
+        d.run_dir = Path::new("/dev/shm").join(format!("{name}-run"));
+        d.own_run_dir = true;
+        d.spawn().await;
+        d
+    }
+
     /// Starts a daemon with extra command-line flags.
     pub async fn start_with(extra: &[&str]) -> Self {
+        let mut d = Self::configure(extra);
+        d.spawn().await;
+        d
+    }
+
+    fn configure(extra: &[&str]) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("e")
             .tempdir_in("/tmp")
@@ -51,17 +70,16 @@ impl TestDaemon {
             .unwrap()
             .to_string_lossy()
             .to_string();
-        let mut d = Self {
+        Self {
             child: None,
             socket,
             state_dir,
             run_dir,
             cgroup_parent: format!("elide-test-{name}"),
             extra_args: extra.iter().map(|s| s.to_string()).collect(),
+            own_run_dir: false,
             dir,
-        };
-        d.spawn().await;
-        d
+        }
     }
 
     /// (Re)starts the daemon process with the same dirs.
@@ -168,6 +186,9 @@ impl Drop for TestDaemon {
             .filter(|l| l.contains("WARN") || l.contains("ERROR"))
         {
             eprintln!("daemon log: {line}");
+        }
+        if self.own_run_dir {
+            let _ = std::fs::remove_dir_all(&self.run_dir);
         }
         // Remove this daemon's (now empty) parent cgroups.
         for h in ["memory", "cpu,cpuacct", "cpu", "cpuacct", "pids", "unified"] {

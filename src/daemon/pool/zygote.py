@@ -10,7 +10,7 @@
 # a pipe (and the zygote forks the next spare), replays the daemon's isolation plan (the same
 # steps the cold spawn runs in pre_exec), then runs the script as __main__ and leaves with
 # os._exit, never returning into the zygote's loop.
-import os, sys, json, signal, socket, select, gc, ctypes, errno
+import os, sys, json, signal, socket, select, gc, ctypes, errno, _signal
 
 # Modules snippets commonly import: loaded once here, shared copy-on-write by every child.
 import io, re, math, time, random, struct, types, builtins, traceback, threading, atexit
@@ -65,11 +65,12 @@ def _loopback_up():
 def _python_signal_defaults():
     # What a freshly started interpreter has: SIGINT raises KeyboardInterrupt, SIGPIPE and
     # SIGXFSZ ignored, everything else at its default action.
+    # _signal directly: signal.signal's enum conversions touch (copy-on-write) ~30 pages more.
     for sig in range(1, signal.NSIG):
         if sig in (signal.SIGKILL, signal.SIGSTOP):
             continue
         try:
-            signal.signal(sig, signal.SIG_DFL)
+            _signal.signal(sig, _signal.SIG_DFL)
         except (OSError, ValueError, RuntimeError):
             pass
     signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -113,6 +114,49 @@ def _prepare_spare():
     except Exception:
         pass
     return done
+
+
+def _warm():
+    """Runs the Python code every child runs (os.fork's after-fork hooks, the job's decoding,
+    reports and set-up) in the zygote, before the freeze: a child then finds that code already
+    specialized and its lazy state (ctypes function pointers, encoder/decoder caches) filled,
+    instead of copying the pages to do it itself (~300-400 KiB less private memory per child
+    on 3.11). Nothing here changes the zygote's behaviour: it is single-threaded, so
+    threading's after-fork reset only rebuilds the same state, and it reseeds its own random."""
+    for name in ("prctl", "setns", "unshare", "syscall"):
+        getattr(_libc, name)
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    job = {"token": 0, "steps": [{"step": "chdir", "path": "/"}, {"step": "reset_signals"}],
+           "env": [["A", "b"]], "argv": ["python3", "/x.py"], "script": "/x.py"}
+    try:
+        # More calls than the interpreter's specialization warm-up.
+        for _ in range(12):
+            threading._after_fork()
+            random.seed()
+            socket.send_fds(a, [json.dumps(job).encode()], [1, 2])
+            msg, fds, _flags, _addr = socket.recv_fds(b, 1 << 20, 8)
+            for fd in fds:
+                os.close(fd)
+            env = dict(json.loads(msg)["env"])
+            _coerce_c_locale(env)
+            os.environ["ELIDE_WARM"] = "1"
+            dict(os.environ)
+            list(os.environ.keys())
+            os.environ.get("ELIDE_WARM")
+            del os.environ["ELIDE_WARM"]
+            time.tzset()
+            locale.setlocale(locale.LC_CTYPE, "")
+            os.close(os.pidfd_open(os.getpid()))
+            os.path.dirname(os.path.abspath("/x.py"))
+            main = types.ModuleType("__warm__")
+            main.__builtins__ = builtins
+            exec(compile("pass", "/x.py", "exec", dont_inherit=True), main.__dict__)
+            json.dumps({"ready": 0, "pid": 0})
+    except Exception:
+        pass
+    finally:
+        a.close()
+        b.close()
 
 
 def _replay(job, fds, zygote_pid, done=frozenset()):
@@ -365,6 +409,7 @@ def main():
     poller.register(sock.fileno(), select.POLLRDHUP)
     poller.register(taken_r, select.POLLIN)
     poller.register(sig_r, select.POLLIN)
+    _warm()
     # Everything allocated so far stays untouched by the collector in the children, so
     # their pages are not dirtied by gc bookkeeping.
     gc.collect()
