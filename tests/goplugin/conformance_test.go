@@ -377,7 +377,7 @@ func TestBadConfigIsInvalidArgumentAndPluginKeepsServing(t *testing.T) {
 	spec := h.configSpec(t)
 	cases := map[string]string{
 		`{"session_config": [{"enabled_languages": ["cobol"]}]}`: `unknown language "cobol"`,
-		`{"session_config": [{"context_pool_size": 0}]}`:         "session_config.context_pool_size: must be at least 1",
+		`{"session_config": [{"context_pool_size": -1}]}`:        "session_config.context_pool_size: must be 0 (no warm workers) or more, got -1",
 		`{"daemon_socket": "relative.sock"}`:                     "daemon_socket: must be an absolute path",
 	}
 	for cfg, want := range cases {
