@@ -18,7 +18,7 @@ use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
 
-use super::state::{ExecutionRecord, StateError};
+use super::state::{ExecutionRecord, StateError, io, replace_file};
 
 /// Dead lines tolerated beyond this many (plus twice the live ones) before a rewrite.
 const COMPACT_SLACK: usize = 1024;
@@ -28,13 +28,6 @@ const COMPACT_SLACK: usize = 1024;
 enum Entry {
     Put(ExecutionRecord),
     Del(String),
-}
-
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StateError + '_ {
-    move |source| StateError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
 }
 
 /// What a journal file holds: the live records (as their last line) and how many lines it has.
@@ -83,14 +76,17 @@ fn replay(path: &Path) -> Result<Replayed, StateError> {
 
 /// Every live record in the journal at `path` (none when it does not exist).
 pub fn load(path: &Path) -> Result<Vec<ExecutionRecord>, StateError> {
-    let r = replay(path)?;
-    Ok(r.live
-        .values()
+    Ok(records_of(&replay(path)?.live))
+}
+
+/// The records of live `put` lines.
+fn records_of(live: &HashMap<String, Vec<u8>>) -> Vec<ExecutionRecord> {
+    live.values()
         .filter_map(|line| match serde_json::from_slice::<Entry>(line) {
             Ok(Entry::Put(rec)) => Some(rec),
             _ => None,
         })
-        .collect())
+        .collect()
 }
 
 struct Inner {
@@ -197,34 +193,17 @@ impl Journal {
 
     /// Every live record.
     pub fn records(&self) -> Vec<ExecutionRecord> {
-        self.lock()
-            .live
-            .values()
-            .filter_map(|line| match serde_json::from_slice::<Entry>(line) {
-                Ok(Entry::Put(rec)) => Some(rec),
-                _ => None,
-            })
-            .collect()
+        records_of(&self.lock().live)
     }
 
     /// Rewrites the file with only the live records (write, fsync, rename over the old one).
     fn compact(&self, g: &mut Inner) -> Result<(), StateError> {
-        let tmp = self.path.with_extension("compact");
         let mut out = Vec::new();
         for line in g.live.values() {
             out.extend_from_slice(line);
             out.push(b'\n');
         }
-        let mut f = OpenOptions::new()
-            .create(true)
-            .truncate(true)
-            .write(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(io(&tmp))?;
-        f.write_all(&out).map_err(io(&tmp))?;
-        f.sync_data().map_err(io(&tmp))?;
-        fs::rename(&tmp, &self.path).map_err(io(&self.path))?;
+        replace_file(&self.path, &self.path.with_extension("compact"), &out, true)?;
         if let Some(dir) = self.path.parent()
             && let Ok(d) = File::open(dir)
         {
@@ -247,26 +226,7 @@ impl Journal {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::daemon::state::ResultRecord;
-
-    fn rec(id: &str, exit: Option<i32>) -> ExecutionRecord {
-        ExecutionRecord {
-            id: id.into(),
-            session_id: "s".into(),
-            language: "python".into(),
-            client_ref: String::new(),
-            pid: 42,
-            pid_start_ticks: 7,
-            started_at: Some(std::time::SystemTime::now()),
-            ended_at: None,
-            result: exit.map(|c| ResultRecord {
-                exit_code: c,
-                ..Default::default()
-            }),
-            cgroup: String::new(),
-            daemon_pid: 1,
-        }
-    }
+    use crate::daemon::state::test_record as rec;
 
     fn ids(mut v: Vec<ExecutionRecord>) -> Vec<(String, Option<i32>)> {
         v.sort_by(|a, b| a.id.cmp(&b.id));

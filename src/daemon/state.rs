@@ -36,7 +36,7 @@ pub enum StateError {
     Locked(PathBuf),
 }
 
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StateError + '_ {
+pub(super) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StateError + '_ {
     move |source| StateError::Io {
         path: path.to_path_buf(),
         source,
@@ -104,6 +104,28 @@ pub struct SessionRecord {
     pub enable_ai: bool,
     /// Creation time.
     pub created_at: std::time::SystemTime,
+}
+
+/// Replaces `path` with `bytes` atomically: written to `tmp`, fsynced when `durable`, renamed
+/// over `path`.
+pub(super) fn replace_file(
+    path: &Path,
+    tmp: &Path,
+    bytes: &[u8],
+    durable: bool,
+) -> Result<(), StateError> {
+    let mut f = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .mode(0o600)
+        .open(tmp)
+        .map_err(io(tmp))?;
+    f.write_all(bytes).map_err(io(tmp))?;
+    if durable {
+        f.sync_data().map_err(io(tmp))?;
+    }
+    fs::rename(tmp, path).map_err(io(path))
 }
 
 /// The execution journal's file name under the state dir.
@@ -211,24 +233,11 @@ impl StateStore {
         value: &impl Serialize,
         durable: bool,
     ) -> Result<(), StateError> {
-        let tmp = path.with_extension("json.tmp");
         let bytes = serde_json::to_vec_pretty(value).map_err(|e| StateError::Io {
             path: path.to_path_buf(),
             source: std::io::Error::other(e),
         })?;
-        let mut f = OpenOptions::new()
-            .create(true)
-            .truncate(true)
-            .write(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(io(&tmp))?;
-        f.write_all(&bytes).map_err(io(&tmp))?;
-        if durable {
-            f.sync_data().map_err(io(&tmp))?;
-        }
-        fs::rename(&tmp, path).map_err(io(path))?;
-        Ok(())
+        replace_file(path, &path.with_extension("json.tmp"), &bytes, durable)
     }
 
     fn read_all<T: for<'de> Deserialize<'de>>(&self, sub: &str) -> Vec<T> {
@@ -347,6 +356,27 @@ impl StateStore {
     }
 }
 
+/// A record for tests: pid 42, started now, ended with `exit` when given.
+#[cfg(test)]
+pub(crate) fn test_record(id: &str, exit: Option<i32>) -> ExecutionRecord {
+    ExecutionRecord {
+        id: id.into(),
+        session_id: "s".into(),
+        language: "python".into(),
+        client_ref: String::new(),
+        pid: 42,
+        pid_start_ticks: 7,
+        started_at: Some(std::time::SystemTime::now()),
+        ended_at: None,
+        result: exit.map(|c| ResultRecord {
+            exit_code: c,
+            ..Default::default()
+        }),
+        cgroup: String::new(),
+        daemon_pid: 1,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -359,22 +389,7 @@ mod tests {
             StateStore::open(dir.path()),
             Err(StateError::Locked(_))
         ));
-        let rec = ExecutionRecord {
-            id: "e1".into(),
-            session_id: "s".into(),
-            language: "python".into(),
-            client_ref: String::new(),
-            pid: 42,
-            pid_start_ticks: 7,
-            started_at: Some(std::time::SystemTime::now()),
-            ended_at: None,
-            result: Some(ResultRecord {
-                exit_code: 3,
-                ..Default::default()
-            }),
-            cgroup: String::new(),
-            daemon_pid: 1,
-        };
+        let rec = test_record("e1", Some(3));
         s.save_execution(&rec).unwrap();
         let back = s.load_executions();
         assert_eq!(back.len(), 1);
@@ -390,19 +405,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let legacy = dir.path().join(LEGACY_EXECUTIONS);
         fs::create_dir_all(&legacy).unwrap();
-        let rec = ExecutionRecord {
-            id: "old".into(),
-            session_id: "s".into(),
-            language: "python".into(),
-            client_ref: String::new(),
-            pid: 42,
-            pid_start_ticks: 7,
-            started_at: None,
-            ended_at: None,
-            result: None,
-            cgroup: String::new(),
-            daemon_pid: 1,
-        };
+        let rec = test_record("old", None);
         fs::write(legacy.join("old.json"), serde_json::to_vec(&rec).unwrap()).unwrap();
         // A read-only view (the reaper) reads the old layout as it is.
         let ro = StateStore::open_readonly(dir.path()).unwrap();
