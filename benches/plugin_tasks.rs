@@ -26,6 +26,9 @@ use serde_json::json;
 const BEGIN: &str = "<!-- plugin_tasks:begin -->";
 const END: &str = "<!-- plugin_tasks:end -->";
 
+/// Sum of StartTask round trips (µs), to split latency between start and wait.
+static START_US: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// One task: StartTask → WaitTask (ms, exit code); the FIFOs are created before timing.
 async fn one_task(
     plugin: &Plugin,
@@ -38,6 +41,10 @@ async fn one_task(
     let cfg = task.config(&plugin.spec, &json!({"language": language, "code": code}));
     let t = Instant::now();
     plugin.start(cfg).await.expect("StartTask");
+    START_US.fetch_add(
+        t.elapsed().as_micros() as u64,
+        std::sync::atomic::Ordering::Relaxed,
+    );
     let w = plugin.wait(&task.id).await;
     let ms = t.elapsed().as_secs_f64() * 1e3;
     let code = w.result.map(|r| r.exit_code).unwrap_or(-1);
@@ -102,6 +109,7 @@ async fn run(n: usize) -> String {
                 n / 2
             };
             let mut v = Vec::new();
+            START_US.store(0, std::sync::atomic::Ordering::Relaxed);
             for i in 0..samples + 5 {
                 let (ms, code) =
                     one_task(&plugin, &alloc, &format!("{lang}-{pool}-{i}"), lang, code).await;
@@ -117,6 +125,10 @@ async fn run(n: usize) -> String {
             let Stats {
                 median: med, p99, ..
             } = stats(v);
+            let start_ms = START_US.load(std::sync::atomic::Ordering::Relaxed) as f64
+                / 1e3
+                / (samples + 5) as f64;
+            eprintln!("{lang} pool {pool}: median {med:.2} ms, mean StartTask {start_ms:.2} ms");
             let ratio = base / med;
             rows.push_str(&format!(
                 "| {lang} | {pool} | {med:.2} ms | {p99:.2} ms | {base:.2} ms | {ratio:.1}× |\n"

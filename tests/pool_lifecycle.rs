@@ -394,3 +394,71 @@ async fn a_thousand_executions_leave_no_zombie_or_leaked_worker() {
     .unwrap();
     assert!(descendants(daemon).is_empty(), "{:?}", descendants(daemon));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_late_fallback_starts_cold_on_the_fifo_the_pooled_attempt_opened() {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    let d = TestDaemon::start().await;
+    let mut c = d.client().await;
+    let daemon = d.pid();
+    let s = pooled_session(&mut c, 1).await;
+    let _ = run_pooled(&mut c, &s, "py", "print(1)").await;
+    // Freeze the zygote and its spare: jobs pile up on its socket until it refuses more, and a
+    // start refused there falls back cold after it already opened its sinks.
+    let frozen: Vec<u32> = zygotes(daemon)
+        .into_iter()
+        .chain(zygote_children(daemon))
+        .collect();
+    assert_eq!(frozen.len(), 2, "zygote and spare");
+    for p in &frozen {
+        kill(Pid::from_raw(*p as i32), Signal::SIGSTOP).unwrap();
+    }
+    let mut queued = Vec::new();
+    let mut refused = false;
+    // Large jobs fill the socket's send buffer in a few messages.
+    let big = "x".repeat(48 << 10);
+    for _ in 0..40 {
+        let mut c2 = d.client().await;
+        let mut req = code_req(&s, "py", "print('queued')");
+        req.env.push(pb::EnvVar {
+            key: b"BIG".to_vec(),
+            value: big.clone().into_bytes(),
+        });
+        let (tx, mut rx) = tokio::sync::oneshot::channel();
+        queued.push(tokio::spawn(async move {
+            let e = c2.start_execution(req).await.unwrap().into_inner();
+            let _ = tx.send(e.pooled);
+            wait(&mut c2, &e.id).await.exit_code
+        }));
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        if let Ok(false) = rx.try_recv() {
+            refused = true;
+            break;
+        }
+    }
+    assert!(refused, "the frozen zygote's socket never filled up");
+    // The socket is full: this start opens its FIFO, is refused by the zygote, and must run
+    // cold on the same open FIFO (a close would hand the reader its EOF before any output).
+    let fifo = d.dir.path().join("late.fifo");
+    let reader = fifo_reader(&fifo);
+    let mut req = code_req(&s, "py", "print('cold on the same fifo')");
+    req.env.push(pb::EnvVar {
+        key: b"BIG".to_vec(),
+        value: big.into_bytes(),
+    });
+    req.stdout = path_sink(&fifo);
+    let e = c.start_execution(req).await.unwrap().into_inner();
+    assert!(!e.pooled);
+    assert_eq!(wait(&mut c, &e.id).await.exit_code, 0);
+    let out = tokio::task::spawn_blocking(move || reader.join().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out), "cold on the same fifo\n");
+    for p in &frozen {
+        kill(Pid::from_raw(*p as i32), Signal::SIGCONT).unwrap();
+    }
+    for q in queued {
+        assert_eq!(q.await.unwrap(), 0);
+    }
+}

@@ -214,8 +214,18 @@ impl Preparer {
     }
 
     pub(crate) fn prepare(&self, plan: &ExecutionPlan) -> Result<Prepared, LaunchError> {
-        let mut prepared = self.open_sinks(plan)?;
-        if self.cgroups.mode() != CgroupMode::None {
+        let prepared = self.open_sinks(plan)?;
+        self.with_cgroup(plan, prepared)
+    }
+
+    /// Gives `prepared` (sinks already open) its execution cgroup, unless it has one or the
+    /// machine has none.
+    pub(crate) fn with_cgroup(
+        &self,
+        plan: &ExecutionPlan,
+        mut prepared: Prepared,
+    ) -> Result<Prepared, LaunchError> {
+        if self.cgroups.mode() != CgroupMode::None && prepared.cgroup.is_none() {
             let limits = cgroup_limits(plan);
             let cgroup = match self.stock.take(&limits) {
                 Some(cg) => cg,
@@ -276,15 +286,30 @@ pub(crate) fn convert(status: std::process::ExitStatus) -> ProcessExit {
 
 impl Launcher for ColdLauncher {
     fn launch(&self, plan: ExecutionPlan) -> BoxFuture<'_, Result<Launched, LaunchError>> {
-        Box::pin(async move {
+        Box::pin(self.launch_from(plan, None))
+    }
+}
+
+impl ColdLauncher {
+    /// Launches `plan` cold; with `opened`, on the sinks a pooled attempt already opened (a
+    /// FIFO closed and reopened would end Nomad's logmon reader at the EOF in between).
+    pub(crate) async fn launch_from(
+        &self,
+        plan: ExecutionPlan,
+        opened: Option<Prepared>,
+    ) -> Result<Launched, LaunchError> {
+        {
             // Sink opening may wait for a FIFO reader and cgroup writes are file I/O: both block.
             let plan = std::sync::Arc::new(plan);
             let prepared = {
                 let plan = plan.clone();
                 let me = self.preparer.clone();
-                tokio::task::spawn_blocking(move || me.prepare(&plan))
-                    .await
-                    .map_err(|e| LaunchError::Sandbox(format!("prepare task failed: {e}")))??
+                tokio::task::spawn_blocking(move || match opened {
+                    Some(p) => me.with_cgroup(&plan, p),
+                    None => me.prepare(&plan),
+                })
+                .await
+                .map_err(|e| LaunchError::Sandbox(format!("prepare task failed: {e}")))??
             };
             let Prepared {
                 stdout,
@@ -334,7 +359,7 @@ impl Launcher for ColdLauncher {
                 exit,
                 pooled: false,
             })
-        })
+        }
     }
 }
 

@@ -40,9 +40,6 @@ use crate::sandbox::IsolationSpec;
 use crate::sandbox::landlock_rules::{FsPolicy, build_ruleset};
 use python_zygote::Zygote;
 
-/// How long a start waits for room on a busy zygote socket before falling back.
-const SUBMIT_BACKLOG_WAIT: Duration = Duration::from_secs(20);
-
 /// How long a pooled child may take to apply its isolation before the start fails.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -68,6 +65,8 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 enum NotPooled {
     /// Start cold instead, telling the client why.
     Fallback(String),
+    /// Start cold on the sinks the pooled attempt already opened.
+    FallbackOn(String, Prepared),
     /// A real error the cold path would report too (bad sink, isolation failure).
     Fail(LaunchError),
 }
@@ -305,29 +304,26 @@ impl PoolLauncher {
         }
         let remove_cgroup = |cg: Option<crate::sandbox::cgroup::ExecutionCgroup>| {
             if let Some(cg) = cg {
+                let _ = cg.kill_all();
                 let _ = cg.remove();
             }
         };
-        // The output sinks are open from here on: falling back to a cold start would close and
-        // reopen them, and Nomad's logmon stops reading at the first EOF. So a full socket (a
-        // burst of starts) is waited out for a while rather than treated as a fallback.
-        let mut submitted = zygote.submit(job.clone(), &fds);
-        let deadline = std::time::Instant::now() + SUBMIT_BACKLOG_WAIT;
-        while matches!(
-            submitted,
-            Err(python_zygote::SendError::Socket(nix::errno::Errno::EAGAIN))
-        ) && std::time::Instant::now() < deadline
-        {
-            tokio::time::sleep(Duration::from_millis(2)).await;
-            submitted = zygote.submit(job.clone(), &fds);
-        }
-        // The zygote holds its own copies now (or the job was refused).
-        drop((spec, ruleset));
+        let submitted = zygote.submit(job, &fds);
+        drop(ruleset);
+        // Our copies of the sinks stay open until the child reported ready: a late fallback
+        // starts cold on them (the zygote's copies die with the job).
+        let opened = Prepared {
+            stdout: spec.stdout,
+            stderr: spec.stderr,
+            stdout_capture,
+            stderr_capture,
+            cgroup: None,
+        };
         let job = match submitted {
             Ok(j) => j,
             Err(e) => {
                 remove_cgroup(cgroup);
-                return Err(NotPooled::Fallback(e.to_string()));
+                return Err(NotPooled::FallbackOn(e.to_string(), opened));
             }
         };
         let ready = match tokio::time::timeout(READY_TIMEOUT, job.ready).await {
@@ -344,8 +340,9 @@ impl PoolLauncher {
             }
             Ok(Err(_)) => {
                 remove_cgroup(cgroup);
-                return Err(NotPooled::Fallback(
+                return Err(NotPooled::FallbackOn(
                     "the python zygote exited while starting the execution".into(),
+                    opened,
                 ));
             }
             Err(_) => {
@@ -379,8 +376,9 @@ impl PoolLauncher {
             pid,
             start_ticks: start_ticks(pid),
             cgroup,
-            stdout_capture,
-            stderr_capture,
+            // The child holds its own copies of the sinks; ours close here.
+            stdout_capture: opened.stdout_capture,
+            stderr_capture: opened.stderr_capture,
             exit,
             pooled: true,
         })
@@ -409,6 +407,11 @@ impl Launcher for PoolLauncher {
                     tracing::debug!(execution = %plan.execution_id, %reason, "pool fallback");
                     self.fallback_event(&plan, &reason);
                     self.cold.launch(plan).await
+                }
+                Err(NotPooled::FallbackOn(reason, opened)) => {
+                    tracing::debug!(execution = %plan.execution_id, %reason, "late pool fallback");
+                    self.fallback_event(&plan, &reason);
+                    self.cold.launch_from(plan, Some(opened)).await
                 }
             }
         })
