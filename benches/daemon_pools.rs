@@ -19,12 +19,14 @@ mod common;
 #[path = "../tests/daemon_support/mod.rs"]
 mod daemon_support;
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Stats, cold_spawn, machine, resolve_node, resolve_python, stats, write_section};
+use common::{
+    Stats, cold_idle_pss, cold_spawn, descendants, machine, pss_kib, resolve_node, resolve_python,
+    rss_kib, stats, write_section,
+};
 use daemon_support::{Client, TestDaemon, path_sink};
 use elide_task_driver::proto::elide::daemon::v1alpha1 as pb;
 
@@ -120,54 +122,6 @@ async fn latency(
     (stats(v), pooled)
 }
 
-fn pss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with("Pss:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
-
-fn descendants(root: u32) -> Vec<u32> {
-    let mut parent: HashMap<u32, u32> = HashMap::new();
-    if let Ok(dir) = std::fs::read_dir("/proc") {
-        for e in dir.flatten() {
-            let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
-                continue;
-            };
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-            if let Some((_, rest)) = stat.rsplit_once(')')
-                && let Some(pp) = rest.split_whitespace().nth(1).and_then(|v| v.parse().ok())
-            {
-                parent.insert(pid, pp);
-            }
-        }
-    }
-    let mut out = Vec::new();
-    let mut stack = vec![root];
-    while let Some(p) = stack.pop() {
-        for (&c, &pp) in &parent {
-            if pp == p {
-                out.push(c);
-                stack.push(c);
-            }
-        }
-    }
-    out
-}
-
 /// PSS of 50 idle snippets through the daemon (daemon + descendants, /N), in KiB.
 async fn daemon_idle_pss(d: &TestDaemon, c: &mut Client, lang: &str, code: &str, n: usize) -> f64 {
     let s = session_for(c, 4, &[lang]).await;
@@ -198,28 +152,6 @@ async fn daemon_idle_pss(d: &TestDaemon, c: &mut Client, lang: &str, code: &str,
             }),
         })
         .await;
-    total as f64 / n as f64
-}
-
-/// PSS of `n` cold idle interpreters, /N, in KiB.
-fn cold_idle_pss(program: &Path, args: &[&str], n: usize) -> f64 {
-    let mut kids: Vec<_> = (0..n)
-        .map(|_| {
-            Command::new(program)
-                .args(args)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("spawn")
-        })
-        .collect();
-    std::thread::sleep(Duration::from_secs(3));
-    let total: u64 = kids.iter().map(|k| pss_kib(k.id())).sum();
-    for k in &mut kids {
-        let _ = k.kill();
-        let _ = k.wait();
-    }
     total as f64 / n as f64
 }
 
@@ -344,10 +276,17 @@ fn verdict(ok: bool) -> &'static str {
 }
 
 fn main() {
+    // `cargo bench` passes `--bench`; under `cargo test --all-targets` this is a smoke run
+    // with few latency samples (the tables it prints are not results).
+    let default_n = if std::env::args().any(|a| a == "--bench") {
+        200
+    } else {
+        10
+    };
     let n: usize = std::env::var("BENCH_N")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(200);
+        .unwrap_or(default_n);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -18,13 +18,51 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use common::{Stats, cold_spawn, resolve_node, resolve_python, stats, write_section};
+use common::{
+    Stats, cold_idle_pss, cold_spawn, descendants, pss_kib, resolve_node, resolve_python, stats,
+    write_section,
+};
 use daemon_support::TestDaemon;
 use lifecycle_support::{Alloc, Plugin, plugin_config};
 use serde_json::json;
 
 const BEGIN: &str = "<!-- plugin_tasks:begin -->";
 const END: &str = "<!-- plugin_tasks:end -->";
+
+/// Idle snippets in the memory measurement.
+const MEM_N: usize = 50;
+
+/// PSS per idle snippet (KiB) with `MEM_N` tasks of `code` running through the plugin:
+/// plugin + daemon + every descendant of the daemon, / N.
+async fn idle_pss_through_plugin(
+    plugin: &Plugin,
+    daemon: &TestDaemon,
+    root: &std::path::Path,
+    lang: &str,
+    code: &str,
+) -> f64 {
+    let alloc = Alloc::new(root);
+    let mut tasks = Vec::new();
+    for i in 0..MEM_N {
+        let task = alloc.task(&format!("mem-{lang}-{i}"));
+        let cfg = task.config(&plugin.spec, &json!({"language": lang, "code": code}));
+        plugin.start(cfg).await.expect("StartTask");
+        tasks.push(task);
+    }
+    // Let every snippet reach its idle state.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let d = daemon.pid();
+    let total: u64 = [plugin.client.process.child.id(), d]
+        .into_iter()
+        .chain(descendants(d))
+        .map(pss_kib)
+        .sum();
+    for t in &tasks {
+        let _ = plugin.stop(&t.id, "SIGKILL", Duration::ZERO).await;
+        let _ = plugin.destroy(&t.id, true).await;
+    }
+    total as f64 / MEM_N as f64
+}
 
 /// Sum of StartTask round trips (µs), to split latency between start and wait.
 static START_US: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -53,10 +91,17 @@ async fn one_task(
 }
 
 fn main() {
+    // `cargo bench` passes `--bench`; under `cargo test --all-targets` this is a smoke run
+    // with few latency samples (the tables it prints are not results).
+    let default_n = if std::env::args().any(|a| a == "--bench") {
+        100
+    } else {
+        10
+    };
     let n: usize = std::env::var("BENCH_N")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(100);
+        .unwrap_or(default_n);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -78,6 +123,7 @@ async fn run(n: usize) -> String {
     let daemon = TestDaemon::start_with_tmpfs_run_dir().await;
     let mut rows = String::new();
     let mut budgets = String::new();
+    let mut memory = String::new();
     // Under the daemon's allowed output root, so it accepts the FIFOs as sinks.
     let root = daemon.dir.path().to_path_buf();
     let alloc = Alloc::new(&root);
@@ -174,6 +220,39 @@ async fn run(n: usize) -> String {
                 "| ≥ 300 short python tasks/s through plugin + daemon | {rate:.0}/s | {} |\n",
                 if rate >= 300.0 { "reached" } else { "MISSED" }
             ));
+
+            eprintln!("plugin memory");
+            for (lang, code, program, args) in [
+                (
+                    "python",
+                    "import time\ntime.sleep(600)",
+                    &python,
+                    ["-c", "import time\ntime.sleep(600)"],
+                ),
+                (
+                    "javascript",
+                    "setTimeout(() => {}, 600000)",
+                    &node,
+                    ["-e", "setTimeout(() => {}, 600000)"],
+                ),
+            ] {
+                let ours = idle_pss_through_plugin(plugin, &daemon, &root, lang, code).await;
+                let cold = cold_idle_pss(program, &args, MEM_N);
+                let share = ours / cold;
+                memory.push_str(&format!(
+                    "| {lang} | {:.2} MiB | {:.2} MiB | {:.0}% |\n",
+                    ours / 1024.0,
+                    cold / 1024.0,
+                    share * 100.0
+                ));
+                if lang == "python" {
+                    budgets.push_str(&format!(
+                        "| memory per idle python snippet through plugin + daemon ≤ 20% of a cold python3 | {:.0}% | {} |\n",
+                        share * 100.0,
+                        if share <= 0.20 { "reached" } else { "MISSED" }
+                    ));
+                }
+            }
         }
     }
     format!(
@@ -184,7 +263,14 @@ task's logmon FIFOs (drained by reader threads) before timing, then times StartT
 (DestroyTask afterwards, untimed). Alloc dir and daemon state dir on disk (ext4), the daemon's \
 run dir on tmpfs (`/dev/shm`, as `/run/elide/exec` is on a systemd host). Cold baseline: `{}` / `{}` spawned directly, output to /dev/null.\n\n\
 | budget | measured | verdict |\n|---|---|---|\n{budgets}\n\
-| language | context_pool_size | median | p99 | cold interpreter median | speed-up |\n|---|---|---|---|---|---|\n{rows}{END}\n",
+| language | context_pool_size | median | p99 | cold interpreter median | speed-up |\n|---|---|---|---|---|---|\n{rows}\n\
+### Memory per running idle snippet through plugin + daemon, N = {MEM_N}\n\n\
+PSS (smaps_rollup) of the plugin, the daemon and every descendant of the daemon (zygote, \
+spares, node workers, executions, reaper), / N, with the tasks started through StartTask at \
+`context_pool_size = 4`; next to N cold interpreters. The plugin's session warms every enabled \
+language, so its idle node workers and zygote spare are part of both figures (the daemon \
+section measures single-language sessions).\n\n\
+| language | plugin + daemon + children / N | cold interpreter | share |\n|---|---|---|---|\n{memory}{END}\n",
         python.display(),
         node.display()
     )

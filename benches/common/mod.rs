@@ -2,9 +2,10 @@
 //! version-manager shims, the cold-spawn baseline and writing a section of BENCHMARKS.md.
 #![allow(dead_code)] // each bench uses its own subset
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// The `p`th percentile of already sorted samples (nearest rank); NaN when there are none.
 pub fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -117,4 +118,77 @@ pub fn write_section(begin: &str, end: &str, section: &str) {
     if let Err(e) = std::fs::write(&path, new) {
         eprintln!("cannot write {path}: {e}");
     }
+}
+
+/// PSS of a process (smaps_rollup), in KiB; 0 when it is gone.
+pub fn pss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("Pss:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// VmRSS of a process, in KiB; 0 when it is gone.
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Every descendant of `root` (children, their children, ...).
+pub fn descendants(root: u32) -> Vec<u32> {
+    let mut parent: HashMap<u32, u32> = HashMap::new();
+    if let Ok(dir) = std::fs::read_dir("/proc") {
+        for e in dir.flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            if let Some((_, rest)) = stat.rsplit_once(')')
+                && let Some(pp) = rest.split_whitespace().nth(1).and_then(|v| v.parse().ok())
+            {
+                parent.insert(pid, pp);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    let mut stack = vec![root];
+    while let Some(p) = stack.pop() {
+        for (&c, &pp) in &parent {
+            if pp == p {
+                out.push(c);
+                stack.push(c);
+            }
+        }
+    }
+    out
+}
+
+/// PSS of `n` cold idle interpreters, /N, in KiB.
+pub fn cold_idle_pss(program: &Path, args: &[&str], n: usize) -> f64 {
+    let mut kids: Vec<_> = (0..n)
+        .map(|_| {
+            Command::new(program)
+                .args(args)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("spawn")
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(3));
+    let total: u64 = kids.iter().map(|k| pss_kib(k.id())).sum();
+    for k in &mut kids {
+        let _ = k.kill();
+        let _ = k.wait();
+    }
+    total as f64 / n as f64
 }
