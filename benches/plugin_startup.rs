@@ -12,7 +12,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use common::{machine, percentile, write_section};
+use common::{machine, percentile, proc_kib, write_section};
 use serde_json::json;
 use support::{Launch, NomadClient, PluginProcess, short_tempdir};
 
@@ -20,15 +20,6 @@ const HANDSHAKE_BUDGET_MS: f64 = 20.0;
 const RSS_BUDGET_KIB: u64 = 10 * 1024;
 const BEGIN: &str = "<!-- plugin_startup:begin -->";
 const END: &str = "<!-- plugin_startup:end -->";
-
-fn status_kib(pid: u32, key: &str) -> u64 {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    text.lines()
-        .find(|l| l.starts_with(key))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
 
 fn main() {
     // `cargo bench` passes `--bench`; `cargo test --all-targets` does not: then this is only a
@@ -78,7 +69,10 @@ fn main() {
                 .await
                 .expect("fingerprint");
             let pid = c.process.child.id();
-            (status_kib(pid, "VmRSS:"), status_kib(pid, "VmHWM:"))
+            (
+                proc_kib(pid, "status", "VmRSS"),
+                proc_kib(pid, "status", "VmHWM"),
+            )
         });
         rss_kib.push(rss as f64);
         hwm_kib.push(hwm as f64);

@@ -120,26 +120,24 @@ pub fn write_section(begin: &str, end: &str, section: &str) {
     }
 }
 
-/// PSS of a process (smaps_rollup), in KiB; 0 when it is gone.
-pub fn pss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+/// The KiB value of the `key:` line of a `/proc/<pid>/<file>`; 0 when the process is gone.
+pub fn proc_kib(pid: u32, file: &str, key: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/{file}"))
         .unwrap_or_default()
         .lines()
-        .find(|l| l.starts_with("Pss:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .unwrap_or(0)
+}
+
+/// PSS of a process (smaps_rollup), in KiB; 0 when it is gone.
+pub fn pss_kib(pid: u32) -> u64 {
+    proc_kib(pid, "smaps_rollup", "Pss")
 }
 
 /// VmRSS of a process, in KiB; 0 when it is gone.
 pub fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
+    proc_kib(pid, "status", "VmRSS")
 }
 
 /// Every descendant of `root` (children, their children, ...).
