@@ -10,7 +10,9 @@
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
-use crate::sandbox::cgroup::{CgroupLimits, CgroupManager, CgroupMode, ExecutionCgroup};
+use crate::sandbox::cgroup::{
+    CgroupError, CgroupLimits, CgroupManager, CgroupMode, ExecutionCgroup,
+};
 
 /// How long the refill thread waits after a failed mkdir before trying again.
 const RETRY_AFTER: Duration = Duration::from_secs(1);
@@ -113,6 +115,12 @@ impl Drop for CgroupStock {
     }
 }
 
+/// A new empty cgroup, not yet tied to an execution (`w-<uuid>`).
+pub fn unnamed_cgroup(cgroups: &CgroupManager) -> Result<ExecutionCgroup, CgroupError> {
+    let name = format!("w-{}", uuid::Uuid::new_v4().simple());
+    cgroups.create(&name, &CgroupLimits::default())
+}
+
 /// The refill loop: runs until the stock is dropped.
 fn refill(s: Arc<Shared>) {
     loop {
@@ -125,8 +133,7 @@ fn refill(s: Arc<Shared>) {
                 return;
             }
         }
-        let name = format!("w-{}", uuid::Uuid::new_v4().simple());
-        match s.cgroups.create(&name, &CgroupLimits::default()) {
+        match unnamed_cgroup(&s.cgroups) {
             Ok(cg) => {
                 let mut st = s.lock();
                 if st.closed {

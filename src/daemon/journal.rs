@@ -23,11 +23,12 @@ use super::state::{ExecutionRecord, StateError, io, replace_file};
 /// Dead lines tolerated beyond this many (plus twice the live ones) before a rewrite.
 const COMPACT_SLACK: usize = 1024;
 
+/// One line: owned when read back, borrowed when written (no copy of the record per append).
 #[derive(Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-enum Entry {
-    Put(ExecutionRecord),
-    Del(String),
+enum Entry<R = ExecutionRecord, S = String> {
+    Put(R),
+    Del(S),
 }
 
 /// What a journal file holds: the live records (as their last line) and how many lines it has.
@@ -138,7 +139,7 @@ impl Journal {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn append(&self, entry: &Entry) -> Result<u64, StateError> {
+    fn append(&self, entry: &Entry<&ExecutionRecord, &str>) -> Result<u64, StateError> {
         let mut line = serde_json::to_vec(entry).map_err(|e| StateError::Io {
             path: self.path.clone(),
             source: std::io::Error::other(e),
@@ -154,7 +155,7 @@ impl Journal {
                 g.live.insert(rec.id.clone(), line);
             }
             Entry::Del(id) => {
-                g.live.remove(id);
+                g.live.remove(*id);
             }
         }
         if g.lines > 2 * g.live.len() + COMPACT_SLACK {
@@ -166,12 +167,12 @@ impl Journal {
     /// Records `rec` (replacing any earlier record of its id); durable once [`sync`](Self::sync)
     /// returns.
     pub fn put(&self, rec: &ExecutionRecord) -> Result<u64, StateError> {
-        self.append(&Entry::Put(rec.clone()))
+        self.append(&Entry::Put(rec))
     }
 
     /// Forgets the record of `id`.
     pub fn delete(&self, id: &str) -> Result<(), StateError> {
-        self.append(&Entry::Del(id.to_string())).map(|_| ())
+        self.append(&Entry::Del(id)).map(|_| ())
     }
 
     /// Makes everything up to append number `upto` durable; one fdatasync covers every append

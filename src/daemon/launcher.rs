@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 
-use super::cgroup_stock::CgroupStock;
+use super::cgroup_stock::{CgroupStock, unnamed_cgroup};
 use super::plan::{ExecutionPlan, SinkTarget};
 use crate::sandbox::cgroup::{CgroupLimits, CgroupManager, CgroupMode, ExecutionCgroup};
 use crate::sandbox::sink::open_sink;
@@ -252,17 +252,18 @@ impl Preparer {
         })
     }
 
-    /// An empty cgroup (no limits yet) for a warm worker to start in; None on a machine
-    /// without cgroups.
+    /// An empty cgroup (no limits yet) for a warm worker to start in, from the stock when it
+    /// has one; None on a machine without cgroups.
     pub(crate) fn worker_cgroup(&self) -> Result<Option<ExecutionCgroup>, LaunchError> {
         if self.cgroups.mode() == CgroupMode::None {
             return Ok(None);
         }
-        let name = format!("w-{}", uuid::Uuid::new_v4().simple());
-        self.cgroups
-            .create(&name, &CgroupLimits::default())
-            .map(Some)
-            .map_err(|e| LaunchError::Sandbox(e.to_string()))
+        match self.stock.take(&CgroupLimits::default()) {
+            Some(cg) => Ok(Some(cg)),
+            None => unnamed_cgroup(&self.cgroups)
+                .map(Some)
+                .map_err(|e| LaunchError::Sandbox(e.to_string())),
+        }
     }
 }
 
@@ -298,68 +299,66 @@ impl ColdLauncher {
         plan: ExecutionPlan,
         opened: Option<Prepared>,
     ) -> Result<Launched, LaunchError> {
-        {
-            // Sink opening may wait for a FIFO reader and cgroup writes are file I/O: both block.
-            let plan = std::sync::Arc::new(plan);
-            let prepared = {
-                let plan = plan.clone();
-                let me = self.preparer.clone();
-                tokio::task::spawn_blocking(move || match opened {
-                    Some(p) => me.with_cgroup(&plan, p),
-                    None => me.prepare(&plan),
-                })
-                .await
-                .map_err(|e| LaunchError::Sandbox(format!("prepare task failed: {e}")))??
-            };
-            let Prepared {
-                stdout,
-                stderr,
-                stdout_capture,
-                stderr_capture,
-                cgroup,
-            } = prepared;
-
-            let mut cmd = std::process::Command::new(&plan.argv[0]);
-            cmd.args(&plan.argv[1..]);
-            cmd.env_clear();
-            cmd.envs(plan.env.iter().map(|(k, v)| (k, v)));
-            let spec = isolation_spec(&plan, &cgroup, stdout, stderr);
-            let fail = |cgroup: Option<ExecutionCgroup>, e: LaunchError| {
-                if let Some(cg) = cgroup {
-                    let _ = cg.remove();
-                }
-                e
-            };
-            let program = plan.argv[0].to_string_lossy().into_owned();
-            // Building the isolation (Landlock ruleset, namespace and cgroup fds) and forking
-            // both happen on the spawner thread, off the async workers.
-            let spawned = self
-                .spawner
-                .run(move || {
-                    spec.apply(&mut cmd)
-                        .map_err(|e| LaunchError::Sandbox(e.to_string()))?;
-                    let mut cmd = tokio::process::Command::from(cmd);
-                    cmd.kill_on_drop(false);
-                    cmd.spawn()
-                        .map_err(|source| LaunchError::Spawn { program, source })
-                })
-                .await;
-            let mut child = match spawned {
-                Ok(Ok(c)) => c,
-                Ok(Err(e)) | Err(e) => return Err(fail(cgroup, e)),
-            };
-            let pid = child.id().unwrap_or(0);
-            let exit = Box::pin(async move { child.wait().await.map(convert) });
-            Ok(Launched {
-                pid,
-                start_ticks: start_ticks(pid),
-                cgroup,
-                stdout_capture,
-                stderr_capture,
-                exit,
-                pooled: false,
+        // Sink opening may wait for a FIFO reader and cgroup writes are file I/O: both block.
+        let plan = std::sync::Arc::new(plan);
+        let prepared = {
+            let plan = plan.clone();
+            let me = self.preparer.clone();
+            tokio::task::spawn_blocking(move || match opened {
+                Some(p) => me.with_cgroup(&plan, p),
+                None => me.prepare(&plan),
             })
-        }
+            .await
+            .map_err(|e| LaunchError::Sandbox(format!("prepare task failed: {e}")))??
+        };
+        let Prepared {
+            stdout,
+            stderr,
+            stdout_capture,
+            stderr_capture,
+            cgroup,
+        } = prepared;
+
+        let mut cmd = std::process::Command::new(&plan.argv[0]);
+        cmd.args(&plan.argv[1..]);
+        cmd.env_clear();
+        cmd.envs(plan.env.iter().map(|(k, v)| (k, v)));
+        let spec = isolation_spec(&plan, &cgroup, stdout, stderr);
+        let fail = |cgroup: Option<ExecutionCgroup>, e: LaunchError| {
+            if let Some(cg) = cgroup {
+                let _ = cg.remove();
+            }
+            e
+        };
+        let program = plan.argv[0].to_string_lossy().into_owned();
+        // Building the isolation (Landlock ruleset, namespace and cgroup fds) and forking
+        // both happen on the spawner thread, off the async workers.
+        let spawned = self
+            .spawner
+            .run(move || {
+                spec.apply(&mut cmd)
+                    .map_err(|e| LaunchError::Sandbox(e.to_string()))?;
+                let mut cmd = tokio::process::Command::from(cmd);
+                cmd.kill_on_drop(false);
+                cmd.spawn()
+                    .map_err(|source| LaunchError::Spawn { program, source })
+            })
+            .await;
+        let mut child = match spawned {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) | Err(e) => return Err(fail(cgroup, e)),
+        };
+        let pid = child.id().unwrap_or(0);
+        let exit = Box::pin(async move { child.wait().await.map(convert) });
+        Ok(Launched {
+            pid,
+            start_ticks: start_ticks(pid),
+            cgroup,
+            stdout_capture,
+            stderr_capture,
+            exit,
+            pooled: false,
+        })
     }
 }
 

@@ -302,17 +302,11 @@ impl PoolLauncher {
         if let Some(r) = &ruleset {
             fds.push(r.as_raw_fd());
         }
-        let remove_cgroup = |cg: Option<crate::sandbox::cgroup::ExecutionCgroup>| {
-            if let Some(cg) = cg {
-                let _ = cg.kill_all();
-                let _ = cg.remove();
-            }
-        };
         let submitted = zygote.submit(job, &fds);
         drop(ruleset);
         // Our copies of the sinks stay open until the child reported ready: a late fallback
         // starts cold on them (the zygote's copies die with the job).
-        let opened = Prepared {
+        let mut opened = Prepared {
             stdout: spec.stdout,
             stderr: spec.stderr,
             stdout_capture,
@@ -322,34 +316,36 @@ impl PoolLauncher {
         let job = match submitted {
             Ok(j) => j,
             Err(e) => {
-                remove_cgroup(cgroup);
+                // Refused before any process joined it: the cold start can use the cgroup.
+                opened.cgroup = cgroup;
                 return Err(NotPooled::FallbackOn(e.to_string(), opened));
+            }
+        };
+        // From here a child may have joined the cgroup: it goes (killing what is in it) on
+        // every failure. Removal may wait for exiting tasks, so not on an async worker.
+        let discard = |cg: Option<crate::sandbox::cgroup::ExecutionCgroup>| async move {
+            if let Some(cg) = cg {
+                let _ = offload(move || cg.remove()).await;
             }
         };
         let ready = match tokio::time::timeout(READY_TIMEOUT, job.ready).await {
             Ok(Ok(Ok(r))) => r,
             Ok(Ok(Err(msg))) => {
-                if let Some(cg) = &cgroup {
-                    let _ = cg.kill_all();
-                }
-                remove_cgroup(cgroup);
+                discard(cgroup).await;
                 return Err(NotPooled::Fail(LaunchError::Spawn {
                     program: plan.argv[0].to_string_lossy().into_owned(),
                     source: std::io::Error::other(format!("isolation step failed: {msg}")),
                 }));
             }
             Ok(Err(_)) => {
-                remove_cgroup(cgroup);
+                discard(cgroup).await;
                 return Err(NotPooled::FallbackOn(
                     "the python zygote exited while starting the execution".into(),
                     opened,
                 ));
             }
             Err(_) => {
-                if let Some(cg) = &cgroup {
-                    let _ = cg.kill_all();
-                }
-                remove_cgroup(cgroup);
+                discard(cgroup).await;
                 return Err(NotPooled::Fail(LaunchError::Sandbox(format!(
                     "the pooled python child did not report within {}s",
                     READY_TIMEOUT.as_secs()
