@@ -204,16 +204,16 @@ impl Execution {
         }
     }
 
-    /// Writes the current record (blocking). The final record is fsynced; a running one is
-    /// only replaced while no final one exists.
-    pub fn persist(&self, state: &StateStore) -> Result<(), super::state::StateError> {
+    /// Records the started execution (an append to the journal, not fsynced: it only has to
+    /// survive a crash of the daemon). One that has already ended is left to its supervisor,
+    /// which writes the final record itself.
+    pub fn persist_started(&self, state: &StateStore) -> Result<(), super::state::StateError> {
         let _g = self.persist_lock.lock().unwrap_or_else(|p| p.into_inner());
         let rec = self.record();
         if rec.result.is_some() {
-            state.save_execution(&rec)
-        } else {
-            state.save_running(&rec).map(|_| ())
+            return Ok(());
         }
+        state.save_running(&rec).map(|_| ())
     }
 
     /// Writes the final record without fsync (see [`StateStore::save_execution_fast`]).
@@ -424,12 +424,8 @@ impl Execution {
             ));
         }
         let oom = match &cgroup {
-            Some(cg) => {
-                let cg = cg.clone();
-                super::pool::offload(move || cg.oom_killed())
-                    .await
-                    .unwrap_or(false)
-            }
+            // One cgroupfs read: inline (see `blocking`).
+            Some(cg) => cg.oom_killed(),
             None => false,
         };
         let timed_out = self.timed_out.load(Ordering::SeqCst);
@@ -466,18 +462,14 @@ impl Execution {
         // so a client reconnecting to a restarted daemon gets the same answer: the page cache
         // survives a crash of the daemon process. Only a machine crash could lose it, and that
         // ends the executions too; the fsync runs afterwards, in the cleanup below.
-        let state = ctx.state.clone();
-        let me = self.clone();
-        let persisted = super::pool::offload(move || {
-            let r = me.persist_final_fast(&state);
-            if let Err(e) = &r {
-                tracing::error!(execution = %me.id, error = %e, "cannot persist exit status");
+        // An append to the journal: inline (see `blocking`).
+        let persisted = match self.persist_final_fast(&ctx.state) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                tracing::error!(execution = %self.id, error = %e, "cannot persist exit status");
+                None
             }
-            r.ok()
-        })
-        .await
-        .ok()
-        .flatten();
+        };
         if oom {
             ctx.events.emit(
                 pb::EventKind::OomKilled,

@@ -10,15 +10,16 @@
 
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
-use std::sync::mpsc;
+use std::sync::{Arc, mpsc};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
 
+use super::blocking::offload;
 use super::cgroup_stock::{CgroupStock, unnamed_cgroup};
 use super::plan::{ExecutionPlan, SinkTarget};
 use crate::sandbox::cgroup::{CgroupLimits, CgroupManager, CgroupMode, ExecutionCgroup};
-use crate::sandbox::sink::open_sink;
+use crate::sandbox::sink::{SinkError, open_sink};
 use crate::sandbox::{Intrinsics, IsolationSpec};
 
 /// How the process ended.
@@ -193,46 +194,92 @@ impl ColdLauncher {
     }
 }
 
+/// Why a sink could not be opened within a deadline.
+enum SinkOpen {
+    /// A FIFO has no reader yet (only with a zero deadline: the caller then waits elsewhere).
+    NoReaderYet,
+    /// Refused or failed for good.
+    Failed(LaunchError),
+}
+
 impl Preparer {
-    fn open_one(
+    fn open_one_within(
         &self,
         field: &'static str,
         target: &SinkTarget,
-    ) -> Result<(OwnedFd, Option<OwnedFd>), LaunchError> {
+        deadline: Duration,
+    ) -> Result<(OwnedFd, Option<OwnedFd>), SinkOpen> {
         match target {
             SinkTarget::Capture => {
-                let (r, w) = capture_pipe()?;
+                let (r, w) = capture_pipe().map_err(SinkOpen::Failed)?;
                 Ok((w, Some(r)))
             }
-            SinkTarget::Path(p) => open_sink(p, &self.output_roots, self.sink_timeout)
-                .map(|fd| (fd, None))
-                .map_err(|e| LaunchError::Sink {
+            SinkTarget::Path(p) => match open_sink(p, &self.output_roots, deadline) {
+                Ok(fd) => Ok((fd, None)),
+                Err(SinkError::NoReader { .. }) if deadline.is_zero() => Err(SinkOpen::NoReaderYet),
+                Err(e) => Err(SinkOpen::Failed(LaunchError::Sink {
                     field,
                     message: e.to_string(),
-                }),
+                })),
+            },
         }
     }
 
-    pub(crate) fn prepare(&self, plan: &ExecutionPlan) -> Result<Prepared, LaunchError> {
-        let prepared = self.open_sinks(plan)?;
-        self.with_cgroup(plan, prepared)
+    /// Opens one sink: at once when it can (a FIFO whose reader is attached, as Nomad's logmon
+    /// is before StartTask; a file; a capture pipe), otherwise waiting up to the sink timeout for
+    /// the reader off the async workers.
+    async fn open_one(
+        self: &Arc<Self>,
+        field: &'static str,
+        target: &SinkTarget,
+    ) -> Result<(OwnedFd, Option<OwnedFd>), LaunchError> {
+        match self.open_one_within(field, target, Duration::ZERO) {
+            Ok(opened) => Ok(opened),
+            Err(SinkOpen::Failed(e)) => Err(e),
+            Err(SinkOpen::NoReaderYet) => {
+                let (me, target) = (self.clone(), target.clone());
+                let deadline = self.sink_timeout;
+                offload(move || me.open_one_within(field, &target, deadline))
+                    .await
+                    .map_err(|e| LaunchError::Sandbox(format!("sink task failed: {e}")))?
+                    .map_err(|e| match e {
+                        SinkOpen::Failed(e) => e,
+                        SinkOpen::NoReaderYet => LaunchError::Sink {
+                            field,
+                            message: "no reader attached".into(),
+                        },
+                    })
+            }
+        }
     }
 
-    /// Gives `prepared` (sinks already open) its execution cgroup, unless it has one or the
-    /// machine has none.
-    pub(crate) fn with_cgroup(
-        &self,
+    /// Opens the plan's output sinks and gives the execution its cgroup (see [`blocking`] for
+    /// what runs inline). With `opened`, the sinks a pooled attempt already opened are used.
+    /// A sink opened before a wait for the other stays open throughout: closing a FIFO would
+    /// show its reader an EOF.
+    ///
+    /// [`blocking`]: super::blocking
+    pub(crate) async fn prepare(
+        self: &Arc<Self>,
         plan: &ExecutionPlan,
-        mut prepared: Prepared,
+        opened: Option<Prepared>,
     ) -> Result<Prepared, LaunchError> {
+        let mut prepared = match opened {
+            Some(p) => p,
+            None => self.open_sinks(plan).await?,
+        };
         if self.cgroups.mode() != CgroupMode::None && prepared.cgroup.is_none() {
             let limits = cgroup_limits(plan);
             let cgroup = match self.stock.take(&limits) {
                 Some(cg) => cg,
-                None => self
-                    .cgroups
-                    .create(&plan.execution_id, &limits)
-                    .map_err(|e| LaunchError::Sandbox(e.to_string()))?,
+                None => {
+                    // A mkdir in every hierarchy: bounded, but not brief.
+                    let (me, id) = (self.clone(), plan.execution_id.clone());
+                    offload(move || me.cgroups.create(&id, &limits))
+                        .await
+                        .map_err(|e| LaunchError::Sandbox(format!("cgroup task failed: {e}")))?
+                        .map_err(|e| LaunchError::Sandbox(e.to_string()))?
+                }
             };
             prepared.cgroup = Some(cgroup);
         }
@@ -240,9 +287,12 @@ impl Preparer {
     }
 
     /// Opens the plan's output sinks (no cgroup).
-    pub(crate) fn open_sinks(&self, plan: &ExecutionPlan) -> Result<Prepared, LaunchError> {
-        let (stdout, stdout_capture) = self.open_one("stdout.path", &plan.stdout)?;
-        let (stderr, stderr_capture) = self.open_one("stderr.path", &plan.stderr)?;
+    pub(crate) async fn open_sinks(
+        self: &Arc<Self>,
+        plan: &ExecutionPlan,
+    ) -> Result<Prepared, LaunchError> {
+        let (stdout, stdout_capture) = self.open_one("stdout.path", &plan.stdout).await?;
+        let (stderr, stderr_capture) = self.open_one("stderr.path", &plan.stderr).await?;
         Ok(Prepared {
             stdout,
             stderr,
@@ -299,18 +349,8 @@ impl ColdLauncher {
         plan: ExecutionPlan,
         opened: Option<Prepared>,
     ) -> Result<Launched, LaunchError> {
-        // Sink opening may wait for a FIFO reader and cgroup writes are file I/O: both block.
-        let plan = std::sync::Arc::new(plan);
-        let prepared = {
-            let plan = plan.clone();
-            let me = self.preparer.clone();
-            tokio::task::spawn_blocking(move || match opened {
-                Some(p) => me.with_cgroup(&plan, p),
-                None => me.prepare(&plan),
-            })
-            .await
-            .map_err(|e| LaunchError::Sandbox(format!("prepare task failed: {e}")))??
-        };
+        let prepared = self.preparer.prepare(&plan, opened).await?;
+        let plan = Arc::new(plan);
         let Prepared {
             stdout,
             stderr,

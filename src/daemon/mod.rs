@@ -6,6 +6,7 @@
 //! - [`session`], [`execution`]: the two domain objects; [`plan`] validates a start request
 //!   into an [`plan::ExecutionPlan`]; [`launcher`] turns a plan into a process.
 //! - [`runtime`]: python3/node/elide discovery; [`tsstrip`]: TypeScript type stripping.
+//! - [`blocking`]: which blocking work runs inline on the async workers and which is handed off.
 //! - [`state`]: exit statuses on disk; [`output`]: captured output; [`events`]: event fan-out;
 //!   [`exec`]: commands run inside an execution's context; [`reaper`]: the companion process
 //!   that kills what a dead daemon left behind; [`pool`]: warm runtimes per session.
@@ -17,6 +18,7 @@
 //!   `extra_read_paths`, and writes to the working dir and `extra_write_paths`.
 //! - `net` off: a private network namespace with only loopback up.
 
+pub mod blocking;
 pub mod cgroup_stock;
 pub mod cli;
 pub mod config;

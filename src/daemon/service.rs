@@ -31,6 +31,10 @@ pub const API_VERSION: &str = "v1alpha1";
 /// Default grace before SIGKILL for stop and close.
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(5);
 
+/// Inline snippets up to this size are planned (validated, written to the run dir) on the
+/// async worker; larger ones, and script files, off it (see `blocking`).
+const INLINE_PLAN_CODE_BYTES: usize = 64 * 1024;
+
 /// The daemon: sessions, executions, and what it needs to run them.
 pub struct Daemon {
     /// Effective configuration.
@@ -416,6 +420,7 @@ impl Daemon {
             }
         }
         let id = format!("e-{}", uuid::Uuid::new_v4().simple());
+        let inline_plan = req.path.is_empty() && req.code.len() <= INLINE_PLAN_CODE_BYTES;
         let plan = {
             let ctx_languages = session.languages.clone();
             let intrinsics = session.intrinsics;
@@ -425,7 +430,7 @@ impl Daemon {
             let runtimes = self.runtimes.clone();
             let id = id.clone();
             let strip = self.strip_cache.clone();
-            super::pool::offload(move || {
+            let plan = move || {
                 let ctx = PlanContext {
                     runtimes: &runtimes,
                     session_languages: &ctx_languages,
@@ -436,9 +441,16 @@ impl Daemon {
                     strip_cache: &strip,
                 };
                 plan_execution(&ctx, &id, &req)
-            })
-            .await
-            .map_err(|e| DaemonError::Internal(format!("planning task failed: {e}")))??
+            };
+            // A snippet of usual size is written to the run dir (tmpfs) inline; a script file
+            // is read and a large snippet stripped or written off the async workers.
+            if inline_plan {
+                plan()?
+            } else {
+                super::blocking::offload(plan)
+                    .await
+                    .map_err(|e| DaemonError::Internal(format!("planning task failed: {e}")))??
+            }
         };
         let exec = Execution::new(plan.clone());
         let exec_dir = plan.exec_dir.clone();
@@ -466,9 +478,10 @@ impl Daemon {
                 );
                 // Recorded before the client learns the id, so that a daemon restarted after a
                 // crash can still answer for it.
-                let state = self.state.clone();
-                let e2 = exec.clone();
-                let _ = super::pool::offload(move || e2.persist(&state)).await;
+                // An append to the journal (page cache): inline, see `blocking`.
+                if let Err(e) = exec.persist_started(&self.state) {
+                    tracing::warn!(execution = %exec.id, error = %e, "cannot record the started execution");
+                }
                 if session.is_closed() {
                     // CloseSession ran while this one was starting and did not see it.
                     exec.kill_all();

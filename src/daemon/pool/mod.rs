@@ -27,6 +27,7 @@ use futures::future::BoxFuture;
 use tokio::io::unix::AsyncFd;
 use tokio_util::sync::CancellationToken;
 
+use super::blocking::offload;
 use super::events::{EventBus, EventSubject};
 use super::launcher::{
     ColdLauncher, LaunchError, Launched, Launcher, Prepared, Preparer, ProcessExit, Spawner,
@@ -42,20 +43,6 @@ use python_zygote::Zygote;
 
 /// How long a pooled child may take to apply its isolation before the start fails.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// Runs short blocking work (cgroupfs writes, small state files) without a thread hop: on the
-/// daemon's multi-threaded runtime the current worker becomes a blocking thread for the call
-/// (`block_in_place`, other tasks move to the remaining workers); elsewhere it falls back to the
-/// blocking pool. On a loaded machine every hop to another thread waits for a time slice, and a
-/// start used to take four such hops; this keeps the runtime unblocked without paying them.
-pub async fn offload<T: Send + 'static>(
-    f: impl FnOnce() -> T + Send + 'static,
-) -> Result<T, tokio::task::JoinError> {
-    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
-        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => Ok(tokio::task::block_in_place(f)),
-        _ => tokio::task::spawn_blocking(f).await,
-    }
-}
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -230,36 +217,30 @@ impl PoolLauncher {
         );
     }
 
+    /// The plan's sinks and cgroup, and its Landlock ruleset when `landlock`.
     async fn prepare(
         &self,
         plan: &ExecutionPlan,
         landlock: bool,
     ) -> Result<(Prepared, Option<OwnedFd>), LaunchError> {
-        let plan = Arc::new(plan.clone());
-        let preparer = self.preparer.clone();
-        offload(move || {
-            let prepared = preparer.prepare(&plan)?;
-            let ruleset = if landlock {
-                let mut required = vec![plan.working_dir.clone()];
-                required.extend(plan.write_paths.iter().cloned());
-                let policy =
-                    FsPolicy::for_execution(&plan.working_dir, &plan.read_paths, &plan.write_paths);
-                match build_ruleset(&policy, &required) {
-                    Ok(fd) => Some(fd),
-                    Err(e) => {
-                        if let Some(cg) = prepared.cgroup {
-                            let _ = cg.remove();
-                        }
-                        return Err(LaunchError::Sandbox(e.to_string()));
-                    }
+        let prepared = self.preparer.prepare(plan, None).await?;
+        if !landlock {
+            return Ok((prepared, None));
+        }
+        // Opens the paths of the policy and builds the ruleset: a few syscalls, inline.
+        let mut required = vec![plan.working_dir.clone()];
+        required.extend(plan.write_paths.iter().cloned());
+        let policy =
+            FsPolicy::for_execution(&plan.working_dir, &plan.read_paths, &plan.write_paths);
+        match build_ruleset(&policy, &required) {
+            Ok(fd) => Ok((prepared, Some(fd))),
+            Err(e) => {
+                if let Some(cg) = prepared.cgroup {
+                    let _ = offload(move || cg.remove()).await;
                 }
-            } else {
-                None
-            };
-            Ok((prepared, ruleset))
-        })
-        .await
-        .map_err(|e| LaunchError::Sandbox(format!("prepare task failed: {e}")))?
+                Err(LaunchError::Sandbox(e.to_string()))
+            }
+        }
     }
 
     async fn launch_python(

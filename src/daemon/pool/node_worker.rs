@@ -53,6 +53,10 @@ pub const WORKER_SOURCE: &str = include_str!("worker.js");
 /// How long the exit report waits for output still in flight after the process ended.
 const DRAIN_GRACE: Duration = Duration::from_secs(5);
 
+/// Jobs up to this size fit an idle Unix socket's send buffer (≈ 200 KiB by default), so writing
+/// one never waits for the worker.
+const INLINE_JOB_BYTES: usize = 64 * 1024;
+
 struct Worker {
     child: tokio::process::Child,
     pid: u32,
@@ -300,29 +304,16 @@ impl NodePool {
 
         // Limits first: a worker that cannot take them is replaced before any sink is opened
         // (a fallback after opening a FIFO would show logmon an EOF).
-        let limits = cgroup_limits(plan);
-        if let Some(cg) = worker.cgroup.clone() {
-            let failed = match super::offload(move || cg.set_limits(&limits)).await {
-                Ok(Ok(())) => None,
-                Ok(Err(e)) => Some(e.to_string()),
-                Err(e) => Some(e.to_string()),
-            };
-            if let Some(e) = failed {
-                worker.discard();
-                return Err(NotPooled::Fallback(format!(
-                    "a warm node worker cannot take the execution's limits: {e}"
-                )));
-            }
+        // A few cgroupfs writes: inline (see `blocking`).
+        if let Some(cg) = &worker.cgroup
+            && let Err(e) = cg.set_limits(&cgroup_limits(plan))
+        {
+            worker.discard();
+            return Err(NotPooled::Fallback(format!(
+                "a warm node worker cannot take the execution's limits: {e}"
+            )));
         }
-        let sinks = {
-            let plan = Arc::new(plan.clone());
-            let preparer = preparer.clone();
-            super::offload(move || preparer.open_sinks(&plan))
-                .await
-                .map_err(|e| LaunchError::Sandbox(format!("opening sinks: {e}")))
-                .and_then(|r| r)
-        };
-        let sinks = match sinks {
+        let sinks = match preparer.open_sinks(plan).await {
             Ok(p) => p,
             Err(e) => {
                 worker.discard();
@@ -365,19 +356,24 @@ impl NodePool {
             })),
         })
         .to_string();
+        let body_len = body.len();
         let copies = [
             spawn_splice(stdout, sink_out, "stdout"),
             spawn_splice(stderr, sink_err, "stderr"),
         ];
-        // The job is small next to a socket buffer, but a huge environment could exceed it and
-        // the worker reads it only once it is all there: write off the runtime.
-        let sent = super::offload(move || {
+        // The worker reads the job only once it is all there: a job that fits the socket buffer
+        // (the usual case) is written inline, a huge environment off the async workers.
+        let send = move || {
             job.write_all(body.as_bytes())?;
             job.shutdown(std::net::Shutdown::Write)?;
             job.set_nonblocking(true)?;
             tokio::net::UnixStream::from_std(job)
-        })
-        .await;
+        };
+        let sent = if body_len <= INLINE_JOB_BYTES {
+            Ok(send())
+        } else {
+            super::offload(send).await
+        };
         let Ok(Ok(report)) = sent else {
             let _ = child.start_kill();
             tokio::spawn(async move {
