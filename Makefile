@@ -2,7 +2,7 @@
 CARGO ?= cargo
 PLUGIN_DIR := build/plugins
 
-.PHONY: build release test lint unit gotest bench dev clean
+.PHONY: build release test lint unit gotest bench bench-zygote dev clean
 
 ## build: debug binaries; the plugin is installed as build/plugins/elide (the name Nomad looks up)
 build:
@@ -43,6 +43,10 @@ bench:
 	BENCH_WRITE=$(CURDIR)/BENCHMARKS.md $(CARGO) bench --bench plugin_startup
 	BENCH_WRITE=$(CURDIR)/BENCHMARKS.md $(CARGO) bench --bench daemon_pools
 	BENCH_WRITE=$(CURDIR)/BENCHMARKS.md $(CARGO) bench --bench plugin_tasks
+
+## bench-zygote: the python zygote driven alone (no daemon): CPU per job and where a job's time goes
+bench-zygote:
+	python3 benches/zygote_alone.py
 
 ## dev: build, then run a job's elide tasks through the real plugin and daemon as a Nomad client
 ## would (no Nomad needed): make dev JOB=examples/http-server.nomad

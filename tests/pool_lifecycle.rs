@@ -462,3 +462,26 @@ async fn a_late_fallback_starts_cold_on_the_fifo_the_pooled_attempt_opened() {
         assert_eq!(q.await.unwrap(), 0);
     }
 }
+
+/// `make bench-zygote` drives the real zygote over its protocol; it must keep speaking it.
+#[test]
+fn the_zygote_alone_bench_speaks_the_zygote_protocol() {
+    let out = std::process::Command::new("python3")
+        .args([
+            concat!(env!("CARGO_MANIFEST_DIR"), "/benches/zygote_alone.py"),
+            "--jobs",
+            "5",
+        ])
+        .output()
+        .expect("python3");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("5 jobs back to back"), "{text}");
+    for phase in ["send -> ready", "ready -> exited", "exited -> report"] {
+        assert!(text.contains(phase), "{phase} missing: {text}");
+    }
+}

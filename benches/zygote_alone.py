@@ -1,0 +1,133 @@
+#!/usr/bin/env python3
+"""The python zygote on its own: drives `src/daemon/pool/zygote.py` over its socket the way the
+daemon does (one job at a time, Nomad-sized environment, the isolation steps of a session with
+`env io net`, no cgroup), without daemon, plugin or gRPC. Prints the CPU the zygote and its
+children spend per job and where a job's wall time goes.
+
+    make bench-zygote            # or: python3 benches/zygote_alone.py [--jobs N] [--pace-ms MS]
+
+The split, per job (medians):
+  send -> ready      job sent until the child reported itself isolated (what StartExecution waits for)
+  ready -> exited    the snippet runs, the child exits and its address space is torn down, until
+                     its pidfd turns readable
+  exited -> report   until the zygote's exit message arrives (what WaitExecution waits for)
+"""
+import argparse
+import json
+import os
+import select
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ZYGOTE = os.path.join(ROOT, "src", "daemon", "pool", "zygote.py")
+
+
+def cpu_ticks(pid):
+    with open("/proc/%d/stat" % pid) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    # utime stime cutime cstime: the zygote reaps its children, so theirs is included.
+    return sum(int(x) for x in fields[11:15])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--python", default=shutil.which("python3"), help="interpreter (resolved to its real path)")
+    ap.add_argument("--jobs", type=int, default=300)
+    ap.add_argument("--pace-ms", type=float, default=0, help="pause between jobs")
+    args = ap.parse_args()
+    if not args.python:
+        sys.exit("zygote_alone: no python3 on PATH; pass --python")
+    python = os.path.realpath(args.python)
+    if "pyenv/shims" in args.python:
+        python = subprocess.check_output(["pyenv", "which", "python3"], text=True).strip()
+
+    work = tempfile.mkdtemp(prefix="elide-zygote-bench-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+    script = os.path.join(work, "main.py")
+    with open(script, "w") as f:
+        f.write('print("hi")\n')
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with open(ZYGOTE) as f:
+        source = f.read()
+    zygote = subprocess.Popen(
+        [python, "-c", source],
+        stdin=theirs,
+        env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": work},
+        cwd=work,
+    )
+    theirs.close()
+    received = []
+
+    def recv():
+        msg, fds, _flags, _addr = socket.recv_fds(ours, 1 << 16, 4)
+        received[:] = fds
+        return json.loads(msg)
+
+    hello = recv()
+    assert "hello" in hello, hello
+    time.sleep(1)  # the first spare prepares itself
+    null = os.open("/dev/null", os.O_WRONLY)
+    env = [["PATH", "/usr/bin:/bin"], ["HOME", work], ["LANG", "C.UTF-8"]]
+    env += [["NOMAD_VAR_%d" % i, "value-%d-of-a-nomad-task-environment" % i] for i in range(40)]
+    steps = [
+        {"step": "chdir", "path": work},
+        {"step": "stdio", "stdin": "/dev/null"},
+        {"step": "reset_signals"},
+        {"step": "new_session"},
+        {"step": "set_rlimit", "resource": "core", "soft": 0, "hard": 0},
+        {"step": "oom_score_adj", "value": 0},
+        {"step": "parent_death_signal"},
+        {"step": "no_new_privs"},
+        {"step": "close_fds_from", "from": 3},
+    ]
+    phases = {"send -> ready": [], "ready -> exited": [], "exited -> report": [], "total": []}
+    ticks0 = cpu_ticks(zygote.pid)
+    for token in range(1, args.jobs + 1):
+        job = {"token": token, "steps": steps, "env": env, "argv": [python, script], "script": script}
+        t0 = time.monotonic_ns()
+        socket.send_fds(ours, [json.dumps(job).encode()], [null, null])
+        pidfd = None
+        while True:
+            m = recv()
+            if "failed" in m:
+                sys.exit("zygote_alone: the child failed: %s" % m["failed"])
+            if "ready" in m:
+                t_ready = time.monotonic_ns()
+                pidfd = received[0]
+                select.select([pidfd], [], [])
+                t_exited = time.monotonic_ns()
+                os.close(pidfd)
+            if "exit" in m:
+                t_report = time.monotonic_ns()
+                break
+        phases["send -> ready"].append(t_ready - t0)
+        phases["ready -> exited"].append(t_exited - t_ready)
+        phases["exited -> report"].append(t_report - t_exited)
+        phases["total"].append(t_report - t0)
+        if args.pace_ms:
+            time.sleep(args.pace_ms / 1e3)
+    time.sleep(0.3)  # the last spare's preparation belongs to the jobs too
+    ticks = cpu_ticks(zygote.pid) - ticks0
+    with open("/proc/%d/status" % zygote.pid) as f:
+        rss = [l.split(":", 1)[1].strip() for l in f if l.startswith("VmRSS")][0]
+    ours.close()
+    zygote.wait()
+    shutil.rmtree(work, ignore_errors=True)
+
+    hz = os.sysconf("SC_CLK_TCK")
+    print("python zygote alone: %s, %d jobs%s, nproc %d, load %s" % (
+        python, args.jobs, ", paced %g ms" % args.pace_ms if args.pace_ms else " back to back",
+        os.cpu_count(), " ".join("%.2f" % x for x in os.getloadavg())))
+    print("zygote RSS %s; CPU of zygote + children per job: %.2f ms" % (rss, ticks / hz * 1e3 / args.jobs))
+    for name, v in phases.items():
+        v.sort()
+        print("  %-17s median %6.2f ms   p90 %6.2f ms" % (name, statistics.median(v) / 1e6, v[int(len(v) * 0.9)] / 1e6))
+
+
+if __name__ == "__main__":
+    main()
