@@ -49,8 +49,11 @@ fn io_err(path: &Path, op: &'static str, e: impl Into<std::io::Error>) -> SinkEr
 /// The path of the null sink.
 pub const DEV_NULL: &str = "/dev/null";
 
-/// How long to sleep between FIFO open attempts while no reader is attached.
-const FIFO_RETRY: Duration = Duration::from_millis(20);
+/// The first and the longest sleep between FIFO open attempts while no reader is attached. The
+/// reader is usually a moment away (logmon's goroutine, started just before StartTask, has not
+/// reached its `open` yet), so the first retries come quickly and back off from there.
+const FIFO_RETRY_FIRST: Duration = Duration::from_millis(1);
+const FIFO_RETRY_MAX: Duration = Duration::from_millis(20);
 
 /// Opens `path` for writing as an output sink and returns a blocking, close-on-exec fd.
 ///
@@ -132,6 +135,7 @@ fn open_dev_null(path: &Path) -> Result<OwnedFd, SinkError> {
 fn open_fifo(path: &Path, deadline: Duration) -> Result<OwnedFd, SinkError> {
     let started = Instant::now();
     let flags = OFlag::O_WRONLY | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW;
+    let mut pause = FIFO_RETRY_FIRST;
     let fd = loop {
         match open(path, flags, Mode::empty()) {
             Ok(fd) => break fd,
@@ -142,7 +146,8 @@ fn open_fifo(path: &Path, deadline: Duration) -> Result<OwnedFd, SinkError> {
                         waited: started.elapsed(),
                     });
                 }
-                std::thread::sleep(FIFO_RETRY);
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(FIFO_RETRY_MAX);
             }
             Err(Errno::EINTR) => {}
             Err(Errno::ELOOP) => return Err(refused(path, "is a symlink")),
