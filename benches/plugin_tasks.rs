@@ -67,6 +67,25 @@ async fn idle_pss_through_plugin(
     total as f64 / MEM_N as f64
 }
 
+/// A row of the memory table: ours and cold in KiB per snippet.
+fn memory_row(label: &str, ours: f64, cold: f64) -> String {
+    format!(
+        "| {label} | {:.2} MiB | {:.2} MiB | {:.0}% |\n",
+        ours / 1024.0,
+        cold / 1024.0,
+        ours / cold * 100.0
+    )
+}
+
+/// A budget row for a memory share (≤ 20% of a cold interpreter).
+fn memory_budget_row(what: &str, share: f64) -> String {
+    format!(
+        "| {what} | {:.0}% | {} |\n",
+        share * 100.0,
+        if share <= 0.20 { "reached" } else { "MISSED" }
+    )
+}
+
 /// Sum of StartTask round trips (µs), to split latency between start and wait.
 static START_US: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
@@ -237,19 +256,12 @@ async fn run(n: usize) -> String {
             ] {
                 let ours = idle_pss_through_plugin(plugin, &daemon, &root, lang, code).await;
                 let cold = cold_idle_pss(program, &args, MEM_N);
-                let share = ours / cold;
-                memory.push_str(&format!(
-                    "| {lang} | {:.2} MiB | {:.2} MiB | {:.0}% |\n",
-                    ours / 1024.0,
-                    cold / 1024.0,
-                    share * 100.0
-                ));
+                memory.push_str(&memory_row(lang, ours, cold));
                 if lang == "python" {
                     py_cold_pss = cold;
-                    budgets.push_str(&format!(
-                        "| memory per idle python snippet through plugin + daemon ≤ 20% of a cold python3 | {:.0}% | {} |\n",
-                        share * 100.0,
-                        if share <= 0.20 { "reached" } else { "MISSED" }
+                    budgets.push_str(&memory_budget_row(
+                        "memory per idle python snippet through plugin + daemon ≤ 20% of a cold python3",
+                        ours / cold,
                     ));
                 }
             }
@@ -267,17 +279,14 @@ async fn run(n: usize) -> String {
         let plugin = Plugin::launch(&cfg).await;
         tokio::time::sleep(Duration::from_secs(2)).await;
         let ours = idle_pss_through_plugin(&plugin, &daemon, &root, "python", PY_IDLE).await;
-        let share = ours / py_cold_pss;
-        memory.push_str(&format!(
-            "| python, session with `enabled_languages = [\"python\"]` | {:.2} MiB | {:.2} MiB | {:.0}% |\n",
-            ours / 1024.0,
-            py_cold_pss / 1024.0,
-            share * 100.0
+        memory.push_str(&memory_row(
+            "python, session with `enabled_languages = [\"python\"]`",
+            ours,
+            py_cold_pss,
         ));
-        budgets.push_str(&format!(
-            "| the same, python-only session (`enabled_languages = [\"python\"]`) | {:.0}% | {} |\n",
-            share * 100.0,
-            if share <= 0.20 { "reached" } else { "MISSED" }
+        budgets.push_str(&memory_budget_row(
+            "the same, python-only session (`enabled_languages = [\"python\"]`)",
+            ours / py_cold_pss,
         ));
     }
     format!(

@@ -416,20 +416,7 @@ async fn a_fifo_whose_reader_attaches_late_gets_all_output_and_the_other_sink_st
     let d = TestDaemon::start().await;
     let mut c = d.client().await;
     let cold = session(&mut c, &[]).await;
-    let pooled = c
-        .create_session(pb::CreateSessionRequest {
-            config: Some(pb::SessionConfig {
-                enabled_intrinsics: vec!["env".into(), "io".into(), "net".into()],
-                context_pool_size: 1,
-                ..Default::default()
-            }),
-            owner: "test".into(),
-            session_id: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .id;
+    let pooled = session_with_pool(&mut c, &["env", "io", "net"], 1).await;
     for (s, lang) in [
         (&cold, "py"),
         (&cold, "js"),

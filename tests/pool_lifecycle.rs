@@ -89,19 +89,7 @@ fn node_workers(daemon: u32) -> Vec<u32> {
 }
 
 async fn pooled_session(c: &mut Client, size: u32) -> String {
-    c.create_session(pb::CreateSessionRequest {
-        config: Some(pb::SessionConfig {
-            enabled_intrinsics: vec!["env".into(), "io".into(), "net".into()],
-            context_pool_size: size,
-            ..Default::default()
-        }),
-        owner: "pool-test".into(),
-        session_id: String::new(),
-    })
-    .await
-    .unwrap()
-    .into_inner()
-    .id
+    session_with_pool(c, &["env", "io", "net"], size).await
 }
 
 /// Runs `code` until an execution of it is pooled; returns its stdout.

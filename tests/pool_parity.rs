@@ -18,19 +18,8 @@ enum Kind {
 const KINDS: [Kind; 2] = [Kind::Cold, Kind::Pooled];
 
 async fn session_of(c: &mut Client, kind: Kind, intrinsics: &[&str]) -> String {
-    c.create_session(pb::CreateSessionRequest {
-        config: Some(pb::SessionConfig {
-            enabled_intrinsics: intrinsics.iter().map(|s| s.to_string()).collect(),
-            context_pool_size: if kind == Kind::Pooled { 2 } else { 0 },
-            ..Default::default()
-        }),
-        owner: "pool-test".into(),
-        session_id: String::new(),
-    })
-    .await
-    .unwrap()
-    .into_inner()
-    .id
+    let pool = if kind == Kind::Pooled { 2 } else { 0 };
+    session_with_pool(c, intrinsics, pool).await
 }
 
 /// Runs `req`; asserts it took the expected path. Pooled starts may fall back while the pool

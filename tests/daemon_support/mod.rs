@@ -200,11 +200,17 @@ impl Drop for TestDaemon {
     }
 }
 
-/// A session enabling every language and the given intrinsics.
+/// A session enabling every language and the given intrinsics, without warm pools.
 pub async fn session(c: &mut Client, intrinsics: &[&str]) -> String {
+    session_with_pool(c, intrinsics, 0).await
+}
+
+/// A session enabling every language and the given intrinsics, `pool` warm workers per language.
+pub async fn session_with_pool(c: &mut Client, intrinsics: &[&str], pool: u32) -> String {
     c.create_session(pb::CreateSessionRequest {
         config: Some(pb::SessionConfig {
             enabled_intrinsics: intrinsics.iter().map(|s| s.to_string()).collect(),
+            context_pool_size: pool,
             ..Default::default()
         }),
         owner: "test".into(),
