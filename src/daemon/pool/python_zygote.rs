@@ -34,6 +34,8 @@ use nix::sys::socket::{
     sendmsg, socketpair,
 };
 use serde::Deserialize;
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
 use tokio::sync::oneshot;
 
 use crate::daemon::launcher::{LaunchError, ProcessExit, Spawner};
@@ -166,7 +168,33 @@ impl Drop for Zygote {
     }
 }
 
-fn reader(
+/// One message from the zygote's socket without blocking: its length and fds, `None` at EOF.
+fn receive(fd: RawFd, buf: &mut [u8]) -> nix::Result<Option<(usize, Vec<OwnedFd>)>> {
+    let mut cmsg = nix::cmsg_space!([RawFd; 4]);
+    let mut iov = [IoSliceMut::new(buf)];
+    let m = recvmsg::<()>(
+        fd,
+        &mut iov,
+        Some(&mut cmsg),
+        MsgFlags::MSG_CMSG_CLOEXEC | MsgFlags::MSG_DONTWAIT,
+    )?;
+    let mut fds: Vec<OwnedFd> = Vec::new();
+    if let Ok(cms) = m.cmsgs() {
+        for c in cms {
+            if let ControlMessageOwned::ScmRights(raw) = c {
+                // SAFETY: the kernel just installed these fds for us.
+                fds.extend(raw.into_iter().map(|f| unsafe { OwnedFd::from_raw_fd(f) }));
+            }
+        }
+    }
+    // A zero-length read on a SOCK_SEQPACKET socket is the peer's hang-up.
+    Ok((m.bytes > 0).then_some((m.bytes, fds)))
+}
+
+/// Reads the zygote's and its children's messages on the runtime (no thread of its own: a
+/// reader thread cost a thread wake-up on each report, two of them on every execution's
+/// critical path) until the zygote hangs up.
+async fn reader(
     sock: Arc<OwnedFd>,
     table: Arc<Mutex<Table>>,
     alive: Arc<AtomicBool>,
@@ -174,93 +202,90 @@ fn reader(
 ) {
     let mut hello = Some(hello);
     let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        let mut cmsg = nix::cmsg_space!([RawFd; 4]);
-        let (n, fds) = {
-            let mut iov = [IoSliceMut::new(&mut buf)];
-            match recvmsg::<()>(
-                sock.as_raw_fd(),
-                &mut iov,
-                Some(&mut cmsg),
-                MsgFlags::MSG_CMSG_CLOEXEC,
-            ) {
-                Ok(m) => {
-                    let mut fds: Vec<OwnedFd> = Vec::new();
-                    if let Ok(cms) = m.cmsgs() {
-                        for c in cms {
-                            if let ControlMessageOwned::ScmRights(raw) = c {
-                                // SAFETY: the kernel just installed these fds for us.
-                                fds.extend(
-                                    raw.into_iter().map(|f| unsafe { OwnedFd::from_raw_fd(f) }),
-                                );
-                            }
-                        }
-                    }
-                    (m.bytes, fds)
-                }
-                Err(nix::errno::Errno::EINTR) => continue,
-                Err(_) => (0, Vec::new()),
-            }
-        };
-        if n == 0 {
-            break;
-        }
-        let msg: Message = match serde_json::from_slice(&buf[..n]) {
-            Ok(m) => m,
-            Err(e) => {
-                tracing::warn!(error = %e, "garbled message from the python zygote");
-                continue;
-            }
-        };
-        let mut t = lock(&table);
-        match msg {
-            Message::Hello { hello: pid } => {
-                if let Some(tx) = hello.take() {
-                    let _ = tx.send(pid);
+    // SAFETY: the AsyncFd holds one of the socket's `Arc`s, so the fd stays open while it is
+    // registered; it deregisters before dropping that `Arc`.
+    match unsafe { AsyncFd::register_with_interest(sock, Interest::READABLE) } {
+        Ok(afd) => loop {
+            let Ok(mut ready) = afd.readable().await else {
+                break;
+            };
+            match receive(afd.get_ref().as_raw_fd(), &mut buf) {
+                Ok(Some((n, fds))) => handle(&buf[..n], fds, &table, &mut hello),
+                Ok(None) => break,
+                Err(nix::errno::Errno::EAGAIN) => ready.clear_ready(),
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "reading the python zygote's socket");
+                    break;
                 }
             }
-            Message::Forked { forked, pid } => {
-                if let Some(p) = t.pending.get_mut(&forked) {
-                    p.pid = Some(pid);
-                    t.by_pid.insert(pid, forked);
-                }
-            }
-            Message::Ready { ready, pid } => {
-                t.by_pid.insert(pid, ready);
-                if let Some(p) = t.pending.get_mut(&ready) {
-                    p.pid = Some(pid);
-                    if let (Some(tx), Some(pidfd)) = (p.ready.take(), fds.into_iter().next()) {
-                        let _ = tx.send(Ok(Ready { pid, pidfd }));
-                    }
-                }
-            }
-            Message::Failed { failed, error } => {
-                if let Some(tx) = t.pending.get_mut(&failed).and_then(|p| p.ready.take()) {
-                    let _ = tx.send(Err(error));
-                }
-            }
-            Message::Exit { exit: pid, status } => {
-                if let Some(token) = t.by_pid.remove(&pid)
-                    && let Some(mut p) = t.pending.remove(&token)
-                {
-                    if let Some(tx) = p.ready.take() {
-                        let _ = tx.send(Err(format!(
-                            "the zygote child ended before running the snippet ({})",
-                            describe_status(status)
-                        )));
-                    }
-                    if let Some(tx) = p.exit.take() {
-                        let _ = tx.send(status);
-                    }
-                }
-            }
-        }
+        },
+        Err(e) => tracing::warn!(error = %e, "cannot watch the python zygote's socket"),
     }
     alive.store(false, Ordering::SeqCst);
     // Dropping the senders tells every waiter the zygote is gone.
     let mut t = lock(&table);
     t.pending.clear();
     t.by_pid.clear();
+}
+
+/// Acts on one message: resolves the waiters it concerns.
+fn handle(
+    bytes: &[u8],
+    fds: Vec<OwnedFd>,
+    table: &Mutex<Table>,
+    hello: &mut Option<oneshot::Sender<u32>>,
+) {
+    let msg: Message = match serde_json::from_slice(bytes) {
+        Ok(m) => m,
+        Err(e) => {
+            tracing::warn!(error = %e, "garbled message from the python zygote");
+            return;
+        }
+    };
+    let mut t = lock(table);
+    match msg {
+        Message::Hello { hello: pid } => {
+            if let Some(tx) = hello.take() {
+                let _ = tx.send(pid);
+            }
+        }
+        Message::Forked { forked, pid } => {
+            if let Some(p) = t.pending.get_mut(&forked) {
+                p.pid = Some(pid);
+                t.by_pid.insert(pid, forked);
+            }
+        }
+        Message::Ready { ready, pid } => {
+            t.by_pid.insert(pid, ready);
+            if let Some(p) = t.pending.get_mut(&ready) {
+                p.pid = Some(pid);
+                if let (Some(tx), Some(pidfd)) = (p.ready.take(), fds.into_iter().next()) {
+                    let _ = tx.send(Ok(Ready { pid, pidfd }));
+                }
+            }
+        }
+        Message::Failed { failed, error } => {
+            if let Some(tx) = t.pending.get_mut(&failed).and_then(|p| p.ready.take()) {
+                let _ = tx.send(Err(error));
+            }
+        }
+        Message::Exit { exit: pid, status } => {
+            if let Some(token) = t.by_pid.remove(&pid)
+                && let Some(mut p) = t.pending.remove(&token)
+            {
+                if let Some(tx) = p.ready.take() {
+                    let _ = tx.send(Err(format!(
+                        "the zygote child ended before running the snippet ({})",
+                        describe_status(status)
+                    )));
+                }
+                if let Some(tx) = p.exit.take() {
+                    let _ = tx.send(status);
+                }
+            }
+        }
+    }
 }
 
 /// A wait status as a [`ProcessExit`].
@@ -339,13 +364,7 @@ pub async fn spawn(
     let table = Arc::new(Mutex::new(Table::default()));
     let alive = Arc::new(AtomicBool::new(true));
     let (htx, hrx) = oneshot::channel();
-    {
-        let (sock, table, alive) = (sock.clone(), table.clone(), alive.clone());
-        std::thread::Builder::new()
-            .name("elide-zygote-rx".into())
-            .spawn(move || reader(sock, table, alive, htx))
-            .map_err(|e| sandbox(format!("zygote reader thread: {e}")))?;
-    }
+    tokio::spawn(reader(sock.clone(), table.clone(), alive.clone(), htx));
     Ok(Spawned {
         zygote: Arc::new(Zygote {
             sock,
