@@ -329,7 +329,6 @@ impl Execution {
     pub fn start_supervisor(self: &Arc<Self>, launched: Launched, ctx: SupervisorContext) {
         let Launched {
             pid,
-            start_ticks,
             cgroup,
             stdout_capture,
             stderr_capture,
@@ -353,7 +352,9 @@ impl Execution {
         {
             let mut i = self.lock();
             i.pid = pid;
-            i.start_ticks = start_ticks;
+            // Read once here for every launcher: with the pid it identifies the process across
+            // a daemon restart (pid reuse).
+            i.start_ticks = super::launcher::start_ticks(pid);
             i.started_at = Some(SystemTime::now());
             i.cgroup_desc = cgroup
                 .as_ref()

@@ -35,8 +35,6 @@ pub enum ProcessExit {
 pub struct Launched {
     /// Process id (also its process group id).
     pub pid: u32,
-    /// Start time of `pid` in clock ticks since boot, to detect pid reuse.
-    pub start_ticks: u64,
     /// Its cgroup, when the machine has one.
     pub cgroup: Option<ExecutionCgroup>,
     /// Read ends of the capture pipes (non-blocking), for sinks that are `Capture`.
@@ -392,7 +390,6 @@ impl ColdLauncher {
         let exit = Box::pin(async move { child.wait().await.map(convert) });
         Ok(Launched {
             pid,
-            start_ticks: start_ticks(pid),
             cgroup,
             stdout_capture,
             stderr_capture,

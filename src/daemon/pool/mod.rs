@@ -31,7 +31,7 @@ use super::blocking::offload;
 use super::events::{EventBus, EventSubject};
 use super::launcher::{
     ColdLauncher, LaunchError, Launched, Launcher, Prepared, Preparer, ProcessExit, Spawner,
-    isolation_spec, start_ticks,
+    isolation_spec,
 };
 use super::plan::ExecutionPlan;
 use super::runtime::{Backend, Language, RuntimeRegistry};
@@ -351,7 +351,6 @@ impl PoolLauncher {
         });
         Ok(Launched {
             pid,
-            start_ticks: start_ticks(pid),
             cgroup,
             // The child holds its own copies of the sinks; ours close here.
             stdout_capture: opened.stdout_capture,

@@ -41,7 +41,6 @@ use tokio_util::sync::CancellationToken;
 use super::{NotPooled, final_env, isolation_spec, warmable};
 use crate::daemon::launcher::{
     LaunchError, Launched, Prepared, Preparer, ProcessExit, Spawner, cgroup_limits, convert,
-    start_ticks,
 };
 use crate::daemon::plan::{ExecutionPlan, IntrinsicSet};
 use crate::sandbox::cgroup::ExecutionCgroup;
@@ -379,9 +378,9 @@ impl NodePool {
             tokio::spawn(async move {
                 let _ = child.wait().await;
             });
+            // Removal kills what is left and may wait for it to exit: not on an async worker.
             if let Some(cg) = cgroup {
-                let _ = cg.kill_all();
-                let _ = cg.remove();
+                let _ = super::offload(move || cg.remove()).await;
             }
             return Err(NotPooled::Fallback(
                 "the node worker died before taking the job".into(),
@@ -418,7 +417,6 @@ impl NodePool {
         });
         Ok(Launched {
             pid,
-            start_ticks: start_ticks(pid),
             cgroup,
             stdout_capture,
             stderr_capture,
