@@ -283,6 +283,41 @@ async fn a_killed_zygote_is_replaced() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_node_snippet_that_fakes_its_exit_report_does_not_outlive_it() {
+    // The exit report is only a write to fd 0, which the snippet can make too. Without cgroups
+    // to sweep up after it, the kill of the leader's process group at exit is what keeps it
+    // from running on behind an exit the daemon announced.
+    let no_cgroups = tempfile::tempdir().unwrap();
+    let d = TestDaemon::start_with(&["--cgroup-root", no_cgroups.path().to_str().unwrap()]).await;
+    let mut c = d.client().await;
+    let s = pooled_session(&mut c, 1).await;
+    // The report is a line on fd 0; a cold start has /dev/null there (read-only), so the
+    // write throws and the snippet ends with 1.
+    let code = "require('fs').writeSync(0, '7\\n'); setInterval(() => {}, 1000);";
+    let deadline = std::time::Instant::now() + DEADLINE;
+    loop {
+        let e = c
+            .start_execution(code_req(&s, "js", code))
+            .await
+            .unwrap()
+            .into_inner();
+        let r = wait(&mut c, &e.id).await;
+        if e.pooled {
+            // The code stands: the snippet could as well have exited with it.
+            assert_eq!(r.exit_code, 7);
+            eventually("the process behind a faked exit report is gone", || {
+                !alive(e.pid)
+            })
+            .await;
+            return;
+        }
+        assert_eq!(r.exit_code, 1);
+        assert!(std::time::Instant::now() < deadline, "never pooled");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn the_zygote_keeps_one_spare_forked_and_replaces_a_killed_one() {
     let d = TestDaemon::start().await;
     let mut c = d.client().await;

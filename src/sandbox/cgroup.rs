@@ -259,11 +259,16 @@ fn write_file(path: &Path, value: &str) -> Result<(), CgroupError> {
 }
 
 /// Writes an optional file: a missing file (feature not compiled in / accounting off) is fine.
+/// Opened without `O_CREAT`, so "missing" is the open's own answer and costs no extra stat.
 fn write_optional(path: &Path, value: &str) -> Result<bool, CgroupError> {
-    if !path.exists() {
-        return Ok(false);
-    }
-    write_file(path, value).map(|_| true)
+    let mut f = match fs::OpenOptions::new().write(true).open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(io_err(path, "open for write", e)),
+    };
+    f.write_all(value.as_bytes())
+        .map(|()| true)
+        .map_err(|e| io_err(path, "write", e))
 }
 
 fn validate_name(name: &str) -> Result<(), CgroupError> {
@@ -700,11 +705,13 @@ impl ExecutionCgroup {
                     let _ = write_optional(&dir.join("memory.swappiness"), "0");
                 }
                 if let Some(s) = limits.cpu_shares {
-                    let f = self
-                        .file(V1Controller::Cpu, "cpu.shares")
-                        .filter(|f| f.exists())
-                        .ok_or_else(|| missing_controller("cpu", "cpu shares"))?;
-                    write_file(&f, &s.max(2).to_string())?;
+                    let written = match self.file(V1Controller::Cpu, "cpu.shares") {
+                        Some(f) => write_optional(&f, &s.max(2).to_string())?,
+                        None => false,
+                    };
+                    if !written {
+                        return Err(missing_controller("cpu", "cpu shares"));
+                    }
                 }
                 if let Some(p) = limits.pids {
                     let dir = self.require(V1Controller::Pids, "pids limit")?;
@@ -858,8 +865,21 @@ impl ExecutionCgroup {
     /// Kills what is left in the execution and removes its directories. Blocking (see
     /// [`kill_all`](Self::kill_all)).
     pub fn remove(self) -> Result<(), CgroupError> {
+        if self.remove_if_empty() {
+            return Ok(());
+        }
         self.kill_all()?;
         self.remove_dirs()
+    }
+
+    /// The usual end: the execution's processes are gone and it made no cgroups of its own,
+    /// so one `rmdir` per hierarchy removes it (the kernel refuses a cgroup that still has
+    /// members or children). Whether every directory went; what is left takes the full path.
+    fn remove_if_empty(&self) -> bool {
+        self.dirs.iter().all(|(_, dir)| match fs::remove_dir(dir) {
+            Ok(()) => true,
+            Err(e) => e.kind() == ErrorKind::NotFound,
+        })
     }
 }
 
