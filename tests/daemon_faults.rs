@@ -227,3 +227,116 @@ async fn kill9_daemon_also_kills_grandchildren_that_left_the_process_group() {
     })
     .await;
 }
+
+/// A client that gives up on StartExecution halfway (its own timeout, a plugin killed mid-call)
+/// leaves nothing behind: the start still runs to its end in the daemon and the execution,
+/// whose id that client never learned, is stopped at once. Nothing stays `Starting`, no
+/// process or FIFO writer lingers, and the daemon still shuts down promptly.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_start_abandoned_by_its_client_leaves_no_process_and_no_stuck_execution() {
+    use std::time::{Duration, Instant};
+    let d = TestDaemon::start().await;
+    let mut c = d.client().await;
+    for (pool, lang) in [(0, "py"), (1, "py"), (1, "js")] {
+        let s = session_with_pool(&mut c, &["env", "io", "net"], pool).await;
+        if pool > 0 {
+            // Time for the pool to warm, so the start is a pooled one.
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+        let fifo = d.path(&format!("abandoned-{pool}-{lang}.fifo"));
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let code = if lang == "py" {
+            "import time\ntime.sleep(600)"
+        } else {
+            "setInterval(() => {}, 1000)"
+        };
+        let mut r = code_req(&s, lang, code);
+        r.stdout = path_sink(&fifo);
+        // The FIFO has no reader yet, so the start waits for one; the client gives up first.
+        let mut c2 = c.clone();
+        let gave_up = tokio::time::timeout(Duration::from_millis(300), c2.start_execution(r)).await;
+        assert!(gave_up.is_err(), "{lang}: started without a FIFO reader");
+        // The reader attaches after the client left. It reads to EOF: every writer gone.
+        let reader = std::thread::spawn(move || std::fs::read(fifo).unwrap());
+        let deadline = Instant::now() + DEADLINE;
+        let ended = loop {
+            let list = c
+                .list_executions(pb::ListExecutionsRequest {
+                    session_id: s.clone(),
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .executions;
+            if !list.is_empty()
+                && list
+                    .iter()
+                    .all(|e| e.state == pb::ExecutionState::Exited as i32)
+            {
+                break list;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{lang}, pool {pool}: the abandoned execution never ended: {list:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        for e in &ended {
+            assert!(
+                e.pid != 0,
+                "{lang}: the start completed, so it had a process"
+            );
+            eventually("the abandoned execution's process is gone", || {
+                !alive(e.pid)
+            })
+            .await;
+        }
+        // Returned at EOF: no writer of the FIFO is left.
+        assert_eq!(reader.join().unwrap(), b"", "{lang}");
+    }
+    let pid = d.pid();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let t = Instant::now();
+    while alive(pid) {
+        assert!(
+            t.elapsed() < Duration::from_secs(15),
+            "the daemon did not shut down after SIGTERM:\n{}",
+            d.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A daemon that stops (here SIGTERM) leaves no cgroup of its own behind: its reaper removes
+/// the execution cgroups, the stocked ones and then the parent.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stopped_daemon_leaves_no_cgroup_behind() {
+    let d = TestDaemon::start().await;
+    let mut c = d.client().await;
+    let s = session(&mut c, &["env", "io", "net"]).await;
+    let (r, _, _) = run(&mut c, code_req(&s, "py", "print(1)")).await;
+    assert_eq!(r.exit_code, 0);
+    let parents: Vec<std::path::PathBuf> = std::fs::read_dir("/sys/fs/cgroup")
+        .unwrap()
+        .flatten()
+        .map(|h| h.path().join(&d.cgroup_parent))
+        .filter(|p| p.is_dir())
+        .collect();
+    if parents.is_empty() {
+        eprintln!("no cgroups on this machine; nothing to check");
+        return;
+    }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(d.pid() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    eventually("the daemon's cgroups are gone", || {
+        parents.iter().all(|p| !p.exists())
+    })
+    .await;
+}

@@ -213,16 +213,16 @@ impl Execution {
         if rec.result.is_some() {
             return Ok(());
         }
-        state.save_running(&rec).map(|_| ())
+        state.save_unsynced(&rec).map(|_| ())
     }
 
-    /// Writes the final record without fsync (see [`StateStore::save_execution_fast`]).
-    fn persist_final_fast(
+    /// Writes the final record without fsync (see [`StateStore::save_unsynced`]).
+    fn persist_final_unsynced(
         &self,
         state: &StateStore,
     ) -> Result<super::state::Written, super::state::StateError> {
         let _g = self.persist_lock.lock().unwrap_or_else(|p| p.into_inner());
-        state.save_execution_fast(&self.record())
+        state.save_unsynced(&self.record())
     }
 
     /// The API form.
@@ -330,15 +330,14 @@ impl Execution {
         let Launched {
             pid,
             cgroup,
-            stdout_capture,
-            stderr_capture,
+            captures,
             exit,
             pooled,
         } = launched;
         let cgroup = cgroup.map(Arc::new);
         for (fd, slot) in [
-            (stdout_capture, &self.stdout),
-            (stderr_capture, &self.stderr),
+            (captures.stdout, &self.stdout),
+            (captures.stderr, &self.stderr),
         ] {
             if let Some(fd) = fd {
                 let buf = CaptureBuffer::new(ctx.max_capture_bytes);
@@ -464,7 +463,7 @@ impl Execution {
         // survives a crash of the daemon process. Only a machine crash could lose it, and that
         // ends the executions too; the fsync runs afterwards, in the cleanup below.
         // An append to the journal: inline (see `blocking`).
-        let persisted = match self.persist_final_fast(&ctx.state) {
+        let persisted = match self.persist_final_unsynced(&ctx.state) {
             Ok(w) => Some(w),
             Err(e) => {
                 tracing::error!(execution = %self.id, error = %e, "cannot persist exit status");

@@ -37,10 +37,8 @@ pub struct Launched {
     pub pid: u32,
     /// Its cgroup, when the machine has one.
     pub cgroup: Option<ExecutionCgroup>,
-    /// Read ends of the capture pipes (non-blocking), for sinks that are `Capture`.
-    pub stdout_capture: Option<OwnedFd>,
-    /// Same for stderr.
-    pub stderr_capture: Option<OwnedFd>,
+    /// The daemon's ends of its capture pipes.
+    pub captures: Captures,
     /// Resolves when the process has ended (and was reaped).
     pub exit: BoxFuture<'static, std::io::Result<ProcessExit>>,
     /// Whether a warm worker ran it.
@@ -144,11 +142,56 @@ pub(crate) struct Preparer {
 /// Execution cgroups kept ready: enough for a few concurrent starts.
 const CGROUP_STOCK: usize = 4;
 
-pub(crate) struct Prepared {
+/// Read ends of the capture pipes (non-blocking), for sinks that are `Capture`.
+#[derive(Default)]
+pub struct Captures {
+    /// stdout's.
+    pub stdout: Option<OwnedFd>,
+    /// stderr's.
+    pub stderr: Option<OwnedFd>,
+}
+
+/// An execution's opened output: what its fds 1 and 2 become, and the daemon's capture ends.
+pub(crate) struct Sinks {
     pub(crate) stdout: OwnedFd,
     pub(crate) stderr: OwnedFd,
-    pub(crate) stdout_capture: Option<OwnedFd>,
-    pub(crate) stderr_capture: Option<OwnedFd>,
+    pub(crate) captures: Captures,
+}
+
+impl Sinks {
+    /// Hands the sinks to the isolation of `plan`'s process (joining `cgroup`); the daemon keeps
+    /// the capture ends. Every launcher, cold or warm, isolates from this one spec, so a pooled
+    /// execution is isolated exactly like a cold one.
+    pub(crate) fn into_spec(
+        self,
+        plan: &ExecutionPlan,
+        cgroup: &Option<ExecutionCgroup>,
+    ) -> (IsolationSpec, Captures) {
+        let spec = IsolationSpec {
+            user: plan.user.clone(),
+            working_dir: plan.working_dir.clone(),
+            intrinsics: Intrinsics {
+                env: plan.intrinsics.env,
+                io: plan.intrinsics.io,
+                net: plan.intrinsics.net,
+            },
+            read_paths: plan.read_paths.clone(),
+            write_paths: plan.write_paths.clone(),
+            network_namespace: plan.network_namespace.clone(),
+            cgroup_procs: cgroup
+                .as_ref()
+                .map(|c| c.self_join_files())
+                .unwrap_or_default(),
+            stdout: self.stdout,
+            stderr: self.stderr,
+        };
+        (spec, self.captures)
+    }
+}
+
+/// Everything an execution needs before its process starts.
+pub(crate) struct Prepared {
+    pub(crate) sinks: Sinks,
     pub(crate) cgroup: Option<ExecutionCgroup>,
 }
 
@@ -264,7 +307,10 @@ impl Preparer {
     ) -> Result<Prepared, LaunchError> {
         let mut prepared = match opened {
             Some(p) => p,
-            None => self.open_sinks(plan).await?,
+            None => Prepared {
+                sinks: self.open_sinks(plan).await?,
+                cgroup: None,
+            },
         };
         if self.cgroups.mode() != CgroupMode::None && prepared.cgroup.is_none() {
             let limits = cgroup_limits(plan);
@@ -284,19 +330,20 @@ impl Preparer {
         Ok(prepared)
     }
 
-    /// Opens the plan's output sinks (no cgroup).
+    /// Opens the plan's output sinks.
     pub(crate) async fn open_sinks(
         self: &Arc<Self>,
         plan: &ExecutionPlan,
-    ) -> Result<Prepared, LaunchError> {
+    ) -> Result<Sinks, LaunchError> {
         let (stdout, stdout_capture) = self.open_one("stdout.path", &plan.stdout).await?;
         let (stderr, stderr_capture) = self.open_one("stderr.path", &plan.stderr).await?;
-        Ok(Prepared {
+        Ok(Sinks {
             stdout,
             stderr,
-            stdout_capture,
-            stderr_capture,
-            cgroup: None,
+            captures: Captures {
+                stdout: stdout_capture,
+                stderr: stderr_capture,
+            },
         })
     }
 
@@ -347,21 +394,12 @@ impl ColdLauncher {
         plan: ExecutionPlan,
         opened: Option<Prepared>,
     ) -> Result<Launched, LaunchError> {
-        let prepared = self.preparer.prepare(&plan, opened).await?;
-        let plan = Arc::new(plan);
-        let Prepared {
-            stdout,
-            stderr,
-            stdout_capture,
-            stderr_capture,
-            cgroup,
-        } = prepared;
-
+        let Prepared { sinks, cgroup } = self.preparer.prepare(&plan, opened).await?;
+        let (spec, captures) = sinks.into_spec(&plan, &cgroup);
         let mut cmd = std::process::Command::new(&plan.argv[0]);
         cmd.args(&plan.argv[1..]);
         cmd.env_clear();
         cmd.envs(plan.env.iter().map(|(k, v)| (k, v)));
-        let spec = isolation_spec(&plan, &cgroup, stdout, stderr);
         let fail = |cgroup: Option<ExecutionCgroup>, e: LaunchError| {
             if let Some(cg) = cgroup {
                 let _ = cg.remove();
@@ -391,38 +429,9 @@ impl ColdLauncher {
         Ok(Launched {
             pid,
             cgroup,
-            stdout_capture,
-            stderr_capture,
+            captures,
             exit,
             pooled: false,
         })
-    }
-}
-
-/// The isolation of `plan`'s process; warm launchers replay the same spec so a pooled execution
-/// is isolated exactly like a cold one.
-pub(crate) fn isolation_spec(
-    plan: &ExecutionPlan,
-    cgroup: &Option<ExecutionCgroup>,
-    stdout: OwnedFd,
-    stderr: OwnedFd,
-) -> IsolationSpec {
-    IsolationSpec {
-        user: plan.user.clone(),
-        working_dir: plan.working_dir.clone(),
-        intrinsics: Intrinsics {
-            env: plan.intrinsics.env,
-            io: plan.intrinsics.io,
-            net: plan.intrinsics.net,
-        },
-        read_paths: plan.read_paths.clone(),
-        write_paths: plan.write_paths.clone(),
-        network_namespace: plan.network_namespace.clone(),
-        cgroup_procs: cgroup
-            .as_ref()
-            .map(|c| c.self_join_files())
-            .unwrap_or_default(),
-        stdout,
-        stderr,
     }
 }

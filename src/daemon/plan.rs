@@ -227,6 +227,16 @@ fn env_vars(req: &[pb::EnvVar]) -> DaemonResult<Vec<(String, OsString)>> {
     Ok(out)
 }
 
+/// Inline snippets up to this size count as brief to plan.
+const BRIEF_CODE_BYTES: usize = 64 * 1024;
+
+/// Whether planning `req` is brief enough for an async worker (see `blocking`): a snippet of
+/// usual size is validated and written to the run dir (tmpfs) in a few syscalls, while a
+/// script file is read and a large snippet stripped or written at a cost that grows with it.
+pub fn is_brief(req: &pb::StartExecutionRequest) -> bool {
+    req.path.is_empty() && req.code.len() <= BRIEF_CODE_BYTES
+}
+
 /// Validates `req` and writes the code file; blocking (user lookup, file I/O).
 pub fn plan_execution(
     ctx: &PlanContext<'_>,

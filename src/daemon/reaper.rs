@@ -110,7 +110,8 @@ pub fn run(state_dir: PathBuf, cgroup_root: PathBuf, cgroup_parent: String) -> a
 }
 
 /// Kills what a dead daemon left: process groups of executions it recorded as running (when
-/// the pid still is that process), then every execution cgroup under its parent.
+/// the pid still is that process), then every execution cgroup under its parent, then the
+/// parent itself when nothing else uses it.
 pub fn cleanup(state_dir: &Path, cgroup_root: &Path, cgroup_parent: &str) {
     if let Ok(store) = StateStore::open_readonly(state_dir) {
         for rec in store.load_executions() {
@@ -128,6 +129,10 @@ pub fn cleanup(state_dir: &Path, cgroup_root: &Path, cgroup_parent: &str) {
     }
     let cgroups = CgroupManager::detect_at(cgroup_root, cgroup_parent);
     if let Err(e) = cgroups.reap_stale() {
+        eprintln!("elide-daemon reaper: {e}");
+    }
+    // A stopped daemon leaves no cgroup behind; the kernel keeps a parent that is still in use.
+    if let Err(e) = cgroups.remove_parent() {
         eprintln!("elide-daemon reaper: {e}");
     }
 }

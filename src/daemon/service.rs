@@ -31,10 +31,6 @@ pub const API_VERSION: &str = "v1alpha1";
 /// Default grace before SIGKILL for stop and close.
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(5);
 
-/// Inline snippets up to this size are planned (validated, written to the run dir) on the
-/// async worker; larger ones, and script files, off it (see `blocking`).
-const INLINE_PLAN_CODE_BYTES: usize = 64 * 1024;
-
 /// The daemon: sessions, executions, and what it needs to run them.
 pub struct Daemon {
     /// Effective configuration.
@@ -391,10 +387,30 @@ impl Daemon {
     }
 
     /// StartExecution: validates, plans, launches; returns once the process runs.
+    ///
+    /// The start runs to its end on a task of its own even when the caller goes away (a client
+    /// timeout, a plugin killed mid-call): dropped halfway, it would leave a process that nobody
+    /// supervises and an execution stuck in `Starting`. An execution whose caller never learned
+    /// its id is stopped at once: nobody could wait for it or stop it.
     pub async fn start_execution(
+        self: &Arc<Self>,
+        req: pb::StartExecutionRequest,
+        caller: Caller,
+    ) -> DaemonResult<pb::Execution> {
+        let gone = CancellationToken::new();
+        let _present = gone.clone().drop_guard();
+        let me = self.clone();
+        let start = tokio::spawn(async move { me.start_detached(req, caller, gone).await });
+        start
+            .await
+            .map_err(|e| DaemonError::Internal(format!("the start task failed: {e}")))?
+    }
+
+    async fn start_detached(
         &self,
         mut req: pb::StartExecutionRequest,
         caller: Caller,
+        caller_gone: CancellationToken,
     ) -> DaemonResult<pb::Execution> {
         let session = self.session(&req.session_id)?;
         if session.is_closed() {
@@ -420,7 +436,7 @@ impl Daemon {
             }
         }
         let id = format!("e-{}", uuid::Uuid::new_v4().simple());
-        let inline_plan = req.path.is_empty() && req.code.len() <= INLINE_PLAN_CODE_BYTES;
+        let inline_plan = super::plan::is_brief(&req);
         let plan = {
             let ctx_languages = session.languages.clone();
             let intrinsics = session.intrinsics;
@@ -442,8 +458,6 @@ impl Daemon {
                 };
                 plan_execution(&ctx, &id, &req)
             };
-            // A snippet of usual size is written to the run dir (tmpfs) inline; a script file
-            // is read and a large snippet stripped or written off the async workers.
             if inline_plan {
                 plan()?
             } else {
@@ -489,6 +503,13 @@ impl Daemon {
                         "session_id: session {:?} was closed while the execution started; it was stopped",
                         exec.session_id
                     )));
+                }
+                if caller_gone.is_cancelled() {
+                    tracing::warn!(execution = %exec.id, client_ref = %exec.client_ref, "the client went away before the execution started; stopped it");
+                    exec.kill_all();
+                    return Err(DaemonError::Internal(
+                        "the client went away before the execution started".into(),
+                    ));
                 }
                 Ok(exec.to_proto())
             }

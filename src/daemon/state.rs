@@ -275,15 +275,8 @@ impl StateStore {
 
     /// Saves an execution record durably (fsynced before returning).
     pub fn save_execution(&self, rec: &ExecutionRecord) -> Result<(), StateError> {
-        let w = self.save_running(rec)?;
+        let w = self.save_unsynced(rec)?;
         self.sync_execution(w)
-    }
-
-    /// Saves a final execution record without fsync: that survives a crash of the daemon
-    /// process (the page cache does). Follow with [`sync_execution`](Self::sync_execution) off
-    /// the latency path to survive a machine crash too.
-    pub fn save_execution_fast(&self, rec: &ExecutionRecord) -> Result<Written, StateError> {
-        self.save_running(rec)
     }
 
     /// Flushes a saved execution record (and every one written before it) to disk.
@@ -294,9 +287,11 @@ impl StateStore {
         }
     }
 
-    /// Saves the record of a running execution. Not fsynced: it only has to survive a crash of
-    /// the daemon process (the page cache does), and a machine crash kills the execution anyway.
-    pub fn save_running(&self, rec: &ExecutionRecord) -> Result<Written, StateError> {
+    /// Saves an execution record without fsync: it survives a crash of the daemon process (the
+    /// page cache does). Enough for a running execution, which a machine crash kills anyway; a
+    /// final record is followed by [`sync_execution`](Self::sync_execution) off the latency
+    /// path to survive a machine crash too.
+    pub fn save_unsynced(&self, rec: &ExecutionRecord) -> Result<Written, StateError> {
         match &self.journal {
             Some(j) if Self::safe_name(&rec.id) => j.put(rec).map(Written),
             _ => Ok(Written(0)),
@@ -417,7 +412,7 @@ mod tests {
         assert_eq!(back[0].id, "old");
         let mut running = back[0].clone();
         running.id = "new".into();
-        s.save_running(&running).unwrap();
+        s.save_unsynced(&running).unwrap();
         // The reaper reads the journal while the daemon holds it.
         let mut seen: Vec<String> = ro.load_executions().into_iter().map(|r| r.id).collect();
         seen.sort();

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -101,6 +102,18 @@ impl TestDaemon {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(self.dir.path().join("daemon.log")).unwrap());
+        // A harness ended by a signal (an interrupted `cargo bench`, a CI timeout) never runs
+        // Drop: the kernel then sends the daemon SIGTERM when the thread that started it ends,
+        // and it shuts down as usual, its zygotes, workers and cgroups with it.
+        // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
         self.child = Some(cmd.spawn().unwrap());
         let deadline = Instant::now() + DEADLINE;
         loop {

@@ -30,8 +30,7 @@ use tokio_util::sync::CancellationToken;
 use super::blocking::offload;
 use super::events::{EventBus, EventSubject};
 use super::launcher::{
-    ColdLauncher, LaunchError, Launched, Launcher, Prepared, Preparer, ProcessExit, Spawner,
-    isolation_spec,
+    ColdLauncher, LaunchError, Launched, Launcher, Prepared, Preparer, ProcessExit, Sinks, Spawner,
 };
 use super::plan::ExecutionPlan;
 use super::runtime::{Backend, Language, RuntimeRegistry};
@@ -264,14 +263,8 @@ impl PoolLauncher {
             .prepare(plan, !plan.intrinsics.io)
             .await
             .map_err(NotPooled::Fail)?;
-        let Prepared {
-            stdout,
-            stderr,
-            stdout_capture,
-            stderr_capture,
-            cgroup,
-        } = prepared;
-        let spec = isolation_spec(plan, &cgroup, stdout, stderr);
+        let Prepared { sinks, cgroup } = prepared;
+        let (spec, captures) = sinks.into_spec(plan, &cgroup);
         let isolation = spec.plan();
         let mut job = job;
         job.insert(
@@ -288,10 +281,11 @@ impl PoolLauncher {
         // Our copies of the sinks stay open until the child reported ready: a late fallback
         // starts cold on them (the zygote's copies die with the job).
         let mut opened = Prepared {
-            stdout: spec.stdout,
-            stderr: spec.stderr,
-            stdout_capture,
-            stderr_capture,
+            sinks: Sinks {
+                stdout: spec.stdout,
+                stderr: spec.stderr,
+                captures,
+            },
             cgroup: None,
         };
         let job = match submitted {
@@ -353,8 +347,7 @@ impl PoolLauncher {
             pid,
             cgroup,
             // The child holds its own copies of the sinks; ours close here.
-            stdout_capture: opened.stdout_capture,
-            stderr_capture: opened.stderr_capture,
+            captures: opened.sinks.captures,
             exit,
             pooled: true,
         })

@@ -38,9 +38,9 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use super::{NotPooled, final_env, isolation_spec, warmable};
+use super::{NotPooled, final_env, warmable};
 use crate::daemon::launcher::{
-    LaunchError, Launched, Prepared, Preparer, ProcessExit, Spawner, cgroup_limits, convert,
+    LaunchError, Launched, Preparer, ProcessExit, Spawner, cgroup_limits, convert,
 };
 use crate::daemon::plan::{ExecutionPlan, IntrinsicSet};
 use crate::sandbox::cgroup::ExecutionCgroup;
@@ -327,14 +327,7 @@ impl NodePool {
             stderr,
             cgroup,
         } = worker;
-        let Prepared {
-            stdout: sink_out,
-            stderr: sink_err,
-            stdout_capture,
-            stderr_capture,
-            ..
-        } = sinks;
-        let spec = isolation_spec(plan, &cgroup, sink_out, sink_err);
+        let (spec, captures) = sinks.into_spec(plan, &cgroup);
         let env = final_env(plan, &spec);
         let IsolationSpec {
             stdout: sink_out,
@@ -418,8 +411,7 @@ impl NodePool {
         Ok(Launched {
             pid,
             cgroup,
-            stdout_capture,
-            stderr_capture,
+            captures,
             exit,
             pooled: true,
         })
