@@ -340,3 +340,79 @@ async fn a_stopped_daemon_leaves_no_cgroup_behind() {
     })
     .await;
 }
+
+/// StopExecution and CloseSession escalate to SIGKILL after the grace even when their client
+/// gave up on the call before that (a snippet ignoring SIGTERM must not survive a stop whose
+/// caller went away), and the closed session is gone.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stop_or_close_abandoned_by_its_client_still_kills_after_the_grace() {
+    use std::time::Duration;
+    let d = TestDaemon::start().await;
+    let mut c = d.client().await;
+    let stubborn = "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nprint('ready', flush=True)\ntime.sleep(600)";
+    let grace = Some(prost_types::Duration {
+        seconds: 1,
+        nanos: 0,
+    });
+    let start = |c: &mut Client, s: &str, out: std::path::PathBuf| {
+        let mut c = c.clone();
+        let mut r = code_req(s, "py", stubborn);
+        r.stdout = path_sink(&out);
+        async move {
+            let e = c.start_execution(r).await.unwrap().into_inner();
+            // SIGTERM is ignored only once the handler is installed.
+            eventually("the snippet ignores SIGTERM", || {
+                std::fs::read_to_string(&out).is_ok_and(|o| o.contains("ready"))
+            })
+            .await;
+            e
+        }
+    };
+
+    let s = session(&mut c, &["env", "io", "net"]).await;
+    let e = start(&mut c, &s, d.path("stop.out")).await;
+    let mut c2 = c.clone();
+    let stop = c2.stop_execution(pb::StopExecutionRequest {
+        execution_id: e.id.clone(),
+        signal: String::new(),
+        grace,
+    });
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), stop)
+            .await
+            .is_err(),
+        "the stop ended within the grace although SIGTERM is ignored"
+    );
+    let r = tokio::time::timeout(DEADLINE, wait(&mut c, &e.id))
+        .await
+        .expect("the abandoned stop never killed the execution");
+    assert_eq!(r.signal, libc::SIGKILL);
+
+    let s = session(&mut c, &["env", "io", "net"]).await;
+    let e = start(&mut c, &s, d.path("close.out")).await;
+    let mut c2 = c.clone();
+    let close = c2.close_session(pb::CloseSessionRequest {
+        session_id: s.clone(),
+        grace,
+    });
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), close)
+            .await
+            .is_err()
+    );
+    eventually("the abandoned close killed the execution", || !alive(e.pid)).await;
+    let deadline = std::time::Instant::now() + DEADLINE;
+    while c
+        .get_session(pb::GetSessionRequest {
+            session_id: s.clone(),
+        })
+        .await
+        .is_ok()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the abandoned close left the session behind"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -64,6 +64,17 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Runs `work` to its end on a task of its own. An RPC whose client goes away (a timeout, a
+/// plugin killed mid-call) has its handler dropped wherever it is waiting; a change of daemon
+/// state made of several steps (start, stop with escalation, close) must not stop halfway.
+async fn detached<T: Send + 'static>(
+    work: impl std::future::Future<Output = DaemonResult<T>> + Send + 'static,
+) -> DaemonResult<T> {
+    tokio::spawn(work)
+        .await
+        .map_err(|e| DaemonError::Internal(format!("the daemon task failed: {e}")))?
+}
+
 /// Whether `pid` still is the process that started at `ticks`.
 fn same_process(pid: u32, ticks: u64) -> bool {
     pid != 0 && ticks != 0 && super::launcher::start_ticks(pid) == ticks
@@ -321,12 +332,14 @@ impl Daemon {
 
     /// CloseSession: stops every execution (grace, then SIGKILL), then forgets the session and
     /// its executions.
+    /// (Runs to its end even when the caller goes away: see [`detached`].)
     pub async fn close_session(
-        &self,
+        self: &Arc<Self>,
         id: &str,
         grace: Option<&prost_types::Duration>,
     ) -> DaemonResult<()> {
-        self.close_session_inner(id, grace, true).await
+        let (me, id, grace) = (self.clone(), id.to_string(), grace.cloned());
+        detached(async move { me.close_session_inner(&id, grace.as_ref(), true).await }).await
     }
 
     /// Closes a session; with `forget` false its ended executions stay queryable by id until
@@ -400,10 +413,7 @@ impl Daemon {
         let gone = CancellationToken::new();
         let _present = gone.clone().drop_guard();
         let me = self.clone();
-        let start = tokio::spawn(async move { me.start_detached(req, caller, gone).await });
-        start
-            .await
-            .map_err(|e| DaemonError::Internal(format!("the start task failed: {e}")))?
+        detached(async move { me.start_detached(req, caller, gone).await }).await
     }
 
     async fn start_detached(
@@ -603,7 +613,8 @@ impl Daemon {
             None => DEFAULT_GRACE,
         };
         let e = self.execution(id)?;
-        Ok(e.stop(sig, grace).await)
+        // Once signalled, the escalation to SIGKILL must happen even if the caller goes away.
+        detached(async move { Ok(e.stop(sig, grace).await) }).await
     }
 
     /// GetExecutionStats.
