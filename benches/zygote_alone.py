@@ -4,7 +4,7 @@ daemon does (one job at a time, Nomad-sized environment, the isolation steps of 
 `env io net`, no cgroup), without daemon, plugin or gRPC. Prints the CPU the zygote and its
 children spend per job and where a job's wall time goes.
 
-    make bench-zygote            # or: python3 benches/zygote_alone.py [--jobs N] [--pace-ms MS]
+    make bench-zygote            # or: python3 benches/zygote_alone.py [--jobs N] [--pace-ms MS] [--spares N]
 
 The split, per job (medians):
   send -> ready      job sent until the child reported itself isolated (what StartExecution waits for)
@@ -40,6 +40,7 @@ def main():
     ap.add_argument("--python", default=shutil.which("python3"), help="interpreter (resolved to its real path)")
     ap.add_argument("--jobs", type=int, default=300)
     ap.add_argument("--pace-ms", type=float, default=0, help="pause between jobs")
+    ap.add_argument("--spares", type=int, default=4, help="children kept forked (context_pool_size)")
     args = ap.parse_args()
     if not args.python:
         sys.exit("zygote_alone: no python3 on PATH; pass --python")
@@ -55,7 +56,7 @@ def main():
     with open(ZYGOTE) as f:
         source = f.read()
     zygote = subprocess.Popen(
-        [python, "-c", source],
+        [python, "-c", source, str(args.spares)],
         stdin=theirs,
         env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": work},
         cwd=work,
@@ -120,8 +121,8 @@ def main():
     shutil.rmtree(work, ignore_errors=True)
 
     hz = os.sysconf("SC_CLK_TCK")
-    print("python zygote alone: %s, %d jobs%s, nproc %d, load %s" % (
-        python, args.jobs, ", paced %g ms" % args.pace_ms if args.pace_ms else " back to back",
+    print("python zygote alone: %s, %d spares, %d jobs%s, nproc %d, load %s" % (
+        python, args.spares, args.jobs, ", paced %g ms" % args.pace_ms if args.pace_ms else " back to back",
         os.cpu_count(), " ".join("%.2f" % x for x in os.getloadavg())))
     print("zygote RSS %s; CPU of zygote + children per job: %.2f ms" % (rss, ticks / hz * 1e3 / args.jobs))
     for name, v in phases.items():

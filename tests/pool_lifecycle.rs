@@ -318,32 +318,49 @@ async fn a_node_snippet_that_fakes_its_exit_report_does_not_outlive_it() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn the_zygote_keeps_one_spare_forked_and_replaces_a_killed_one() {
+async fn the_zygote_keeps_pool_size_spares_forked_and_replaces_used_and_killed_ones() {
     let d = TestDaemon::start().await;
     let mut c = d.client().await;
     let daemon = d.pid();
-    let s = pooled_session(&mut c, 1).await;
+    let s = pooled_session(&mut c, 3).await;
     let _ = run_pooled(&mut c, &s, "py", "print(1)").await;
-    eventually("one spare", || zygote_children(daemon).len() == 1).await;
+    eventually("three spares", || zygote_children(daemon).len() == 3).await;
     let zygote = zygotes(daemon);
-    let spare = zygote_children(daemon);
-    // A job consumes the spare; the zygote forks the next one.
+    let spares = zygote_children(daemon);
+    // A job consumes a spare; the zygote forks a replacement.
     assert_eq!(run_pooled(&mut c, &s, "py", "print(2)").await, "2\n");
     eventually("a fresh spare after a job", || {
         let now = zygote_children(daemon);
-        now.len() == 1 && now != spare
+        now.len() == 3 && now.iter().filter(|p| !spares.contains(p)).count() == 1
     })
     .await;
-    // A spare killed while idle is replaced too, and the zygote itself survives.
-    let spare = zygote_children(daemon);
+    // A burst of three concurrent jobs finds three spares ready: all pooled.
+    let burst = (0..3).map(|i| {
+        let mut c = c.clone();
+        let r = code_req(&s, "py", &format!("print({i})"));
+        async move {
+            let e = c.start_execution(r).await.unwrap().into_inner();
+            let r = wait(&mut c, &e.id).await;
+            (e.pooled, r.exit_code)
+        }
+    });
+    let ran = futures::future::join_all(burst).await;
+    assert_eq!(ran, vec![(true, 0); 3]);
+    eventually("the spares refilled after the burst", || {
+        zygote_children(daemon).len() == 3
+    })
+    .await;
+    // A spare killed while idle is replaced too (its death is no job's exit), and the zygote
+    // itself survives.
+    let spares = zygote_children(daemon);
     nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(spare[0] as i32),
+        nix::unistd::Pid::from_raw(spares[0] as i32),
         nix::sys::signal::Signal::SIGKILL,
     )
     .unwrap();
     eventually("a replaced spare", || {
         let now = zygote_children(daemon);
-        now.len() == 1 && now != spare
+        now.len() == 3 && !now.contains(&spares[0])
     })
     .await;
     assert_eq!(zygotes(daemon), zygote);
@@ -359,7 +376,7 @@ async fn a_thousand_executions_leave_no_zombie_or_leaked_worker() {
     let _ = run_pooled(&mut c, &s, "py", "pass").await;
     eventually("warm pool", || {
         zygotes(daemon).len() == 1
-            && zygote_children(daemon).len() == 1
+            && zygote_children(daemon).len() == 2
             && node_workers(daemon).len() == 2
     })
     .await;
@@ -394,13 +411,13 @@ async fn a_thousand_executions_leave_no_zombie_or_leaked_worker() {
         pooled += t.await.unwrap();
     }
     assert!(pooled > 500, "only {pooled} of 1000 executions were pooled");
-    // Once the pool refilled, only the zygote, its one pre-forked spare and the idle workers
+    // Once the pool refilled, only the zygote, its two pre-forked spares and the idle workers
     // remain, none a zombie.
     eventually("only pool processes left", || {
         let d = descendants(daemon);
-        d.len() == 4
+        d.len() == 5
             && zygotes(daemon).len() == 1
-            && zygote_children(daemon).len() == 1
+            && zygote_children(daemon).len() == 2
             && node_workers(daemon).len() == 2
     })
     .await;

@@ -2,9 +2,10 @@
 //! execution on a warm runtime of its session when it can, cold otherwise.
 //!
 //! - Python ([`python_zygote`]): one zygote (fork server) per session with the interpreter
-//!   initialised and common modules imported; each execution is a fresh fork that replays the
-//!   same isolation plan a cold spawn applies, so pages are shared copy-on-write and nothing of
-//!   one execution is visible to the next. A dead zygote is restarted in the background.
+//!   initialised and common modules imported, keeping `context_pool_size` children forked
+//!   ahead of jobs; each execution is such a fresh fork that replays the same isolation plan a
+//!   cold spawn applies, so pages are shared copy-on-write and nothing of one execution is
+//!   visible to the next. A dead zygote is restarted in the background.
 //! - JavaScript/TypeScript ([`node_worker`]): node cannot fork, so `context_pool_size` node
 //!   processes are pre-started per session, each used for exactly one execution and replaced in
 //!   the background.
@@ -160,6 +161,7 @@ impl PoolLauncher {
                 slot.clone(),
                 rt.command.clone(),
                 workdir.clone(),
+                size,
                 self.spawner.clone(),
                 pool.closed.clone(),
             )));
@@ -488,12 +490,14 @@ fn python_job(plan: &ExecutionPlan) -> Result<serde_json::Map<String, serde_json
     Ok(job)
 }
 
-/// Keeps one warm zygote in `slot` until `closed`; restarts it (with backoff) when it dies.
+/// Keeps one warm zygote (with `spares` forked children) in `slot` until `closed`; restarts it
+/// (with backoff) when it dies.
 async fn run_python_zygote(
     session_id: String,
     slot: Arc<Mutex<Option<Arc<Zygote>>>>,
     python: PathBuf,
     workdir: PathBuf,
+    spares: u32,
     spawner: Spawner,
     closed: CancellationToken,
 ) {
@@ -502,7 +506,7 @@ async fn run_python_zygote(
         if closed.is_cancelled() {
             return;
         }
-        match python_zygote::spawn(&python, &workdir, &spawner).await {
+        match python_zygote::spawn(&python, &workdir, spares, &spawner).await {
             Ok(spawned) => {
                 let python_zygote::Spawned {
                     zygote,

@@ -320,6 +320,7 @@ pub struct Spawned {
 pub async fn spawn(
     python: &Path,
     workdir: &Path,
+    spares: u32,
     spawner: &Spawner,
 ) -> Result<Spawned, LaunchError> {
     let sandbox = |e: String| LaunchError::Sandbox(e);
@@ -339,7 +340,9 @@ pub async fn spawn(
         .try_clone_to_owned()
         .map_err(|e| sandbox(format!("dup stderr: {e}")))?;
     let mut cmd = std::process::Command::new(python);
-    cmd.arg("-c").arg(ZYGOTE_SOURCE);
+    cmd.arg("-c")
+        .arg(ZYGOTE_SOURCE)
+        .arg(spares.max(1).to_string());
     cmd.env_clear();
     cmd.env("PATH", crate::sandbox::spawn::MINIMAL_PATH);
     cmd.env("LANG", "C.UTF-8");

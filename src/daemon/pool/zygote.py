@@ -5,10 +5,11 @@
 #   zygote -> daemon: {"hello": pid}, {"exit": pid, "status": wait status}
 #   child  -> daemon: {"forked": token, "pid"}, then
 #                     {"ready": token, "pid"} + SCM_RIGHTS [pidfd]  or  {"failed": token, "error"}
-# The zygote never reads the socket itself: it keeps one pre-forked spare child blocked on it, so
-# the fork is paid before a job arrives. The spare that receives a job tells the zygote through
-# a pipe (and the zygote forks the next spare), replays the daemon's isolation plan (the same
-# steps the cold spawn runs in pre_exec), then runs the script as __main__ and leaves with
+# The zygote never reads the socket itself: it keeps `spares` pre-forked children blocked on it
+# (its one argument, the session's context_pool_size), so forks are paid before jobs arrive and
+# a burst finds several ready. The kernel hands each job to one spare, which tells the zygote
+# through a pipe (and the zygote forks a replacement), replays the daemon's isolation plan (the
+# same steps the cold spawn runs in pre_exec), then runs the script as __main__ and leaves with
 # os._exit, never returning into the zygote's loop.
 import os, sys, json, signal, socket, select, gc, ctypes, errno, _signal
 
@@ -347,14 +348,26 @@ def _child(sock, job, fds, zygote_pid, done=frozenset()):
 
 
 def _drain(fd):
-    """Reads a non-blocking pipe empty; whether there was anything."""
-    got = False
+    """Reads a non-blocking pipe empty."""
     try:
         while os.read(fd, 512):
-            got = True
+            pass
     except (BlockingIOError, InterruptedError):
         pass
-    return got
+
+
+def _taken(fd):
+    """Pids of the spares that took a job since the last call (non-blocking pipe)."""
+    pids = []
+    try:
+        while True:
+            data = os.read(fd, 4096)
+            if not data:
+                break
+            pids.extend(p for (p,) in struct.iter_unpack("i", data))
+    except (BlockingIOError, InterruptedError):
+        pass
+    return pids
 
 
 def _spare(sock, taken_w, zygote_pid):
@@ -372,7 +385,8 @@ def _spare(sock, taken_w, zygote_pid):
             continue
         except OSError:
             os._exit(0)
-    os.write(taken_w, b"j")
+    # One write of 4 bytes: atomic on a pipe, so notes of concurrent spares never interleave.
+    os.write(taken_w, struct.pack("i", os.getpid()))
     os.close(taken_w)
     if not msg:
         # The daemon closed the pool.
@@ -398,6 +412,7 @@ def main():
     os.dup2(null, 0)
     os.close(null)
     zygote_pid = os.getpid()
+    spares = max(1, int(sys.argv[1])) if len(sys.argv) > 1 else 1
     sig_r, sig_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     taken_r, taken_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.signal(signal.SIGCHLD, lambda *_: None)
@@ -430,7 +445,15 @@ def main():
                 os._exit(127)
         return pid
 
-    spare = fork_spare()
+    idle = set()
+
+    def refill():
+        for pid in _taken(taken_r):
+            idle.discard(pid)
+        while len(idle) < spares:
+            idle.add(fork_spare())
+
+    refill()
     sock.send(json.dumps({"hello": zygote_pid}).encode())
 
     while True:
@@ -439,12 +462,9 @@ def main():
         except InterruptedError:
             continue
         for fd, ev in events:
-            if fd == taken_r:
-                if _drain(taken_r):
-                    spare = fork_spare()
-            elif fd == sig_r:
+            if fd == sig_r:
                 _drain(sig_r)
-            elif ev & (select.POLLRDHUP | select.POLLHUP | select.POLLERR):
+            elif fd == sock.fileno() and ev & (select.POLLRDHUP | select.POLLHUP | select.POLLERR):
                 # The daemon closed the pool: children die with us (PDEATHSIG).
                 os._exit(0)
         # Reap after every wake-up: a SIGCHLD may have arrived while we were busy.
@@ -455,14 +475,16 @@ def main():
                 break
             if pid == 0:
                 break
-            if pid == spare:
-                # Either it took a job and already ended (its note is still in the pipe), or it
-                # died idle (killed from outside): replace it either way.
-                took = _drain(taken_r)
-                spare = fork_spare()
-                if not took:
-                    continue
+            if pid in idle:
+                # A spare writes its note before anything else, so one that took a job and
+                # already ended has its note in the pipe by now.
+                idle.difference_update(_taken(taken_r))
+            if pid in idle:
+                # Died idle (killed from outside): no job to report, only a spare to replace.
+                idle.discard(pid)
+                continue
             sock.send(json.dumps({"exit": pid, "status": status}).encode())
+        refill()
 
 
 if __name__ == "__main__":
