@@ -303,7 +303,7 @@ PSS (smaps_rollup) of the plugin, the daemon and every descendant of the daemon 
 spares, node workers, executions, reaper), / N, with the tasks started through StartTask at \
 `context_pool_size = 4`; next to N cold interpreters. The plugin's session warms every enabled \
 language, so with the default `enabled_languages` (all three) its idle node workers and zygote \
-spare are part of both figures; the last row is a session that enables python only (the daemon \
+spares are part of both figures; the last row is a session that enables python only (the daemon \
 section measures single-language sessions).\n\n\
 | language | plugin + daemon + children / N | cold interpreter | share |\n|---|---|---|---|\n{memory}{END}\n",
         python.display(),
