@@ -256,7 +256,11 @@ async fn a_start_abandoned_by_its_client_leaves_no_process_and_no_stuck_executio
         let mut c2 = c.clone();
         let gave_up = tokio::time::timeout(Duration::from_millis(300), c2.start_execution(r)).await;
         assert!(gave_up.is_err(), "{lang}: started without a FIFO reader");
-        // The reader attaches after the client left. It reads to EOF: every writer gone.
+        // The reader attaches once the daemon has seen the call cancelled (the client's reset
+        // of the stream is in flight for a moment: a start that completes before it arrives
+        // is answered to a client that no longer listens, which no daemon can tell). It reads
+        // to EOF: every writer gone.
+        tokio::time::sleep(Duration::from_millis(300)).await;
         let reader = std::thread::spawn(move || std::fs::read(fifo).unwrap());
         let deadline = Instant::now() + DEADLINE;
         let ended = loop {

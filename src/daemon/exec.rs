@@ -15,11 +15,10 @@ use tonic::Status;
 
 use super::error::DaemonError;
 use super::execution::Phase;
-use super::launcher::ProcessExit;
+use super::launcher::{ProcessExit, plan_isolation};
 use super::plan::duration;
 use super::service::Daemon;
 use crate::proto::elide::daemon::v1alpha1 as pb;
-use crate::sandbox::{Intrinsics, IsolationSpec};
 
 type Out = Pin<Box<dyn Stream<Item = Result<pb::ExecResponse, Status>> + Send + 'static>>;
 
@@ -118,22 +117,10 @@ pub async fn exec(
     cmd.args(&setup.command[1..]);
     cmd.env_clear();
     cmd.envs(plan.env.iter().map(|(k, v)| (k, v)));
-    let spec = IsolationSpec {
-        user: plan.user.clone(),
-        working_dir: plan.working_dir.clone(),
-        intrinsics: Intrinsics {
-            env: plan.intrinsics.env,
-            io: plan.intrinsics.io,
-            // Always join the execution's own namespace, whether private or the host's.
-            net: true,
-        },
-        read_paths: plan.read_paths.clone(),
-        write_paths: plan.write_paths.clone(),
-        network_namespace: Some(format!("/proc/{pid}/ns/net").into()),
-        cgroup_procs: e.cgroup_procs(),
-        stdout: dev_null()?,
-        stderr: dev_null()?,
-    };
+    let mut spec = plan_isolation(&plan, e.cgroup_procs(), dev_null()?, dev_null()?);
+    // Always join the execution's own namespace, whether private or the host's.
+    spec.intrinsics.net = true;
+    spec.network_namespace = Some(format!("/proc/{pid}/ns/net").into());
     let program = setup.command[0].clone();
     let tty = setup.tty;
     // Isolation, pty and fork all happen on the spawner thread (blocking work, and the forking

@@ -167,25 +167,38 @@ impl Sinks {
         plan: &ExecutionPlan,
         cgroup: &Option<ExecutionCgroup>,
     ) -> (IsolationSpec, Captures) {
-        let spec = IsolationSpec {
-            user: plan.user.clone(),
-            working_dir: plan.working_dir.clone(),
-            intrinsics: Intrinsics {
-                env: plan.intrinsics.env,
-                io: plan.intrinsics.io,
-                net: plan.intrinsics.net,
-            },
-            read_paths: plan.read_paths.clone(),
-            write_paths: plan.write_paths.clone(),
-            network_namespace: plan.network_namespace.clone(),
-            cgroup_procs: cgroup
-                .as_ref()
-                .map(|c| c.self_join_files())
-                .unwrap_or_default(),
-            stdout: self.stdout,
-            stderr: self.stderr,
-        };
+        let cgroup_procs = cgroup
+            .as_ref()
+            .map(|c| c.self_join_files())
+            .unwrap_or_default();
+        let spec = plan_isolation(plan, cgroup_procs, self.stdout, self.stderr);
         (spec, self.captures)
+    }
+}
+
+/// The isolation `plan` asks for, joining the cgroup through `cgroup_procs`, with `stdout` and
+/// `stderr` as fds 1 and 2: the executions' own ([`Sinks::into_spec`]) and, with its network
+/// adjusted, a command run inside a running execution (`exec`).
+pub(crate) fn plan_isolation(
+    plan: &ExecutionPlan,
+    cgroup_procs: Vec<PathBuf>,
+    stdout: OwnedFd,
+    stderr: OwnedFd,
+) -> IsolationSpec {
+    IsolationSpec {
+        user: plan.user.clone(),
+        working_dir: plan.working_dir.clone(),
+        intrinsics: Intrinsics {
+            env: plan.intrinsics.env,
+            io: plan.intrinsics.io,
+            net: plan.intrinsics.net,
+        },
+        read_paths: plan.read_paths.clone(),
+        write_paths: plan.write_paths.clone(),
+        network_namespace: plan.network_namespace.clone(),
+        cgroup_procs,
+        stdout,
+        stderr,
     }
 }
 
