@@ -52,6 +52,8 @@ pub const DEV_NULL: &str = "/dev/null";
 /// The first and the longest sleep between FIFO open attempts while no reader is attached. The
 /// reader is usually a moment away (logmon's goroutine, started just before StartTask, has not
 /// reached its `open` yet), so the first retries come quickly and back off from there.
+/// (An inotify `IN_OPEN` watch cannot replace the polling: a reader blocked in `open` has not
+/// completed it, so the event only comes once a writer is there.)
 const FIFO_RETRY_FIRST: Duration = Duration::from_millis(1);
 const FIFO_RETRY_MAX: Duration = Duration::from_millis(20);
 
