@@ -55,7 +55,7 @@ pub const DEV_NULL: &str = "/dev/null";
 /// (An inotify `IN_OPEN` watch cannot replace the polling: a reader blocked in `open` has not
 /// completed it, so the event only comes once a writer is there.)
 const FIFO_RETRY_FIRST: Duration = Duration::from_millis(1);
-const FIFO_RETRY_MAX: Duration = Duration::from_millis(20);
+const FIFO_RETRY_MAX: Duration = Duration::from_millis(5);
 
 /// Opens `path` for writing as an output sink and returns a blocking, close-on-exec fd.
 ///
