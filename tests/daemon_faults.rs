@@ -260,7 +260,7 @@ async fn a_start_abandoned_by_its_client_leaves_no_process_and_no_stuck_executio
         // of the stream is in flight for a moment: a start that completes before it arrives
         // is answered to a client that no longer listens, which no daemon can tell). It reads
         // to EOF: every writer gone.
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
         let reader = std::thread::spawn(move || std::fs::read(fifo).unwrap());
         let deadline = Instant::now() + DEADLINE;
         let ended = loop {
