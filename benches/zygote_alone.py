@@ -42,6 +42,8 @@ def main():
     ap.add_argument("--pace-ms", type=float, default=0, help="pause between jobs")
     ap.add_argument("--spares", type=int, default=4, help="children kept forked (context_pool_size)")
     args = ap.parse_args()
+    if args.spares < 1:
+        ap.error("--spares must be at least 1 (a zygote without spares runs no job), got %d" % args.spares)
     if not args.python:
         sys.exit("zygote_alone: no python3 on PATH; pass --python")
     python = os.path.realpath(args.python)

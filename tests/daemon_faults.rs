@@ -94,12 +94,7 @@ async fn exit_status_survives_a_graceful_restart() {
     assert_eq!(wait(&mut c, &e.id).await.exit_code, 9);
     drop(c);
     // SIGTERM: graceful stop.
-    let pid = d.pid();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
+    d.terminate();
     let mut child = d.child.take().unwrap();
     let st = tokio::task::spawn_blocking(move || child.wait().unwrap())
         .await
@@ -299,11 +294,7 @@ async fn a_start_abandoned_by_its_client_leaves_no_process_and_no_stuck_executio
         assert_eq!(reader.join().unwrap(), b"", "{lang}");
     }
     let pid = d.pid();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
+    d.terminate();
     let t = Instant::now();
     while alive(pid) {
         assert!(
@@ -324,21 +315,12 @@ async fn a_stopped_daemon_leaves_no_cgroup_behind() {
     let s = session(&mut c, &["env", "io", "net"]).await;
     let (r, _, _) = run(&mut c, code_req(&s, "py", "print(1)")).await;
     assert_eq!(r.exit_code, 0);
-    let parents: Vec<std::path::PathBuf> = std::fs::read_dir("/sys/fs/cgroup")
-        .unwrap()
-        .flatten()
-        .map(|h| h.path().join(&d.cgroup_parent))
-        .filter(|p| p.is_dir())
-        .collect();
+    let parents = d.cgroup_parents();
     if parents.is_empty() {
         eprintln!("no cgroups on this machine; nothing to check");
         return;
     }
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(d.pid() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
+    d.terminate();
     eventually("the daemon's cgroups are gone", || {
         parents.iter().all(|p| !p.exists())
     })

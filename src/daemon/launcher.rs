@@ -413,12 +413,6 @@ impl ColdLauncher {
         cmd.args(&plan.argv[1..]);
         cmd.env_clear();
         cmd.envs(plan.env.iter().map(|(k, v)| (k, v)));
-        let fail = |cgroup: Option<ExecutionCgroup>, e: LaunchError| {
-            if let Some(cg) = cgroup {
-                let _ = cg.remove();
-            }
-            e
-        };
         let program = plan.argv[0].to_string_lossy().into_owned();
         // Building the isolation (Landlock ruleset, namespace and cgroup fds) and forking
         // both happen on the spawner thread, off the async workers.
@@ -435,7 +429,14 @@ impl ColdLauncher {
             .await;
         let mut child = match spawned {
             Ok(Ok(c)) => c,
-            Ok(Err(e)) | Err(e) => return Err(fail(cgroup, e)),
+            Ok(Err(e)) | Err(e) => {
+                // A child that joined the cgroup before failing may still be exiting: removal
+                // can wait, so not on an async worker (see `blocking`).
+                if let Some(cg) = cgroup {
+                    let _ = offload(move || cg.remove()).await;
+                }
+                return Err(e);
+            }
         };
         let pid = child.id().unwrap_or(0);
         let exit = Box::pin(async move { child.wait().await.map(convert) });

@@ -248,12 +248,16 @@ fn keyed(content: &str, key: &str) -> Option<u64> {
 fn write_file(path: &Path, value: &str) -> Result<(), CgroupError> {
     // cgroupfs ignores O_TRUNC and O_CREAT on existing files; on the test fake they give a
     // file holding exactly the last value written.
-    let mut f = fs::OpenOptions::new()
+    let f = fs::OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .open(path)
         .map_err(|e| io_err(path, "open for write", e))?;
+    write_opened(f, path, value)
+}
+
+fn write_opened(mut f: fs::File, path: &Path, value: &str) -> Result<(), CgroupError> {
     f.write_all(value.as_bytes())
         .map_err(|e| io_err(path, "write", e))
 }
@@ -261,14 +265,11 @@ fn write_file(path: &Path, value: &str) -> Result<(), CgroupError> {
 /// Writes an optional file: a missing file (feature not compiled in / accounting off) is fine.
 /// Opened without `O_CREAT`, so "missing" is the open's own answer and costs no extra stat.
 fn write_optional(path: &Path, value: &str) -> Result<bool, CgroupError> {
-    let mut f = match fs::OpenOptions::new().write(true).open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(false),
-        Err(e) => return Err(io_err(path, "open for write", e)),
-    };
-    f.write_all(value.as_bytes())
-        .map(|()| true)
-        .map_err(|e| io_err(path, "write", e))
+    match fs::OpenOptions::new().write(true).open(path) {
+        Ok(f) => write_opened(f, path, value).map(|()| true),
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(io_err(path, "open for write", e)),
+    }
 }
 
 fn validate_name(name: &str) -> Result<(), CgroupError> {

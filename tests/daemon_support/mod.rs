@@ -173,13 +173,34 @@ impl TestDaemon {
     }
 }
 
-impl Drop for TestDaemon {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
+impl TestDaemon {
+    /// Asks the daemon to stop (SIGTERM), as systemd would.
+    pub fn terminate(&self) {
+        if let Some(c) = &self.child {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(c.id() as i32),
                 nix::sys::signal::Signal::SIGTERM,
             );
+        }
+    }
+
+    /// This daemon's parent cgroup in every hierarchy that has one now.
+    pub fn cgroup_parents(&self) -> Vec<PathBuf> {
+        std::fs::read_dir("/sys/fs/cgroup")
+            .map(|hs| {
+                hs.flatten()
+                    .map(|h| h.path().join(&self.cgroup_parent))
+                    .filter(|p| p.is_dir())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for TestDaemon {
+    fn drop(&mut self) {
+        self.terminate();
+        if let Some(mut c) = self.child.take() {
             let deadline = Instant::now() + Duration::from_secs(20);
             loop {
                 match c.try_wait() {
@@ -203,13 +224,7 @@ impl Drop for TestDaemon {
         if self.own_run_dir {
             let _ = std::fs::remove_dir_all(&self.run_dir);
         }
-        // Remove this daemon's (now empty) parent cgroups.
-        for h in ["memory", "cpu,cpuacct", "cpu", "cpuacct", "pids", "unified"] {
-            let p = Path::new("/sys/fs/cgroup")
-                .join(h)
-                .join(&self.cgroup_parent);
-            let _ = std::fs::remove_dir(p);
-        }
+        // The daemon's parent cgroups go with its reaper (a_stopped_daemon_leaves_no_cgroup_behind).
     }
 }
 

@@ -39,6 +39,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::{NotPooled, final_env, warmable};
+use crate::daemon::blocking::offload;
 use crate::daemon::launcher::{
     LaunchError, Launched, Preparer, ProcessExit, Spawner, cgroup_limits, convert,
 };
@@ -364,7 +365,7 @@ impl NodePool {
         let sent = if body_len <= INLINE_JOB_BYTES {
             Ok(send())
         } else {
-            super::offload(send).await
+            offload(send).await
         };
         let Ok(Ok(report)) = sent else {
             let _ = child.start_kill();
@@ -373,7 +374,7 @@ impl NodePool {
             });
             // Removal kills what is left and may wait for it to exit: not on an async worker.
             if let Some(cg) = cgroup {
-                let _ = super::offload(move || cg.remove()).await;
+                let _ = offload(move || cg.remove()).await;
             }
             return Err(NotPooled::Fallback(
                 "the node worker died before taking the job".into(),

@@ -340,9 +340,7 @@ pub async fn spawn(
         .try_clone_to_owned()
         .map_err(|e| sandbox(format!("dup stderr: {e}")))?;
     let mut cmd = std::process::Command::new(python);
-    cmd.arg("-c")
-        .arg(ZYGOTE_SOURCE)
-        .arg(spares.max(1).to_string());
+    cmd.arg("-c").arg(ZYGOTE_SOURCE).arg(spares.to_string());
     cmd.env_clear();
     cmd.env("PATH", crate::sandbox::spawn::MINIMAL_PATH);
     cmd.env("LANG", "C.UTF-8");

@@ -348,26 +348,22 @@ def _child(sock, job, fds, zygote_pid, done=frozenset()):
 
 
 def _drain(fd):
-    """Reads a non-blocking pipe empty."""
-    try:
-        while os.read(fd, 512):
-            pass
-    except (BlockingIOError, InterruptedError):
-        pass
-
-
-def _taken(fd):
-    """Pids of the spares that took a job since the last call (non-blocking pipe)."""
-    pids = []
+    """Reads a non-blocking pipe empty; what it held."""
+    chunks = []
     try:
         while True:
             data = os.read(fd, 4096)
             if not data:
                 break
-            pids.extend(p for (p,) in struct.iter_unpack("i", data))
+            chunks.append(data)
     except (BlockingIOError, InterruptedError):
         pass
-    return pids
+    return b"".join(chunks)
+
+
+def _taken(fd):
+    """Pids of the spares that took a job since the last call (their 4-byte notes)."""
+    return [p for (p,) in struct.iter_unpack("i", _drain(fd))]
 
 
 def _spare(sock, taken_w, zygote_pid):
