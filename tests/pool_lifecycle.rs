@@ -318,6 +318,39 @@ async fn a_node_snippet_that_fakes_its_exit_report_does_not_outlive_it() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn the_zygote_takes_the_daemons_oom_score_adj_and_executions_do_not() {
+    let d = TestDaemon::start().await;
+    let daemon = d.pid();
+    let oom_of = |pid: u32| {
+        std::fs::read_to_string(format!("/proc/{pid}/oom_score_adj"))
+            .unwrap()
+            .trim()
+            .to_string()
+    };
+    // Raising needs no privilege (this machine has no CAP_SYS_RESOURCE to lower it); what is
+    // checked is that the zygote follows the daemon and the executions do not.
+    std::fs::write(format!("/proc/{daemon}/oom_score_adj"), "321").unwrap();
+    let mut c = d.client().await;
+    let report = "print(open('/proc/self/oom_score_adj').read().strip())";
+    let s = pooled_session(&mut c, 2).await;
+    assert_eq!(run_pooled(&mut c, &s, "py", report).await, "0\n");
+    let zygote = zygotes(daemon);
+    assert_eq!(zygote.len(), 1, "{:?}", descendants(daemon));
+    assert_eq!(oom_of(zygote[0]), "321");
+    // A cold execution of the same daemon gets 0 as well.
+    let cold = pooled_session(&mut c, 0).await;
+    let e = c
+        .start_execution(code_req(&cold, "py", report))
+        .await
+        .unwrap()
+        .into_inner();
+    let out = output(&mut c, &e.id, pb::OutputStream::Stdout).await;
+    assert_eq!(wait(&mut c, &e.id).await.exit_code, 0);
+    assert!(!e.pooled);
+    assert_eq!(String::from_utf8_lossy(&out), "0\n");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn the_zygote_keeps_pool_size_spares_forked_and_replaces_used_and_killed_ones() {
     let d = TestDaemon::start().await;
     let mut c = d.client().await;
@@ -365,6 +398,98 @@ async fn the_zygote_keeps_pool_size_spares_forked_and_replaces_used_and_killed_o
     .await;
     assert_eq!(zygotes(daemon), zygote);
     assert_eq!(run_pooled(&mut c, &s, "py", "print(3)").await, "3\n");
+}
+
+/// A cgroup v1 `pids` hierarchy the test owns; removed (its members moved out) on drop.
+struct PidsCgroup(std::path::PathBuf);
+
+impl PidsCgroup {
+    fn new(name: &str) -> Option<Self> {
+        let root = std::path::Path::new("/sys/fs/cgroup/pids");
+        if !root.join("cgroup.procs").exists() {
+            return None;
+        }
+        let dir = root.join(format!("{name}-{}", std::process::id()));
+        std::fs::create_dir(&dir).ok()?;
+        Some(Self(dir))
+    }
+
+    fn set_max(&self, max: &str) {
+        std::fs::write(self.0.join("pids.max"), max).unwrap();
+    }
+
+    fn adopt(&self, pid: u32) {
+        std::fs::write(self.0.join("cgroup.procs"), pid.to_string()).unwrap();
+    }
+}
+
+impl Drop for PidsCgroup {
+    fn drop(&mut self) {
+        let members = std::fs::read_to_string(self.0.join("cgroup.procs")).unwrap_or_default();
+        for pid in members.lines() {
+            let _ = std::fs::write("/sys/fs/cgroup/pids/cgroup.procs", pid);
+        }
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_zygote_that_cannot_fork_keeps_its_running_executions_and_refills_later() {
+    let Some(limit) = PidsCgroup::new("elide-test-forkfail") else {
+        eprintln!("skipped: no cgroup v1 pids hierarchy on this machine");
+        return;
+    };
+    let d = TestDaemon::start().await;
+    let mut c = d.client().await;
+    let daemon = d.pid();
+    let s = pooled_session(&mut c, 1).await;
+    assert_eq!(run_pooled(&mut c, &s, "py", "print(1)").await, "1\n");
+    eventually("one spare", || zygote_children(daemon).len() == 1).await;
+    let zygote = zygotes(daemon);
+    // The zygote alone in a cgroup that allows no further process: its forks fail (EAGAIN),
+    // as they would on a node out of pids or memory.
+    limit.set_max("max");
+    limit.adopt(zygote[0]);
+    limit.set_max("1");
+    let e = c
+        .start_execution(code_req(
+            &s,
+            "py",
+            "import time; print('up', flush=True); time.sleep(60)",
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(e.pooled, "the spare took it");
+    // The spare that took the job asks for a replacement, which cannot be forked.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert_eq!(zygotes(daemon), zygote, "the zygote died");
+    assert!(d.log().contains("cannot fork a spare"), "{}", d.log());
+    let got = c
+        .get_execution(pb::GetExecutionRequest {
+            execution_id: e.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.state, pb::ExecutionState::Running as i32, "{got:?}");
+    assert!(alive(e.pid));
+    // Once forks work again the zygote refills on its own, and the execution still runs.
+    limit.set_max("max");
+    eventually("a spare again", || zygote_children(daemon).len() == 2).await;
+    assert!(alive(e.pid));
+    assert_eq!(run_pooled(&mut c, &s, "py", "print(2)").await, "2\n");
+    let stopped = c
+        .stop_execution(pb::StopExecutionRequest {
+            execution_id: e.id.clone(),
+            signal: "SIGKILL".into(),
+            grace: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(stopped.result.map(|r| r.signal), Some(9));
+    drop(d);
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -142,13 +142,15 @@ fn open_fifo(path: &Path, deadline: Duration) -> Result<OwnedFd, SinkError> {
         match open(path, flags, Mode::empty()) {
             Ok(fd) => break fd,
             Err(Errno::ENXIO) => {
-                if started.elapsed() >= deadline {
+                let waited = started.elapsed();
+                if waited >= deadline {
                     return Err(SinkError::NoReader {
                         path: path.to_path_buf(),
-                        waited: started.elapsed(),
+                        waited,
                     });
                 }
-                std::thread::sleep(pause);
+                // The last pause ends at the deadline, where one more attempt is made.
+                std::thread::sleep(pause.min(deadline - waited));
                 pause = (pause * 2).min(FIFO_RETRY_MAX);
             }
             Err(Errno::EINTR) => {}

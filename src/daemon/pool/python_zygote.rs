@@ -11,9 +11,12 @@
 //!   with a pidfd of itself (SCM_RIGHTS), or `failed {token, error}` naming the isolation step
 //!   that failed.
 //!
-//! The zygote keeps one child pre-forked and blocked on the socket, so a job does not wait for
-//! the fork (the expensive part on a large interpreter: page tables are copied); the child that
-//! takes a job has the zygote fork the next one.
+//! The zygote keeps `context_pool_size` children pre-forked and blocked on the socket, so a job
+//! does not wait for the fork (the expensive part on a large interpreter: page tables are
+//! copied); the child that takes a job has the zygote fork the next one. A fork the kernel
+//! refuses (no pids or memory left) does not end the zygote, whose running children would die
+//! with it: it says so on the daemon's stderr and tries again every 100 ms, while jobs wait on
+//! the socket for the next spare.
 //!
 //! The Landlock ruleset is built by the daemon exactly as for a cold spawn and passed as an fd,
 //! so the child's `landlock_restrict_self` enforces the identical ruleset. A child that
@@ -304,6 +307,24 @@ fn describe_status(status: i32) -> String {
     }
 }
 
+/// Gives the zygote the daemon's own `oom_score_adj` (the sandbox set 0). It is the session's
+/// machinery, not an execution, and its death ends every pooled execution still running: an
+/// operator who shields the daemon from the OOM killer shields it too. Its spares set 0 for
+/// themselves before they take a job, as a cold spawn does.
+fn share_oom_protection(zygote: u32) {
+    // Two procfs accesses: inline (see `blocking`).
+    let Ok(own) = std::fs::read_to_string("/proc/self/oom_score_adj") else {
+        return;
+    };
+    let own = own.trim();
+    if own == "0" || zygote == 0 {
+        return;
+    }
+    if let Err(e) = std::fs::write(format!("/proc/{zygote}/oom_score_adj"), own) {
+        tracing::warn!(zygote, error = %e, "cannot give the python zygote the daemon's oom_score_adj");
+    }
+}
+
 /// A zygote process starting up.
 pub struct Spawned {
     /// The zygote (usable once `hello` resolved).
@@ -361,6 +382,7 @@ pub async fn spawn(
     cmd.stdin(std::process::Stdio::from(theirs));
     let child = super::spawn_pool_process(spawner, cmd, python).await?;
     let pid = child.id().unwrap_or(0);
+    share_oom_protection(pid);
     let sock = Arc::new(ours);
     let table = Arc::new(Mutex::new(Table::default()));
     let alive = Arc::new(AtomicBool::new(true));
