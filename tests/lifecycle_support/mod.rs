@@ -62,13 +62,17 @@ impl Collected {
     }
 }
 
-/// Creates the FIFO (mode 0600, like logmon) and reads it in a thread until EOF.
+/// Creates the FIFO (mode 0600, like logmon) and reads it in a thread until EOF. Returns once
+/// that thread waits in its `open`, as logmon's reader normally does by the time the client
+/// calls StartTask (its prestart hook ran earlier): the driver's open then finds a reader.
 pub fn logmon(path: &Path) -> Collected {
     nix::unistd::mkfifo(path, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
     let c = Collected::default();
     let out = c.clone();
     let p = path.to_path_buf();
+    let (tid_tx, tid_rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
+        let _ = tid_tx.send(nix::unistd::gettid().as_raw());
         let mut f = std::fs::File::open(&p).unwrap();
         let mut buf = [0u8; 8192];
         loop {
@@ -79,7 +83,25 @@ pub fn logmon(path: &Path) -> Collected {
         }
         *out.1.lock().unwrap() = true;
     });
+    if let Ok(tid) = tid_rx.recv() {
+        wait_in_open(tid);
+    }
     c
+}
+
+/// Waits (up to a second) until thread `tid` of this process blocks in `openat`.
+fn wait_in_open(tid: i32) {
+    let syscall = format!("/proc/self/task/{tid}/syscall");
+    let openat = libc::SYS_openat.to_string();
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while Instant::now() < deadline {
+        match std::fs::read_to_string(&syscall) {
+            Ok(s) if s.split_whitespace().next() == Some(openat.as_str()) => return,
+            // The thread is gone: a writer came and went already.
+            Err(_) => return,
+            _ => std::thread::sleep(Duration::from_micros(200)),
+        }
+    }
 }
 
 /// One allocation dir laid out like Nomad's (`<data>/alloc/<alloc_id>`).
