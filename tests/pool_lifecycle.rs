@@ -351,6 +351,43 @@ async fn the_zygote_takes_the_daemons_oom_score_adj_and_executions_do_not() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn an_exit_is_reported_while_the_zygote_cannot_run() {
+    let d = TestDaemon::start().await;
+    let mut c = d.client().await;
+    let daemon = d.pid();
+    let s = pooled_session(&mut c, 2).await;
+    assert_eq!(run_pooled(&mut c, &s, "py", "print(1)").await, "1\n");
+    let zygote = zygotes(daemon);
+    assert_eq!(zygote.len(), 1);
+    let zygote = nix::unistd::Pid::from_raw(zygote[0] as i32);
+    let cases = [
+        ("import time; time.sleep(0.5); raise SystemExit(3)", 3, 0),
+        (
+            "import os, signal, time; time.sleep(0.5); os.kill(os.getpid(), signal.SIGTERM)",
+            128 + 15,
+            15,
+        ),
+    ];
+    for (code, exit_code, signal) in cases {
+        let e = c
+            .start_execution(code_req(&s, "py", code))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(e.pooled);
+        // The zygote (the child's parent, which reaps it) is stopped before the child ends: the
+        // daemon learns the end from the child's pidfd, not from the zygote's report.
+        nix::sys::signal::kill(zygote, nix::sys::signal::Signal::SIGSTOP).unwrap();
+        let r = tokio::time::timeout(std::time::Duration::from_secs(20), wait(&mut c, &e.id)).await;
+        nix::sys::signal::kill(zygote, nix::sys::signal::Signal::SIGCONT).unwrap();
+        let r = r.expect("no exit reported while the zygote was stopped");
+        assert_eq!((r.exit_code, r.signal), (exit_code, signal), "{code}");
+    }
+    assert_eq!(run_pooled(&mut c, &s, "py", "print(2)").await, "2\n");
+    assert!(!d.log().contains("cannot remove"), "{}", d.log());
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn the_zygote_keeps_pool_size_spares_forked_and_replaces_used_and_killed_ones() {
     let d = TestDaemon::start().await;
     let mut c = d.client().await;

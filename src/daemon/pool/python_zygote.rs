@@ -6,7 +6,9 @@
 //! - daemon → zygote: the job (`token`, isolation `steps` from [`IsolationSpec::plan`], final
 //!   `env`, `argv`, `script`) with SCM_RIGHTS `[stdout, stderr, landlock ruleset?]`;
 //! - zygote → daemon: `hello` once warm, `exit {pid, status}` (the zygote is the parent and
-//!   reaps);
+//!   reaps). The daemon usually knows first: it watches the child's pidfd and reads the status
+//!   of the ended child itself ([`exit_status_of_ended`]), so an exit is reported even while
+//!   the zygote is busy forking or not scheduled;
 //! - child → daemon: `forked {token, pid}` as soon as it holds the job, then `ready {token, pid}`
 //!   with a pidfd of itself (SCM_RIGHTS), or `failed {token, error}` naming the isolation step
 //!   that failed.
@@ -291,6 +293,75 @@ fn handle(
     }
 }
 
+/// `PIDFD_GET_INFO` (Linux 6.13+) and its `PIDFD_INFO_EXIT` flag (6.15+): the wait status of a
+/// process through a pidfd of it, once its parent has reaped it.
+const PIDFD_INFO_EXIT: u64 = 1 << 3;
+const PIDFD_GET_INFO: libc::c_ulong = nix::request_code_readwrite!(0xFF, 11, 64) as libc::c_ulong;
+
+/// `struct pidfd_info`, version 0 (64 bytes).
+#[repr(C)]
+#[derive(Default)]
+struct PidfdInfo {
+    mask: u64,
+    cgroupid: u64,
+    ids: [u32; 11],
+    exit_code: i32,
+}
+
+/// Whether this daemon may read other processes' exit codes in `/proc/<pid>/stat` (the kernel
+/// shows 0 to a reader without ptrace access, which would pass for a clean exit).
+fn may_read_exit_codes() -> bool {
+    static MAY: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *MAY.get_or_init(|| {
+        const CAP_SYS_PTRACE: u32 = 19;
+        std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| {
+                let hex = s.lines().find_map(|l| l.strip_prefix("CapEff:"))?;
+                u64::from_str_radix(hex.trim(), 16).ok()
+            })
+            .is_some_and(|caps| caps & (1 << CAP_SYS_PTRACE) != 0)
+    })
+}
+
+/// The wait status of a zygote child whose pidfd turned readable, learned without its parent
+/// (the zygote, whose report needs it scheduled and running Python): from the kernel's record
+/// once the zygote reaped it, else from `/proc/<pid>/stat` of the zombie. `None` when neither
+/// can be had (a kernel before 6.15, no ptrace access): the zygote's report is the answer then.
+pub fn exit_status_of_ended(pid: u32, pidfd: std::os::fd::BorrowedFd<'_>) -> Option<i32> {
+    // Read first, then ask the pidfd: if the process is still unreaped after the read, its pid
+    // was still its own while we read (a pid is only reused once reaped).
+    let zombie = if may_read_exit_codes() {
+        procfs::process::Process::new(pid as i32)
+            .and_then(|p| p.stat())
+            .ok()
+            .filter(|s| s.state == 'Z')
+            .and_then(|s| s.exit_code)
+    } else {
+        None
+    };
+    let mut info = PidfdInfo {
+        mask: PIDFD_INFO_EXIT,
+        ..PidfdInfo::default()
+    };
+    // SAFETY: the kernel writes at most `size_of::<PidfdInfo>()` bytes (the size in the request
+    // code) into `info`, which lives across the call.
+    let rc = unsafe {
+        libc::ioctl(
+            pidfd.as_raw_fd(),
+            PIDFD_GET_INFO,
+            &mut info as *mut PidfdInfo,
+        )
+    };
+    if rc != 0 {
+        return None;
+    }
+    if info.mask & PIDFD_INFO_EXIT != 0 {
+        return Some(info.exit_code);
+    }
+    zombie
+}
+
 /// A wait status as a [`ProcessExit`].
 pub fn exit_of(status: i32) -> ProcessExit {
     if libc::WIFSIGNALED(status) {
@@ -399,4 +470,59 @@ pub async fn spawn(
         hello: hrx,
         child,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsFd;
+
+    fn pidfd_of(pid: u32) -> OwnedFd {
+        // SAFETY: pidfd_open with a pid and no flags; on success the fd is ours.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::c_int, 0) };
+        assert!(fd >= 0, "pidfd_open: {}", std::io::Error::last_os_error());
+        // SAFETY: a fresh fd we own.
+        unsafe { OwnedFd::from_raw_fd(fd as RawFd) }
+    }
+
+    fn wait_readable(fd: &OwnedFd) {
+        let mut p = libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one pollfd on the stack.
+        assert_eq!(unsafe { libc::poll(&mut p, 1, 10_000) }, 1);
+    }
+
+    #[test]
+    fn the_status_of_an_ended_child_is_read_before_and_after_its_parent_reaps_it() {
+        for (script, status) in [("exit 5", 5 << 8), ("kill -TERM $$", libc::SIGTERM)] {
+            let mut child = std::process::Command::new("sh")
+                .args(["-c", script])
+                .spawn()
+                .unwrap();
+            let pid = child.id();
+            let pidfd = pidfd_of(pid);
+            wait_readable(&pidfd);
+            // A zombie: its parent (this test) has not reaped it yet.
+            if may_read_exit_codes() {
+                assert_eq!(
+                    exit_status_of_ended(pid, pidfd.as_fd()),
+                    Some(status),
+                    "{script}"
+                );
+            }
+            let reaped = child.wait().unwrap();
+            assert_eq!(
+                std::os::unix::process::ExitStatusExt::into_raw(reaped),
+                status
+            );
+            // Reaped: only a kernel with PIDFD_INFO_EXIT (6.15+) still knows.
+            match exit_status_of_ended(pid, pidfd.as_fd()) {
+                Some(s) => assert_eq!(s, status, "{script}"),
+                None => eprintln!("this kernel keeps no exit status for pidfds"),
+            }
+        }
+    }
 }
