@@ -255,13 +255,7 @@ async fn disconnected_waiter_loses_nothing_and_many_waiters_see_the_result() {
     // A new connection after the end gets the real result at once.
     let mut c3 = d.client().await;
     assert_eq!(wait(&mut c3, &e.id).await.exit_code, 42);
-    let got = c3
-        .get_execution(pb::GetExecutionRequest {
-            execution_id: e.id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let got = execution(&mut c3, &e.id).await;
     assert_eq!(got.state(), pb::ExecutionState::Exited);
     assert_eq!(got.result.unwrap().exit_code, 42);
 }
@@ -550,13 +544,7 @@ async fn idle_sessions_are_reclaimed_but_busy_ones_are_kept() {
     }
     assert_eq!(wait(&mut c, &done.id).await.exit_code, 6);
     assert_eq!(
-        c.get_execution(pb::GetExecutionRequest {
-            execution_id: e.id.clone()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .state(),
+        execution(&mut c, &e.id).await.state(),
         pb::ExecutionState::Running
     );
 }

@@ -70,13 +70,7 @@ async fn kill9_daemon_with_20_running_executions_leaves_none_and_restart_works()
             e.id
         );
         assert!(r.error.contains("daemon"), "{}", r.error);
-        let got = c
-            .get_execution(pb::GetExecutionRequest {
-                execution_id: e.id.clone(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let got = execution(&mut c, &e.id).await;
         assert_eq!(got.state(), pb::ExecutionState::Exited);
     }
 }

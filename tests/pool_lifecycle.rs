@@ -502,14 +502,8 @@ async fn a_zygote_that_cannot_fork_keeps_its_running_executions_and_refills_late
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     assert_eq!(zygotes(daemon), zygote, "the zygote died");
     assert!(d.log().contains("cannot fork a spare"), "{}", d.log());
-    let got = c
-        .get_execution(pb::GetExecutionRequest {
-            execution_id: e.id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(got.state, pb::ExecutionState::Running as i32, "{got:?}");
+    let got = execution(&mut c, &e.id).await;
+    assert_eq!(got.state(), pb::ExecutionState::Running, "{got:?}");
     assert!(alive(e.pid));
     // Once forks work again the zygote refills on its own, and the execution still runs.
     limit.set_max("max");

@@ -300,6 +300,16 @@ pub async fn output(c: &mut Client, id: &str, stream: pb::OutputStream) -> Vec<u
     out
 }
 
+/// The execution as GetExecution shows it.
+pub async fn execution(c: &mut Client, id: &str) -> pb::Execution {
+    c.get_execution(pb::GetExecutionRequest {
+        execution_id: id.into(),
+    })
+    .await
+    .unwrap()
+    .into_inner()
+}
+
 /// Waits for the execution's result.
 pub async fn wait(c: &mut Client, id: &str) -> pb::ExecutionResult {
     tokio::time::timeout(
