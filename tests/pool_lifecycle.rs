@@ -505,6 +505,21 @@ async fn a_zygote_that_cannot_fork_keeps_its_running_executions_and_refills_late
     let got = execution(&mut c, &e.id).await;
     assert_eq!(got.state(), pb::ExecutionState::Running, "{got:?}");
     assert!(alive(e.pid));
+    // With no spare left and none forkable, a start does not queue behind the zygote (it
+    // would wait out the ready timeout): it runs cold.
+    eventually("the daemon learns the zygote is out of spares", || {
+        d.log().contains("no spare and cannot fork")
+    })
+    .await;
+    let cold = c
+        .start_execution(code_req(&s, "py", "print('cold')"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!cold.pooled);
+    let out = output(&mut c, &cold.id, pb::OutputStream::Stdout).await;
+    assert_eq!(wait(&mut c, &cold.id).await.exit_code, 0);
+    assert_eq!(String::from_utf8_lossy(&out), "cold\n");
     // Once forks work again the zygote refills on its own, and the execution still runs.
     limit.set_max("max");
     eventually("a spare again", || zygote_children(daemon).len() == 2).await;
@@ -600,6 +615,12 @@ async fn a_late_fallback_starts_cold_on_the_fifo_the_pooled_attempt_opened() {
     let daemon = d.pid();
     let s = pooled_session(&mut c, 1).await;
     let _ = run_pooled(&mut c, &s, "py", "print(1)").await;
+    // The ended child may still await its reaping by the zygote (the daemon reports an exit as
+    // soon as the child is gone, not when the zygote has reaped it).
+    eventually("only the zygote's spare", || {
+        zygote_children(daemon).len() == 1
+    })
+    .await;
     // Freeze the zygote and its spare: jobs pile up on its socket until it refuses more, and a
     // start refused there falls back cold after it already opened its sinks.
     let frozen: Vec<u32> = zygotes(daemon)

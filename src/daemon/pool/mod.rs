@@ -260,6 +260,11 @@ impl PoolLauncher {
                 "the python zygote is not ready (starting or restarting)".into(),
             ));
         };
+        if zygote.starved() {
+            return Err(NotPooled::Fallback(
+                "the python zygote has no spare and cannot fork one (out of pids or memory)".into(),
+            ));
+        }
         let job = python_job(plan).map_err(NotPooled::Fallback)?;
         let (prepared, ruleset) = self
             .prepare(plan, !plan.intrinsics.io)

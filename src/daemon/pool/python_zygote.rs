@@ -17,8 +17,9 @@
 //! does not wait for the fork (the expensive part on a large interpreter: page tables are
 //! copied); the child that takes a job has the zygote fork the next one. A fork the kernel
 //! refuses (no pids or memory left) does not end the zygote, whose running children would die
-//! with it: it says so on the daemon's stderr and tries again every 100 ms, while jobs wait on
-//! the socket for the next spare.
+//! with it: it says so on the daemon's stderr and tries again every 100 ms. While that leaves
+//! it without any spare it tells the daemon (`empty`), which starts executions cold meanwhile
+//! instead of queueing them on the socket.
 //!
 //! The Landlock ruleset is built by the daemon exactly as for a cold spawn and passed as an fd,
 //! so the child's `landlock_restrict_self` enforces the identical ruleset. A child that
@@ -76,6 +77,8 @@ pub struct Zygote {
     pub pid: u32,
     table: Arc<Mutex<Table>>,
     alive: Arc<AtomicBool>,
+    /// Set while the zygote has no spare and cannot fork one (out of pids or memory).
+    empty: Arc<AtomicBool>,
     next_token: AtomicU64,
 }
 
@@ -87,6 +90,7 @@ enum Message {
     Ready { ready: u64, pid: u32 },
     Failed { failed: u64, error: String },
     Exit { exit: u32, status: i32 },
+    Empty { empty: bool },
 }
 
 fn lock(t: &Mutex<Table>) -> std::sync::MutexGuard<'_, Table> {
@@ -116,6 +120,12 @@ impl Zygote {
     /// Whether it still runs.
     pub fn alive(&self) -> bool {
         self.alive.load(Ordering::SeqCst)
+    }
+
+    /// Whether it said it has no spare left and cannot fork one: a job sent now would wait
+    /// on its socket until forks work again.
+    pub fn starved(&self) -> bool {
+        self.empty.load(Ordering::SeqCst)
     }
 
     /// Hands `job` (JSON without `token`) and `fds` to the zygote.
@@ -203,6 +213,7 @@ async fn reader(
     sock: Arc<OwnedFd>,
     table: Arc<Mutex<Table>>,
     alive: Arc<AtomicBool>,
+    empty: Arc<AtomicBool>,
     hello: oneshot::Sender<u32>,
 ) {
     let mut hello = Some(hello);
@@ -215,7 +226,7 @@ async fn reader(
                 break;
             };
             match receive(afd.get_ref().as_raw_fd(), &mut buf) {
-                Ok(Some((n, fds))) => handle(&buf[..n], fds, &table, &mut hello),
+                Ok(Some((n, fds))) => handle(&buf[..n], fds, &table, &empty, &mut hello),
                 Ok(None) => break,
                 Err(nix::errno::Errno::EAGAIN) => ready.clear_ready(),
                 Err(nix::errno::Errno::EINTR) => {}
@@ -239,6 +250,7 @@ fn handle(
     bytes: &[u8],
     fds: Vec<OwnedFd>,
     table: &Mutex<Table>,
+    empty: &AtomicBool,
     hello: &mut Option<oneshot::Sender<u32>>,
 ) {
     let msg: Message = match serde_json::from_slice(bytes) {
@@ -250,6 +262,14 @@ fn handle(
     };
     let mut t = lock(table);
     match msg {
+        Message::Empty { empty: e } => {
+            empty.store(e, Ordering::SeqCst);
+            if e {
+                tracing::warn!(
+                    "the python zygote has no spare and cannot fork one: executions start cold until it can"
+                );
+            }
+        }
         Message::Hello { hello: pid } => {
             if let Some(tx) = hello.take() {
                 let _ = tx.send(pid);
@@ -457,14 +477,22 @@ pub async fn spawn(
     let sock = Arc::new(ours);
     let table = Arc::new(Mutex::new(Table::default()));
     let alive = Arc::new(AtomicBool::new(true));
+    let empty = Arc::new(AtomicBool::new(false));
     let (htx, hrx) = oneshot::channel();
-    tokio::spawn(reader(sock.clone(), table.clone(), alive.clone(), htx));
+    tokio::spawn(reader(
+        sock.clone(),
+        table.clone(),
+        alive.clone(),
+        empty.clone(),
+        htx,
+    ));
     Ok(Spawned {
         zygote: Arc::new(Zygote {
             sock,
             pid,
             table,
             alive,
+            empty,
             next_token: AtomicU64::new(1),
         }),
         hello: hrx,

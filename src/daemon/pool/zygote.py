@@ -2,7 +2,8 @@
 #
 # fd 0 is a SOCK_SEQPACKET socket to the daemon. Every message is one JSON object.
 #   daemon -> zygote: {"token", "steps", "env", "argv", "script"} + SCM_RIGHTS [stdout, stderr, (landlock ruleset)]
-#   zygote -> daemon: {"hello": pid}, {"exit": pid, "status": wait status}
+#   zygote -> daemon: {"hello": pid}, {"exit": pid, "status": wait status},
+#                     {"empty": bool} when it has no spare left because forks fail, and back
 #   child  -> daemon: {"forked": token, "pid"}, then
 #                     {"ready": token, "pid"} + SCM_RIGHTS [pidfd]  or  {"failed": token, "error"}
 # The zygote never reads the socket itself: it keeps `spares` pre-forked children blocked on it
@@ -454,12 +455,14 @@ def main():
 
     idle = set()
     starved = False
+    told_empty = False
 
     def refill():
         """Forks spares up to the pool size. A fork refused for want of pids or memory must not
         end the zygote (its running children would die with it): it returns False, and the loop
-        tries again shortly."""
-        nonlocal starved
+        tries again shortly. While that leaves no spare at all, the daemon is told
+        ({"empty": true}), so it starts executions cold instead of queueing them here."""
+        nonlocal starved, told_empty
         for pid in _taken(taken_r):
             idle.discard(pid)
         while len(idle) < spares:
@@ -470,9 +473,14 @@ def main():
                     sys.stderr.write("elide python zygote: cannot fork a spare (%s); retrying\n" % e)
                     sys.stderr.flush()
                 starved = True
-                return False
-        starved = False
-        return True
+                break
+        else:
+            starved = False
+        empty = not idle
+        if empty != told_empty:
+            sock.send(json.dumps({"empty": empty}).encode())
+            told_empty = empty
+        return not starved
 
     full = refill()
     sock.send(json.dumps({"hello": zygote_pid}).encode())
