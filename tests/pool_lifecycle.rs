@@ -701,4 +701,16 @@ fn the_zygote_alone_bench_speaks_the_zygote_protocol() {
     for phase in ["send -> ready", "ready -> exited", "exited -> report"] {
         assert!(text.contains(phase), "{phase} missing: {text}");
     }
+    // A zygote without spares would run no job: refused, naming the option.
+    let refused = std::process::Command::new("python3")
+        .args([
+            concat!(env!("CARGO_MANIFEST_DIR"), "/benches/zygote_alone.py"),
+            "--spares",
+            "0",
+        ])
+        .output()
+        .expect("python3");
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success());
+    assert!(err.contains("--spares must be at least 1"), "{err}");
 }

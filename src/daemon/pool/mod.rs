@@ -19,19 +19,18 @@ pub mod node_worker;
 pub mod python_zygote;
 
 use std::collections::HashMap;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use tokio::io::unix::AsyncFd;
 use tokio_util::sync::CancellationToken;
 
 use super::blocking::offload;
 use super::events::{EventBus, EventSubject};
 use super::launcher::{
-    ColdLauncher, LaunchError, Launched, Launcher, Prepared, Preparer, ProcessExit, Sinks, Spawner,
+    ColdLauncher, LaunchError, Launched, Launcher, Prepared, Preparer, Sinks, Spawner,
 };
 use super::plan::ExecutionPlan;
 use super::runtime::{Backend, Language, RuntimeRegistry};
@@ -337,35 +336,7 @@ impl PoolLauncher {
         let pid = ready.pid;
         let pidfd = ready.pidfd;
         let exit_rx = job.exit;
-        let exit = Box::pin(async move {
-            // SAFETY: we own the pidfd and move it into the AsyncFd, which deregisters it
-            // before closing it.
-            let afd = unsafe { AsyncFd::register(pidfd)? };
-            let mut exit_rx = exit_rx;
-            // The child's end, read from its pidfd as soon as it is gone, usually beats the
-            // zygote's report (the zygote must be scheduled, handle SIGCHLD in Python, reap
-            // and write), and does not depend on the zygote being responsive at all.
-            let gone = tokio::select! {
-                biased;
-                status = &mut exit_rx => return Ok(match status {
-                    Ok(status) => python_zygote::exit_of(status),
-                    // The zygote died; PDEATHSIG kills the child. Its pidfd says when.
-                    Err(_) => {
-                        let _ = afd.readable().await?;
-                        ProcessExit::Signaled(libc::SIGKILL)
-                    }
-                }),
-                ready = afd.readable() => ready,
-            };
-            let _guard = gone?;
-            if let Some(status) = python_zygote::exit_status_of_ended(pid, afd.get_ref().as_fd()) {
-                return Ok(python_zygote::exit_of(status));
-            }
-            Ok(match exit_rx.await {
-                Ok(status) => python_zygote::exit_of(status),
-                Err(_) => ProcessExit::Signaled(libc::SIGKILL),
-            })
-        });
+        let exit = Box::pin(python_zygote::child_exit(pid, pidfd, exit_rx));
         Ok(Launched {
             pid,
             cgroup,

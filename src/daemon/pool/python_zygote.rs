@@ -382,6 +382,41 @@ pub fn exit_status_of_ended(pid: u32, pidfd: std::os::fd::BorrowedFd<'_>) -> Opt
     zombie
 }
 
+/// How the zygote child `pid` of a job ended, as soon as it is gone: read from its `pidfd`
+/// ([`exit_status_of_ended`]), which usually beats the zygote's `report` (the zygote must be
+/// scheduled, handle SIGCHLD in Python, reap and write) and does not need the zygote to run
+/// at all; the report where that cannot be read. A zygote that died before reporting took the
+/// child with it (PDEATHSIG): SIGKILL.
+pub async fn child_exit(
+    pid: u32,
+    pidfd: OwnedFd,
+    mut report: oneshot::Receiver<i32>,
+) -> std::io::Result<ProcessExit> {
+    // SAFETY: the AsyncFd owns the pidfd and deregisters it before closing it.
+    let afd = unsafe { AsyncFd::register(pidfd)? };
+    let mut zygote_died = false;
+    tokio::select! {
+        biased;
+        status = &mut report => match status {
+            Ok(status) => return Ok(exit_of(status)),
+            Err(_) => {
+                zygote_died = true;
+                let _ = afd.readable().await?;
+            }
+        },
+        gone = afd.readable() => {
+            let _ = gone?;
+        }
+    }
+    if let Some(status) = exit_status_of_ended(pid, afd.get_ref().as_fd()) {
+        return Ok(exit_of(status));
+    }
+    if !zygote_died && let Ok(status) = report.await {
+        return Ok(exit_of(status));
+    }
+    Ok(ProcessExit::Signaled(libc::SIGKILL))
+}
+
 /// A wait status as a [`ProcessExit`].
 pub fn exit_of(status: i32) -> ProcessExit {
     if libc::WIFSIGNALED(status) {

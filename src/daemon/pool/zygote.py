@@ -158,7 +158,7 @@ def _warm():
             _set_environ(dict(os.environ))
             dict(os.environ)
             list(os.environ.keys())
-            os.environ.get("ELIDE_WARM")
+            os.environ.get("PATH")
             time.tzset()
             locale.setlocale(locale.LC_CTYPE, "")
             os.close(os.pidfd_open(os.getpid()))
@@ -459,8 +459,8 @@ def main():
 
     def refill():
         """Forks spares up to the pool size. A fork refused for want of pids or memory must not
-        end the zygote (its running children would die with it): it returns False, and the loop
-        tries again shortly. While that leaves no spare at all, the daemon is told
+        end the zygote (its running children would die with it): it sets `starved`, and the
+        loop tries again shortly. While that leaves no spare at all, the daemon is told
         ({"empty": true}), so it starts executions cold instead of queueing them here."""
         nonlocal starved, told_empty
         for pid in _taken(taken_r):
@@ -480,14 +480,13 @@ def main():
         if empty != told_empty:
             sock.send(json.dumps({"empty": empty}).encode())
             told_empty = empty
-        return not starved
 
-    full = refill()
+    refill()
     sock.send(json.dumps({"hello": zygote_pid}).encode())
 
     while True:
         try:
-            events = poller.poll(None if full else _FORK_RETRY_MS)
+            events = poller.poll(_FORK_RETRY_MS if starved else None)
         except InterruptedError:
             continue
         for fd, ev in events:
@@ -513,7 +512,7 @@ def main():
                 idle.discard(pid)
                 continue
             sock.send(json.dumps({"exit": pid, "status": status}).encode())
-        full = refill()
+        refill()
 
 
 if __name__ == "__main__":
