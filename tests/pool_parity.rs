@@ -420,3 +420,102 @@ async fn unusable_interpreter_fails_on_both_paths() {
         }
     }
 }
+
+/// What an execution can do to its neighbours: the daemon, another execution, its own child.
+const PY_NEIGHBOURS: &str = r#"
+import os, sys, subprocess
+daemon, other = int(sys.argv[1]), int(sys.argv[2])
+def probe(name, f):
+    try:
+        f()
+        print(name, "ok")
+    except PermissionError:
+        print(name, "denied")
+probe("signal-daemon", lambda: os.kill(daemon, 0))
+probe("signal-other", lambda: os.kill(other, 0))
+probe("memory-daemon", lambda: open("/proc/%d/mem" % daemon, "rb"))
+probe("memory-other", lambda: open("/proc/%d/mem" % other, "rb"))
+probe("own-status", lambda: open("/proc/self/status").read())
+child = subprocess.Popen(["sleep", "30"])
+child.kill()
+print("own-child", child.wait())
+"#;
+
+const JS_NEIGHBOURS: &str = r#"
+const fs = require('fs');
+const cp = require('child_process');
+const [daemon, other] = process.argv.slice(2).map(Number);
+function probe(name, f) {
+  try { f(); console.log(name, 'ok'); }
+  catch (e) { console.log(name, e.code === 'EPERM' || e.code === 'EACCES' ? 'denied' : e.code); }
+}
+probe('signal-daemon', () => process.kill(daemon, 0));
+probe('signal-other', () => process.kill(other, 0));
+probe('memory-daemon', () => fs.closeSync(fs.openSync(`/proc/${daemon}/mem`, 'r')));
+probe('memory-other', () => fs.closeSync(fs.openSync(`/proc/${other}/mem`, 'r')));
+probe('own-status', () => fs.readFileSync('/proc/self/status'));
+const child = cp.spawn('sleep', ['30']);
+child.on('exit', (code, signal) => console.log('own-child', signal));
+child.kill('SIGKILL');
+"#;
+
+/// Every execution is a Landlock domain of its own, whatever its intrinsics: it cannot signal
+/// or trace the daemon or another execution, nor open their memory, even as the same user; its
+/// own children and its own `/proc/self` stay in reach, on both launch paths.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_execution_cannot_reach_the_daemon_or_another_execution() {
+    let abi = elide_task_driver::sandbox::landlock_rules::abi_version();
+    if abi < 6 {
+        eprintln!("skipped: Landlock ABI {abi} scopes no signals (needs Linux 6.12+)");
+        return;
+    }
+    let d = TestDaemon::start().await;
+    let mut c = d.client().await;
+    let neighbour_session = session(&mut c, &["env", "io", "net"]).await;
+    let neighbour = c
+        .start_execution(code_req(
+            &neighbour_session,
+            "py",
+            "import time; time.sleep(120)",
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let neighbour_pid = execution(&mut c, &neighbour.id).await.pid;
+    assert_ne!(neighbour_pid, 0);
+    let args = vec![d.pid().to_string(), neighbour_pid.to_string()];
+    let denied = "signal-daemon denied\nsignal-other denied\nmemory-daemon denied\n\
+                  memory-other denied\nown-status ok\n";
+    for kind in KINDS {
+        for intrinsics in [&["env", "io", "net"][..], &["env"][..]] {
+            let s = session_of(&mut c, kind, intrinsics).await;
+            let mut req = code_req(&s, "py", PY_NEIGHBOURS);
+            req.args = args.clone();
+            let (r, out, err) = run_on(&mut c, kind, req).await;
+            assert_eq!(r.exit_code, 0, "{kind:?} {intrinsics:?}: {err}");
+            assert_eq!(
+                out,
+                format!("{denied}own-child -9\n"),
+                "python, {kind:?}, intrinsics {intrinsics:?}: {err}"
+            );
+        }
+        // Node workers are pooled with io on only.
+        let s = session_of(&mut c, kind, &["env", "io", "net"]).await;
+        let mut req = code_req(&s, "js", JS_NEIGHBOURS);
+        req.args = args.clone();
+        let (r, out, err) = run_on(&mut c, kind, req).await;
+        assert_eq!(r.exit_code, 0, "{kind:?}: {err}");
+        assert_eq!(
+            out,
+            format!("{denied}own-child SIGKILL\n"),
+            "javascript, {kind:?}: {err}"
+        );
+    }
+    assert!(alive(neighbour_pid), "the neighbour was killed");
+    c.stop_execution(pb::StopExecutionRequest {
+        execution_id: neighbour.id.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+}

@@ -293,6 +293,12 @@ fn plan_lists_steps_in_order_as_json() {
         "{host:?}"
     );
     assert_eq!(host.base_env, None);
+    // io on: a Landlock domain without filesystem rules, where the kernel scopes signals.
+    assert_eq!(
+        host.steps.contains(&PlanStep::LandlockDomain),
+        elide_task_driver::sandbox::landlock_rules::domains_available(),
+        "{host:?}"
+    );
     let json = serde_json::to_string(&plan).expect("serialize");
     let back: elide_task_driver::sandbox::IsolationPlan =
         serde_json::from_str(&json).expect("deserialize");

@@ -1,4 +1,15 @@
-//! Filesystem confinement for the `io` intrinsic off, with Landlock.
+//! Landlock: filesystem confinement for the `io` intrinsic off, and a domain of its own for
+//! every execution.
+//!
+//! A Landlock domain also scopes what crosses its border, whatever the filesystem rules: a
+//! process inside cannot signal one outside (with `LANDLOCK_SCOPE_SIGNAL`, ABI ≥ 6), nor ptrace
+//! it or open the `/proc/<pid>` files that need ptrace-attach rights (`mem`, `syscall`,
+//! `stack`, `io`). One domain per execution keeps the daemon and the other executions out of
+//! a snippet's reach even when it runs as the same user; its own children inherit the domain
+//! and stay in reach. With `io` on, [`build_domain`] makes such a domain without filesystem
+//! rules. The `/proc/<pid>` files readable with ptrace-read rights (`environ`, `cmdline`,
+//! `maps`) stay readable to a process of the same user (or root) with `io` on: only the
+//! filesystem rules of `io` off hide them.
 //!
 //! The ruleset is built in the parent (opening every allowed path there), and only its fd
 //! travels into the child, where [`restrict_self`] makes two raw syscalls. Everything not
@@ -28,8 +39,19 @@ pub enum LandlockError {
     Path { path: PathBuf, reason: String },
 }
 
-/// The Landlock ABI version the running kernel offers (0 when unavailable).
+/// The Landlock ABI version the running kernel offers (0 when unavailable), asked once.
 pub fn abi_version() -> i32 {
+    static ABI_VERSION: std::sync::OnceLock<i32> = std::sync::OnceLock::new();
+    *ABI_VERSION.get_or_init(query_abi_version)
+}
+
+/// Whether [`build_domain`] makes a domain on this kernel (signal scoping needs ABI 6, Linux
+/// 6.12).
+pub fn domains_available() -> bool {
+    abi_version() >= 6
+}
+
+fn query_abi_version() -> i32 {
     const LANDLOCK_CREATE_RULESET_VERSION: libc::c_uint = 1;
     // SAFETY: the version query takes no ruleset attribute.
     let v = unsafe {
@@ -136,7 +158,7 @@ pub struct AccessMasks {
 pub fn access_masks() -> AccessMasks {
     AccessMasks {
         handled: AccessFs::from_all(TARGET_ABI).bits(),
-        scoped: Scope::AbstractUnixSocket as u64,
+        scoped: Scope::AbstractUnixSocket as u64 | Scope::Signal as u64,
         read_exec: AccessFs::from_read(TARGET_ABI).bits(),
         read_write: AccessFs::from_all(TARGET_ABI).bits(),
         file_only: AccessFs::from_file(TARGET_ABI).bits(),
@@ -169,6 +191,8 @@ pub fn build_ruleset(policy: &FsPolicy, required: &[PathBuf]) -> Result<OwnedFd,
         // older kernels skip this, and a private netns hides them anyway).
         .scope(Scope::AbstractUnixSocket)
         .map_err(rr)?
+        .scope(Scope::Signal)
+        .map_err(rr)?
         .create()
         .map_err(rr)?
         .add_rules(path_beneath_rules(
@@ -183,6 +207,24 @@ pub fn build_ruleset(policy: &FsPolicy, required: &[PathBuf]) -> Result<OwnedFd,
         .map_err(rr)?;
     let fd: Option<OwnedFd> = created.into();
     fd.ok_or(LandlockError::Unsupported { abi })
+}
+
+/// A ruleset that confines nothing on the filesystem, for an execution with `io` on: restricting
+/// itself with it makes the execution a Landlock domain of its own (see the module docs).
+/// `None` before ABI 6, which cannot scope signals.
+pub fn build_domain() -> Result<Option<OwnedFd>, LandlockError> {
+    if !domains_available() {
+        return Ok(None);
+    }
+    let rr = |e: landlock::RulesetError| LandlockError::Ruleset(e.to_string());
+    let created = Ruleset::default()
+        .set_compatibility(CompatLevel::HardRequirement)
+        .scope(Scope::Signal)
+        .map_err(rr)?
+        .create()
+        .map_err(rr)?;
+    let fd: Option<OwnedFd> = created.into();
+    Ok(fd)
 }
 
 /// `struct landlock_path_beneath_attr` (packed in the kernel UAPI).
@@ -260,8 +302,8 @@ mod tests {
         let m = access_masks();
         // LANDLOCK_ACCESS_FS_EXECUTE | READ_FILE | READ_DIR
         assert_eq!(m.read_exec, (1 << 0) | (1 << 2) | (1 << 3));
-        // LANDLOCK_SCOPE_ABSTRACT_UNIX_SOCKET
-        assert_eq!(m.scoped, 1);
+        // LANDLOCK_SCOPE_ABSTRACT_UNIX_SOCKET | LANDLOCK_SCOPE_SIGNAL
+        assert_eq!(m.scoped, 0b11);
         // Every handled right is granted to read-write paths; read-only is a strict subset.
         assert_eq!(m.read_write, m.handled);
         assert_eq!(m.read_exec & !m.handled, 0);
@@ -290,6 +332,12 @@ mod tests {
         );
         assert!(p.read_write.contains(&PathBuf::from("/dev/null")));
         assert!(!p.read_write.contains(&PathBuf::from("/tmp")));
+    }
+
+    #[test]
+    fn a_domain_is_built_exactly_where_the_kernel_scopes_signals() {
+        let domain = build_domain().expect("build_domain");
+        assert_eq!(domain.is_some(), abi_version() >= 6);
     }
 
     #[test]

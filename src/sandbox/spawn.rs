@@ -142,6 +142,11 @@ pub enum PlanStep {
         child_read_exec: Vec<PathBuf>,
         masks: landlock_rules::AccessMasks,
     },
+    /// Landlock `restrict_self` with a ruleset that confines nothing on the filesystem
+    /// ([`landlock_rules::build_domain`]), for `io` on: the execution becomes a domain of its
+    /// own, out of which it cannot signal, trace or read `/proc` files of the daemon or of
+    /// other executions.
+    LandlockDomain,
     /// Mark every fd >= `from` close-on-exec (`close_range(from, ~0, CLOSE_RANGE_CLOEXEC)`).
     CloseFdsFrom {
         from: i32,
@@ -234,6 +239,8 @@ impl IsolationSpec {
                 child_read_exec: vec![PathBuf::from("/proc/self")],
                 masks: landlock_rules::access_masks(),
             });
+        } else if landlock_rules::domains_available() {
+            steps.push(PlanStep::LandlockDomain);
         }
         steps.push(PlanStep::CloseFdsFrom { from: 3 });
         IsolationPlan {
@@ -294,7 +301,7 @@ impl IsolationSpec {
             _ => None,
         };
         let landlock_fd = if self.intrinsics.io {
-            None
+            landlock_rules::build_domain()?
         } else {
             // A missing read path grants nothing and is skipped (runtimes list optional
             // dirs); a missing write path is a request we cannot honour.
@@ -316,7 +323,9 @@ impl IsolationSpec {
                 .filter(|_| euid == 0)
                 .map(|u| (u.groups.clone(), u.gid, u.uid)),
             landlock_fd: landlock_fd.as_ref().map(AsRawFd::as_raw_fd),
-            landlock_proc_access: landlock_rules::access_masks().read_exec,
+            // A domain without filesystem rules takes no path rule.
+            landlock_proc_access: (!self.intrinsics.io)
+                .then(|| landlock_rules::access_masks().read_exec),
             program_check: self.user.as_ref().and_then(|_| {
                 let program = Path::new(cmd.get_program());
                 program
@@ -384,8 +393,9 @@ struct ChildSteps {
     parent_pid: libc::pid_t,
     user: Option<(Vec<u32>, u32, u32)>,
     landlock_fd: Option<RawFd>,
-    /// Access granted to the child's own /proc/self (read/execute bits).
-    landlock_proc_access: u64,
+    /// Access granted to the child's own /proc/self (read/execute bits), when the ruleset
+    /// confines the filesystem.
+    landlock_proc_access: Option<u64>,
     /// The program, checked for execute permission as the new user so the failure names
     /// itself instead of surfacing as a bare EACCES from exec.
     program_check: Option<std::ffi::CString>,
@@ -568,7 +578,9 @@ impl ChildSteps {
                 return Err(fail(b"prctl NO_NEW_PRIVS", errno()));
             }
             if let Some(fd) = self.landlock_fd {
-                if let Err(e) = landlock_rules::allow_proc_self(fd, self.landlock_proc_access) {
+                if let Some(access) = self.landlock_proc_access
+                    && let Err(e) = landlock_rules::allow_proc_self(fd, access)
+                {
                     return Err(fail(b"landlock rule for /proc/self", e));
                 }
                 if let Err(e) = landlock_rules::restrict_self(fd) {

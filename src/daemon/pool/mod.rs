@@ -37,7 +37,7 @@ use super::runtime::{Backend, Language, RuntimeRegistry};
 use super::session::Session;
 use crate::proto::elide::daemon::v1alpha1 as pb;
 use crate::sandbox::IsolationSpec;
-use crate::sandbox::landlock_rules::{FsPolicy, build_ruleset};
+use crate::sandbox::landlock_rules::{FsPolicy, build_domain, build_ruleset};
 use python_zygote::Zygote;
 
 /// How long a pooled child may take to apply its isolation before the start fails.
@@ -217,23 +217,26 @@ impl PoolLauncher {
         );
     }
 
-    /// The plan's sinks and cgroup, and its Landlock ruleset when `landlock`.
+    /// The plan's sinks and cgroup, and its Landlock ruleset: the filesystem policy with `io`
+    /// off, a domain without filesystem rules with `io` on (when the kernel makes one; the
+    /// same choice as `IsolationSpec::apply` for a cold start).
     async fn prepare(
         &self,
         plan: &ExecutionPlan,
-        landlock: bool,
     ) -> Result<(Prepared, Option<OwnedFd>), LaunchError> {
         let prepared = self.preparer.prepare(plan, None).await?;
-        if !landlock {
-            return Ok((prepared, None));
-        }
         // Opens the paths of the policy and builds the ruleset: a few syscalls, inline.
-        let mut required = vec![plan.working_dir.clone()];
-        required.extend(plan.write_paths.iter().cloned());
-        let policy =
-            FsPolicy::for_execution(&plan.working_dir, &plan.read_paths, &plan.write_paths);
-        match build_ruleset(&policy, &required) {
-            Ok(fd) => Ok((prepared, Some(fd))),
+        let ruleset = if plan.intrinsics.io {
+            build_domain()
+        } else {
+            let mut required = vec![plan.working_dir.clone()];
+            required.extend(plan.write_paths.iter().cloned());
+            let policy =
+                FsPolicy::for_execution(&plan.working_dir, &plan.read_paths, &plan.write_paths);
+            build_ruleset(&policy, &required).map(Some)
+        };
+        match ruleset {
+            Ok(fd) => Ok((prepared, fd)),
             Err(e) => {
                 if let Some(cg) = prepared.cgroup {
                     let _ = offload(move || cg.remove()).await;
@@ -265,10 +268,7 @@ impl PoolLauncher {
             ));
         }
         let job = python_job(plan).map_err(NotPooled::Fallback)?;
-        let (prepared, ruleset) = self
-            .prepare(plan, !plan.intrinsics.io)
-            .await
-            .map_err(NotPooled::Fail)?;
+        let (prepared, ruleset) = self.prepare(plan).await.map_err(NotPooled::Fail)?;
         let Prepared { sinks, cgroup } = prepared;
         let (spec, captures) = sinks.into_spec(plan, &cgroup);
         let isolation = spec.plan();

@@ -21,8 +21,10 @@
 //! it without any spare it tells the daemon (`empty`), which starts executions cold meanwhile
 //! instead of queueing them on the socket.
 //!
-//! The Landlock ruleset is built by the daemon exactly as for a cold spawn and passed as an fd,
-//! so the child's `landlock_restrict_self` enforces the identical ruleset. A child that
+//! The Landlock ruleset (the filesystem policy with `io` off, a domain of its own with `io` on)
+//! is built by the daemon exactly as for a cold spawn and passed as an fd; the child adds the
+//! rule for its own `/proc/self` (it must resolve to the child) and restricts itself, so it
+//! enforces the identical ruleset. A child that
 //! outlives its zygote is killed by `PR_SET_PDEATHSIG`; its end is then observed through the
 //! pidfd it sent (pidfds cannot be fooled by pid reuse) and reported as SIGKILL.
 //!

@@ -24,7 +24,9 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _PR_SET_PDEATHSIG = 1
 _PR_SET_NO_NEW_PRIVS = 38
 _CLONE_NEWNET = 0x40000000
+_SYS_LANDLOCK_ADD_RULE = 445
 _SYS_LANDLOCK_RESTRICT_SELF = 446
+_LANDLOCK_RULE_PATH_BENEATH = 1
 _SIOCGIFFLAGS = 0x8913
 _SIOCSIFFLAGS = 0x8914
 _IFF_UP = 0x1
@@ -65,6 +67,25 @@ def _check(rc, what):
     if rc != 0:
         e = ctypes.get_errno()
         raise StepError("%s: %s" % (what, os.strerror(e)))
+
+
+def _landlock_allow(ruleset_fd, path, access):
+    # Added here, in the child: /proc/self must resolve to the child's own pid.
+    fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        # struct landlock_path_beneath_attr is packed: u64 allowed_access, s32 parent_fd.
+        attr = struct.pack("=Qi", access, fd)
+        rc = _libc.syscall(_SYS_LANDLOCK_ADD_RULE, ruleset_fd, _LANDLOCK_RULE_PATH_BENEATH, attr, 0)
+        _check(0 if rc == 0 else -1, "landlock_add_rule %s" % path)
+    finally:
+        os.close(fd)
+
+
+def _landlock_restrict(ruleset_fd):
+    if ruleset_fd < 0:
+        raise StepError("no ruleset fd was passed")
+    rc = _libc.syscall(_SYS_LANDLOCK_RESTRICT_SELF, ruleset_fd, 0)
+    _check(0 if rc == 0 else -1, "landlock_restrict_self")
 
 
 def _loopback_up():
@@ -238,8 +259,11 @@ def _replay(job, fds, zygote_pid, done=frozenset()):
             elif kind == "landlock":
                 if landlock_fd < 0:
                     raise StepError("no ruleset fd was passed")
-                rc = _libc.syscall(_SYS_LANDLOCK_RESTRICT_SELF, landlock_fd, 0)
-                _check(0 if rc == 0 else -1, "landlock_restrict_self")
+                for path in step["child_read_exec"]:
+                    _landlock_allow(landlock_fd, path, step["masks"]["read_exec"])
+                _landlock_restrict(landlock_fd)
+            elif kind == "landlock_domain":
+                _landlock_restrict(landlock_fd)
             elif kind == "close_fds_from":
                 pass  # done last, after the report to the daemon
             else:
