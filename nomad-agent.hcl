@@ -20,7 +20,8 @@ plugin "elide" {
     # How often the driver re-checks the daemon's health.
     fingerprint_period = "30s"
 
-    # The daemon session this client's tasks run in.
+    # The daemon session this client's tasks run in, named after this block: a restarted agent
+    # finds it again, warm pools included.
     session_config {
       context_pool_size  = 2                                   # warm workers per language (0 = none)
       enabled_languages  = ["python", "javascript", "typescript"] # aliases: py, js, ts

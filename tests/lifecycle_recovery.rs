@@ -154,6 +154,29 @@ async fn plugin_killed_under_ten_tasks_recovers_them_from_the_handles_alone() {
         "real exit code after the plugin was down"
     );
 
+    // The new plugin process works in the session the first one created (it is named after the
+    // config): an agent restart leaves no second session, and no second warm pool, behind.
+    let after = alloc.task("after");
+    plugin
+        .start_json(
+            &after,
+            json!({"language": "python", "code": "print('after')"}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(plugin.wait(&after.id).await.result.unwrap().exit_code, 0);
+    let daemon = elide_task_driver::daemon_client::DaemonClient::connect(&auto.socket, DEADLINE)
+        .await
+        .unwrap();
+    let sessions = daemon
+        .raw()
+        .list_sessions(elide_task_driver::proto::elide::daemon::v1alpha1::ListSessionsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .sessions;
+    assert_eq!(sessions.len(), 1, "{sessions:?}");
+
     for ((t, _), n0) in tasks.iter().zip(&before) {
         let st = plugin.inspect(&t.id).await.unwrap().task.unwrap();
         assert_eq!(st.state, pb::TaskState::Running as i32, "{}", t.id);

@@ -18,7 +18,8 @@ pub struct Snapshot {
     pub config: Option<Arc<PluginConfig>>,
     /// True once SetConfig arrived with `nomad_config` (the long-lived instance).
     pub agent_configured: bool,
-    /// Our session id in the daemon, chosen at that SetConfig.
+    /// Our session id in the daemon, named after the config at that SetConfig
+    /// ([`session_id_for`]).
     pub session_id: Option<String>,
 }
 
@@ -63,17 +64,15 @@ impl PluginState {
         self.notify();
     }
 
-    /// Stores the agent's config and returns the session id to use (kept across repeated
-    /// SetConfig calls so the daemon sees one session per plugin process).
+    /// Stores the agent's config and returns the session id to use ([`session_id_for`]).
     pub fn set_agent_config(&self, config: PluginConfig) -> String {
-        let id = {
+        let id = session_id_for(&config);
+        {
             let mut s = self.lock();
             s.config = Some(Arc::new(config));
             s.agent_configured = true;
-            s.session_id
-                .get_or_insert_with(|| format!("nomad-{}", uuid::Uuid::new_v4()))
-                .clone()
-        };
+            s.session_id = Some(id.clone());
+        }
         self.notify();
         id
     }
@@ -89,7 +88,19 @@ impl PluginState {
     }
 }
 
-/// The owner label the daemon shows for our session.
+/// The daemon session for an agent config, named after its `session_config`: every plugin
+/// process the agent launches with that config (a new one on each agent restart) uses the same
+/// session and its warm pools. A session per process would leave one behind per restart, pools
+/// included, for as long as any task it started runs (and then the idle TTL).
+pub fn session_id_for(cfg: &PluginConfig) -> String {
+    use prost::Message;
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(session_config(cfg).encode_to_vec());
+    let hex: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+    format!("nomad-{hex}")
+}
+
+/// The owner label the daemon shows for our session (the plugin process that created it).
 pub fn session_owner() -> String {
     format!("nomad-plugin pid {}", std::process::id())
 }
@@ -112,5 +123,35 @@ pub fn session_config(cfg: &PluginConfig) -> api::SessionConfig {
             .collect(),
         memory_limit_mb: cfg.session.memory_limit_mb,
         enable_ai: cfg.session.enable_ai,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nomad::config::Language;
+
+    #[test]
+    fn the_session_is_named_after_its_config_alone() {
+        let cfg = PluginConfig::default();
+        let id = session_id_for(&cfg);
+        assert!(id.starts_with("nomad-") && id.len() == 22, "{id}");
+        // Another plugin process with the same config: the same session.
+        let state = PluginState::new(CancellationToken::new());
+        assert_eq!(state.set_agent_config(cfg.clone()), id);
+        assert_eq!(session_id_for(&PluginConfig::default()), id);
+        // Any change to session_config: another session.
+        let mut bigger = cfg.clone();
+        bigger.session.context_pool_size += 1;
+        assert_ne!(session_id_for(&bigger), id);
+        let mut python_only = cfg.clone();
+        python_only.session.enabled_languages = vec![Language::Python];
+        assert_ne!(session_id_for(&python_only), id);
+        // A new config at a later SetConfig moves the plugin to its session.
+        assert_eq!(
+            state.set_agent_config(bigger.clone()),
+            session_id_for(&bigger)
+        );
+        assert_eq!(state.snapshot().session_id, Some(session_id_for(&bigger)));
     }
 }
