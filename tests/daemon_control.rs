@@ -427,6 +427,17 @@ async fn exec_runs_a_command_in_the_execution_context() {
         "{}",
         String::from_utf8_lossy(&so)
     );
+
+    // The operator's exec session reaches the task's processes (the task cannot reach out of
+    // its own Landlock domain, but the session is not inside it).
+    let task_pid = execution(&mut c, &e.id).await.pid;
+    let (so, code) = exec_collect(
+        &mut c,
+        &e.id,
+        &["sh", "-c", &format!("kill -0 {task_pid} && echo reached")],
+    )
+    .await;
+    assert_eq!((so.as_str(), code), ("reached\n", 0));
     c.stop_execution(pb::StopExecutionRequest {
         execution_id: e.id.clone(),
         signal: "KILL".into(),
@@ -434,6 +445,42 @@ async fn exec_runs_a_command_in_the_execution_context() {
     })
     .await
     .unwrap();
+}
+
+/// Runs `command` in the execution through Exec without a tty: (stdout, exit code).
+async fn exec_collect(c: &mut Client, id: &str, command: &[&str]) -> (String, i32) {
+    let setup = pb::ExecRequest {
+        msg: Some(pb::exec_request::Msg::Setup(pb::ExecSetup {
+            execution_id: id.into(),
+            command: command.iter().map(|s| s.to_string()).collect(),
+            tty: false,
+            timeout: None,
+        })),
+    };
+    let close = pb::ExecRequest {
+        msg: Some(pb::exec_request::Msg::StdinClose(true)),
+    };
+    let mut out = c
+        .exec(futures::stream::iter(vec![setup, close]))
+        .await
+        .unwrap()
+        .into_inner();
+    let (mut so, mut code) = (Vec::new(), None);
+    while let Some(m) = tokio::time::timeout(DEADLINE, out.message())
+        .await
+        .unwrap()
+        .unwrap()
+    {
+        match m.msg {
+            Some(pb::exec_response::Msg::Stdout(b)) => so.extend(b),
+            Some(pb::exec_response::Msg::Exited(r)) => code = Some(r.exit_code),
+            _ => {}
+        }
+    }
+    (
+        String::from_utf8_lossy(&so).into_owned(),
+        code.expect("no exit"),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -299,6 +299,13 @@ fn plan_lists_steps_in_order_as_json() {
         elide_task_driver::sandbox::landlock_rules::domains_available(),
         "{host:?}"
     );
+    // Reach::User (the zygote, exec sessions): no domain of its own.
+    let mut helper = s.spec();
+    helper.reach = elide_task_driver::sandbox::Reach::User;
+    assert!(
+        !helper.plan().steps.contains(&PlanStep::LandlockDomain),
+        "{helper:?}"
+    );
     let json = serde_json::to_string(&plan).expect("serialize");
     let back: elide_task_driver::sandbox::IsolationPlan =
         serde_json::from_str(&json).expect("deserialize");

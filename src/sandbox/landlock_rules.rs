@@ -18,8 +18,8 @@
 //! works with only its prefix allowed.
 
 use landlock::{
-    ABI, Access, AccessFs, CompatLevel, Compatible, Ruleset, RulesetAttr, RulesetCreatedAttr,
-    Scope, path_beneath_rules,
+    ABI, Access, AccessFs, BitFlags, CompatLevel, Compatible, Ruleset, RulesetAttr,
+    RulesetCreatedAttr, Scope, path_beneath_rules,
 };
 use serde::{Deserialize, Serialize};
 use std::os::fd::{OwnedFd, RawFd};
@@ -154,7 +154,7 @@ pub struct AccessMasks {
     pub file_only: u64,
 }
 
-/// The masks [`build_ruleset`] uses.
+/// The masks [`build_ruleset`] uses for an execution (signals scoped).
 pub fn access_masks() -> AccessMasks {
     AccessMasks {
         handled: AccessFs::from_all(TARGET_ABI).bits(),
@@ -165,11 +165,16 @@ pub fn access_masks() -> AccessMasks {
     }
 }
 
-/// Builds the ruleset in the parent and returns its fd, ready for [`restrict_self`].
+/// Builds the ruleset in the parent and returns its fd, ready for [`restrict_self`]. With
+/// `scope_signals`, signals cannot leave the domain either (ABI ≥ 6).
 ///
 /// Policy paths that do not exist are skipped (they grant nothing; system and runtime paths
 /// vary by distribution); every path in `required` must exist, or the error names it.
-pub fn build_ruleset(policy: &FsPolicy, required: &[PathBuf]) -> Result<OwnedFd, LandlockError> {
+pub fn build_ruleset(
+    policy: &FsPolicy,
+    required: &[PathBuf],
+    scope_signals: bool,
+) -> Result<OwnedFd, LandlockError> {
     let abi = abi_version();
     if abi < 1 {
         return Err(LandlockError::Unsupported { abi });
@@ -183,15 +188,17 @@ pub fn build_ruleset(policy: &FsPolicy, required: &[PathBuf]) -> Result<OwnedFd,
         }
     }
     let rr = |e: landlock::RulesetError| LandlockError::Ruleset(e.to_string());
+    let mut scopes = BitFlags::from(Scope::AbstractUnixSocket);
+    if scope_signals {
+        scopes |= Scope::Signal;
+    }
     let created = Ruleset::default()
         .set_compatibility(CompatLevel::BestEffort)
         .handle_access(AccessFs::from_all(TARGET_ABI))
         .map_err(rr)?
         // Abstract Unix sockets have no path for the filesystem rules to catch (ABI ≥ 6;
         // older kernels skip this, and a private netns hides them anyway).
-        .scope(Scope::AbstractUnixSocket)
-        .map_err(rr)?
-        .scope(Scope::Signal)
+        .scope(scopes)
         .map_err(rr)?
         .create()
         .map_err(rr)?
@@ -343,7 +350,7 @@ mod tests {
     #[test]
     fn abi_version_agrees_with_ruleset_creation() {
         // The version query and an actual ruleset must agree on whether Landlock exists.
-        let built = build_ruleset(&FsPolicy::default(), &[]);
+        let built = build_ruleset(&FsPolicy::default(), &[], true);
         assert_eq!(abi_version() >= 1, built.is_ok(), "{built:?}");
     }
 }

@@ -48,7 +48,7 @@ pub mod sink;
 pub mod spawn;
 pub mod user;
 
-pub use spawn::{Intrinsics, IsolationPlan, IsolationSpec, PlanStep};
+pub use spawn::{Intrinsics, IsolationPlan, IsolationSpec, PlanStep, Reach};
 
 use std::path::PathBuf;
 

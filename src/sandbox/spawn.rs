@@ -56,6 +56,18 @@ impl Default for Intrinsics {
     }
 }
 
+/// Whom a child may signal and trace, besides its own descendants.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reach {
+    /// Nothing outside itself: the child is a Landlock domain of its own, with signals scoped
+    /// (ABI ≥ 6), so neither the daemon nor another execution is in its reach. Executions.
+    OwnDomain,
+    /// Whatever its user's credentials allow. The daemon's own helper (the python zygote, whose
+    /// children each make their own domain) and an operator's exec session into a task, which
+    /// must reach the task's processes (a domain of its own would shut them out).
+    User,
+}
+
 /// Everything needed to isolate one execution. Built by the daemon, consumed by [`apply`].
 ///
 /// [`apply`]: IsolationSpec::apply
@@ -66,6 +78,7 @@ pub struct IsolationSpec {
     /// Absolute, existing directory; the child's cwd and its writable area when `io` is off.
     pub working_dir: PathBuf,
     pub intrinsics: Intrinsics,
+    pub reach: Reach,
     /// Readable (and executable) when `io` is off: runtime install dirs, script, libraries.
     pub read_paths: Vec<PathBuf>,
     /// Writable when `io` is off, besides `working_dir`.
@@ -239,7 +252,7 @@ impl IsolationSpec {
                 child_read_exec: vec![PathBuf::from("/proc/self")],
                 masks: landlock_rules::access_masks(),
             });
-        } else if landlock_rules::domains_available() {
+        } else if self.reach == Reach::OwnDomain && landlock_rules::domains_available() {
             steps.push(PlanStep::LandlockDomain);
         }
         steps.push(PlanStep::CloseFdsFrom { from: 3 });
@@ -301,13 +314,20 @@ impl IsolationSpec {
             _ => None,
         };
         let landlock_fd = if self.intrinsics.io {
-            landlock_rules::build_domain()?
+            match self.reach {
+                Reach::OwnDomain => landlock_rules::build_domain()?,
+                Reach::User => None,
+            }
         } else {
             // A missing read path grants nothing and is skipped (runtimes list optional
             // dirs); a missing write path is a request we cannot honour.
             let mut required = vec![self.working_dir.clone()];
             required.extend(self.write_paths.iter().cloned());
-            Some(landlock_rules::build_ruleset(&self.fs_policy(), &required)?)
+            Some(landlock_rules::build_ruleset(
+                &self.fs_policy(),
+                &required,
+                self.reach == Reach::OwnDomain,
+            )?)
         };
         let base_env = self.base_env();
 

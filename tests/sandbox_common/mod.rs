@@ -3,7 +3,7 @@
 #![allow(dead_code)]
 
 use elide_task_driver::sandbox::sink::open_sink;
-use elide_task_driver::sandbox::{Intrinsics, IsolationSpec};
+use elide_task_driver::sandbox::{Intrinsics, IsolationSpec, Reach};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus};
@@ -62,6 +62,7 @@ impl Scratch {
             user: None,
             working_dir: self.work(),
             intrinsics: Intrinsics::ALL,
+            reach: Reach::OwnDomain,
             read_paths: Vec::new(),
             write_paths: Vec::new(),
             network_namespace: None,

@@ -233,7 +233,7 @@ impl PoolLauncher {
             required.extend(plan.write_paths.iter().cloned());
             let policy =
                 FsPolicy::for_execution(&plan.working_dir, &plan.read_paths, &plan.write_paths);
-            build_ruleset(&policy, &required).map(Some)
+            build_ruleset(&policy, &required, true).map(Some)
         };
         match ruleset {
             Ok(fd) => Ok((prepared, fd)),

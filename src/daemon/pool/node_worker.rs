@@ -45,7 +45,7 @@ use crate::daemon::launcher::{
 };
 use crate::daemon::plan::{ExecutionPlan, IntrinsicSet};
 use crate::sandbox::cgroup::ExecutionCgroup;
-use crate::sandbox::{Intrinsics, IsolationSpec};
+use crate::sandbox::{Intrinsics, IsolationSpec, Reach};
 
 /// The worker's source (run with `node -e`).
 pub const WORKER_SOURCE: &str = include_str!("worker.js");
@@ -181,6 +181,8 @@ impl NodePool {
                 io: true,
                 net: self.intrinsics.net,
             },
+            // The worker becomes the execution: its domain is the execution's.
+            reach: Reach::OwnDomain,
             read_paths: Vec::new(),
             write_paths: Vec::new(),
             network_namespace: None,

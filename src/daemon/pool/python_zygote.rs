@@ -47,7 +47,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::sync::oneshot;
 
 use crate::daemon::launcher::{LaunchError, ProcessExit, Spawner};
-use crate::sandbox::{Intrinsics, IsolationSpec};
+use crate::sandbox::{Intrinsics, IsolationSpec, Reach};
 
 /// The fork server's source (run with `python3 -c`).
 pub const ZYGOTE_SOURCE: &str = include_str!("zygote.py");
@@ -498,6 +498,8 @@ pub async fn spawn(
         user: None,
         working_dir: workdir.to_path_buf(),
         intrinsics: Intrinsics::ALL,
+        // Each child makes its own domain; the zygote itself runs our code only.
+        reach: Reach::User,
         read_paths: Vec::new(),
         write_paths: Vec::new(),
         network_namespace: None,
