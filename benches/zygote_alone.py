@@ -4,7 +4,7 @@ daemon does (one job at a time, Nomad-sized environment, the isolation steps of 
 `env io net`, no cgroup), without daemon, plugin or gRPC. Prints the CPU the zygote and its
 children spend per job and where a job's wall time goes.
 
-    make bench-zygote            # or: python3 benches/zygote_alone.py [--jobs N] [--pace-ms MS] [--spares N]
+    make bench-zygote            # or: python3 benches/zygote_alone.py [--jobs N] [--pace-ms MS] [--spares N] [--no-domain]
 
 The split, per job (medians):
   send -> ready      job sent until the child reported itself isolated (what StartExecution waits for)
@@ -13,12 +13,14 @@ The split, per job (medians):
   exited -> report   until the zygote's exit message arrives (what WaitExecution waits for)
 """
 import argparse
+import ctypes
 import json
 import os
 import select
 import shutil
 import socket
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -41,6 +43,7 @@ def main():
     ap.add_argument("--jobs", type=int, default=300)
     ap.add_argument("--pace-ms", type=float, default=0, help="pause between jobs")
     ap.add_argument("--spares", type=int, default=4, help="children kept forked (context_pool_size)")
+    ap.add_argument("--no-domain", action="store_true", help="skip the Landlock domain step (to measure its cost)")
     args = ap.parse_args()
     if args.spares < 1:
         ap.error("--spares must be at least 1 (a zygote without spares runs no job), got %d" % args.spares)
@@ -86,14 +89,24 @@ def main():
         {"step": "oom_score_adj", "value": 0},
         {"step": "parent_death_signal"},
         {"step": "no_new_privs"},
-        {"step": "close_fds_from", "from": 3},
     ]
+    # As the daemon does on Linux 6.12+: every execution is a Landlock domain of its own, the
+    # ruleset (signals scoped, no filesystem rules) built per job and passed as a third fd.
+    libc = ctypes.CDLL(None, use_errno=True)
+    scope_signals = struct.pack("=QQQ", 0, 0, 2)
+    domains = not args.no_domain and libc.syscall(444, None, 0, 1) >= 6
+    if domains:
+        steps.append({"step": "landlock_domain"})
+    steps.append({"step": "close_fds_from", "from": 3})
     phases = {"send -> ready": [], "ready -> exited": [], "exited -> report": [], "total": []}
     ticks0 = cpu_ticks(zygote.pid)
     for token in range(1, args.jobs + 1):
         job = {"token": token, "steps": steps, "env": env, "argv": [python, script], "script": script}
         t0 = time.monotonic_ns()
-        socket.send_fds(ours, [json.dumps(job).encode()], [null, null])
+        ruleset = libc.syscall(444, scope_signals, len(scope_signals), 0) if domains else -1
+        socket.send_fds(ours, [json.dumps(job).encode()], [null, null] + ([ruleset] if domains else []))
+        if domains:
+            os.close(ruleset)
         pidfd = None
         while True:
             m = recv()
@@ -123,8 +136,9 @@ def main():
     shutil.rmtree(work, ignore_errors=True)
 
     hz = os.sysconf("SC_CLK_TCK")
-    print("python zygote alone: %s, %d spares, %d jobs%s, nproc %d, load %s" % (
+    print("python zygote alone: %s, %d spares, %d jobs%s%s, nproc %d, load %s" % (
         python, args.spares, args.jobs, ", paced %g ms" % args.pace_ms if args.pace_ms else " back to back",
+        ", Landlock domain per job" if domains else ", no Landlock domain",
         os.cpu_count(), " ".join("%.2f" % x for x in os.getloadavg())))
     print("zygote RSS %s; CPU of zygote + children per job: %.2f ms" % (rss, ticks / hz * 1e3 / args.jobs))
     for name, v in phases.items():

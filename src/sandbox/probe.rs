@@ -75,8 +75,21 @@ pub fn probe(cgroups: &CgroupManager) -> Vec<Feature> {
         },
     ));
     let abi = landlock_rules::abi_version();
-    out.push(if abi >= 1 {
-        feature("landlock", true, format!("ABI {abi}"))
+    out.push(if landlock_rules::domains_available() {
+        feature(
+            "landlock",
+            true,
+            format!("ABI {abi}; every execution a domain of its own (signals and ptrace scoped)"),
+        )
+    } else if abi >= 1 {
+        feature(
+            "landlock",
+            true,
+            format!(
+                "ABI {abi}; filesystem confinement only (executions with io on are not scoped \
+                 from each other: that needs ABI 6, Linux 6.12)"
+            ),
+        )
     } else {
         feature(
             "landlock",
@@ -148,6 +161,13 @@ mod tests {
         assert!(none[0].detail.contains("no usable cgroup"), "{:?}", none[0]);
         let landlock = &f[1];
         assert_eq!(landlock.enforced, landlock_rules::abi_version() >= 1);
+        assert_eq!(
+            landlock
+                .detail
+                .contains("every execution a domain of its own"),
+            landlock_rules::domains_available(),
+            "{landlock:?}"
+        );
         assert!(f.iter().all(|f| !f.detail.is_empty()));
         println!("{}", serde_json::to_string_pretty(&f).unwrap_or_default());
     }
