@@ -299,12 +299,25 @@ fn plan_lists_steps_in_order_as_json() {
         elide_task_driver::sandbox::landlock_rules::domains_available(),
         "{host:?}"
     );
-    // Reach::User (the zygote, exec sessions): no domain of its own.
-    let mut helper = s.spec();
-    helper.reach = elide_task_driver::sandbox::Reach::User;
+    // An exec session: no domain of its own, oom_score_adj reset; the daemon's helper (the
+    // zygote): neither.
+    let mut exec = s.spec();
+    exec.role = elide_task_driver::sandbox::Role::ExecSession;
+    let steps = exec.plan().steps;
+    assert!(!steps.contains(&PlanStep::LandlockDomain), "{steps:?}");
     assert!(
-        !helper.plan().steps.contains(&PlanStep::LandlockDomain),
-        "{helper:?}"
+        steps.contains(&PlanStep::OomScoreAdj { value: 0 }),
+        "{steps:?}"
+    );
+    let mut helper = s.spec();
+    helper.role = elide_task_driver::sandbox::Role::DaemonHelper;
+    let steps = helper.plan().steps;
+    assert!(!steps.contains(&PlanStep::LandlockDomain), "{steps:?}");
+    assert!(
+        !steps
+            .iter()
+            .any(|s| matches!(s, PlanStep::OomScoreAdj { .. })),
+        "{steps:?}"
     );
     let json = serde_json::to_string(&plan).expect("serialize");
     let back: elide_task_driver::sandbox::IsolationPlan =

@@ -19,7 +19,7 @@ use super::launcher::{ProcessExit, plan_isolation};
 use super::plan::duration;
 use super::service::Daemon;
 use crate::proto::elide::daemon::v1alpha1 as pb;
-use crate::sandbox::Reach;
+use crate::sandbox::Role;
 
 type Out = Pin<Box<dyn Stream<Item = Result<pb::ExecResponse, Status>> + Send + 'static>>;
 
@@ -124,7 +124,7 @@ pub async fn exec(
     spec.network_namespace = Some(format!("/proc/{pid}/ns/net").into());
     // The operator's session must reach the task's processes (signal them, attach a
     // debugger), which a domain of its own would shut out.
-    spec.reach = Reach::User;
+    spec.role = Role::ExecSession;
     let program = setup.command[0].clone();
     let tty = setup.tty;
     // Isolation, pty and fork all happen on the spawner thread (blocking work, and the forking

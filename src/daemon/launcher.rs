@@ -20,7 +20,7 @@ use super::cgroup_stock::{CgroupStock, unnamed_cgroup};
 use super::plan::{ExecutionPlan, SinkTarget};
 use crate::sandbox::cgroup::{CgroupLimits, CgroupManager, CgroupMode, ExecutionCgroup};
 use crate::sandbox::sink::{SinkError, open_sink};
-use crate::sandbox::{Intrinsics, IsolationSpec, Reach};
+use crate::sandbox::{Intrinsics, IsolationSpec, Role};
 
 /// How the process ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -193,7 +193,7 @@ pub(crate) fn plan_isolation(
             io: plan.intrinsics.io,
             net: plan.intrinsics.net,
         },
-        reach: Reach::OwnDomain,
+        role: Role::Execution,
         read_paths: plan.read_paths.clone(),
         write_paths: plan.write_paths.clone(),
         network_namespace: plan.network_namespace.clone(),

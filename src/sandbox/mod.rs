@@ -33,6 +33,7 @@
 //! (ABI ≥ 6; with `io` on it confines nothing on the filesystem), so the execution cannot
 //! signal or ptrace the daemon or another execution, nor open their `/proc/<pid>/mem`, even
 //! as the same user (see [`landlock_rules`] for what `/proc` still shows with `io` on).
+//! An operator's exec session and the daemon's own helpers differ where [`Role`] says.
 //!
 //! # Machine support
 //! [`probe::probe`] reports what this machine enforces. cgroup v2 (memory/cpu/pids delegated)
@@ -48,7 +49,7 @@ pub mod sink;
 pub mod spawn;
 pub mod user;
 
-pub use spawn::{Intrinsics, IsolationPlan, IsolationSpec, PlanStep, Reach};
+pub use spawn::{Intrinsics, IsolationPlan, IsolationSpec, PlanStep, Role};
 
 use std::path::PathBuf;
 

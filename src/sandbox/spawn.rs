@@ -56,16 +56,30 @@ impl Default for Intrinsics {
     }
 }
 
-/// Whom a child may signal and trace, besides its own descendants.
+/// What the child is to the daemon: decides what reaches across its borders.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Reach {
-    /// Nothing outside itself: the child is a Landlock domain of its own, with signals scoped
-    /// (ABI ≥ 6), so neither the daemon nor another execution is in its reach. Executions.
-    OwnDomain,
-    /// Whatever its user's credentials allow. The daemon's own helper (the python zygote, whose
-    /// children each make their own domain) and an operator's exec session into a task, which
-    /// must reach the task's processes (a domain of its own would shut them out).
-    User,
+pub enum Role {
+    /// A snippet: a Landlock domain of its own (signals and ptrace scoped, ABI ≥ 6), so neither
+    /// the daemon nor another execution is in its reach; `oom_score_adj` 0.
+    Execution,
+    /// An operator's exec session into a task: reaches what its user may, the task's processes
+    /// included (a domain of its own would shut them out); `oom_score_adj` 0.
+    ExecSession,
+    /// The daemon's own machinery (the python zygote, whose children each make their own
+    /// domain): reaches what its user may, and keeps the daemon's `oom_score_adj`, so an
+    /// operator who shields the daemon from the OOM killer shields it too (its death would end
+    /// the executions it forked).
+    DaemonHelper,
+}
+
+impl Role {
+    fn own_domain(self) -> bool {
+        self == Role::Execution
+    }
+
+    fn resets_oom_score(self) -> bool {
+        self != Role::DaemonHelper
+    }
 }
 
 /// Everything needed to isolate one execution. Built by the daemon, consumed by [`apply`].
@@ -78,7 +92,7 @@ pub struct IsolationSpec {
     /// Absolute, existing directory; the child's cwd and its writable area when `io` is off.
     pub working_dir: PathBuf,
     pub intrinsics: Intrinsics,
-    pub reach: Reach,
+    pub role: Role,
     /// Readable (and executable) when `io` is off: runtime install dirs, script, libraries.
     pub read_paths: Vec<PathBuf>,
     /// Writable when `io` is off, besides `working_dir`.
@@ -231,7 +245,9 @@ impl IsolationSpec {
             soft: 0,
             hard: 0,
         });
-        steps.push(PlanStep::OomScoreAdj { value: 0 });
+        if self.role.resets_oom_score() {
+            steps.push(PlanStep::OomScoreAdj { value: 0 });
+        }
         steps.push(PlanStep::ParentDeathSignal {
             signal: "SIGKILL".to_string(),
             parent_pid: std::process::id(),
@@ -252,7 +268,7 @@ impl IsolationSpec {
                 child_read_exec: vec![PathBuf::from("/proc/self")],
                 masks: landlock_rules::access_masks(),
             });
-        } else if self.reach == Reach::OwnDomain && landlock_rules::domains_available() {
+        } else if self.role.own_domain() && landlock_rules::domains_available() {
             steps.push(PlanStep::LandlockDomain);
         }
         steps.push(PlanStep::CloseFdsFrom { from: 3 });
@@ -314,9 +330,10 @@ impl IsolationSpec {
             _ => None,
         };
         let landlock_fd = if self.intrinsics.io {
-            match self.reach {
-                Reach::OwnDomain => landlock_rules::build_domain()?,
-                Reach::User => None,
+            if self.role.own_domain() {
+                landlock_rules::build_domain()?
+            } else {
+                None
             }
         } else {
             // A missing read path grants nothing and is skipped (runtimes list optional
@@ -326,7 +343,7 @@ impl IsolationSpec {
             Some(landlock_rules::build_ruleset(
                 &self.fs_policy(),
                 &required,
-                self.reach == Reach::OwnDomain,
+                self.role.own_domain(),
             )?)
         };
         let base_env = self.base_env();
@@ -336,6 +353,7 @@ impl IsolationSpec {
             new_netns: !self.intrinsics.net,
             netns_fd: netns_fd.as_ref().map(AsRawFd::as_raw_fd),
             parent_pid: std::process::id() as libc::pid_t,
+            reset_oom_score: self.role.resets_oom_score(),
             // A non-root daemon may "switch" only to itself (checked above): nothing to do.
             user: self
                 .user
@@ -411,6 +429,7 @@ struct ChildSteps {
     new_netns: bool,
     netns_fd: Option<RawFd>,
     parent_pid: libc::pid_t,
+    reset_oom_score: bool,
     user: Option<(Vec<u32>, u32, u32)>,
     landlock_fd: Option<RawFd>,
     /// Access granted to the child's own /proc/self (read/execute bits), when the ruleset
@@ -546,7 +565,7 @@ impl ChildSteps {
             }
             // Only write when needed, so hosts with a read-only /proc still work for the
             // common case of a daemon at the default score.
-            if !oom_score_adj_is_zero() {
+            if self.reset_oom_score && !oom_score_adj_is_zero() {
                 let adj = libc::open(
                     c"/proc/self/oom_score_adj".as_ptr(),
                     libc::O_WRONLY | libc::O_CLOEXEC,

@@ -3,7 +3,7 @@
 #![allow(dead_code)]
 
 use elide_task_driver::sandbox::sink::open_sink;
-use elide_task_driver::sandbox::{Intrinsics, IsolationSpec, Reach};
+use elide_task_driver::sandbox::{Intrinsics, IsolationSpec, Role};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus};
@@ -62,7 +62,7 @@ impl Scratch {
             user: None,
             working_dir: self.work(),
             intrinsics: Intrinsics::ALL,
-            reach: Reach::OwnDomain,
+            role: Role::Execution,
             read_paths: Vec::new(),
             write_paths: Vec::new(),
             network_namespace: None,

@@ -45,7 +45,7 @@ use crate::daemon::launcher::{
 };
 use crate::daemon::plan::{ExecutionPlan, IntrinsicSet};
 use crate::sandbox::cgroup::ExecutionCgroup;
-use crate::sandbox::{Intrinsics, IsolationSpec, Reach};
+use crate::sandbox::{Intrinsics, IsolationSpec, Role};
 
 /// The worker's source (run with `node -e`).
 pub const WORKER_SOURCE: &str = include_str!("worker.js");
@@ -182,7 +182,7 @@ impl NodePool {
                 net: self.intrinsics.net,
             },
             // The worker becomes the execution: its domain is the execution's.
-            reach: Reach::OwnDomain,
+            role: Role::Execution,
             read_paths: Vec::new(),
             write_paths: Vec::new(),
             network_namespace: None,

@@ -47,7 +47,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::sync::oneshot;
 
 use crate::daemon::launcher::{LaunchError, ProcessExit, Spawner};
-use crate::sandbox::{Intrinsics, IsolationSpec, Reach};
+use crate::sandbox::{Intrinsics, IsolationSpec, Role};
 
 /// The fork server's source (run with `python3 -c`).
 pub const ZYGOTE_SOURCE: &str = include_str!("zygote.py");
@@ -435,24 +435,6 @@ fn describe_status(status: i32) -> String {
     }
 }
 
-/// Gives the zygote the daemon's own `oom_score_adj` (the sandbox set 0). It is the session's
-/// machinery, not an execution, and its death ends every pooled execution still running: an
-/// operator who shields the daemon from the OOM killer shields it too. Its spares set 0 for
-/// themselves before they take a job, as a cold spawn does.
-fn share_oom_protection(zygote: u32) {
-    // Two procfs accesses: inline (see `blocking`).
-    let Ok(own) = std::fs::read_to_string("/proc/self/oom_score_adj") else {
-        return;
-    };
-    let own = own.trim();
-    if own == "0" || zygote == 0 {
-        return;
-    }
-    if let Err(e) = std::fs::write(format!("/proc/{zygote}/oom_score_adj"), own) {
-        tracing::warn!(zygote, error = %e, "cannot give the python zygote the daemon's oom_score_adj");
-    }
-}
-
 /// A zygote process starting up.
 pub struct Spawned {
     /// The zygote (usable once `hello` resolved).
@@ -498,8 +480,9 @@ pub async fn spawn(
         user: None,
         working_dir: workdir.to_path_buf(),
         intrinsics: Intrinsics::ALL,
-        // Each child makes its own domain; the zygote itself runs our code only.
-        reach: Reach::User,
+        // The session's machinery, not an execution: each child it forks makes its own domain
+        // and sets its own oom_score_adj 0 before it takes a job, as a cold spawn does.
+        role: Role::DaemonHelper,
         read_paths: Vec::new(),
         write_paths: Vec::new(),
         network_namespace: None,
@@ -512,7 +495,6 @@ pub async fn spawn(
     cmd.stdin(std::process::Stdio::from(theirs));
     let child = super::spawn_pool_process(spawner, cmd, python).await?;
     let pid = child.id().unwrap_or(0);
-    share_oom_protection(pid);
     let sock = Arc::new(ours);
     let table = Arc::new(Mutex::new(Table::default()));
     let alive = Arc::new(AtomicBool::new(true));
