@@ -519,3 +519,49 @@ async fn an_execution_cannot_reach_the_daemon_or_another_execution() {
     .await
     .unwrap();
 }
+
+const PY_STREAMS: &str = r#"
+import sys, os, json
+def shape(s):
+    return [type(s).__name__, s.encoding, s.errors, s.line_buffering, s.write_through, s.name,
+            s.mode, type(s.buffer).__name__, s.buffer.name, s.buffer.mode,
+            s is getattr(sys, "__%s__" % s.name.strip("<>"))]
+print(json.dumps([shape(sys.stdout), shape(sys.stderr)]))
+sys.stdout.write("unflushed")
+os._exit(3)
+"#;
+
+/// PYTHONUNBUFFERED, which jobs set to see their log lines as they are written, runs pooled
+/// with the standard streams a cold start builds for it; other `PYTHON*` variables change the
+/// interpreter's start-up and start cold.
+#[tokio::test(flavor = "multi_thread")]
+async fn pythonunbuffered_runs_pooled_with_the_streams_of_a_cold_start() {
+    let d = TestDaemon::start().await;
+    let mut c = d.client().await;
+    let mut shapes = Vec::new();
+    for kind in KINDS {
+        let s = session_of(&mut c, kind, &["env", "io", "net"]).await;
+        let mut req = code_req(&s, "py", PY_STREAMS);
+        req.env = vec![env_var("PYTHONUNBUFFERED", "1")];
+        let (r, out, err) = run_on(&mut c, kind, req).await;
+        assert_eq!(r.exit_code, 3, "{kind:?}: {err}");
+        // Unbuffered: what was written before os._exit reached the sink.
+        assert!(out.ends_with("\nunflushed"), "{kind:?}: {out:?}");
+        shapes.push(out);
+    }
+    assert_eq!(shapes[0], shapes[1], "cold, then pooled");
+    assert!(shapes[0].contains("\"FileIO\""), "{}", shapes[0]);
+
+    let s = session_of(&mut c, Kind::Pooled, &["env", "io", "net"]).await;
+    let _ = run_on(&mut c, Kind::Pooled, code_req(&s, "py", "pass")).await;
+    let mut hashes = Vec::new();
+    for _ in 0..2 {
+        let mut req = code_req(&s, "py", "print(hash('elide'))");
+        req.env = vec![env_var("PYTHONHASHSEED", "0")];
+        let e = c.start_execution(req).await.unwrap().into_inner();
+        assert!(!e.pooled, "PYTHONHASHSEED ran on the warm interpreter");
+        hashes.push(output(&mut c, &e.id, pb::OutputStream::Stdout).await);
+        assert_eq!(wait(&mut c, &e.id).await.exit_code, 0);
+    }
+    assert_eq!(hashes[0], hashes[1], "the seed was not honoured");
+}

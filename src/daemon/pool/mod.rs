@@ -457,8 +457,10 @@ fn python_job(plan: &ExecutionPlan) -> Result<serde_json::Map<String, serde_json
     }
     for (k, v) in &plan.env {
         // These change how the interpreter starts (paths, hash seed, flags): the warm one
-        // started without them.
-        if k.starts_with("PYTHON") {
+        // started without them. PYTHONUNBUFFERED only shapes the standard streams, which the
+        // child rebuilds as a cold start would (`zygote.py`); it is common in jobs that want
+        // their log lines as they are written.
+        if k.starts_with("PYTHON") && k != "PYTHONUNBUFFERED" {
             return Err(format!(
                 "environment variable {k} changes interpreter start-up"
             ));

@@ -99,6 +99,20 @@ def _loopback_up():
         s.close()
 
 
+def _unbuffer_stdio():
+    # What PYTHONUNBUFFERED does at interpreter start-up: stdout and stderr write through to an
+    # unbuffered raw file, and neither is line-buffered.
+    for fd, name in ((1, "stdout"), (2, "stderr")):
+        old = getattr(sys, name)
+        raw = io.FileIO(fd, "w", closefd=False)
+        raw.name = "<%s>" % name
+        new = io.TextIOWrapper(raw, encoding=old.encoding, errors=old.errors, newline="\n",
+                               line_buffering=False, write_through=True)
+        new.mode = "w"
+        setattr(sys, name, new)
+        setattr(sys, "__%s__" % name, new)
+
+
 def _python_signal_defaults():
     # What a freshly started interpreter has: SIGINT raises KeyboardInterrupt, SIGPIPE and
     # SIGXFSZ ignored, everything else at its default action.
@@ -360,6 +374,8 @@ def _child(sock, job, fds, zygote_pid, done=frozenset()):
         env = dict(job["env"])
         _coerce_c_locale(env)
         _set_environ(env)
+        if env.get("PYTHONUNBUFFERED"):
+            _unbuffer_stdio()
         time.tzset()
         try:
             locale.setlocale(locale.LC_CTYPE, "")
