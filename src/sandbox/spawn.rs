@@ -92,6 +92,7 @@ pub struct IsolationSpec {
     /// Absolute, existing directory; the child's cwd and its writable area when `io` is off.
     pub working_dir: PathBuf,
     pub intrinsics: Intrinsics,
+    /// What the child is to the daemon: an execution, or not (see [`Role`]).
     pub role: Role,
     /// Readable (and executable) when `io` is off: runtime install dirs, script, libraries.
     pub read_paths: Vec<PathBuf>,
@@ -171,8 +172,8 @@ pub enum PlanStep {
     },
     /// Landlock `restrict_self` with a ruleset that confines nothing on the filesystem
     /// ([`landlock_rules::build_domain`]), for `io` on: the execution becomes a domain of its
-    /// own, out of which it cannot signal, trace or read `/proc` files of the daemon or of
-    /// other executions.
+    /// own, out of which it cannot signal or trace the daemon or other executions, nor open
+    /// their memory.
     LandlockDomain,
     /// Mark every fd >= `from` close-on-exec (`close_range(from, ~0, CLOSE_RANGE_CLOEXEC)`).
     CloseFdsFrom {
