@@ -346,33 +346,20 @@ async fn exec_runs_a_command_in_the_execution_context() {
     })
     .await
     .unwrap();
-    let mut out = c
+    let out = c
         .exec(tokio_stream::wrappers::ReceiverStream::new(rx))
         .await
         .unwrap()
         .into_inner();
-    let (mut so, mut se, mut result) = (Vec::new(), Vec::new(), None);
-    while let Some(m) = tokio::time::timeout(DEADLINE, out.message())
-        .await
-        .unwrap()
-        .unwrap()
-    {
-        match m.msg {
-            Some(pb::exec_response::Msg::Stdout(b)) => so.extend(b),
-            Some(pb::exec_response::Msg::Stderr(b)) => se.extend(b),
-            Some(pb::exec_response::Msg::Exited(r)) => result = Some(r),
-            None => {}
-        }
-    }
+    let (so, se, code) = drain_exec(out).await;
     drop(tx);
-    let so = String::from_utf8_lossy(&so);
     assert!(so.starts_with("hello m1 "), "{so}");
     assert!(
         so.contains(&*d.run_dir.display().to_string()),
         "cwd not the execution's: {so}"
     );
-    assert_eq!(String::from_utf8_lossy(&se), "oops\n");
-    assert_eq!(result.unwrap().exit_code, 4);
+    assert_eq!(se, "oops\n");
+    assert_eq!(code, 4);
 
     // With a tty: the command sees a terminal of the requested size.
     let (tx, rx) = tokio::sync::mpsc::channel(8);
@@ -398,40 +385,20 @@ async fn exec_runs_a_command_in_the_execution_context() {
     })
     .await
     .unwrap();
-    let mut out = c
+    let out = c
         .exec(tokio_stream::wrappers::ReceiverStream::new(rx))
         .await
         .unwrap()
         .into_inner();
-    let (mut so, mut result) = (Vec::new(), None);
-    while let Some(m) = tokio::time::timeout(DEADLINE, out.message())
-        .await
-        .unwrap()
-        .unwrap()
-    {
-        match m.msg {
-            Some(pb::exec_response::Msg::Stdout(b)) => so.extend(b),
-            Some(pb::exec_response::Msg::Exited(r)) => result = Some(r),
-            _ => {}
-        }
-    }
+    let (so, _, code) = drain_exec(out).await;
     drop(tx);
-    assert_eq!(
-        result.unwrap().exit_code,
-        0,
-        "{}",
-        String::from_utf8_lossy(&so)
-    );
-    assert!(
-        String::from_utf8_lossy(&so).contains("33 101"),
-        "{}",
-        String::from_utf8_lossy(&so)
-    );
+    assert_eq!(code, 0, "{so}");
+    assert!(so.contains("33 101"), "{so}");
 
     // The operator's exec session reaches the task's processes (the task cannot reach out of
     // its own Landlock domain, but the session is not inside it).
     let task_pid = execution(&mut c, &e.id).await.pid;
-    let (so, code) = exec_collect(
+    let (so, _, code) = exec_collect(
         &mut c,
         &e.id,
         &["sh", "-c", &format!("kill -0 {task_pid} && echo reached")],
@@ -447,8 +414,8 @@ async fn exec_runs_a_command_in_the_execution_context() {
     .unwrap();
 }
 
-/// Runs `command` in the execution through Exec without a tty: (stdout, exit code).
-async fn exec_collect(c: &mut Client, id: &str, command: &[&str]) -> (String, i32) {
+/// Runs `command` in the execution through Exec without a tty or input.
+async fn exec_collect(c: &mut Client, id: &str, command: &[&str]) -> (String, String, i32) {
     let setup = pb::ExecRequest {
         msg: Some(pb::exec_request::Msg::Setup(pb::ExecSetup {
             execution_id: id.into(),
@@ -460,12 +427,17 @@ async fn exec_collect(c: &mut Client, id: &str, command: &[&str]) -> (String, i3
     let close = pb::ExecRequest {
         msg: Some(pb::exec_request::Msg::StdinClose(true)),
     };
-    let mut out = c
+    let out = c
         .exec(futures::stream::iter(vec![setup, close]))
         .await
         .unwrap()
         .into_inner();
-    let (mut so, mut code) = (Vec::new(), None);
+    drain_exec(out).await
+}
+
+/// An Exec response stream to its end: (stdout, stderr, exit code).
+async fn drain_exec(mut out: tonic::Streaming<pb::ExecResponse>) -> (String, String, i32) {
+    let (mut so, mut se, mut code) = (Vec::new(), Vec::new(), None);
     while let Some(m) = tokio::time::timeout(DEADLINE, out.message())
         .await
         .unwrap()
@@ -473,13 +445,15 @@ async fn exec_collect(c: &mut Client, id: &str, command: &[&str]) -> (String, i3
     {
         match m.msg {
             Some(pb::exec_response::Msg::Stdout(b)) => so.extend(b),
+            Some(pb::exec_response::Msg::Stderr(b)) => se.extend(b),
             Some(pb::exec_response::Msg::Exited(r)) => code = Some(r.exit_code),
-            _ => {}
+            None => {}
         }
     }
     (
         String::from_utf8_lossy(&so).into_owned(),
-        code.expect("no exit"),
+        String::from_utf8_lossy(&se).into_owned(),
+        code.expect("the exec stream ended without an exit"),
     )
 }
 

@@ -165,16 +165,7 @@ async fn plugin_killed_under_ten_tasks_recovers_them_from_the_handles_alone() {
         .await
         .unwrap();
     assert_eq!(plugin.wait(&after.id).await.result.unwrap().exit_code, 0);
-    let daemon = elide_task_driver::daemon_client::DaemonClient::connect(&auto.socket, DEADLINE)
-        .await
-        .unwrap();
-    let sessions = daemon
-        .raw()
-        .list_sessions(elide_task_driver::proto::elide::daemon::v1alpha1::ListSessionsRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .sessions;
+    let sessions = daemon_sessions(&auto.socket).await;
     assert_eq!(sessions.len(), 1, "{sessions:?}");
 
     for ((t, _), n0) in tasks.iter().zip(&before) {
@@ -198,6 +189,21 @@ async fn plugin_killed_under_ten_tasks_recovers_them_from_the_handles_alone() {
     }
     drop(plugin);
     auto.kill().await;
+}
+
+/// The sessions the daemon at `socket` holds.
+async fn daemon_sessions(
+    socket: &std::path::Path,
+) -> Vec<elide_task_driver::proto::elide::daemon::v1alpha1::Session> {
+    let c = elide_task_driver::daemon_client::DaemonClient::connect(socket, DEADLINE)
+        .await
+        .unwrap();
+    c.raw()
+        .list_sessions(elide_task_driver::proto::elide::daemon::v1alpha1::ListSessionsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .sessions
 }
 
 fn recoverable_detail(s: &tonic::Status) -> Option<bool> {
@@ -301,16 +307,7 @@ async fn daemon_killed_fails_waits_within_two_seconds_and_health_follows_it() {
         .unwrap();
     assert_eq!(plugin.wait(&t.id).await.result.unwrap().exit_code, 0);
     assert_eq!(t.stdout.wait_eof().await, "back\n");
-    let c = elide_task_driver::daemon_client::DaemonClient::connect(&daemon.socket, DEADLINE)
-        .await
-        .unwrap();
-    let sessions = c
-        .raw()
-        .list_sessions(elide_task_driver::proto::elide::daemon::v1alpha1::ListSessionsRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .sessions;
+    let sessions = daemon_sessions(&daemon.socket).await;
     let owner = format!("nomad-plugin pid {}", plugin.client.process.child.id());
     assert!(
         sessions
