@@ -279,13 +279,7 @@ async fn stats_measure_a_running_execution() {
     assert!(st.rss_bytes > 30 * 1024 * 1024, "{st:?}");
     assert!(st.cpu_user_seconds + st.cpu_system_seconds > 0.0, "{st:?}");
     assert!(st.processes.contains_key(&e.pid), "{st:?}");
-    c.stop_execution(pb::StopExecutionRequest {
-        execution_id: e.id.clone(),
-        signal: "KILL".into(),
-        grace: None,
-    })
-    .await
-    .unwrap();
+    kill_now(&mut c, &e.id).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -405,13 +399,7 @@ async fn exec_runs_a_command_in_the_execution_context() {
     )
     .await;
     assert_eq!((so.as_str(), code), ("reached\n", 0));
-    c.stop_execution(pb::StopExecutionRequest {
-        execution_id: e.id.clone(),
-        signal: "KILL".into(),
-        grace: None,
-    })
-    .await
-    .unwrap();
+    kill_now(&mut c, &e.id).await;
 }
 
 /// Runs `command` in the execution through Exec without a tty or input.
@@ -677,11 +665,5 @@ async fn exec_command_is_killed_when_its_client_goes_away() {
     .await;
     // The execution itself is untouched.
     assert!(alive(e.pid));
-    c.stop_execution(pb::StopExecutionRequest {
-        execution_id: e.id.clone(),
-        signal: "KILL".into(),
-        grace: None,
-    })
-    .await
-    .unwrap();
+    kill_now(&mut c, &e.id).await;
 }

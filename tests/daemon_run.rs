@@ -346,13 +346,7 @@ async fn cli_run_streams_output_and_exits_with_the_snippet_code() {
             assert!(text.contains(&e.id) && text.contains("running"), "{text}");
         }
     }
-    c.stop_execution(pb::StopExecutionRequest {
-        execution_id: e.id,
-        signal: "KILL".into(),
-        grace: None,
-    })
-    .await
-    .unwrap();
+    kill_now(&mut c, &e.id).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -341,13 +341,7 @@ async fn unknown_ids_bad_signals_and_ended_executions_are_refused() {
         .await
         .unwrap_err();
     assert_eq!(st.code(), Code::FailedPrecondition);
-    c.stop_execution(pb::StopExecutionRequest {
-        execution_id: e.id.clone(),
-        signal: "KILL".into(),
-        grace: None,
-    })
-    .await
-    .unwrap();
+    kill_now(&mut c, &e.id).await;
 
     // Ended: signal and exec are refused.
     let st = c

@@ -683,14 +683,17 @@ async fn a_late_fallback_starts_cold_on_the_fifo_the_pooled_attempt_opened() {
 /// `make bench-zygote` drives the real zygote over its protocol; it must keep speaking it.
 #[test]
 fn the_zygote_alone_bench_speaks_the_zygote_protocol() {
-    let out = std::process::Command::new("python3")
-        .args([
-            concat!(env!("CARGO_MANIFEST_DIR"), "/benches/zygote_alone.py"),
-            "--jobs",
-            "5",
-        ])
-        .output()
-        .expect("python3");
+    let bench = |args: &[&str]| {
+        std::process::Command::new("python3")
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/benches/zygote_alone.py"
+            ))
+            .args(args)
+            .output()
+            .expect("python3")
+    };
+    let out = bench(&["--jobs", "5"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -702,14 +705,7 @@ fn the_zygote_alone_bench_speaks_the_zygote_protocol() {
         assert!(text.contains(phase), "{phase} missing: {text}");
     }
     // A zygote without spares would run no job: refused, naming the option.
-    let refused = std::process::Command::new("python3")
-        .args([
-            concat!(env!("CARGO_MANIFEST_DIR"), "/benches/zygote_alone.py"),
-            "--spares",
-            "0",
-        ])
-        .output()
-        .expect("python3");
+    let refused = bench(&["--spares", "0"]);
     let err = String::from_utf8_lossy(&refused.stderr);
     assert!(!refused.status.success());
     assert!(err.contains("--spares must be at least 1"), "{err}");

@@ -486,38 +486,28 @@ async fn an_execution_cannot_reach_the_daemon_or_another_execution() {
     let args = vec![d.pid().to_string(), neighbour_pid.to_string()];
     let denied = "signal-daemon denied\nsignal-other denied\nmemory-daemon denied\n\
                   memory-other denied\nown-status ok\n";
+    // Node workers are pooled with io on only.
+    let cases = [
+        ("py", PY_NEIGHBOURS, &["env", "io", "net"][..], "-9"),
+        ("py", PY_NEIGHBOURS, &["env"][..], "-9"),
+        ("js", JS_NEIGHBOURS, &["env", "io", "net"][..], "SIGKILL"),
+    ];
     for kind in KINDS {
-        for intrinsics in [&["env", "io", "net"][..], &["env"][..]] {
+        for (lang, code, intrinsics, killed) in cases {
             let s = session_of(&mut c, kind, intrinsics).await;
-            let mut req = code_req(&s, "py", PY_NEIGHBOURS);
+            let mut req = code_req(&s, lang, code);
             req.args = args.clone();
             let (r, out, err) = run_on(&mut c, kind, req).await;
-            assert_eq!(r.exit_code, 0, "{kind:?} {intrinsics:?}: {err}");
+            assert_eq!(r.exit_code, 0, "{lang}, {kind:?}, {intrinsics:?}: {err}");
             assert_eq!(
                 out,
-                format!("{denied}own-child -9\n"),
-                "python, {kind:?}, intrinsics {intrinsics:?}: {err}"
+                format!("{denied}own-child {killed}\n"),
+                "{lang}, {kind:?}, intrinsics {intrinsics:?}: {err}"
             );
         }
-        // Node workers are pooled with io on only.
-        let s = session_of(&mut c, kind, &["env", "io", "net"]).await;
-        let mut req = code_req(&s, "js", JS_NEIGHBOURS);
-        req.args = args.clone();
-        let (r, out, err) = run_on(&mut c, kind, req).await;
-        assert_eq!(r.exit_code, 0, "{kind:?}: {err}");
-        assert_eq!(
-            out,
-            format!("{denied}own-child SIGKILL\n"),
-            "javascript, {kind:?}: {err}"
-        );
     }
     assert!(alive(neighbour_pid), "the neighbour was killed");
-    c.stop_execution(pb::StopExecutionRequest {
-        execution_id: neighbour.id.clone(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    kill_now(&mut c, &neighbour.id).await;
 }
 
 const PY_STREAMS: &str = r#"

@@ -154,11 +154,22 @@ pub struct AccessMasks {
     pub file_only: u64,
 }
 
-/// The masks [`build_ruleset`] uses for an execution (signals scoped).
-pub fn access_masks() -> AccessMasks {
+/// What [`build_ruleset`] scopes: abstract Unix sockets, which have no path for the filesystem
+/// rules to catch (ABI ≥ 6; older kernels skip this, and a private netns hides them anyway),
+/// and with `scope_signals` signals too.
+fn scopes(scope_signals: bool) -> BitFlags<Scope> {
+    let mut scopes = BitFlags::from(Scope::AbstractUnixSocket);
+    if scope_signals {
+        scopes |= Scope::Signal;
+    }
+    scopes
+}
+
+/// The masks [`build_ruleset`] uses.
+pub fn access_masks(scope_signals: bool) -> AccessMasks {
     AccessMasks {
         handled: AccessFs::from_all(TARGET_ABI).bits(),
-        scoped: Scope::AbstractUnixSocket as u64 | Scope::Signal as u64,
+        scoped: scopes(scope_signals).bits(),
         read_exec: AccessFs::from_read(TARGET_ABI).bits(),
         read_write: AccessFs::from_all(TARGET_ABI).bits(),
         file_only: AccessFs::from_file(TARGET_ABI).bits(),
@@ -188,17 +199,11 @@ pub fn build_ruleset(
         }
     }
     let rr = |e: landlock::RulesetError| LandlockError::Ruleset(e.to_string());
-    let mut scopes = BitFlags::from(Scope::AbstractUnixSocket);
-    if scope_signals {
-        scopes |= Scope::Signal;
-    }
     let created = Ruleset::default()
         .set_compatibility(CompatLevel::BestEffort)
         .handle_access(AccessFs::from_all(TARGET_ABI))
         .map_err(rr)?
-        // Abstract Unix sockets have no path for the filesystem rules to catch (ABI ≥ 6;
-        // older kernels skip this, and a private netns hides them anyway).
-        .scope(scopes)
+        .scope(scopes(scope_signals))
         .map_err(rr)?
         .create()
         .map_err(rr)?
@@ -306,11 +311,12 @@ mod tests {
 
     #[test]
     fn masks_match_the_kernel_uapi_bits() {
-        let m = access_masks();
+        let m = access_masks(true);
         // LANDLOCK_ACCESS_FS_EXECUTE | READ_FILE | READ_DIR
         assert_eq!(m.read_exec, (1 << 0) | (1 << 2) | (1 << 3));
         // LANDLOCK_SCOPE_ABSTRACT_UNIX_SOCKET | LANDLOCK_SCOPE_SIGNAL
         assert_eq!(m.scoped, 0b11);
+        assert_eq!(access_masks(false).scoped, 0b01);
         // Every handled right is granted to read-write paths; read-only is a strict subset.
         assert_eq!(m.read_write, m.handled);
         assert_eq!(m.read_exec & !m.handled, 0);

@@ -221,6 +221,29 @@ impl IsolationSpec {
         Some(env)
     }
 
+    /// The Landlock ruleset the child restricts itself with: the filesystem policy with `io`
+    /// off, a domain without filesystem rules with `io` on (an execution, where the kernel
+    /// scopes signals), none otherwise. Built in the parent, opening every policy path here;
+    /// another launcher (the python zygote) passes the fd on.
+    pub fn landlock_ruleset(&self) -> Result<Option<OwnedFd>, SandboxError> {
+        if self.intrinsics.io {
+            return Ok(if self.role.own_domain() {
+                landlock_rules::build_domain()?
+            } else {
+                None
+            });
+        }
+        // A missing read path grants nothing and is skipped (runtimes list optional dirs); a
+        // missing write path is a request we cannot honour.
+        let mut required = vec![self.working_dir.clone()];
+        required.extend(self.write_paths.iter().cloned());
+        Ok(Some(landlock_rules::build_ruleset(
+            &self.fs_policy(),
+            &required,
+            self.role.own_domain(),
+        )?))
+    }
+
     /// The steps [`apply`](Self::apply) performs, in order, as data.
     pub fn plan(&self) -> IsolationPlan {
         let mut steps = vec![
@@ -267,7 +290,7 @@ impl IsolationSpec {
                 read_exec: p.read_exec,
                 read_write: p.read_write,
                 child_read_exec: vec![PathBuf::from("/proc/self")],
-                masks: landlock_rules::access_masks(),
+                masks: landlock_rules::access_masks(self.role.own_domain()),
             });
         } else if self.role.own_domain() && landlock_rules::domains_available() {
             steps.push(PlanStep::LandlockDomain);
@@ -330,23 +353,7 @@ impl IsolationSpec {
             (true, Some(p)) => Some(netns::open_netns(p)?),
             _ => None,
         };
-        let landlock_fd = if self.intrinsics.io {
-            if self.role.own_domain() {
-                landlock_rules::build_domain()?
-            } else {
-                None
-            }
-        } else {
-            // A missing read path grants nothing and is skipped (runtimes list optional
-            // dirs); a missing write path is a request we cannot honour.
-            let mut required = vec![self.working_dir.clone()];
-            required.extend(self.write_paths.iter().cloned());
-            Some(landlock_rules::build_ruleset(
-                &self.fs_policy(),
-                &required,
-                self.role.own_domain(),
-            )?)
-        };
+        let landlock_fd = self.landlock_ruleset()?;
         let base_env = self.base_env();
 
         let child = ChildSteps {
@@ -364,7 +371,7 @@ impl IsolationSpec {
             landlock_fd: landlock_fd.as_ref().map(AsRawFd::as_raw_fd),
             // A domain without filesystem rules takes no path rule.
             landlock_proc_access: (!self.intrinsics.io)
-                .then(|| landlock_rules::access_masks().read_exec),
+                .then(|| landlock_rules::access_masks(true).read_exec),
             program_check: self.user.as_ref().and_then(|_| {
                 let program = Path::new(cmd.get_program());
                 program

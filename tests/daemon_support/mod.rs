@@ -310,6 +310,17 @@ pub async fn execution(c: &mut Client, id: &str) -> pb::Execution {
     .into_inner()
 }
 
+/// Stops the execution with SIGKILL at once (no grace).
+pub async fn kill_now(c: &mut Client, id: &str) {
+    c.stop_execution(pb::StopExecutionRequest {
+        execution_id: id.into(),
+        signal: "KILL".into(),
+        grace: None,
+    })
+    .await
+    .unwrap();
+}
+
 /// Waits for the execution's result.
 pub async fn wait(c: &mut Client, id: &str) -> pb::ExecutionResult {
     tokio::time::timeout(

@@ -19,7 +19,7 @@ pub mod node_worker;
 pub mod python_zygote;
 
 use std::collections::HashMap;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -37,7 +37,6 @@ use super::runtime::{Backend, Language, RuntimeRegistry};
 use super::session::Session;
 use crate::proto::elide::daemon::v1alpha1 as pb;
 use crate::sandbox::IsolationSpec;
-use crate::sandbox::landlock_rules::{FsPolicy, build_domain, build_ruleset};
 use python_zygote::Zygote;
 
 /// How long a pooled child may take to apply its isolation before the start fails.
@@ -217,35 +216,6 @@ impl PoolLauncher {
         );
     }
 
-    /// The plan's sinks and cgroup, and its Landlock ruleset: the filesystem policy with `io`
-    /// off, a domain without filesystem rules with `io` on (when the kernel makes one; the
-    /// same choice as `IsolationSpec::apply` for a cold start).
-    async fn prepare(
-        &self,
-        plan: &ExecutionPlan,
-    ) -> Result<(Prepared, Option<OwnedFd>), LaunchError> {
-        let prepared = self.preparer.prepare(plan, None).await?;
-        // Opens the paths of the policy and builds the ruleset: a few syscalls, inline.
-        let ruleset = if plan.intrinsics.io {
-            build_domain()
-        } else {
-            let mut required = vec![plan.working_dir.clone()];
-            required.extend(plan.write_paths.iter().cloned());
-            let policy =
-                FsPolicy::for_execution(&plan.working_dir, &plan.read_paths, &plan.write_paths);
-            build_ruleset(&policy, &required, true).map(Some)
-        };
-        match ruleset {
-            Ok(fd) => Ok((prepared, fd)),
-            Err(e) => {
-                if let Some(cg) = prepared.cgroup {
-                    let _ = offload(move || cg.remove()).await;
-                }
-                Err(LaunchError::Sandbox(e.to_string()))
-            }
-        }
-    }
-
     async fn launch_python(
         &self,
         pool: &SessionPool,
@@ -268,9 +238,22 @@ impl PoolLauncher {
             ));
         }
         let job = python_job(plan).map_err(NotPooled::Fallback)?;
-        let (prepared, ruleset) = self.prepare(plan).await.map_err(NotPooled::Fail)?;
-        let Prepared { sinks, cgroup } = prepared;
+        let Prepared { sinks, cgroup } = self
+            .preparer
+            .prepare(plan, None)
+            .await
+            .map_err(NotPooled::Fail)?;
         let (spec, captures) = sinks.into_spec(plan, &cgroup);
+        // The same ruleset a cold spawn of this spec builds: a few syscalls, inline.
+        let ruleset = match spec.landlock_ruleset() {
+            Ok(r) => r,
+            Err(e) => {
+                if let Some(cg) = cgroup {
+                    let _ = offload(move || cg.remove()).await;
+                }
+                return Err(NotPooled::Fail(LaunchError::Sandbox(e.to_string())));
+            }
+        };
         let isolation = spec.plan();
         let mut job = job;
         job.insert(

@@ -351,17 +351,33 @@ fn may_read_exit_codes() -> bool {
 /// once the zygote reaped it, else from `/proc/<pid>/stat` of the zombie. `None` when neither
 /// can be had (a kernel before 6.15, no ptrace access): the zygote's report is the answer then.
 pub fn exit_status_of_ended(pid: u32, pidfd: std::os::fd::BorrowedFd<'_>) -> Option<i32> {
-    // Read first, then ask the pidfd: if the process is still unreaped after the read, its pid
-    // was still its own while we read (a pid is only reused once reaped).
-    let zombie = if may_read_exit_codes() {
-        procfs::process::Process::new(pid as i32)
-            .and_then(|p| p.stat())
-            .ok()
-            .filter(|s| s.state == 'Z')
-            .and_then(|s| s.exit_code)
-    } else {
-        None
-    };
+    if let Reaped::Yes(status) = reaped(pidfd)? {
+        return Some(status);
+    }
+    if !may_read_exit_codes() {
+        return None;
+    }
+    let zombie = procfs::process::Process::new(pid as i32)
+        .and_then(|p| p.stat())
+        .ok()
+        .filter(|s| s.state == 'Z')
+        .and_then(|s| s.exit_code);
+    // Asked again after the read: still unreaped means the pid was still the child's while
+    // we read it (a pid is only reused once reaped); reaped meanwhile, the kernel's record.
+    match reaped(pidfd)? {
+        Reaped::Yes(status) => Some(status),
+        Reaped::No => zombie,
+    }
+}
+
+enum Reaped {
+    Yes(i32),
+    No,
+}
+
+/// Whether the kernel holds the exit status of the pidfd's process (reaped); `None` when it
+/// cannot say (`PIDFD_GET_INFO` missing, before Linux 6.13).
+fn reaped(pidfd: std::os::fd::BorrowedFd<'_>) -> Option<Reaped> {
     let mut info = PidfdInfo {
         mask: PIDFD_INFO_EXIT,
         ..PidfdInfo::default()
@@ -378,10 +394,11 @@ pub fn exit_status_of_ended(pid: u32, pidfd: std::os::fd::BorrowedFd<'_>) -> Opt
     if rc != 0 {
         return None;
     }
-    if info.mask & PIDFD_INFO_EXIT != 0 {
-        return Some(info.exit_code);
-    }
-    zombie
+    Some(if info.mask & PIDFD_INFO_EXIT != 0 {
+        Reaped::Yes(info.exit_code)
+    } else {
+        Reaped::No
+    })
 }
 
 /// How the zygote child `pid` of a job ended, as soon as it is gone: read from its `pidfd`

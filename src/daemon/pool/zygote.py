@@ -81,13 +81,6 @@ def _landlock_allow(ruleset_fd, path, access):
         os.close(fd)
 
 
-def _landlock_restrict(ruleset_fd):
-    if ruleset_fd < 0:
-        raise StepError("no ruleset fd was passed")
-    rc = _libc.syscall(_SYS_LANDLOCK_RESTRICT_SELF, ruleset_fd, 0)
-    _check(0 if rc == 0 else -1, "landlock_restrict_self")
-
-
 def _loopback_up():
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, 0)
     try:
@@ -270,14 +263,14 @@ def _replay(job, fds, zygote_pid, done=frozenset()):
                     )
             elif kind == "no_new_privs":
                 _check(_libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl NO_NEW_PRIVS")
-            elif kind == "landlock":
+            elif kind in ("landlock", "landlock_domain"):
                 if landlock_fd < 0:
                     raise StepError("no ruleset fd was passed")
-                for path in step["child_read_exec"]:
+                # A domain without filesystem rules ("landlock_domain") takes no path rule.
+                for path in step.get("child_read_exec", ()):
                     _landlock_allow(landlock_fd, path, step["masks"]["read_exec"])
-                _landlock_restrict(landlock_fd)
-            elif kind == "landlock_domain":
-                _landlock_restrict(landlock_fd)
+                rc = _libc.syscall(_SYS_LANDLOCK_RESTRICT_SELF, landlock_fd, 0)
+                _check(0 if rc == 0 else -1, "landlock_restrict_self")
             elif kind == "close_fds_from":
                 pass  # done last, after the report to the daemon
             else:
