@@ -282,6 +282,102 @@ async fn a_killed_zygote_is_replaced() {
     assert_eq!(run_pooled(&mut c, &s, "py", "print(2)").await, "2\n");
 }
 
+/// Starts `code` until an execution of it is pooled (the unpooled ones are killed); its id and pid.
+async fn start_pooled(c: &mut Client, s: &str, code: &str) -> (String, u32) {
+    let deadline = std::time::Instant::now() + DEADLINE;
+    loop {
+        let e = c
+            .start_execution(code_req(s, "py", code))
+            .await
+            .unwrap()
+            .into_inner();
+        if e.pooled {
+            return (e.id, e.pid);
+        }
+        kill_now(c, &e.id).await;
+        wait(c, &e.id).await;
+        assert!(std::time::Instant::now() < deadline, "never pooled");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+fn sigkill(pid: u32) {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn running_python_executions_outlive_a_killed_zygote_but_not_the_daemon() {
+    let mut d = TestDaemon::start().await;
+    let mut c = d.client().await;
+    let daemon = d.pid();
+    let s = pooled_session(&mut c, 2).await;
+    // Where the kernel cannot tell how an orphan ended (before Linux 6.15) or no cgroup would
+    // let the reaper end it with the daemon, executions still die with their zygote.
+    let outlives = elide_task_driver::daemon::pool::python_zygote::exit_status_outlives_reaping()
+        && !d.cgroup_parents().is_empty();
+    let flag = d.path("go");
+    let ends_itself = format!(
+        "import os, sys, time\nwhile not os.path.exists({flag:?}): time.sleep(0.02)\nprint('after', flush=True)\nsys.exit(7)"
+    );
+    let sleeper = "import time\ntime.sleep(600)";
+    let (ending, _) = start_pooled(&mut c, &s, &ends_itself).await;
+    let (stopped, stopped_pid) = start_pooled(&mut c, &s, sleeper).await;
+    let old = zygotes(daemon);
+    assert_eq!(old.len(), 1);
+    sigkill(old[0]);
+    eventually("the killed zygote is gone", || {
+        !zygotes(daemon).contains(&old[0])
+    })
+    .await;
+    if !outlives {
+        assert_eq!(wait(&mut c, &ending).await.signal, 9);
+        assert_eq!(wait(&mut c, &stopped).await.signal, 9);
+        return;
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    for id in [&ending, &stopped] {
+        let e = execution(&mut c, id).await;
+        assert_eq!(e.state, pb::ExecutionState::Running as i32, "{e:?}");
+        assert!(alive(e.pid), "{e:?}");
+    }
+    // Still supervised: its own exit code and output, and a stop.
+    std::fs::write(&flag, b"").unwrap();
+    let r = wait(&mut c, &ending).await;
+    assert_eq!((r.exit_code, r.signal), (7, 0), "{r:?}");
+    let out = output(&mut c, &ending, pb::OutputStream::Stdout).await;
+    assert_eq!(String::from_utf8_lossy(&out), "after\n");
+    c.stop_execution(pb::StopExecutionRequest {
+        execution_id: stopped.clone(),
+        signal: "TERM".into(),
+        grace: None,
+    })
+    .await
+    .unwrap();
+    assert_eq!(wait(&mut c, &stopped).await.signal, 15);
+    assert!(!alive(stopped_pid));
+    // The pool comes back; an execution orphaned by its zygote still dies with the daemon
+    // (its reaper empties the execution cgroups).
+    assert_eq!(run_pooled(&mut c, &s, "py", "print(2)").await, "2\n");
+    let (_, orphan) = start_pooled(&mut c, &s, sleeper).await;
+    let z = zygotes(daemon);
+    assert_eq!(z.len(), 1);
+    sigkill(z[0]);
+    eventually("the second zygote is gone", || {
+        !zygotes(daemon).contains(&z[0])
+    })
+    .await;
+    assert!(alive(orphan));
+    d.kill9();
+    eventually("the orphaned execution ended with the daemon", || {
+        !alive(orphan)
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_node_snippet_that_fakes_its_exit_report_does_not_outlive_it() {
     // The exit report is only a write to fd 0, which the snippet can make too. Without cgroups

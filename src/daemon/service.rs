@@ -132,6 +132,14 @@ impl Daemon {
         let features = crate::sandbox::probe::probe(&cgroups);
         let spawner = Spawner::start(runtime.clone())?;
         let events = EventBus::default();
+        // Probed before serving (it forks): whether pooled python children can outlive a
+        // zygote that dies under them.
+        let outlive = super::pool::python_zygote::exit_status_outlives_reaping();
+        tracing::info!(
+            pooled_python_outlives_its_zygote = outlive,
+            "the kernel {} a process's exit status for its pidfd after reaping",
+            if outlive { "keeps" } else { "does not keep" }
+        );
         // Warm pools in front of the cold launcher (sessions with context_pool_size > 0).
         let pools = Arc::new(PoolLauncher::new(
             ColdLauncher::new(

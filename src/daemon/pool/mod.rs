@@ -261,6 +261,14 @@ impl PoolLauncher {
             serde_json::to_value(&isolation.steps).unwrap_or_default(),
         );
         job.insert("env".into(), serde_json::json!(final_env(plan, &spec)));
+        // Once it reported ready, the child may outlive its zygote where the daemon still learns
+        // its end without it and a daemon's death still ends it: its reaper kills what is left
+        // in execution cgroups. Otherwise it dies with the zygote, as a cold start dies with
+        // the daemon.
+        job.insert(
+            "outlive_zygote".into(),
+            (cgroup.is_some() && python_zygote::exit_status_outlives_reaping()).into(),
+        );
         let mut fds = vec![spec.stdout.as_raw_fd(), spec.stderr.as_raw_fd()];
         if let Some(r) = &ruleset {
             fds.push(r.as_raw_fd());

@@ -24,9 +24,15 @@
 //! The Landlock ruleset (the filesystem policy with `io` off, a domain of its own with `io` on)
 //! is built by the daemon exactly as for a cold spawn and passed as an fd; the child adds the
 //! rule for its own `/proc/self` (it must resolve to the child) and restricts itself, so it
-//! enforces the identical ruleset. A child that
-//! outlives its zygote is killed by `PR_SET_PDEATHSIG`; its end is then observed through the
-//! pidfd it sent (pidfds cannot be fooled by pid reuse) and reported as SIGKILL.
+//! enforces the identical ruleset.
+//!
+//! A zygote's death ends its spares (`PR_SET_PDEATHSIG`), but not the executions it handed
+//! over, where the kernel keeps an orphan's wait status for its pidfd whoever reaps it
+//! ([`exit_status_outlives_reaping`], Linux 6.15+) and the execution has a cgroup (the
+//! daemon's reaper kills what is left in execution cgroups when the daemon dies, as a cold
+//! start dies with the daemon): the child clears its parent-death signal once it reported
+//! ready, and the daemon, which holds its pidfd, learns its end as usual. Elsewhere the child
+//! dies with its zygote, and its end is reported as SIGKILL.
 //!
 //! [`IsolationSpec::plan`]: crate::sandbox::IsolationSpec::plan
 
@@ -172,7 +178,8 @@ impl Zygote {
         })
     }
 
-    /// Stops the zygote: EOF on its socket makes it exit; its children die with it.
+    /// Stops the zygote: EOF on its socket makes it exit; its spares die with it (running
+    /// executions are stopped by whoever closes the session, first).
     pub fn shutdown(&self) {
         self.alive.store(false, Ordering::SeqCst);
         let _ = nix::sys::socket::shutdown(self.sock.as_raw_fd(), nix::sys::socket::Shutdown::Both);
@@ -370,6 +377,35 @@ pub fn exit_status_of_ended(pid: u32, pidfd: std::os::fd::BorrowedFd<'_>) -> Opt
     }
 }
 
+/// Whether the kernel keeps a process's wait status for its pidfd once anyone reaped it
+/// (`PIDFD_INFO_EXIT`, Linux 6.15+). Then a pooled child may outlive its zygote: whichever
+/// process reaps the orphan (init, a subreaper), the daemon still learns how it ended.
+/// Probed once, with a child that exits at once.
+pub fn exit_status_outlives_reaping() -> bool {
+    static KEPT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *KEPT.get_or_init(|| {
+        // SAFETY: the child only calls `_exit`, which is async-signal-safe.
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            // SAFETY: ends the child without running anything of the parent's.
+            unsafe { libc::_exit(3) };
+        }
+        if pid < 0 {
+            return false;
+        }
+        // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+        let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+        let pidfd = (raw >= 0).then(|| {
+            // SAFETY: the kernel just returned this fd to us.
+            unsafe { OwnedFd::from_raw_fd(raw as RawFd) }
+        });
+        let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None);
+        pidfd.and_then(|fd| reaped(fd.as_fd())).is_some_and(|r| {
+            matches!(r, Reaped::Yes(status) if libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 3)
+        })
+    })
+}
+
 enum Reaped {
     Yes(i32),
     No,
@@ -404,8 +440,8 @@ fn reaped(pidfd: std::os::fd::BorrowedFd<'_>) -> Option<Reaped> {
 /// How the zygote child `pid` of a job ended, as soon as it is gone: read from its `pidfd`
 /// ([`exit_status_of_ended`]), which usually beats the zygote's `report` (the zygote must be
 /// scheduled, handle SIGCHLD in Python, reap and write) and does not need the zygote to run
-/// at all; the report where that cannot be read. A zygote that died before reporting took the
-/// child with it (PDEATHSIG): SIGKILL.
+/// at all; the report where that cannot be read. After the zygote died, only the pidfd can
+/// tell (the child outlived it, or died with it: SIGKILL when the status cannot be read).
 pub async fn child_exit(
     pid: u32,
     pidfd: OwnedFd,
