@@ -27,8 +27,9 @@ pub struct TestDaemon {
     pub run_dir: PathBuf,
     pub cgroup_parent: String,
     pub extra_args: Vec<String>,
-    /// A run dir outside `dir` (removed on drop).
-    own_run_dir: bool,
+    /// A tmpfs dir of this daemon's (`/dev/shm/<name>`: its run dir and a second output root;
+    /// removed on drop).
+    tmpfs: Option<PathBuf>,
 }
 
 impl TestDaemon {
@@ -38,14 +39,24 @@ impl TestDaemon {
     }
 
     /// Starts a daemon whose run dir (per-execution files) lies on tmpfs (`/dev/shm`), as
-    /// `/run/elide/exec` does on a systemd host; state dir and output roots stay on disk.
+    /// `/run/elide/exec` does on a systemd host; state dir and the usual output root (`dir`)
+    /// stay on disk, and [`Self::tmpfs_output_root`] is a second one, on tmpfs.
     pub async fn start_with_tmpfs_run_dir() -> Self {
         let mut d = Self::configure(&[]);
-        let name = d.cgroup_parent.clone();
-        d.run_dir = Path::new("/dev/shm").join(format!("{name}-run"));
-        d.own_run_dir = true;
+        let tmpfs = Path::new("/dev/shm").join(&d.cgroup_parent);
+        std::fs::create_dir_all(tmpfs.join("out")).unwrap();
+        d.run_dir = tmpfs.join("run");
+        d.extra_args.push("--output-root".into());
+        d.extra_args
+            .push(tmpfs.join("out").to_string_lossy().into_owned());
+        d.tmpfs = Some(tmpfs);
         d.spawn().await;
         d
+    }
+
+    /// The output root on tmpfs of a daemon from [`Self::start_with_tmpfs_run_dir`].
+    pub fn tmpfs_output_root(&self) -> Option<PathBuf> {
+        self.tmpfs.as_ref().map(|t| t.join("out"))
     }
 
     /// Starts a daemon with extra command-line flags.
@@ -78,7 +89,7 @@ impl TestDaemon {
             run_dir,
             cgroup_parent: format!("elide-test-{name}"),
             extra_args: extra.iter().map(|s| s.to_string()).collect(),
-            own_run_dir: false,
+            tmpfs: None,
             dir,
         }
     }
@@ -221,8 +232,8 @@ impl Drop for TestDaemon {
         {
             eprintln!("daemon log: {line}");
         }
-        if self.own_run_dir {
-            let _ = std::fs::remove_dir_all(&self.run_dir);
+        if let Some(t) = &self.tmpfs {
+            let _ = std::fs::remove_dir_all(t);
         }
         // The daemon's parent cgroups go with its reaper (a_stopped_daemon_leaves_no_cgroup_behind).
     }

@@ -105,6 +105,7 @@ fn wait_in_open(tid: i32) {
 }
 
 /// One allocation dir laid out like Nomad's (`<data>/alloc/<alloc_id>`).
+#[derive(Clone)]
 pub struct Alloc {
     pub id: String,
     pub dir: PathBuf,
