@@ -124,10 +124,51 @@ fn prepare(alloc: &Alloc, name: String) -> tokio::task::JoinHandle<Task> {
     tokio::task::spawn_blocking(move || alloc.task(&name))
 }
 
+/// CPU time (ms) a process used so far; with `reaped`, that of the children it reaped too.
+fn cpu_ms(pid: u32, reaped: bool) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return 0.0;
+    };
+    // Fields 14-17 (utime, stime, cutime, cstime); `rest` starts at field 3.
+    let ticks: Vec<f64> = rest
+        .split_whitespace()
+        .skip(11)
+        .take(4)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    let used: f64 = ticks.iter().take(if reaped { 4 } else { 2 }).sum();
+    // SAFETY: sysconf reads a constant.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    used * 1e3 / hz
+}
+
+/// Who spends the CPU of the throughput window: the python zygotes with the children they
+/// reaped (executions, spares), the daemon itself, the plugin, the Nomad stand-in (this
+/// process: its RPCs, task layout and logmon threads).
+fn cpu_split(plugin: &Plugin, daemon: &TestDaemon) -> [f64; 4] {
+    let zygotes: f64 = descendants(daemon.pid())
+        .into_iter()
+        .filter(|&p| {
+            std::fs::read(format!("/proc/{p}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains("elide python zygote"))
+        })
+        .map(|p| cpu_ms(p, true))
+        .sum();
+    [
+        zygotes,
+        cpu_ms(daemon.pid(), false),
+        cpu_ms(plugin.client.process.child.id(), false),
+        cpu_ms(std::process::id(), false),
+    ]
+}
+
 /// Short python tasks (`pass`) per second through plugin + daemon: 4 concurrent Nomad-like
-/// callers for 5 s, each laying out its next task while the current one runs.
-async fn throughput(plugin: &Plugin, alloc: &Alloc) -> f64 {
+/// callers for 5 s, each laying out its next task while the current one runs; with the CPU
+/// per task of each party (see [`cpu_split`]).
+async fn throughput(plugin: &Plugin, daemon: &TestDaemon, alloc: &Alloc) -> (f64, [f64; 4]) {
     let deadline = Instant::now() + Duration::from_secs(5);
+    let before = cpu_split(plugin, daemon);
     let t = Instant::now();
     // Polled together on this task (the harness client is not Send).
     let callers = (0..4).map(|w| async move {
@@ -144,7 +185,10 @@ async fn throughput(plugin: &Plugin, alloc: &Alloc) -> f64 {
         done
     });
     let done: u64 = futures::future::join_all(callers).await.into_iter().sum();
-    done as f64 / t.elapsed().as_secs_f64()
+    let secs = t.elapsed().as_secs_f64();
+    let after = cpu_split(plugin, daemon);
+    let per_task = std::array::from_fn(|i| (after[i] - before[i]) / done.max(1) as f64);
+    (done as f64 / secs, per_task)
 }
 
 fn main() {
@@ -273,9 +317,12 @@ async fn run(n: usize) -> String {
             let tmpfs = daemon.tmpfs_output_root().expect("a tmpfs output root");
             for (place, root) in [("on disk", &root), ("on tmpfs", &tmpfs)] {
                 eprintln!("plugin throughput, alloc dir {place}");
-                let rate = throughput(plugin, &Alloc::new(root)).await;
+                let (rate, [py, dmn, plg, nomad]) =
+                    throughput(plugin, &daemon, &Alloc::new(root)).await;
                 eprintln!("plugin throughput, alloc dir {place}: {rate:.0} tasks/s");
-                throughputs.push_str(&format!("| {place} | {rate:.0} |\n"));
+                throughputs.push_str(&format!(
+                    "| {place} | {rate:.0} | {py:.1} ms | {dmn:.1} ms | {plg:.1} ms | {nomad:.1} ms |\n"
+                ));
                 if place == "on tmpfs" {
                     budgets.push_str(&format!(
                         "| ≥ 300 short python tasks/s through plugin + daemon | {rate:.0}/s | {} |\n",
@@ -349,8 +396,11 @@ the first row and on tmpfs in the second; the budget is read off the second. Lay
 task is Nomad's work, not the driver's, and on this VM's root ext4 (85% full, heavy churn from \
 test runs) its `mkdir` and `mkfifo` spend most of their time in ext4's inode allocator \
 (`recently_deleted`, `find_get_block_common`: a third of all CPU samples during the window, \
-`perf record -a`), which the driver's share of the 2 cores then lacks.\n\n\
-| stand-in's alloc dir | tasks/s |\n|---|---|\n{throughputs}\n\
+`perf record -a`), which the driver's share of the 2 cores then lacks. CPU per task, from \
+`/proc/<pid>/stat` over the window: python = the zygotes with the children they reaped \
+(executions, spares); the stand-in = this harness (its RPCs, task layout, logmon threads). \
+Two cores give 2,000 ms of CPU per second: at 300 tasks/s, 6.7 ms per task for all four.\n\n\
+| stand-in's alloc dir | tasks/s | CPU per task: python | daemon | plugin | Nomad stand-in |\n|---|---|---|---|---|---|\n{throughputs}\n\
 ### Memory per running idle snippet through plugin + daemon, N = {MEM_N}\n\n\
 PSS (smaps_rollup) of the plugin, the daemon and every descendant of the daemon (zygote, \
 spares, node workers, executions, reaper), / N, with the tasks started through StartTask at \
