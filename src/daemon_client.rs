@@ -187,6 +187,21 @@ impl DaemonClient {
         self.call("GetSession", c.get_session(req)).await
     }
 
+    /// `ListExecutions` of one session.
+    pub async fn list_executions(
+        &self,
+        session_id: &str,
+    ) -> Result<Vec<api::Execution>, DaemonError> {
+        let mut c = self.inner.clone();
+        let req = api::ListExecutionsRequest {
+            session_id: session_id.to_string(),
+        };
+        Ok(self
+            .call("ListExecutions", c.list_executions(req))
+            .await?
+            .executions)
+    }
+
     /// The per-call deadline of this client.
     pub fn call_timeout(&self) -> Duration {
         self.timeout

@@ -191,6 +191,62 @@ async fn plugin_killed_under_ten_tasks_recovers_them_from_the_handles_alone() {
     auto.kill().await;
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn executions_an_earlier_plugin_left_unrecovered_stop_when_nomad_starts_or_destroys_their_task()
+ {
+    let root = tempfile::Builder::new()
+        .prefix("er")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let auto = AutoDaemon::new(root.path());
+    let config = plugin_config(&auto.socket, Some(&auto));
+    let plugin = Plugin::launch(&config).await;
+    let alloc = Alloc::new(root.path());
+    let sleeper = json!({"language": "python", "code": "import time\ntime.sleep(600)"});
+    // `lost`: the agent died before its StartTask reply reached Nomad (no handle);
+    // `failed`: its recovery failed; `kept`: recovered.
+    let (lost, failed, kept) = (alloc.task("lost"), alloc.task("failed"), alloc.task("kept"));
+    let mut handles = Vec::new();
+    for t in [&lost, &failed, &kept] {
+        handles.push(plugin.start_json(t, sleeper.clone()).await.unwrap());
+    }
+    let pids: Vec<u32> = handles.iter().map(handle_pid).collect();
+    let kept_handle = handles.pop().unwrap();
+    let mut plugin = plugin;
+    plugin.client.process.child.kill().unwrap();
+    plugin.client.process.child.wait().unwrap();
+
+    let plugin = Plugin::launch(&config).await;
+    plugin
+        .driver()
+        .recover_task(pb::RecoverTaskRequest {
+            task_id: String::new(),
+            handle: Some(kept_handle),
+        })
+        .await
+        .unwrap();
+    // Nomad runs `lost` afresh under a new task id (the same task of the same allocation, with
+    // new logmon readers): the leftover is gone before the new instance starts.
+    for fifo in [&lost.stdout_path, &lost.stderr_path] {
+        std::fs::remove_file(fifo).unwrap();
+    }
+    let again = alloc.task("lost");
+    assert_ne!(again.id, lost.id);
+    let again_pid = handle_pid(&plugin.start_json(&again, sleeper.clone()).await.unwrap());
+    assert!(!alive(pids[0]), "the leftover of `lost` still runs");
+    assert!(alive(again_pid));
+    // Nomad cleans up `failed` after its recovery failed.
+    plugin.destroy(&failed.id, true).await.unwrap();
+    assert!(!alive(pids[1]), "the leftover of `failed` still runs");
+    assert!(alive(pids[2]), "a recovered task was stopped");
+    for id in [&again.id, &kept.id] {
+        let _ = plugin.stop(id, "SIGKILL", Duration::ZERO).await;
+        let _ = plugin.destroy(id, true).await;
+    }
+    drop(plugin);
+    auto.kill().await;
+}
+
 /// The sessions the daemon at `socket` holds.
 async fn daemon_sessions(
     socket: &std::path::Path,

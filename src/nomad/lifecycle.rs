@@ -39,6 +39,9 @@ pub const DEFAULT_STOP_SIGNAL: &str = "SIGINT";
 pub const LOST_CHECK_TIMEOUT: Duration = Duration::from_millis(1500);
 /// Prefix of WaitTask's `err` when the daemon went away under a running task.
 pub const CONNECTION_LOST: &str = "elide-daemon connection lost";
+/// How long an execution left running by an earlier plugin process gets between SIGTERM and
+/// SIGKILL (Nomad's default `kill_timeout`: its own is not known any more).
+pub const LEFTOVER_GRACE: Duration = Duration::from_secs(5);
 
 const RECOVERABLE_TYPE_URL: &str =
     "type.googleapis.com/hashicorp.nomad.plugins.shared.structs.RecoverableError";
@@ -92,6 +95,36 @@ async fn client_for(state: &PluginState, snapshot: &Snapshot) -> Result<DaemonCl
         .client(snapshot)
         .await
         .map_err(|e| Status::failed_precondition(e.to_string()))
+}
+
+/// Stops an execution that an earlier plugin process left running ([`super::inherited`]) and
+/// has the daemon forget it; `why` names what showed it to be a leftover.
+async fn stop_leftover(client: &DaemonClient, task_id: &str, execution_id: &str, why: &str) {
+    tracing::warn!(task = %task_id, execution = %execution_id, "stopping an execution an earlier plugin process left running: {why}");
+    match client
+        .stop_execution(execution_id, "SIGTERM", LEFTOVER_GRACE)
+        .await
+    {
+        Ok(_) => {}
+        Err(e) if e.code() == Some(tonic::Code::NotFound) => return,
+        Err(e) => {
+            tracing::error!(task = %task_id, execution = %execution_id, error = %e, "cannot stop the leftover execution");
+            return;
+        }
+    }
+    if let Err(e) = client.remove_execution(execution_id, true).await
+        && e.code() != Some(tonic::Code::NotFound)
+    {
+        tracing::warn!(task = %task_id, execution = %execution_id, error = %e, "daemon did not forget the leftover execution");
+    }
+}
+
+/// Notes what earlier plugin processes left running in our session, once per process; a
+/// failure only means leftovers are not looked for this time.
+async fn note_inherited(state: &PluginState, client: &DaemonClient, session_id: &str) {
+    if let Err(e) = state.inherited.note(client, session_id).await {
+        tracing::warn!(error = %e, "cannot list the session's executions to find leftovers of an earlier plugin process");
+    }
 }
 
 /// The task dir Nomad made for this task (`<alloc_dir>/<task name>`).
@@ -391,6 +424,9 @@ pub async fn recover_task(
         )));
     }
     let client = client_for(state, &snapshot).await?;
+    if let Some(session_id) = &snapshot.session_id {
+        note_inherited(state, &client, session_id).await;
+    }
     let exec = client
         .get_execution(&ds.execution_id)
         .await
@@ -421,6 +457,7 @@ pub async fn recover_task(
         // Recovered concurrently by another call: that one wins.
         Err(Reserve::Taken) => return Ok(Response::new(pb::RecoverTaskResponse {})),
     }
+    state.inherited.claim(&ds.execution_id);
     tracing::info!(task = %cfg.id, execution = %ds.execution_id, running, "task recovered");
     spawn_waiter(state.clone(), entry, None);
     Ok(Response::new(pb::RecoverTaskResponse {}))
@@ -460,6 +497,11 @@ pub async fn start_task(
             Status::failed_precondition(format!("cannot start task {}: {e}", cfg.id))
         }
     })?;
+    note_inherited(state, &client, &session_id).await;
+    for (old_id, execution) in state.inherited.take_task(&cfg.alloc_id, &cfg.name) {
+        let why = format!("Nomad starts its task again as {}", cfg.id);
+        stop_leftover(&client, &old_id, &execution, &why).await;
+    }
     let request = execution_request(&cfg, &spec, &session_id, config.session.memory_limit_mb);
     let mut result = client.start_execution(request.clone(), START_TIMEOUT).await;
     if let Err(e) = &result
@@ -580,6 +622,17 @@ pub async fn destroy_task(
     req: pb::DestroyTaskRequest,
 ) -> Result<Response<pb::DestroyTaskResponse>, Status> {
     let Some(entry) = state.tasks.get(&req.task_id) else {
+        // Not ours: maybe a task whose recovery failed, which Nomad now cleans up.
+        let snapshot = state.snapshot();
+        if let (Ok(client), Some(session_id)) =
+            (state.link.client(&snapshot).await, &snapshot.session_id)
+        {
+            note_inherited(state, &client, session_id).await;
+            if let Some(execution) = state.inherited.take_id(&req.task_id) {
+                let why = "Nomad destroys its task, which this plugin process did not recover";
+                stop_leftover(&client, &req.task_id, &execution, why).await;
+            }
+        }
         return Ok(Response::new(pb::DestroyTaskResponse {}));
     };
     if entry.exit().is_none() && !req.force {

@@ -12,6 +12,7 @@ pub mod driver;
 pub mod driver_state;
 pub mod fingerprint;
 pub mod hclspec;
+pub mod inherited;
 pub mod lifecycle;
 pub mod state;
 pub mod task_config;

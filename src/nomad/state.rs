@@ -8,6 +8,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::config::PluginConfig;
 use super::daemon_link::DaemonLink;
+use super::inherited::Inherited;
 use super::tasks::TaskStore;
 use crate::proto::elide::daemon::v1alpha1 as api;
 
@@ -34,6 +35,8 @@ pub struct PluginState {
     pub link: DaemonLink,
     /// The tasks this plugin process handles.
     pub tasks: TaskStore,
+    /// What earlier plugin processes left running in our session.
+    pub inherited: Inherited,
 }
 
 impl PluginState {
@@ -45,6 +48,7 @@ impl PluginState {
             shutdown,
             link: DaemonLink::default(),
             tasks: TaskStore::default(),
+            inherited: Inherited::default(),
         }
     }
 
