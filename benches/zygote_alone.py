@@ -4,7 +4,7 @@ daemon does (one job at a time, Nomad-sized environment, the isolation steps of 
 `env io net`, no cgroup), without daemon, plugin or gRPC. Prints the CPU the zygote and its
 children spend per job and where a job's wall time goes.
 
-    make bench-zygote            # or: python3 benches/zygote_alone.py [--jobs N] [--pace-ms MS] [--spares N] [--no-domain]
+    make bench-zygote            # or: python3 benches/zygote_alone.py [--jobs N] [--pace-ms MS] [--spares N] [--no-domain] [--no-caps]
 
 The split, per job (medians):
   send -> ready      job sent until the child reported itself isolated (what StartExecution waits for)
@@ -37,6 +37,16 @@ def cpu_ticks(pid):
     return sum(int(x) for x in fields[11:15])
 
 
+def capability_step():
+    """The daemon's `limit_capabilities` step (`src/sandbox/caps.rs`): Nomad's `exec` default set,
+    the rest dropped from the bounding set too where this process may (CAP_SETPCAP)."""
+    kept = sum(1 << c for c in (0, 1, 3, 4, 5, 6, 7, 8, 10, 18, 27, 29, 31))
+    status = dict(l.split(":", 1) for l in open("/proc/self/status") if l.startswith("Cap"))
+    eff, bnd = int(status["CapEff"], 16), int(status["CapBnd"], 16)
+    bounding = [c for c in range(64) if bnd & ~kept & (1 << c)] if eff & (1 << 8) else []
+    return {"step": "limit_capabilities", "keep": kept, "bounding": bounding}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--python", default=shutil.which("python3"), help="interpreter (resolved to its real path)")
@@ -44,6 +54,7 @@ def main():
     ap.add_argument("--pace-ms", type=float, default=0, help="pause between jobs")
     ap.add_argument("--spares", type=int, default=4, help="children kept forked (context_pool_size)")
     ap.add_argument("--no-domain", action="store_true", help="skip the Landlock domain step (to measure its cost)")
+    ap.add_argument("--no-caps", action="store_true", help="skip the capability step (to measure its cost)")
     args = ap.parse_args()
     if args.spares < 1:
         ap.error("--spares must be at least 1 (a zygote without spares runs no job), got %d" % args.spares)
@@ -88,8 +99,10 @@ def main():
         {"step": "set_rlimit", "resource": "core", "soft": 0, "hard": 0},
         {"step": "oom_score_adj", "value": 0},
         {"step": "parent_death_signal"},
-        {"step": "no_new_privs"},
     ]
+    if not args.no_caps:
+        steps.append(capability_step())
+    steps.append({"step": "no_new_privs"})
     # As the daemon does on Linux 6.12+: every execution is a Landlock domain of its own, the
     # ruleset (signals scoped, no filesystem rules) built per job and passed as a third fd.
     libc = ctypes.CDLL(None, use_errno=True)

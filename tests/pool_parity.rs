@@ -78,6 +78,8 @@ print(json.dumps({
     "main": __name__, "file_is_script": __file__ == sys.argv[0],
     "path0": sys.path[0] == os.path.dirname(sys.argv[0]),
     "nnp": [l for l in open("/proc/self/status") if l.startswith("NoNewPrivs")][0].split()[1],
+    "caps": {l.split(":")[0]: l.split()[1] for l in open("/proc/self/status") if l.startswith("Cap")},
+    "new_uts_ns": __import__("ctypes").CDLL(None, use_errno=True).unshare(0x04000000),
 }, sort_keys=True))
 "#;
 
@@ -92,6 +94,8 @@ console.log(JSON.stringify({
   oom: fs.readFileSync('/proc/self/oom_score_adj', 'utf8').trim(),
   main: require.main === module,
   nnp: fs.readFileSync('/proc/self/status', 'utf8').split('\n').find(l => l.startsWith('NoNewPrivs')).split(/\s+/)[1],
+  caps: Object.fromEntries(fs.readFileSync('/proc/self/status', 'utf8').split('\n')
+    .filter(l => l.startsWith('Cap')).map(l => l.split(/:\s+/))),
 }));
 "#;
 
@@ -102,6 +106,48 @@ fn report_req(s: &str, lang: &str, wd: &std::path::Path, user: &str) -> pb::Star
     req.working_dir = wd.display().to_string();
     req.user = user.into();
     req
+}
+
+/// The capability sets a report shows: Nomad's `exec` default set for a task running as the
+/// daemon's user (root here, when the test runs as root), none for another user; nothing
+/// ambient, and a bounding set cut to the same set where the daemon may cut it.
+fn check_capabilities(v: &serde_json::Value, user: &str, what: &str) {
+    use elide_task_driver::sandbox::caps;
+    let set = |name: &str| {
+        u64::from_str_radix(
+            v["caps"][name]
+                .as_str()
+                .unwrap_or_else(|| panic!("{what}: {v}")),
+            16,
+        )
+        .unwrap()
+    };
+    let ours = |field: &str| {
+        std::fs::read_to_string("/proc/self/status")
+            .unwrap()
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(field)
+                    .map(|h| u64::from_str_radix(h.trim(), 16).unwrap())
+            })
+            .unwrap()
+    };
+    let kept = if user.is_empty() {
+        caps::kept_mask() & ours("CapEff:")
+    } else {
+        0
+    };
+    assert_eq!(set("CapEff"), kept, "{what}");
+    assert_eq!(set("CapPrm"), kept, "{what}");
+    assert_eq!(set("CapInh") & !caps::kept_mask(), 0, "{what}");
+    assert_eq!(set("CapAmb"), 0, "{what}");
+    if ours("CapEff:") & (1 << 8) != 0 {
+        assert_eq!(set("CapBnd"), caps::kept_mask() & ours("CapBnd:"), "{what}");
+    }
+    if !v["new_uts_ns"].is_null() && user.is_empty() && ours("CapEff:") & (1 << 21) != 0 {
+        // CAP_SYS_ADMIN is gone: no namespace of its own (the test runs as root).
+        assert_eq!(v["new_uts_ns"], -1, "{what}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -131,6 +177,7 @@ async fn environment_cwd_argv_user_and_process_state_match_cold() {
                 assert_eq!(v["cwd"], wd.display().to_string());
                 assert_eq!(v["oom"], "0");
                 assert_eq!(v["nnp"], "1");
+                check_capabilities(&v, user, &format!("{kind:?} {lang} {user}"));
                 if intrinsics.contains(&"env") {
                     assert_eq!(v["env"]["FOO"], "bar", "{kind:?} {lang}");
                 } else {

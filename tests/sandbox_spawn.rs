@@ -268,6 +268,7 @@ fn plan_lists_steps_in_order_as_json() {
             "set_rlimit",
             "oom_score_adj",
             "parent_death_signal",
+            "limit_capabilities",
             "set_groups",
             "set_gid",
             "set_uid",
@@ -299,8 +300,8 @@ fn plan_lists_steps_in_order_as_json() {
         elide_task_driver::sandbox::landlock_rules::domains_available(),
         "{host:?}"
     );
-    // An exec session: no domain of its own, oom_score_adj reset; the daemon's helper (the
-    // zygote): neither.
+    // An exec session: no domain of its own, oom_score_adj reset, capabilities limited; the
+    // daemon's helper (the zygote): none of them (its children limit their own).
     for (role, resets_oom) in [
         (elide_task_driver::sandbox::Role::ExecSession, true),
         (elide_task_driver::sandbox::Role::DaemonHelper, false),
@@ -314,6 +315,13 @@ fn plan_lists_steps_in_order_as_json() {
         );
         assert_eq!(
             steps.contains(&PlanStep::OomScoreAdj { value: 0 }),
+            resets_oom,
+            "{role:?}: {steps:?}"
+        );
+        assert_eq!(
+            steps
+                .iter()
+                .any(|s| matches!(s, PlanStep::LimitCapabilities { .. })),
             resets_oom,
             "{role:?}: {steps:?}"
         );

@@ -40,6 +40,7 @@
 //! and v1 (per-controller hierarchies) are both supported; with neither, executions run without
 //! cgroup limits and the probe says so.
 
+pub mod caps;
 pub mod cgroup;
 pub mod landlock_rules;
 pub mod netns;

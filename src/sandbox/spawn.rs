@@ -11,6 +11,7 @@
 //! `spawn_blocking` thread that may retire.
 
 use super::SandboxError;
+use super::caps;
 use super::landlock_rules::{self, FsPolicy};
 use super::netns;
 use super::user::ResolvedUser;
@@ -78,6 +79,13 @@ impl Role {
     }
 
     fn resets_oom_score(self) -> bool {
+        self != Role::DaemonHelper
+    }
+
+    /// Whether the child keeps only [`caps::KEPT`]: the zygote keeps the daemon's, since its
+    /// children need them for their own isolation steps (network namespaces) and drop them
+    /// themselves.
+    fn limits_capabilities(self) -> bool {
         self != Role::DaemonHelper
     }
 }
@@ -149,6 +157,12 @@ pub enum PlanStep {
     ParentDeathSignal {
         signal: String,
         parent_pid: u32,
+    },
+    /// Keep only the capabilities in `keep` (a bit mask, [`caps::KEPT`]): drop `bounding` from
+    /// the bounding set, clear the ambient set, narrow effective, permitted and inheritable.
+    LimitCapabilities {
+        keep: u64,
+        bounding: Vec<u32>,
     },
     SetGroups {
         groups: Vec<u32>,
@@ -276,6 +290,12 @@ impl IsolationSpec {
             signal: "SIGKILL".to_string(),
             parent_pid: std::process::id(),
         });
+        if self.role.limits_capabilities() {
+            steps.push(PlanStep::LimitCapabilities {
+                keep: caps::kept_mask(),
+                bounding: caps::bounding_drops().to_vec(),
+            });
+        }
         if let Some(u) = &self.user {
             steps.push(PlanStep::SetGroups {
                 groups: u.groups.clone(),
@@ -362,6 +382,11 @@ impl IsolationSpec {
             netns_fd: netns_fd.as_ref().map(AsRawFd::as_raw_fd),
             parent_pid: std::process::id() as libc::pid_t,
             reset_oom_score: self.role.resets_oom_score(),
+            // Read here, before the fork: the child must not allocate.
+            capabilities: self
+                .role
+                .limits_capabilities()
+                .then(|| (caps::kept_mask(), caps::bounding_drops())),
             // A non-root daemon may "switch" only to itself (checked above): nothing to do.
             user: self
                 .user
@@ -438,6 +463,8 @@ struct ChildSteps {
     netns_fd: Option<RawFd>,
     parent_pid: libc::pid_t,
     reset_oom_score: bool,
+    /// Keep only these capabilities, dropping these from the bounding set ([`caps::limit`]).
+    capabilities: Option<(u64, &'static [u32])>,
     user: Option<(Vec<u32>, u32, u32)>,
     landlock_fd: Option<RawFd>,
     /// Access granted to the child's own /proc/self (read/execute bits), when the ruleset
@@ -601,6 +628,11 @@ impl ChildSteps {
             // The parent may have died between fork and prctl: the signal would never come.
             if libc::getppid() != self.parent_pid {
                 return Err(fail(b"parent died during spawn", libc::ESRCH));
+            }
+            if let Some((keep, bounding)) = self.capabilities
+                && let Err((step, e)) = caps::limit(keep, bounding)
+            {
+                return Err(fail(step, e));
             }
             if let Some((groups, gid, uid)) = &self.user {
                 if libc::setgroups(groups.len(), groups.as_ptr()) != 0 {

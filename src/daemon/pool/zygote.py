@@ -31,6 +31,18 @@ _SIOCGIFFLAGS = 0x8913
 _SIOCSIFFLAGS = 0x8914
 _IFF_UP = 0x1
 _FORK_RETRY_MS = 100
+_PR_CAPBSET_DROP = 24
+_PR_CAP_AMBIENT = 47
+_PR_CAP_AMBIENT_CLEAR_ALL = 4
+_CAP_VERSION_3 = 0x20080522
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
 
 
 _OWN_FILE = (lambda: None).__code__.co_filename
@@ -79,6 +91,23 @@ def _landlock_allow(ruleset_fd, path, access):
         _check(0 if rc == 0 else -1, "landlock_add_rule %s" % path)
     finally:
         os.close(fd)
+
+
+def _limit_capabilities(keep, bounding):
+    """What the daemon's cold spawn does (`caps::limit`): keep only `keep` (a bit mask)."""
+    for cap in bounding:
+        _check(_libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0), "prctl CAPBSET_DROP")
+    if _libc.prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) != 0 and ctypes.get_errno() != errno.EINVAL:
+        _check(-1, "prctl CAP_AMBIENT_CLEAR_ALL")
+    header = _CapHeader(_CAP_VERSION_3, 0)
+    data = (_CapData * 2)()
+    _check(_libc.capget(ctypes.byref(header), data), "capget")
+    for half in (0, 1):
+        k = (keep >> (32 * half)) & 0xFFFFFFFF
+        data[half].effective &= k
+        data[half].permitted &= k
+        data[half].inheritable &= k
+    _check(_libc.capset(ctypes.byref(header), data), "capset")
 
 
 def _loopback_up():
@@ -167,7 +196,7 @@ def _warm():
     instead of copying the pages to do it itself (~300-400 KiB less private memory per child
     on 3.11). Nothing here changes the zygote's behaviour: it is single-threaded, so
     threading's after-fork reset only rebuilds the same state, and it reseeds its own random."""
-    for name in ("prctl", "setns", "unshare", "syscall", "clearenv"):
+    for name in ("prctl", "setns", "unshare", "syscall", "clearenv", "capget", "capset"):
         getattr(_libc, name)
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     job = {"token": 0, "steps": [{"step": "chdir", "path": "/"}, {"step": "reset_signals"}],
@@ -249,6 +278,8 @@ def _replay(job, fds, zygote_pid, done=frozenset()):
                 _check(_libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0), "prctl PDEATHSIG")
                 if os.getppid() != zygote_pid:
                     raise StepError("zygote died during fork")
+            elif kind == "limit_capabilities":
+                _limit_capabilities(step["keep"], step["bounding"])
             elif kind == "set_groups":
                 os.setgroups(step["groups"])
             elif kind == "set_gid":
