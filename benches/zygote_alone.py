@@ -71,8 +71,10 @@ def main():
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     with open(ZYGOTE) as f:
         source = f.read()
+    caps = capability_step()
     zygote = subprocess.Popen(
-        [python, "-c", source, str(args.spares)],
+        # As the daemon starts it: the capability step its children run, to prepare.
+        [python, "-c", source, str(args.spares), json.dumps({"keep": caps["keep"], "bounding": caps["bounding"]})],
         stdin=theirs,
         env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": work},
         cwd=work,
@@ -101,7 +103,7 @@ def main():
         {"step": "parent_death_signal"},
     ]
     if not args.no_caps:
-        steps.append(capability_step())
+        steps.append(caps)
     steps.append({"step": "no_new_privs"})
     # As the daemon does on Linux 6.12+: every execution is a Landlock domain of its own, the
     # ruleset (signals scoped, no filesystem rules) built per job and passed as a third fd.

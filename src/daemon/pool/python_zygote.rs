@@ -524,7 +524,16 @@ pub async fn spawn(
         .try_clone_to_owned()
         .map_err(|e| sandbox(format!("dup stderr: {e}")))?;
     let mut cmd = std::process::Command::new(python);
-    cmd.arg("-c").arg(ZYGOTE_SOURCE).arg(spares.to_string());
+    // The capabilities every child keeps (its `limit_capabilities` step): the zygote drops
+    // the bounding part for all of them at once and prepares the rest (see zygote.py).
+    let caps = serde_json::json!({
+        "keep": crate::sandbox::caps::kept_mask(),
+        "bounding": crate::sandbox::caps::bounding_drops(),
+    });
+    cmd.arg("-c")
+        .arg(ZYGOTE_SOURCE)
+        .arg(spares.to_string())
+        .arg(caps.to_string());
     cmd.env_clear();
     cmd.env("PATH", crate::sandbox::spawn::MINIMAL_PATH);
     cmd.env("LANG", "C.UTF-8");

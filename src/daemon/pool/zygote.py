@@ -93,21 +93,51 @@ def _landlock_allow(ruleset_fd, path, access):
         os.close(fd)
 
 
-def _limit_capabilities(keep, bounding):
-    """What the daemon's cold spawn does (`caps::limit`): keep only `keep` (a bit mask)."""
-    for cap in bounding:
-        _check(_libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0), "prctl CAPBSET_DROP")
-    if _libc.prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) != 0 and ctypes.get_errno() != errno.EINVAL:
-        _check(-1, "prctl CAP_AMBIENT_CLEAR_ALL")
-    header = _CapHeader(_CAP_VERSION_3, 0)
-    data = (_CapData * 2)()
-    _check(_libc.capget(ctypes.byref(header), data), "capget")
+_CapSets = _CapData * 2
+
+# Set up by the zygote from the daemon's capability step (`_prepare_capabilities`): the mask
+# every child keeps, the bounding-set drops already made for all of them, and the capset
+# arguments that narrow a child's sets to the mask.
+_caps_keep = None
+_caps_dropped = frozenset()
+_caps_header = _CapHeader(_CAP_VERSION_3, 0)
+_caps_sets = _CapSets()
+
+
+def _narrowed_sets(keep):
+    """This process's capability sets narrowed to `keep` (a bit mask), ready for capset."""
+    sets = _CapSets()
+    _check(_libc.capget(ctypes.byref(_CapHeader(_CAP_VERSION_3, 0)), sets), "capget")
     for half in (0, 1):
         k = (keep >> (32 * half)) & 0xFFFFFFFF
-        data[half].effective &= k
-        data[half].permitted &= k
-        data[half].inheritable &= k
-    _check(_libc.capset(ctypes.byref(header), data), "capset")
+        sets[half].effective &= k
+        sets[half].permitted &= k
+        sets[half].inheritable &= k
+    return sets
+
+
+def _prepare_capabilities(keep, bounding):
+    """In the zygote, once: drops `bounding` from its bounding set, which only limits what an
+    exec could grant (the zygote never execs, and keeps its own capabilities for its children's
+    steps), and computes the sets a child narrows itself to. A child then makes two calls
+    instead of one per dropped capability, a few hundred microseconds of ctypes less."""
+    global _caps_keep, _caps_dropped, _caps_sets
+    for cap in bounding:
+        _check(_libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0), "prctl CAPBSET_DROP")
+    _caps_sets = _narrowed_sets(keep)
+    _caps_keep = keep
+    _caps_dropped = frozenset(bounding)
+
+
+def _limit_capabilities(keep, bounding):
+    """What the daemon's cold spawn does (`caps::limit`): keep only `keep` (a bit mask)."""
+    if not _caps_dropped.issuperset(bounding):
+        for cap in bounding:
+            _check(_libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0), "prctl CAPBSET_DROP")
+    if _libc.prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) != 0 and ctypes.get_errno() != errno.EINVAL:
+        _check(-1, "prctl CAP_AMBIENT_CLEAR_ALL")
+    sets = _caps_sets if keep == _caps_keep else _narrowed_sets(keep)
+    _check(_libc.capset(ctypes.byref(_caps_header), sets), "capset")
 
 
 def _loopback_up():
@@ -489,6 +519,9 @@ def main():
     os.close(null)
     zygote_pid = os.getpid()
     spares = max(1, int(sys.argv[1])) if len(sys.argv) > 1 else 1
+    if len(sys.argv) > 2:
+        caps = json.loads(sys.argv[2])
+        _prepare_capabilities(caps["keep"], caps["bounding"])
     sig_r, sig_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     taken_r, taken_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.signal(signal.SIGCHLD, lambda *_: None)
