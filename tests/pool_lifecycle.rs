@@ -256,19 +256,11 @@ async fn a_killed_zygote_is_replaced() {
     let daemon = d.pid();
     let s = pooled_session(&mut c, 1).await;
     let _ = run_pooled(&mut c, &s, "py", "print(1)").await;
-    let old = zygotes(daemon);
-    assert_eq!(old.len(), 1);
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(old[0] as i32),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
-    // A job handed over while the killed zygote is still tearing down would be taken by its
-    // spare and die with it (PDEATHSIG), like any running child of that zygote; so this
-    // waits until the old zygote is gone.
-    eventually("the killed zygote and its spare are gone", || {
-        !zygotes(daemon).contains(&old[0])
-            && processes().iter().all(|(_, ppid, _, _)| *ppid != old[0])
+    let old = vec![kill_zygote(daemon).await];
+    // A job handed over while the killed zygote's spare is still there would be taken by the
+    // spare and die with it (PDEATHSIG); so this waits until the spare is gone too.
+    eventually("the killed zygote's spare is gone", || {
+        processes().iter().all(|(_, ppid, _, _)| *ppid != old[0])
     })
     .await;
     // Meanwhile executions still run (cold) and the zygote comes back.
@@ -301,12 +293,20 @@ async fn start_pooled(c: &mut Client, s: &str, code: &str) -> (String, u32) {
     }
 }
 
-fn sigkill(pid: u32) {
+/// SIGKILLs the daemon's only zygote and waits until it is gone; its pid.
+async fn kill_zygote(daemon: u32) -> u32 {
+    let z = zygotes(daemon);
+    assert_eq!(z.len(), 1, "{z:?}");
     nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid as i32),
+        nix::unistd::Pid::from_raw(z[0] as i32),
         nix::sys::signal::Signal::SIGKILL,
     )
     .unwrap();
+    eventually("the killed zygote is gone", || {
+        !zygotes(daemon).contains(&z[0])
+    })
+    .await;
+    z[0]
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -326,13 +326,7 @@ async fn running_python_executions_outlive_a_killed_zygote_but_not_the_daemon() 
     let sleeper = "import time\ntime.sleep(600)";
     let (ending, _) = start_pooled(&mut c, &s, &ends_itself).await;
     let (stopped, stopped_pid) = start_pooled(&mut c, &s, sleeper).await;
-    let old = zygotes(daemon);
-    assert_eq!(old.len(), 1);
-    sigkill(old[0]);
-    eventually("the killed zygote is gone", || {
-        !zygotes(daemon).contains(&old[0])
-    })
-    .await;
+    kill_zygote(daemon).await;
     if !outlives {
         assert_eq!(wait(&mut c, &ending).await.signal, 9);
         assert_eq!(wait(&mut c, &stopped).await.signal, 9);
@@ -363,13 +357,7 @@ async fn running_python_executions_outlive_a_killed_zygote_but_not_the_daemon() 
     // (its reaper empties the execution cgroups).
     assert_eq!(run_pooled(&mut c, &s, "py", "print(2)").await, "2\n");
     let (_, orphan) = start_pooled(&mut c, &s, sleeper).await;
-    let z = zygotes(daemon);
-    assert_eq!(z.len(), 1);
-    sigkill(z[0]);
-    eventually("the second zygote is gone", || {
-        !zygotes(daemon).contains(&z[0])
-    })
-    .await;
+    kill_zygote(daemon).await;
     assert!(alive(orphan));
     d.kill9();
     eventually("the orphaned execution ended with the daemon", || {
