@@ -43,8 +43,9 @@ fn proc_stat_field(pid: u32, idx: usize) -> Option<String> {
     rest.split_whitespace().nth(idx).map(str::to_string)
 }
 
-#[tokio::test]
-async fn plugin_killed_under_ten_tasks_recovers_them_from_the_handles_alone() {
+/// A plugin whose config lets it auto-start a daemon of its own, in a fresh temp dir: (the dir,
+/// the daemon's settings, the plugin config, the launched plugin).
+async fn plugin_with_auto_daemon() -> (tempfile::TempDir, AutoDaemon, serde_json::Value, Plugin) {
     let root = tempfile::Builder::new()
         .prefix("er")
         .tempdir_in("/tmp")
@@ -52,6 +53,12 @@ async fn plugin_killed_under_ten_tasks_recovers_them_from_the_handles_alone() {
     let auto = AutoDaemon::new(root.path());
     let config = plugin_config(&auto.socket, Some(&auto));
     let plugin = Plugin::launch(&config).await;
+    (root, auto, config, plugin)
+}
+
+#[tokio::test]
+async fn plugin_killed_under_ten_tasks_recovers_them_from_the_handles_alone() {
+    let (root, auto, config, plugin) = plugin_with_auto_daemon().await;
     // The plugin auto-started the daemon: detached, own session, stdio away from the plugin.
     eventually("auto-started daemon answers", || auto.socket.exists()).await;
     let dpid = daemon_pid(&auto.socket).await.expect("daemon answers");
@@ -194,13 +201,7 @@ async fn plugin_killed_under_ten_tasks_recovers_them_from_the_handles_alone() {
 #[tokio::test(flavor = "multi_thread")]
 async fn executions_an_earlier_plugin_left_unrecovered_stop_when_nomad_starts_or_destroys_their_task()
  {
-    let root = tempfile::Builder::new()
-        .prefix("er")
-        .tempdir_in("/tmp")
-        .unwrap();
-    let auto = AutoDaemon::new(root.path());
-    let config = plugin_config(&auto.socket, Some(&auto));
-    let plugin = Plugin::launch(&config).await;
+    let (root, auto, config, plugin) = plugin_with_auto_daemon().await;
     let alloc = Alloc::new(root.path());
     let sleeper = json!({"language": "python", "code": "import time\ntime.sleep(600)"});
     // `lost`: the agent died before its StartTask reply reached Nomad (no handle);
