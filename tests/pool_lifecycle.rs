@@ -344,13 +344,7 @@ async fn running_python_executions_outlive_a_killed_zygote_but_not_the_daemon() 
     assert_eq!((r.exit_code, r.signal), (7, 0), "{r:?}");
     let out = output(&mut c, &ending, pb::OutputStream::Stdout).await;
     assert_eq!(String::from_utf8_lossy(&out), "after\n");
-    c.stop_execution(pb::StopExecutionRequest {
-        execution_id: stopped.clone(),
-        signal: "TERM".into(),
-        grace: None,
-    })
-    .await
-    .unwrap();
+    stop_with(&mut c, &stopped, "TERM").await;
     assert_eq!(wait(&mut c, &stopped).await.signal, 15);
     assert!(!alive(stopped_pid));
     // The pool comes back; an execution orphaned by its zygote still dies with the daemon

@@ -35,8 +35,9 @@ pub fn kept_mask() -> u64 {
     KEPT.iter().fold(0, |m, (c, _)| m | 1 << c)
 }
 
-/// A capability set of this process from `/proc/self/status` (`CapEff`, `CapBnd`...).
-fn own_set(field: &str) -> u64 {
+/// A capability set of this process from `/proc/self/status` (`CapEff`, `CapBnd`...); 0 when
+/// it cannot be read.
+pub fn own_set(field: &str) -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {

@@ -955,19 +955,16 @@ fn in_cgroup(pid: u32, rel: &str) -> bool {
 /// pidfd pins the process identity before membership is checked.
 fn kill_member(pid: u32, rel: &str) {
     let Ok(raw) = i32::try_from(pid) else { return };
-    // SAFETY: pidfd_open takes a pid and flags; the returned fd is owned below.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, raw, 0) };
-    if fd < 0 {
-        if std::io::Error::last_os_error().raw_os_error() == Some(libc::ENOSYS)
-            && in_cgroup(pid, rel)
-        {
-            // Kernel < 5.3: best effort.
-            let _ = kill(Pid::from_raw(raw), Signal::SIGKILL);
+    let pidfd = match super::pidfd_open(pid) {
+        Ok(fd) => fd,
+        Err(e) => {
+            if e.raw_os_error() == Some(libc::ENOSYS) && in_cgroup(pid, rel) {
+                // Kernel < 5.3: best effort.
+                let _ = kill(Pid::from_raw(raw), Signal::SIGKILL);
+            }
+            return;
         }
-        return;
-    }
-    // SAFETY: fd is a fresh pidfd we own.
-    let pidfd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) };
+    };
     if in_cgroup(pid, rel) {
         // SAFETY: pidfd_send_signal with a valid pidfd and no siginfo.
         unsafe {

@@ -52,7 +52,21 @@ pub mod user;
 
 pub use spawn::{Intrinsics, IsolationPlan, IsolationSpec, PlanStep, Role};
 
+use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::PathBuf;
+
+/// A pidfd of process `pid`: it keeps naming that process even once its pid is reused.
+pub fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
+    let pid =
+        libc::pid_t::try_from(pid).map_err(|_| std::io::Error::from_raw_os_error(libc::ESRCH))?;
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just returned this fd to us.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
 
 /// Everything that can go wrong while preparing an isolated execution.
 #[derive(Debug, thiserror::Error)]

@@ -323,9 +323,14 @@ pub async fn execution(c: &mut Client, id: &str) -> pb::Execution {
 
 /// Stops the execution with SIGKILL at once (no grace).
 pub async fn kill_now(c: &mut Client, id: &str) {
+    stop_with(c, id, "KILL").await;
+}
+
+/// Stops the execution with `signal` (no grace).
+pub async fn stop_with(c: &mut Client, id: &str, signal: &str) {
     c.stop_execution(pb::StopExecutionRequest {
         execution_id: id.into(),
-        signal: "KILL".into(),
+        signal: signal.into(),
         grace: None,
     })
     .await

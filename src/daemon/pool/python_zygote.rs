@@ -343,13 +343,7 @@ fn may_read_exit_codes() -> bool {
     static MAY: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *MAY.get_or_init(|| {
         const CAP_SYS_PTRACE: u32 = 19;
-        std::fs::read_to_string("/proc/self/status")
-            .ok()
-            .and_then(|s| {
-                let hex = s.lines().find_map(|l| l.strip_prefix("CapEff:"))?;
-                u64::from_str_radix(hex.trim(), 16).ok()
-            })
-            .is_some_and(|caps| caps & (1 << CAP_SYS_PTRACE) != 0)
+        crate::sandbox::caps::own_set("CapEff") & (1 << CAP_SYS_PTRACE) != 0
     })
 }
 
@@ -393,12 +387,7 @@ pub fn exit_status_outlives_reaping() -> bool {
         if pid < 0 {
             return false;
         }
-        // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
-        let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-        let pidfd = (raw >= 0).then(|| {
-            // SAFETY: the kernel just returned this fd to us.
-            unsafe { OwnedFd::from_raw_fd(raw as RawFd) }
-        });
+        let pidfd = crate::sandbox::pidfd_open(pid as u32).ok();
         let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None);
         pidfd.and_then(|fd| reaped(fd.as_fd())).is_some_and(|r| {
             matches!(r, Reaped::Yes(status) if libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 3)
@@ -589,11 +578,7 @@ mod tests {
     use std::os::fd::AsFd;
 
     fn pidfd_of(pid: u32) -> OwnedFd {
-        // SAFETY: pidfd_open with a pid and no flags; on success the fd is ours.
-        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::c_int, 0) };
-        assert!(fd >= 0, "pidfd_open: {}", std::io::Error::last_os_error());
-        // SAFETY: a fresh fd we own.
-        unsafe { OwnedFd::from_raw_fd(fd as RawFd) }
+        crate::sandbox::pidfd_open(pid).expect("pidfd_open")
     }
 
     fn wait_readable(fd: &OwnedFd) {
