@@ -561,6 +561,10 @@ async fn a_zygote_that_cannot_fork_keeps_its_running_executions_and_refills_late
     assert_eq!(run_pooled(&mut c, &s, "py", "print(1)").await, "1\n");
     eventually("one spare", || zygote_children(daemon).len() == 1).await;
     let zygote = zygotes(daemon);
+    let zygote_pid = nix::unistd::Pid::from_raw(zygote[0] as i32);
+    // Stopped, the zygote does not yet know that its spare takes the next job, so the daemon
+    // still believes a spare waits and sends the job after it to the socket, where it queues.
+    nix::sys::signal::kill(zygote_pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
     // The zygote alone in a cgroup that allows no further process: its forks fail (EAGAIN),
     // as they would on a node out of pids or memory.
     limit.set_max("max");
@@ -576,6 +580,45 @@ async fn a_zygote_that_cannot_fork_keeps_its_running_executions_and_refills_late
         .unwrap()
         .into_inner();
     assert!(e.pooled, "the spare took it");
+    let mut events = c
+        .watch_events(pb::WatchEventsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let queued = {
+        let mut c = d.client().await;
+        let s = s.clone();
+        tokio::spawn(async move {
+            c.start_execution(code_req(&s, "py", "print('queued')"))
+                .await
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(!queued.is_finished(), "no spare is left to take the job");
+    nix::sys::signal::kill(zygote_pid, nix::sys::signal::Signal::SIGCONT).unwrap();
+    // Unable to fork a spare, the zygote hands the queued job back unrun, and it starts cold
+    // at once instead of failing after the ready timeout (30 s).
+    let queued = tokio::time::timeout(std::time::Duration::from_secs(10), queued)
+        .await
+        .expect("the queued start waited for a fork")
+        .unwrap()
+        .unwrap()
+        .into_inner();
+    assert!(!queued.pooled, "{queued:?}");
+    let fallback = loop {
+        let ev = events
+            .message()
+            .await
+            .unwrap()
+            .expect("the event stream ended");
+        if ev.kind == pb::EventKind::PoolFallback as i32 && ev.execution_id == queued.id {
+            break ev;
+        }
+    };
+    assert!(fallback.message.contains("cannot fork"), "{fallback:?}");
+    let out = output(&mut c, &queued.id, pb::OutputStream::Stdout).await;
+    assert_eq!(wait(&mut c, &queued.id).await.exit_code, 0);
+    assert_eq!(String::from_utf8_lossy(&out), "queued\n");
     // The spare that took the job asks for a replacement, which cannot be forked.
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     assert_eq!(zygotes(daemon), zygote, "the zygote died");

@@ -41,6 +41,8 @@ use python_zygote::Zygote;
 
 /// How long a pooled child may take to apply its isolation before the start fails.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Why a python start falls back while the zygote has no spare and cannot fork one.
+const STARVED: &str = "the python zygote has no spare and cannot fork one (out of pids or memory)";
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -233,9 +235,7 @@ impl PoolLauncher {
             ));
         };
         if zygote.starved() {
-            return Err(NotPooled::Fallback(
-                "the python zygote has no spare and cannot fork one (out of pids or memory)".into(),
-            ));
+            return Err(NotPooled::Fallback(STARVED.into()));
         }
         let job = python_job(plan).map_err(NotPooled::Fallback)?;
         let Prepared { sinks, cgroup } = self
@@ -302,7 +302,12 @@ impl PoolLauncher {
         };
         let ready = match tokio::time::timeout(READY_TIMEOUT, job.ready).await {
             Ok(Ok(Ok(r))) => r,
-            Ok(Ok(Err(msg))) => {
+            Ok(Ok(Err(python_zygote::NotReady::Declined))) => {
+                // No child took it: the cold start can use the cgroup and the sinks.
+                opened.cgroup = cgroup;
+                return Err(NotPooled::FallbackOn(STARVED.into(), opened));
+            }
+            Ok(Ok(Err(python_zygote::NotReady::Failed(msg)))) => {
                 discard(cgroup).await;
                 return Err(NotPooled::Fail(LaunchError::Spawn {
                     program: plan.argv[0].to_string_lossy().into_owned(),

@@ -19,7 +19,8 @@
 //! refuses (no pids or memory left) does not end the zygote, whose running children would die
 //! with it: it says so on the daemon's stderr and tries again every 100 ms. While that leaves
 //! it without any spare it tells the daemon (`empty`), which starts executions cold meanwhile
-//! instead of queueing them on the socket.
+//! instead of queueing them on the socket; jobs sent before the daemon heard it, the zygote
+//! reads off the socket itself and hands back unrun (`declined {token}`), to start cold too.
 //!
 //! The Landlock ruleset (the filesystem policy with `io` off, a domain of its own with `io` on)
 //! is built by the daemon exactly as for a cold spawn and passed as an fd; the child adds the
@@ -58,6 +59,16 @@ use crate::sandbox::{Intrinsics, IsolationSpec, Role};
 /// The fork server's source (run with `python3 -c`).
 pub const ZYGOTE_SOURCE: &str = include_str!("zygote.py");
 
+/// Why a job did not come to run in a child.
+#[derive(Debug)]
+pub enum NotReady {
+    /// The child failed an isolation step or ended before running the snippet (the message).
+    Failed(String),
+    /// The zygote handed the job back unrun: it found it queued while it had no spare and
+    /// could not fork one. No process touched the job's cgroup or sinks.
+    Declined,
+}
+
 /// What the child reports once isolated.
 pub struct Ready {
     /// Its pid.
@@ -67,7 +78,7 @@ pub struct Ready {
 }
 
 struct Pending {
-    ready: Option<oneshot::Sender<Result<Ready, String>>>,
+    ready: Option<oneshot::Sender<Result<Ready, NotReady>>>,
     exit: Option<oneshot::Sender<i32>>,
     pid: Option<u32>,
 }
@@ -99,6 +110,7 @@ enum Message {
     Failed { failed: u64, error: String },
     Exit { exit: u32, status: i32 },
     Empty { empty: bool },
+    Declined { declined: u64 },
 }
 
 fn lock(t: &Mutex<Table>) -> std::sync::MutexGuard<'_, Table> {
@@ -108,7 +120,7 @@ fn lock(t: &Mutex<Table>) -> std::sync::MutexGuard<'_, Table> {
 /// A job in flight: resolves when the child is isolated, then when it has exited.
 pub struct Job {
     /// The child's report.
-    pub ready: oneshot::Receiver<Result<Ready, String>>,
+    pub ready: oneshot::Receiver<Result<Ready, NotReady>>,
     /// Its raw wait status (dropped sender = the zygote died).
     pub exit: oneshot::Receiver<i32>,
 }
@@ -299,9 +311,14 @@ fn handle(
                 }
             }
         }
+        Message::Declined { declined } => {
+            if let Some(tx) = t.pending.remove(&declined).and_then(|mut p| p.ready.take()) {
+                let _ = tx.send(Err(NotReady::Declined));
+            }
+        }
         Message::Failed { failed, error } => {
             if let Some(tx) = t.pending.get_mut(&failed).and_then(|p| p.ready.take()) {
-                let _ = tx.send(Err(error));
+                let _ = tx.send(Err(NotReady::Failed(error)));
             }
         }
         Message::Exit { exit: pid, status } => {
@@ -309,10 +326,10 @@ fn handle(
                 && let Some(mut p) = t.pending.remove(&token)
             {
                 if let Some(tx) = p.ready.take() {
-                    let _ = tx.send(Err(format!(
+                    let _ = tx.send(Err(NotReady::Failed(format!(
                         "the zygote child ended before running the snippet ({})",
                         describe_status(status)
-                    )));
+                    ))));
                 }
                 if let Some(tx) = p.exit.take() {
                     let _ = tx.send(status);

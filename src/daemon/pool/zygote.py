@@ -3,7 +3,8 @@
 # fd 0 is a SOCK_SEQPACKET socket to the daemon. Every message is one JSON object.
 #   daemon -> zygote: {"token", "steps", "env", "argv", "script"} + SCM_RIGHTS [stdout, stderr, (landlock ruleset)]
 #   zygote -> daemon: {"hello": pid}, {"exit": pid, "status": wait status},
-#                     {"empty": bool} when it has no spare left because forks fail, and back
+#                     {"empty": bool} when it has no spare left because forks fail, and back,
+#                     {"declined": token} for a job it found queued while empty (never run)
 #   child  -> daemon: {"forked": token, "pid"}, then
 #                     {"ready": token, "pid"} + SCM_RIGHTS [pidfd]  or  {"failed": token, "error"}
 # The zygote never reads the socket itself: it keeps `spares` pre-forked children blocked on it
@@ -476,6 +477,31 @@ def _taken(fd):
     return [p for (p,) in struct.iter_unpack("i", _drain(fd))]
 
 
+def _decline_queued(sock):
+    """Hands back the jobs waiting on the socket while no spare is there to take them (forks
+    fail): each would wait for the next fork that works, while the daemon, told so, starts it
+    cold at once. Jobs sent before the daemon read our {"empty": true} are the ones found here."""
+    while True:
+        try:
+            # recvmsg itself: socket.recv_fds drops its flags on 3.11, and would block.
+            msg, ancdata, _flags, _addr = sock.recvmsg(1 << 20, socket.CMSG_LEN(8 * 4), socket.MSG_DONTWAIT)
+        except OSError:
+            # Nothing queued (EAGAIN), or a broken socket, which the poll loop sees as a hang-up.
+            return
+        for level, kind, data in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                for (fd,) in struct.iter_unpack("i", data[: len(data) - len(data) % 4]):
+                    os.close(fd)
+        if not msg:
+            # The daemon closed the pool.
+            os._exit(0)
+        try:
+            token = json.loads(msg)["token"]
+        except (ValueError, KeyError, TypeError):
+            continue
+        sock.send(json.dumps({"declined": token}).encode())
+
+
 def _spare(sock, taken_w, zygote_pid):
     """A pre-forked child: waits for one job, tells the zygote it took it, then runs it."""
     # Until the job's own steps run, an orphaned spare must not linger.
@@ -581,6 +607,8 @@ def main():
         if empty != told_empty:
             sock.send(json.dumps({"empty": empty}).encode())
             told_empty = empty
+        if empty:
+            _decline_queued(sock)
 
     refill()
     sock.send(json.dumps({"hello": zygote_pid}).encode())
