@@ -2,7 +2,7 @@
 CARGO ?= cargo
 PLUGIN_DIR := build/plugins
 
-.PHONY: build release test lint unit gotest bench bench-zygote dev clean
+.PHONY: build release test lint unit gotest bench bench-zygote bench-floor dev clean
 
 ## build: debug binaries; the plugin is installed as build/plugins/elide (the name Nomad looks up)
 build:
@@ -47,6 +47,11 @@ bench:
 ## bench-zygote: the python zygote driven alone (no daemon): CPU per job and where a job's time goes
 bench-zygote:
 	python3 benches/zygote_alone.py
+
+## bench-floor: the least a fork-server python execution costs here (CPU, pages, idle memory),
+## with no isolation step: the lower bound under the pooled python figures
+bench-floor:
+	python3 benches/fork_floor.py
 
 ## dev: build, then run a job's elide tasks through the real plugin and daemon as a Nomad client
 ## would (no Nomad needed): make dev JOB=examples/http-server.nomad

@@ -831,3 +831,51 @@ fn the_zygote_alone_bench_speaks_the_zygote_protocol() {
     assert!(!refused.status.success());
     assert!(err.contains("--spares must be at least 1"), "{err}");
 }
+
+#[test]
+fn the_fork_floor_bench_measures_the_zygotes_module_set() {
+    let bench = |args: &[&str]| {
+        std::process::Command::new("python3")
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/benches/fork_floor.py"
+            ))
+            .args(args)
+            .output()
+            .expect("python3")
+    };
+    let out = bench(&["--rounds", "5", "--idle", "3"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("5 rounds"), "{text}");
+    // Every figure is a measurement: a child that forked and ran made pages private, and an
+    // idle one holds memory.
+    let figure = |prefix: &str, after: &str| -> f64 {
+        let line = text
+            .lines()
+            .find(|l| l.trim_start().starts_with(prefix))
+            .unwrap_or_else(|| panic!("{prefix} missing: {text}"));
+        let rest = &line[line.find(after).unwrap_or_else(|| panic!("{line}")) + after.len()..];
+        let number: String = rest
+            .trim_start()
+            .chars()
+            .take_while(|c| c.is_ascii_digit() || *c == '.')
+            .collect();
+        number.parse().unwrap_or_else(|_| panic!("{line}"))
+    };
+    assert!(figure("bare", "minor faults") > 10.0, "{text}");
+    assert!(
+        figure("job", "minor faults") > figure("bare", "minor faults"),
+        "{text}"
+    );
+    assert!(figure("job", "(parent + child)") > 0.0, "{text}");
+    assert!(figure("idle", "/ N") > 0.1, "{text}");
+    let refused = bench(&["--rounds", "0"]);
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success());
+    assert!(err.contains("--rounds must be at least 1"), "{err}");
+}

@@ -82,12 +82,14 @@ pub fn open_sink(
         Ok(meta) => {
             let ft = meta.file_type();
             if ft.is_fifo() {
-                if !allowed_roots.is_empty() {
-                    resolve_under_roots(path, &canonical_roots(allowed_roots))?;
+                // Resolved once for both checks: every root is a readlink per path component.
+                let roots = (!allowed_roots.is_empty()).then(|| canonical_roots(allowed_roots));
+                if let Some(roots) = &roots {
+                    resolve_under_roots(path, roots)?;
                 }
                 let fd = open_fifo(path, deadline)?;
-                if !allowed_roots.is_empty() {
-                    check_fd_under_roots(path, &fd, &canonical_roots(allowed_roots))?;
+                if let Some(roots) = &roots {
+                    check_fd_under_roots(path, &fd, roots)?;
                 }
                 Ok(fd)
             } else if ft.is_file() {
