@@ -28,6 +28,10 @@ plugin "elide" {
       enabled_intrinsics = ["env", "io", "net"]                # what snippets may use
       memory_limit_mb    = 0                                   # per-execution cap, 0 = none
       enable_ai          = false
+      # Offer snippet memory to the kernel's same-page merging (KSM; needs ksmd running:
+      # echo 1 > /sys/kernel/mm/ksm/run). Idle python snippets then share most of the pages
+      # they copied from the zygote. Merged snippets can time each other's memory writes.
+      merge_identical_pages = false
     }
 
     # Finding or starting the daemon. With auto_start, the plugin starts elide-daemon detached

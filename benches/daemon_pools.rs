@@ -24,8 +24,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{
-    Stats, cold_idle_pss, cold_spawn, descendants, machine, pss_kib, resolve_node, resolve_python,
-    rss_kib, stats, write_section,
+    PAGE_MERGING_SCAN, PageMerging, Stats, cold_idle_pss, cold_spawn, descendants, machine,
+    pss_kib, resolve_node, resolve_python, rss_kib, stats, write_section,
 };
 use daemon_support::{Client, TestDaemon, path_sink};
 use elide_task_driver::proto::elide::daemon::v1alpha1 as pb;
@@ -34,16 +34,18 @@ const BEGIN: &str = "<!-- daemon_pools:begin -->";
 const END: &str = "<!-- daemon_pools:end -->";
 
 async fn new_session(c: &mut Client, pool: u32) -> String {
-    session_for(c, pool, &[]).await
+    session_for(c, pool, &[], false).await
 }
 
-/// A session with only `languages` enabled (all when empty), so only their pools are warmed.
-async fn session_for(c: &mut Client, pool: u32, languages: &[&str]) -> String {
+/// A session with only `languages` enabled (all when empty), so only their pools are warmed;
+/// `merge` asks for `merge_identical_pages`.
+async fn session_for(c: &mut Client, pool: u32, languages: &[&str], merge: bool) -> String {
     c.create_session(pb::CreateSessionRequest {
         config: Some(pb::SessionConfig {
             enabled_intrinsics: vec!["env".into(), "io".into(), "net".into()],
             enabled_languages: languages.iter().map(|s| s.to_string()).collect(),
             context_pool_size: pool,
+            merge_identical_pages: merge,
             ..Default::default()
         }),
         owner: "bench".into(),
@@ -125,9 +127,18 @@ async fn latency(
     (stats(v), pooled)
 }
 
-/// PSS of 50 idle snippets through the daemon (daemon + descendants, /N), in KiB.
-async fn daemon_idle_pss(d: &TestDaemon, c: &mut Client, lang: &str, code: &str, n: usize) -> f64 {
-    let s = session_for(c, 4, &[lang]).await;
+/// PSS of `n` idle snippets through the daemon (daemon + descendants, /N), in KiB. With
+/// `merging` (ksmd on), in a session with `merge_identical_pages`, once merging settled; then
+/// also the seconds that took and ksmd's CPU meanwhile (ms).
+async fn daemon_idle_pss(
+    d: &TestDaemon,
+    c: &mut Client,
+    lang: &str,
+    code: &str,
+    n: usize,
+    merging: Option<&PageMerging>,
+) -> (f64, Option<(f64, f64)>) {
+    let s = session_for(c, 4, &[lang], merging.is_some()).await;
     // Warm up (and let a zygote start) before the measured batch.
     let _ = latency(c, &s, lang, "1", 3, Duration::from_millis(100)).await;
     let mut ids = Vec::new();
@@ -142,10 +153,19 @@ async fn daemon_idle_pss(d: &TestDaemon, c: &mut Client, lang: &str, code: &str,
     // Let every snippet reach its idle state.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let daemon = d.pid();
-    let total: u64 = std::iter::once(daemon)
-        .chain(descendants(daemon))
-        .map(pss_kib)
-        .sum();
+    let pss = || -> u64 {
+        std::iter::once(daemon)
+            .chain(descendants(daemon))
+            .map(pss_kib)
+            .sum()
+    };
+    let (total, settling) = match merging {
+        None => (pss(), None),
+        Some(m) => {
+            let (total, secs, ksmd_ms) = m.settled(pss, Duration::from_secs(180)).await;
+            (total, Some((secs, ksmd_ms)))
+        }
+    };
     let _ = c
         .close_session(pb::CloseSessionRequest {
             session_id: s,
@@ -155,7 +175,19 @@ async fn daemon_idle_pss(d: &TestDaemon, c: &mut Client, lang: &str, code: &str,
             }),
         })
         .await;
-    total as f64 / n as f64
+    (total as f64 / n as f64, settling)
+}
+
+/// A row of the merged-memory table: ours against cold, and how merging settled.
+fn merged_row(label: &str, ours: (f64, Option<(f64, f64)>), cold: f64) -> String {
+    let (kib, settling) = ours;
+    let (secs, ksmd_ms) = settling.unwrap_or_default();
+    format!(
+        "| {label} | {:.2} MiB | {:.2} MiB | {:.0}% | {secs:.0} s, ksmd {ksmd_ms:.0} ms of CPU |\n",
+        kib / 1024.0,
+        cold / 1024.0,
+        kib / cold * 100.0
+    )
 }
 
 /// Completed short tasks per second with `clients` concurrent clients for `secs`.
@@ -413,9 +445,9 @@ async fn run(n: usize) -> String {
     let idle_py = "import time\ntime.sleep(600)";
     let idle_js = "setTimeout(() => {}, 600000)";
     let mem_n = 50;
-    let daemon_py = daemon_idle_pss(&d, &mut c, "python", idle_py, mem_n).await;
+    let (daemon_py, _) = daemon_idle_pss(&d, &mut c, "python", idle_py, mem_n, None).await;
     let cold_py_pss = cold_idle_pss(&python, &["-c", idle_py], mem_n);
-    let daemon_js = daemon_idle_pss(&d, &mut c, "javascript", idle_js, mem_n).await;
+    let (daemon_js, _) = daemon_idle_pss(&d, &mut c, "javascript", idle_js, mem_n, None).await;
     let cold_js_pss = cold_idle_pss(&node, &["-e", idle_js], mem_n);
     let py_share = daemon_py / cold_py_pss;
     budget_rows.push_str(&format!(
@@ -423,6 +455,28 @@ async fn run(n: usize) -> String {
         py_share * 100.0,
         verdict(py_share <= 0.20)
     ));
+    // The same with the session's memory offered to the kernel's same-page merging, while
+    // ksmd runs (switched on for this part and put back after).
+    let merged = match PageMerging::switch_on() {
+        Some(m) => {
+            eprintln!("memory: 50 idle snippets, pages merged");
+            let py = daemon_idle_pss(&d, &mut c, "python", idle_py, mem_n, Some(&m)).await;
+            let js = daemon_idle_pss(&d, &mut c, "javascript", idle_js, mem_n, Some(&m)).await;
+            drop(m);
+            let share = py.0 / cold_py_pss;
+            budget_rows.push_str(&format!(
+                "| the same, session with `merge_identical_pages` (ksmd on) | {:.0}% | {} |\n",
+                share * 100.0,
+                verdict(share <= 0.20)
+            ));
+            format!(
+                "{}{}",
+                merged_row("python (`time.sleep`)", py, cold_py_pss),
+                merged_row("javascript (`setTimeout`)", js, cold_js_pss)
+            )
+        }
+        None => "| skipped: no KSM here, or not root | | | | |\n".to_string(),
+    };
 
     eprintln!("throughput");
     let (py_rate, py_pooled) = throughput(&d, "py", 4, 4, 5).await;
@@ -472,6 +526,11 @@ throughput table); python samples run back to back (the budget row), and once mo
 | language | through the daemon (daemon + zygote/workers + children) / N | {mem_n} cold interpreters / N | share |\n|---|---|---|---|\n\
 | python (`time.sleep`) | {:.2} MiB | {:.2} MiB | {:.0}% |\n\
 | javascript (`setTimeout`; node cannot fork: each snippet is a full node) | {:.2} MiB | {:.2} MiB | {:.0}% |\n\n\
+The same with `merge_identical_pages` in the session and ksmd running (`/sys/kernel/mm/ksm/run` \
+= 1, `pages_to_scan` = {PAGE_MERGING_SCAN}, switched on for this measurement and put back after), \
+measured once merging settled (two full scans, then a scan that lowered the sum by less than \
+1%):\n\n\
+| language | through the daemon / N | cold interpreters / N | share | settled after |\n|---|---|---|---|---|\n{merged}\n\
 ### Sustained throughput (4 concurrent clients, 5 s, `pass` / `0`)\n\n\
 | workload | tasks/s | share pooled |\n|---|---|---|\n\
 | python, pooled session | {py_rate:.0} | {:.0}% |\n| python, cold session | {py_cold_rate:.0} | 0% |\n\

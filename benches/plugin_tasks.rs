@@ -20,8 +20,8 @@ mod support;
 use std::time::{Duration, Instant};
 
 use common::{
-    Stats, cold_idle_pss, cold_spawn, descendants, pss_kib, resolve_node, resolve_python, stats,
-    write_section,
+    PAGE_MERGING_SCAN, PageMerging, Stats, cold_idle_pss, cold_spawn, descendants, pss_kib,
+    resolve_node, resolve_python, stats, write_section,
 };
 use daemon_support::TestDaemon;
 use lifecycle_support::{Alloc, Plugin, Task, plugin_config};
@@ -37,14 +37,16 @@ const PY_IDLE: &str = "import time\ntime.sleep(600)";
 const MEM_N: usize = 50;
 
 /// PSS per idle snippet (KiB) with `MEM_N` tasks of `code` running through the plugin:
-/// plugin + daemon + every descendant of the daemon, / N.
+/// plugin + daemon + every descendant of the daemon, / N. With `merging` (ksmd on), once
+/// merging settled, also the seconds that took.
 async fn idle_pss_through_plugin(
     plugin: &Plugin,
     daemon: &TestDaemon,
     root: &std::path::Path,
     lang: &str,
     code: &str,
-) -> f64 {
+    merging: Option<&PageMerging>,
+) -> (f64, Option<f64>) {
     let alloc = Alloc::new(root);
     let mut tasks = Vec::new();
     for i in 0..MEM_N {
@@ -56,16 +58,25 @@ async fn idle_pss_through_plugin(
     // Let every snippet reach its idle state.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let d = daemon.pid();
-    let total: u64 = [plugin.client.process.child.id(), d]
-        .into_iter()
-        .chain(descendants(d))
-        .map(pss_kib)
-        .sum();
+    let pss = || -> u64 {
+        [plugin.client.process.child.id(), d]
+            .into_iter()
+            .chain(descendants(d))
+            .map(pss_kib)
+            .sum()
+    };
+    let (total, settled_after) = match merging {
+        None => (pss(), None),
+        Some(m) => {
+            let (total, secs, _) = m.settled(pss, Duration::from_secs(180)).await;
+            (total, Some(secs))
+        }
+    };
     for t in &tasks {
         let _ = plugin.stop(&t.id, "SIGKILL", Duration::ZERO).await;
         let _ = plugin.destroy(&t.id, true).await;
     }
-    total as f64 / MEM_N as f64
+    (total as f64 / MEM_N as f64, settled_after)
 }
 
 /// A row of the memory table: ours and cold in KiB per snippet.
@@ -344,7 +355,8 @@ async fn run(n: usize) -> String {
                     ["-e", "setTimeout(() => {}, 600000)"],
                 ),
             ] {
-                let ours = idle_pss_through_plugin(plugin, &daemon, &root, lang, code).await;
+                let (ours, _) =
+                    idle_pss_through_plugin(plugin, &daemon, &root, lang, code, None).await;
                 let cold = cold_idle_pss(program, &args, MEM_N);
                 memory.push_str(&memory_row(lang, ours, cold));
                 if lang == "python" {
@@ -368,7 +380,8 @@ async fn run(n: usize) -> String {
             json!([{ "context_pool_size": 4, "enabled_languages": ["python"] }]);
         let plugin = Plugin::launch(&cfg).await;
         tokio::time::sleep(Duration::from_secs(2)).await;
-        let ours = idle_pss_through_plugin(&plugin, &daemon, &root, "python", PY_IDLE).await;
+        let (ours, _) =
+            idle_pss_through_plugin(&plugin, &daemon, &root, "python", PY_IDLE, None).await;
         memory.push_str(&memory_row(
             "python, session with `enabled_languages = [\"python\"]`",
             ours,
@@ -378,6 +391,38 @@ async fn run(n: usize) -> String {
             "the same, python-only session (`enabled_languages = [\"python\"]`)",
             ours / py_cold_pss,
         ));
+        drop(plugin);
+        drop(daemon);
+        // And with the session's memory offered to the kernel's same-page merging while ksmd
+        // runs (switched on for this row, put back after).
+        if let Some(merging) = PageMerging::switch_on() {
+            eprintln!("plugin memory, python-only session merging pages");
+            let daemon = TestDaemon::start_with_tmpfs_run_dir().await;
+            let root = daemon.dir.path().to_path_buf();
+            let mut cfg = plugin_config(&daemon.socket, None);
+            cfg["session_config"] = json!([{
+                "context_pool_size": 4,
+                "enabled_languages": ["python"],
+                "merge_identical_pages": true
+            }]);
+            let plugin = Plugin::launch(&cfg).await;
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let (ours, secs) =
+                idle_pss_through_plugin(&plugin, &daemon, &root, "python", PY_IDLE, Some(&merging))
+                    .await;
+            memory.push_str(&memory_row(
+                &format!(
+                    "python, that session with `merge_identical_pages = true`, ksmd on (`pages_to_scan` = {PAGE_MERGING_SCAN}), settled after {:.0} s",
+                    secs.unwrap_or_default()
+                ),
+                ours,
+                py_cold_pss,
+            ));
+            budgets.push_str(&memory_budget_row(
+                "the same, with `merge_identical_pages = true` and ksmd on",
+                ours / py_cold_pss,
+            ));
+        }
     }
     format!(
         "{BEGIN}\n## Plugin + daemon: StartTask → WaitTask (`plugin_tasks`)\n\n\
@@ -406,8 +451,9 @@ PSS (smaps_rollup) of the plugin, the daemon and every descendant of the daemon 
 spares, node workers, executions, reaper), / N, with the tasks started through StartTask at \
 `context_pool_size = 4`; next to N cold interpreters. The plugin's session warms every enabled \
 language, so with the default `enabled_languages` (all three) its idle node workers and zygote \
-spares are part of both figures; the last row is a session that enables python only (the daemon \
-section measures single-language sessions).\n\n\
+spares are part of both figures; the last rows are a session that enables python only (the daemon \
+section measures single-language sessions), and that session with `merge_identical_pages = true` \
+while ksmd runs (switched on for that row and put back after), measured once merging settled.\n\n\
 | language | plugin + daemon + children / N | cold interpreter | share |\n|---|---|---|---|\n{memory}{END}\n",
         python.display(),
         node.display()

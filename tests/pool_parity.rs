@@ -593,3 +593,46 @@ async fn pythonunbuffered_runs_pooled_with_the_streams_of_a_cold_start() {
     }
     assert_eq!(hashes[0], hashes[1], "the seed was not honoured");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_session_that_merges_pages_offers_every_execution_and_others_none() {
+    if !elide_task_driver::sandbox::page_merge::available() {
+        eprintln!("skipped: this kernel cannot mark memory mergeable (Linux 6.4+ with KSM)");
+        return;
+    }
+    let d = TestDaemon::start().await;
+    let mut c = d.client().await;
+    let py = "print([l for l in open('/proc/self/ksm_stat') if l.startswith('ksm_merge_any')][0].strip())";
+    let js = "console.log(require('fs').readFileSync('/proc/self/ksm_stat', 'utf8').split('\\n').find(l => l.startsWith('ksm_merge_any')))";
+    for merge in [true, false] {
+        for kind in KINDS {
+            let s = c
+                .create_session(pb::CreateSessionRequest {
+                    config: Some(pb::SessionConfig {
+                        enabled_intrinsics: vec!["env".into(), "io".into(), "net".into()],
+                        context_pool_size: if kind == Kind::Pooled { 2 } else { 0 },
+                        merge_identical_pages: merge,
+                        ..Default::default()
+                    }),
+                    owner: "test".into(),
+                    session_id: String::new(),
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .id;
+            let want = if merge {
+                "ksm_merge_any: yes\n"
+            } else {
+                "ksm_merge_any: no\n"
+            };
+            // Pooled python is a fork of the zygote, a node worker a process of its own: each
+            // carries the session's choice, as a cold start does.
+            for (lang, code) in [("py", py), ("js", js)] {
+                let (r, out, err) = run_on(&mut c, kind, code_req(&s, lang, code)).await;
+                assert_eq!(r.exit_code, 0, "{kind:?} {lang}: {err}");
+                assert_eq!(out, want, "{kind:?} {lang} merge={merge}");
+            }
+        }
+    }
+}

@@ -294,6 +294,15 @@ fn plan_lists_steps_in_order_as_json() {
         "{host:?}"
     );
     assert_eq!(host.base_env, None);
+    assert!(!host.steps.contains(&PlanStep::MergePages), "{host:?}");
+    // Offered for page merging: before the capabilities and the user change.
+    let mut spec = s.spec();
+    spec.merge_pages = true;
+    let steps = spec.plan().steps;
+    let at = |want: fn(&PlanStep) -> bool| steps.iter().position(want);
+    let merge = at(|s| *s == PlanStep::MergePages).expect("a merge_pages step");
+    let caps = at(|s| matches!(s, PlanStep::LimitCapabilities { .. })).expect("caps step");
+    assert!(merge < caps, "{steps:?}");
     // io on: a Landlock domain without filesystem rules, where the kernel scopes signals.
     assert_eq!(
         host.steps.contains(&PlanStep::LandlockDomain),
@@ -330,6 +339,28 @@ fn plan_lists_steps_in_order_as_json() {
     let back: elide_task_driver::sandbox::IsolationPlan =
         serde_json::from_str(&json).expect("deserialize");
     assert_eq!(back, plan);
+}
+
+#[test]
+fn a_child_offered_for_page_merging_says_so_and_others_do_not() {
+    if !elide_task_driver::sandbox::page_merge::available() {
+        return skip(
+            "a_child_offered_for_page_merging_says_so",
+            "this kernel cannot mark memory mergeable (Linux 6.4+ with KSM)",
+        );
+    }
+    let s = Scratch::new();
+    // Read after exec: the flag survives it (Linux 6.7+), as the cold start relies on.
+    let read = "grep ksm_merge_any /proc/self/ksm_stat";
+    let mut spec = s.spec();
+    spec.merge_pages = true;
+    let (st, out, err) = run(&s, spec, sh(read));
+    assert!(st.success(), "{} stderr={err}", describe(st));
+    assert_eq!(out.trim(), "ksm_merge_any: yes");
+    let s = Scratch::new();
+    let (st, out, err) = run(&s, s.spec(), sh(read));
+    assert!(st.success(), "{} stderr={err}", describe(st));
+    assert_eq!(out.trim(), "ksm_merge_any: no");
 }
 
 #[test]

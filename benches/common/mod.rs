@@ -190,3 +190,100 @@ pub fn cold_idle_pss(program: &Path, args: &[&str], n: usize) -> f64 {
     }
     total as f64 / n as f64
 }
+
+const KSM: &str = "/sys/kernel/mm/ksm";
+
+/// How many pages ksmd looks at per wake-up (every 20 ms) while a bench measures merging; the
+/// kernel's default is 100.
+pub const PAGE_MERGING_SCAN: u32 = 1000;
+
+/// The host's same-page merging daemon (ksmd) switched on for a measurement at
+/// [`PAGE_MERGING_SCAN`], and put back as it was on drop, what it merged unmerged first.
+pub struct PageMerging {
+    run: String,
+    pages_to_scan: String,
+}
+
+impl PageMerging {
+    /// `None` where the kernel has no KSM or this process may not switch it (not root).
+    pub fn switch_on() -> Option<Self> {
+        let read = |f: &str| std::fs::read_to_string(format!("{KSM}/{f}")).ok();
+        let saved = Self {
+            run: read("run")?.trim().to_string(),
+            pages_to_scan: read("pages_to_scan")?.trim().to_string(),
+        };
+        let write = |f: &str, v: &str| std::fs::write(format!("{KSM}/{f}"), v).is_ok();
+        (write("pages_to_scan", &PAGE_MERGING_SCAN.to_string()) && write("run", "1"))
+            .then_some(saved)
+    }
+
+    /// Full scans ksmd has completed since boot.
+    pub fn full_scans() -> u64 {
+        std::fs::read_to_string(format!("{KSM}/full_scans"))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// CPU ksmd has used since boot, in ms.
+    pub fn ksmd_cpu_ms() -> f64 {
+        let Ok(dir) = std::fs::read_dir("/proc") else {
+            return 0.0;
+        };
+        for e in dir.flatten() {
+            let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+            if let Some((head, rest)) = stat.rsplit_once(')')
+                && head.ends_with("(ksmd")
+            {
+                let f: Vec<f64> = rest
+                    .split_whitespace()
+                    .skip(11)
+                    .take(2)
+                    .filter_map(|v| v.parse().ok())
+                    .collect();
+                // SAFETY: sysconf has no preconditions.
+                let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+                return f.iter().sum::<f64>() / hz * 1e3;
+            }
+        }
+        0.0
+    }
+
+    /// Waits until merging settled for what `pss` sums (KiB): two full scans, then until a scan
+    /// lowers the sum by less than 1%, or `cap` passed. The last sum, the seconds waited and
+    /// the CPU ksmd spent meanwhile (ms).
+    pub async fn settled(&self, pss: impl Fn() -> u64, cap: Duration) -> (u64, f64, f64) {
+        let t = Instant::now();
+        let cpu = Self::ksmd_cpu_ms();
+        let first = Self::full_scans();
+        let mut counted = first;
+        let mut last: Option<u64> = None;
+        loop {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let scans = Self::full_scans();
+            let timed_out = t.elapsed() >= cap;
+            if scans == counted && !timed_out {
+                continue;
+            }
+            counted = scans;
+            let now = pss();
+            let flat = last.is_some_and(|l| now as f64 > l as f64 * 0.99);
+            if (scans >= first + 2 && flat) || timed_out {
+                return (now, t.elapsed().as_secs_f64(), Self::ksmd_cpu_ms() - cpu);
+            }
+            last = Some(now);
+        }
+    }
+}
+
+impl Drop for PageMerging {
+    fn drop(&mut self) {
+        // "2" unmerges every merged page before ksmd stops.
+        let write = |f: &str, v: &str| {
+            let _ = std::fs::write(format!("{KSM}/{f}"), v);
+        };
+        write("run", "2");
+        write("run", &self.run);
+        write("pages_to_scan", &self.pages_to_scan);
+    }
+}

@@ -198,6 +198,7 @@ pub(crate) fn plan_isolation(
         write_paths: plan.write_paths.clone(),
         network_namespace: plan.network_namespace.clone(),
         cgroup_procs,
+        merge_pages: plan.merge_pages,
         stdout,
         stderr,
     }

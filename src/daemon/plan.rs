@@ -119,6 +119,8 @@ pub struct ExecutionPlan {
     pub write_paths: Vec<PathBuf>,
     /// Network namespace to join.
     pub network_namespace: Option<PathBuf>,
+    /// Offer the execution's memory for same-page merging (its session asked, the kernel can).
+    pub merge_pages: bool,
     /// Limits.
     pub limits: PlanLimits,
     /// stdout target.
@@ -139,6 +141,8 @@ pub struct PlanContext<'a> {
     pub intrinsics: IntrinsicSet,
     /// Session memory cap in bytes (None = none).
     pub session_memory_cap: Option<u64>,
+    /// Whether the session's executions offer their memory for same-page merging.
+    pub merge_pages: bool,
     /// Max inline code size.
     pub max_code_bytes: u64,
     /// Parent of per-execution dirs.
@@ -538,6 +542,7 @@ pub fn plan_execution(
         read_paths,
         write_paths,
         network_namespace,
+        merge_pages: ctx.merge_pages,
         limits,
         stdout,
         stderr,

@@ -459,6 +459,7 @@ impl Daemon {
             let ctx_languages = session.languages.clone();
             let intrinsics = session.intrinsics;
             let memory_cap = session.memory_cap;
+            let merge_pages = session.merge_pages;
             let max_code_bytes = self.config.max_code_bytes;
             let run_dir = self.config.run_dir.clone();
             let runtimes = self.runtimes.clone();
@@ -470,6 +471,7 @@ impl Daemon {
                     session_languages: &ctx_languages,
                     intrinsics,
                     session_memory_cap: memory_cap,
+                    merge_pages,
                     max_code_bytes,
                     run_dir: &run_dir,
                     strip_cache: &strip,

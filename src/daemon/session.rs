@@ -12,6 +12,7 @@ use super::plan::IntrinsicSet;
 use super::runtime::{Language, RuntimeRegistry};
 use super::state::SessionRecord;
 use crate::proto::elide::daemon::v1alpha1 as pb;
+use crate::sandbox::page_merge;
 
 /// A session.
 pub struct Session {
@@ -27,6 +28,9 @@ pub struct Session {
     pub intrinsics: IntrinsicSet,
     /// Memory cap for each execution.
     pub memory_cap: Option<u64>,
+    /// Whether its executions and warm runtimes offer their memory for same-page merging:
+    /// asked for, and possible on this kernel.
+    pub merge_pages: bool,
     /// Creation time.
     pub created_at: SystemTime,
     last_activity: Mutex<SystemTime>,
@@ -71,6 +75,18 @@ impl Session {
         let intrinsics =
             IntrinsicSet::parse(&config.enabled_intrinsics, "config.enabled_intrinsics")?;
         let memory_cap = (config.memory_limit_mb > 0).then(|| config.memory_limit_mb * 1024 * 1024);
+        let merge_pages = config.merge_identical_pages && page_merge::available();
+        if config.merge_identical_pages && !merge_pages {
+            tracing::warn!(
+                session = %id,
+                "merge_identical_pages: this kernel cannot offer memory for merging (needs Linux 6.4+ with KSM); the session runs without"
+            );
+        } else if merge_pages && !page_merge::ksmd_running() {
+            tracing::warn!(
+                session = %id,
+                "merge_identical_pages: ksmd is not running here, so no page merges until the host enables it (echo 1 > /sys/kernel/mm/ksm/run)"
+            );
+        }
         Ok(Self {
             id,
             owner,
@@ -78,6 +94,7 @@ impl Session {
             languages,
             intrinsics,
             memory_cap,
+            merge_pages,
             created_at,
             last_activity: Mutex::new(SystemTime::now()),
             executions: Mutex::new(Vec::new()),
@@ -94,6 +111,7 @@ impl Session {
             enabled_intrinsics: rec.enabled_intrinsics.clone(),
             memory_limit_mb: rec.memory_limit_mb,
             enable_ai: rec.enable_ai,
+            merge_identical_pages: rec.merge_identical_pages,
         };
         Self::new(
             rec.id.clone(),
@@ -114,6 +132,7 @@ impl Session {
             enabled_intrinsics: self.config.enabled_intrinsics.clone(),
             memory_limit_mb: self.config.memory_limit_mb,
             enable_ai: self.config.enable_ai,
+            merge_identical_pages: self.config.merge_identical_pages,
             created_at: self.created_at,
         }
     }

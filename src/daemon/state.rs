@@ -102,6 +102,9 @@ pub struct SessionRecord {
     pub memory_limit_mb: u64,
     /// AI enabled.
     pub enable_ai: bool,
+    /// Memory offered for same-page merging (absent in records of older daemons).
+    #[serde(default)]
+    pub merge_identical_pages: bool,
     /// Creation time.
     pub created_at: std::time::SystemTime,
 }

@@ -109,6 +109,8 @@ pub struct SessionSettings {
     pub memory_limit_mb: u64,
     /// Whether AI intrinsics are offered (Elide backend only).
     pub enable_ai: bool,
+    /// Whether the session's memory is offered to the kernel's same-page merging (KSM).
+    pub merge_identical_pages: bool,
 }
 
 impl Default for SessionSettings {
@@ -119,6 +121,7 @@ impl Default for SessionSettings {
             enabled_intrinsics: Intrinsic::ALL.to_vec(),
             memory_limit_mb: 0,
             enable_ai: false,
+            merge_identical_pages: false,
         }
     }
 }
@@ -243,9 +246,13 @@ pub fn schema() -> Spec {
             attr_default("memory_limit_mb", "number", "0"),
         ),
         ("enable_ai", attr_default("enable_ai", "bool", "false")),
+        (
+            "merge_identical_pages",
+            attr_default("merge_identical_pages", "bool", "false"),
+        ),
     ]);
     let session_literal = format!(
-        "{{ context_pool_size = {DEFAULT_POOL_SIZE}, enabled_languages = {}, enabled_intrinsics = {}, memory_limit_mb = 0, enable_ai = false }}",
+        "{{ context_pool_size = {DEFAULT_POOL_SIZE}, enabled_languages = {}, enabled_intrinsics = {}, memory_limit_mb = 0, enable_ai = false, merge_identical_pages = false }}",
         quoted_list(&languages),
         quoted_list(&intrinsics)
     );
@@ -403,6 +410,9 @@ fn session_settings(f: &Fields<'_>) -> Result<SessionSettings, ConfigError> {
     }
     if let Some(b) = f.bool("enable_ai")? {
         s.enable_ai = b;
+    }
+    if let Some(b) = f.bool("merge_identical_pages")? {
+        s.merge_identical_pages = b;
     }
     Ok(s)
 }
@@ -616,14 +626,14 @@ mod tests {
         assert_eq!(lit("fingerprint_period"), r#""30s""#);
         assert_eq!(
             lit("session_config"),
-            r#"{ context_pool_size = 2, enabled_languages = ["python", "javascript", "typescript"], enabled_intrinsics = ["env", "io", "net"], memory_limit_mb = 0, enable_ai = false }"#
+            r#"{ context_pool_size = 2, enabled_languages = ["python", "javascript", "typescript"], enabled_intrinsics = ["env", "io", "net"], memory_limit_mb = 0, enable_ai = false, merge_identical_pages = false }"#
         );
         assert_eq!(
             lit("daemon"),
             r#"{ auto_start = true, args = [], start_timeout = "10s" }"#
         );
         let ty = hclspec::implied_type(&spec).unwrap();
-        let want = "Object({\"daemon\": Object({\"args\": List(String), \"auto_start\": Bool, \"log_file\": String, \"path\": String, \"start_timeout\": String}), \"daemon_socket\": String, \"fingerprint_period\": String, \"session_config\": Object({\"context_pool_size\": Number, \"enable_ai\": Bool, \"enabled_intrinsics\": List(String), \"enabled_languages\": List(String), \"memory_limit_mb\": Number})})";
+        let want = "Object({\"daemon\": Object({\"args\": List(String), \"auto_start\": Bool, \"log_file\": String, \"path\": String, \"start_timeout\": String}), \"daemon_socket\": String, \"fingerprint_period\": String, \"session_config\": Object({\"context_pool_size\": Number, \"enable_ai\": Bool, \"enabled_intrinsics\": List(String), \"enabled_languages\": List(String), \"memory_limit_mb\": Number, \"merge_identical_pages\": Bool})})";
         assert_eq!(format!("{ty:?}"), want);
     }
 
@@ -668,6 +678,7 @@ mod tests {
                         V::Array(vec![V::from("ts"), V::from("py"), V::from("python")]),
                     ),
                     ("memory_limit_mb", V::from("512")),
+                    ("merge_identical_pages", V::from(true)),
                 ]),
             ),
         ])))
@@ -682,6 +693,7 @@ mod tests {
         assert_eq!(cfg.session.enabled_intrinsics, vec![Intrinsic::Net]);
         assert_eq!(cfg.session.memory_limit_mb, 512);
         assert!(cfg.session.enable_ai);
+        assert!(cfg.session.merge_identical_pages);
         assert!(!cfg.daemon.auto_start);
         assert_eq!(cfg.daemon.path.as_deref(), Some("/usr/bin/elide-daemon"));
         assert_eq!(cfg.daemon.args, vec!["--verbose".to_string()]);
@@ -832,6 +844,13 @@ mod tests {
                     map(vec![("enable_ai", V::from("yes"))]),
                 )]),
                 "session_config.enable_ai: expected bool",
+            ),
+            (
+                map(vec![(
+                    "session_config",
+                    map(vec![("merge_identical_pages", V::from(1))]),
+                )]),
+                "session_config.merge_identical_pages: expected bool",
             ),
             (
                 map(vec![("daemon", map(vec![("auto_start", V::from(1))]))]),

@@ -127,6 +127,7 @@ pub fn session_config(cfg: &PluginConfig) -> api::SessionConfig {
             .collect(),
         memory_limit_mb: cfg.session.memory_limit_mb,
         enable_ai: cfg.session.enable_ai,
+        merge_identical_pages: cfg.session.merge_identical_pages,
     }
 }
 
@@ -151,6 +152,10 @@ mod tests {
         let mut python_only = cfg.clone();
         python_only.session.enabled_languages = vec![Language::Python];
         assert_ne!(session_id_for(&python_only), id);
+        let mut merging = cfg.clone();
+        merging.session.merge_identical_pages = true;
+        assert!(session_config(&merging).merge_identical_pages);
+        assert_ne!(session_id_for(&merging), id);
         // A new config at a later SetConfig moves the plugin to its session.
         assert_eq!(
             state.set_agent_config(bigger.clone()),

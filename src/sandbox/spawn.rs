@@ -14,6 +14,7 @@ use super::SandboxError;
 use super::caps;
 use super::landlock_rules::{self, FsPolicy};
 use super::netns;
+use super::page_merge;
 use super::user::ResolvedUser;
 use serde::{Deserialize, Serialize};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
@@ -111,6 +112,9 @@ pub struct IsolationSpec {
     /// Files the child writes `0` to, to join its cgroup (one on v2, one per hierarchy on v1;
     /// see `ExecutionCgroup::self_join_files`).
     pub cgroup_procs: Vec<PathBuf>,
+    /// Offer the child's memory for merging with identical pages of other such processes
+    /// ([`page_merge`]); the caller checks [`page_merge::available`].
+    pub merge_pages: bool,
     /// Output sinks, already opened by [`super::sink::open_sink`].
     pub stdout: OwnedFd,
     pub stderr: OwnedFd,
@@ -149,6 +153,9 @@ pub enum PlanStep {
         soft: u64,
         hard: u64,
     },
+    /// `prctl(PR_SET_MEMORY_MERGE, 1)`: the memory of the process, and of what it forks and
+    /// execs, is offered for merging with identical pages ([`page_merge`]).
+    MergePages,
     /// Write `value` to /proc/self/oom_score_adj (the daemon itself may be protected).
     OomScoreAdj {
         value: i32,
@@ -283,6 +290,9 @@ impl IsolationSpec {
             soft: 0,
             hard: 0,
         });
+        if self.merge_pages {
+            steps.push(PlanStep::MergePages);
+        }
         if self.role.resets_oom_score() {
             steps.push(PlanStep::OomScoreAdj { value: 0 });
         }
@@ -381,6 +391,7 @@ impl IsolationSpec {
             new_netns: !self.intrinsics.net,
             netns_fd: netns_fd.as_ref().map(AsRawFd::as_raw_fd),
             parent_pid: std::process::id() as libc::pid_t,
+            merge_pages: self.merge_pages,
             reset_oom_score: self.role.resets_oom_score(),
             // Read here, before the fork: the child must not allocate.
             capabilities: self
@@ -462,6 +473,7 @@ struct ChildSteps {
     new_netns: bool,
     netns_fd: Option<RawFd>,
     parent_pid: libc::pid_t,
+    merge_pages: bool,
     reset_oom_score: bool,
     /// Keep only these capabilities, dropping these from the bounding set ([`caps::limit`]).
     capabilities: Option<(u64, &'static [u32])>,
@@ -597,6 +609,11 @@ impl ChildSteps {
             };
             if libc::setrlimit(libc::RLIMIT_CORE, &no_core) != 0 {
                 return Err(fail(b"setrlimit core", errno()));
+            }
+            if self.merge_pages
+                && let Err(e) = page_merge::offer_own_memory()
+            {
+                return Err(fail(b"prctl PR_SET_MEMORY_MERGE", e));
             }
             // Only write when needed, so hosts with a read-only /proc still work for the
             // common case of a daemon at the default score.

@@ -149,6 +149,7 @@ impl PoolLauncher {
                         workdir.clone(),
                         size,
                         session.intrinsics,
+                        session.merge_pages,
                         self.preparer.clone(),
                     ))
                 }),
@@ -156,12 +157,16 @@ impl PoolLauncher {
         });
         let mut tasks = Vec::new();
         if let (Some(slot), Some(rt)) = (&pool.python, self.runtimes.get(Language::Python)) {
+            let settings = python_zygote::Settings {
+                python: rt.command.clone(),
+                workdir: workdir.clone(),
+                spares: size,
+                merge_pages: session.merge_pages,
+            };
             tasks.push(self.runtime.spawn(run_python_zygote(
                 pool.session_id.clone(),
                 slot.clone(),
-                rt.command.clone(),
-                workdir.clone(),
-                size,
+                settings,
                 self.spawner.clone(),
                 pool.closed.clone(),
             )));
@@ -485,9 +490,7 @@ fn python_job(plan: &ExecutionPlan) -> Result<serde_json::Map<String, serde_json
 async fn run_python_zygote(
     session_id: String,
     slot: Arc<Mutex<Option<Arc<Zygote>>>>,
-    python: PathBuf,
-    workdir: PathBuf,
-    spares: u32,
+    settings: python_zygote::Settings,
     spawner: Spawner,
     closed: CancellationToken,
 ) {
@@ -496,7 +499,7 @@ async fn run_python_zygote(
         if closed.is_cancelled() {
             return;
         }
-        match python_zygote::spawn(&python, &workdir, spares, &spawner).await {
+        match python_zygote::spawn(&settings, &spawner).await {
             Ok(spawned) => {
                 let python_zygote::Spawned {
                     zygote,

@@ -94,6 +94,8 @@ pub struct NodePool {
     workdir: PathBuf,
     size: u32,
     intrinsics: IntrinsicSet,
+    /// Workers offer their memory for same-page merging (their session asked).
+    merge_pages: bool,
     preparer: Arc<Preparer>,
     idle: Mutex<VecDeque<Worker>>,
     wake: Notify,
@@ -116,6 +118,7 @@ impl NodePool {
         workdir: PathBuf,
         size: u32,
         intrinsics: IntrinsicSet,
+        merge_pages: bool,
         preparer: Arc<Preparer>,
     ) -> Self {
         Self {
@@ -123,6 +126,7 @@ impl NodePool {
             workdir,
             size,
             intrinsics,
+            merge_pages,
             preparer,
             idle: Mutex::new(VecDeque::new()),
             wake: Notify::new(),
@@ -187,6 +191,7 @@ impl NodePool {
             write_paths: Vec::new(),
             network_namespace: None,
             cgroup_procs: cgroup.map(|c| c.self_join_files()).unwrap_or_default(),
+            merge_pages: self.merge_pages,
             stdout: out_w,
             stderr: err_w,
         };

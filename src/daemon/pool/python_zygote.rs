@@ -40,7 +40,6 @@
 use std::collections::HashMap;
 use std::io::IoSliceMut;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -507,12 +506,26 @@ pub struct Spawned {
 /// Starts a zygote of `python` in `workdir`, forked on `spawner` with the standard sandbox
 /// (own session, PDEATHSIG to the daemon, no inherited fds, signals reset); it keeps the
 /// daemon's user and privileges because each child drops them itself.
-pub async fn spawn(
-    python: &Path,
-    workdir: &Path,
-    spares: u32,
-    spawner: &Spawner,
-) -> Result<Spawned, LaunchError> {
+/// What a session's zygote is started with.
+pub struct Settings {
+    /// The interpreter.
+    pub python: std::path::PathBuf,
+    /// Its working directory (the pool's dir).
+    pub workdir: std::path::PathBuf,
+    /// Children it keeps forked (`context_pool_size`).
+    pub spares: u32,
+    /// Offer its memory, and so its children's, for same-page merging.
+    pub merge_pages: bool,
+}
+
+pub async fn spawn(settings: &Settings, spawner: &Spawner) -> Result<Spawned, LaunchError> {
+    let Settings {
+        python,
+        workdir,
+        spares,
+        merge_pages,
+    } = settings;
+    let (python, workdir, spares) = (python.as_path(), workdir.as_path(), *spares);
     let sandbox = |e: String| LaunchError::Sandbox(e);
     let (ours, theirs) = socketpair(
         AddressFamily::Unix,
@@ -555,6 +568,8 @@ pub async fn spawn(
         write_paths: Vec::new(),
         network_namespace: None,
         cgroup_procs: Vec::new(),
+        // Children inherit it at fork: one step here covers every pooled execution.
+        merge_pages: *merge_pages,
         stdout: null.into(),
         stderr,
     };

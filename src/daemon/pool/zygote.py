@@ -24,6 +24,7 @@ import resource, fcntl, tokenize, linecache, codecs, encodings.idna, locale
 _libc = ctypes.CDLL(None, use_errno=True)
 _PR_SET_PDEATHSIG = 1
 _PR_SET_NO_NEW_PRIVS = 38
+_PR_SET_MEMORY_MERGE = 67
 _CLONE_NEWNET = 0x40000000
 _SYS_LANDLOCK_ADD_RULE = 445
 _SYS_LANDLOCK_RESTRICT_SELF = 446
@@ -301,6 +302,10 @@ def _replay(job, fds, zygote_pid, done=frozenset()):
             elif kind == "set_rlimit":
                 res = getattr(resource, "RLIMIT_" + step["resource"].upper())
                 resource.setrlimit(res, (step["soft"], step["hard"]))
+            elif kind == "merge_pages":
+                # Already set for the zygote's whole family when its session asked; kept as a
+                # step so the child's plan is the cold one.
+                _check(_libc.prctl(_PR_SET_MEMORY_MERGE, 1, 0, 0, 0), "prctl PR_SET_MEMORY_MERGE")
             elif kind == "oom_score_adj":
                 with open("/proc/self/oom_score_adj", "w") as f:
                     f.write(str(step["value"]))
