@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use common::{
     PAGE_MERGING_SCAN, PageMerging, Stats, cold_idle_pss, cold_spawn, descendants, machine,
-    pss_kib, resolve_node, resolve_python, rss_kib, stats, write_section,
+    pss_kib, pss_settled, resolve_node, resolve_python, rss_kib, stats, write_section,
 };
 use daemon_support::{Client, TestDaemon, path_sink};
 use elide_task_driver::proto::elide::daemon::v1alpha1 as pb;
@@ -159,13 +159,7 @@ async fn daemon_idle_pss(
             .map(pss_kib)
             .sum()
     };
-    let (total, settling) = match merging {
-        None => (pss(), None),
-        Some(m) => {
-            let (total, secs, ksmd_ms) = m.settled(pss, Duration::from_secs(180)).await;
-            (total, Some((secs, ksmd_ms)))
-        }
-    };
+    let (total, settling) = pss_settled(merging, pss).await;
     let _ = c
         .close_session(pb::CloseSessionRequest {
             session_id: s,

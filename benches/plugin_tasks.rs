@@ -20,8 +20,8 @@ mod support;
 use std::time::{Duration, Instant};
 
 use common::{
-    PAGE_MERGING_SCAN, PageMerging, Stats, cold_idle_pss, cold_spawn, descendants, pss_kib,
-    resolve_node, resolve_python, stats, write_section,
+    PAGE_MERGING_SCAN, PageMerging, Stats, cold_idle_pss, cold_spawn, cpu_ms, descendants, pss_kib,
+    pss_settled, resolve_node, resolve_python, stats, write_section,
 };
 use daemon_support::TestDaemon;
 use lifecycle_support::{Alloc, Plugin, Task, plugin_config};
@@ -65,13 +65,8 @@ async fn idle_pss_through_plugin(
             .map(pss_kib)
             .sum()
     };
-    let (total, settled_after) = match merging {
-        None => (pss(), None),
-        Some(m) => {
-            let (total, secs, _) = m.settled(pss, Duration::from_secs(180)).await;
-            (total, Some(secs))
-        }
-    };
+    let (total, settling) = pss_settled(merging, pss).await;
+    let settled_after = settling.map(|(secs, _)| secs);
     for t in &tasks {
         let _ = plugin.stop(&t.id, "SIGKILL", Duration::ZERO).await;
         let _ = plugin.destroy(&t.id, true).await;
@@ -133,25 +128,6 @@ async fn run_task(plugin: &Plugin, task: Task, language: &str, code: &str) -> (f
 fn prepare(alloc: &Alloc, name: String) -> tokio::task::JoinHandle<Task> {
     let alloc = alloc.clone();
     tokio::task::spawn_blocking(move || alloc.task(&name))
-}
-
-/// CPU time (ms) a process used so far; with `reaped`, that of the children it reaped too.
-fn cpu_ms(pid: u32, reaped: bool) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let Some((_, rest)) = stat.rsplit_once(')') else {
-        return 0.0;
-    };
-    // Fields 14-17 (utime, stime, cutime, cstime); `rest` starts at field 3.
-    let ticks: Vec<f64> = rest
-        .split_whitespace()
-        .skip(11)
-        .take(4)
-        .filter_map(|v| v.parse().ok())
-        .collect();
-    let used: f64 = ticks.iter().take(if reaped { 4 } else { 2 }).sum();
-    // SAFETY: sysconf reads a constant.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    used * 1e3 / hz
 }
 
 /// Who spends the CPU of the throughput window: the python zygotes with the children they

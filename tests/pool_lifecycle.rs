@@ -801,32 +801,41 @@ async fn a_late_fallback_starts_cold_on_the_fifo_the_pooled_attempt_opened() {
     }
 }
 
-/// `make bench-zygote` drives the real zygote over its protocol; it must keep speaking it.
-#[test]
-fn the_zygote_alone_bench_speaks_the_zygote_protocol() {
-    let bench = |args: &[&str]| {
-        std::process::Command::new("python3")
-            .arg(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/benches/zygote_alone.py"
-            ))
-            .args(args)
-            .output()
-            .expect("python3")
-    };
-    let out = bench(&["--jobs", "5"]);
-    let text = String::from_utf8_lossy(&out.stdout);
+/// Runs `benches/<script>` with `args`; its output.
+fn bench_script(script: &str, args: &[&str]) -> std::process::Output {
+    std::process::Command::new("python3")
+        .arg(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("benches")
+                .join(script),
+        )
+        .args(args)
+        .output()
+        .expect("python3")
+}
+
+/// Runs `benches/<script>` with `args`, which must succeed; its stdout.
+fn bench_output(script: &str, args: &[&str]) -> String {
+    let out = bench_script(script, args);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
         "{text}{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    text
+}
+
+/// `make bench-zygote` drives the real zygote over its protocol; it must keep speaking it.
+#[test]
+fn the_zygote_alone_bench_speaks_the_zygote_protocol() {
+    let text = bench_output("zygote_alone.py", &["--jobs", "5"]);
     assert!(text.contains("5 jobs back to back"), "{text}");
     for phase in ["send -> ready", "ready -> exited", "exited -> report"] {
         assert!(text.contains(phase), "{phase} missing: {text}");
     }
     // A zygote without spares would run no job: refused, naming the option.
-    let refused = bench(&["--spares", "0"]);
+    let refused = bench_script("zygote_alone.py", &["--spares", "0"]);
     let err = String::from_utf8_lossy(&refused.stderr);
     assert!(!refused.status.success());
     assert!(err.contains("--spares must be at least 1"), "{err}");
@@ -834,23 +843,7 @@ fn the_zygote_alone_bench_speaks_the_zygote_protocol() {
 
 #[test]
 fn the_fork_floor_bench_measures_the_zygotes_module_set() {
-    let bench = |args: &[&str]| {
-        std::process::Command::new("python3")
-            .arg(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/benches/fork_floor.py"
-            ))
-            .args(args)
-            .output()
-            .expect("python3")
-    };
-    let out = bench(&["--rounds", "5", "--idle", "3"]);
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = bench_output("fork_floor.py", &["--rounds", "5", "--idle", "3"]);
     assert!(text.contains("5 rounds"), "{text}");
     // Every figure is a measurement: a child that forked and ran made pages private, and an
     // idle one holds memory.
@@ -874,7 +867,7 @@ fn the_fork_floor_bench_measures_the_zygotes_module_set() {
     );
     assert!(figure("job", "(parent + child)") > 0.0, "{text}");
     assert!(figure("idle", "/ N") > 0.1, "{text}");
-    let refused = bench(&["--rounds", "0"]);
+    let refused = bench_script("fork_floor.py", &["--rounds", "0"]);
     let err = String::from_utf8_lossy(&refused.stderr);
     assert!(!refused.status.success());
     assert!(err.contains("--rounds must be at least 1"), "{err}");

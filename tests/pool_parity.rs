@@ -606,21 +606,13 @@ async fn a_session_that_merges_pages_offers_every_execution_and_others_none() {
     let js = "console.log(require('fs').readFileSync('/proc/self/ksm_stat', 'utf8').split('\\n').find(l => l.startsWith('ksm_merge_any')))";
     for merge in [true, false] {
         for kind in KINDS {
-            let s = c
-                .create_session(pb::CreateSessionRequest {
-                    config: Some(pb::SessionConfig {
-                        enabled_intrinsics: vec!["env".into(), "io".into(), "net".into()],
-                        context_pool_size: if kind == Kind::Pooled { 2 } else { 0 },
-                        merge_identical_pages: merge,
-                        ..Default::default()
-                    }),
-                    owner: "test".into(),
-                    session_id: String::new(),
-                })
-                .await
-                .unwrap()
-                .into_inner()
-                .id;
+            let config = pb::SessionConfig {
+                enabled_intrinsics: vec!["env".into(), "io".into(), "net".into()],
+                context_pool_size: if kind == Kind::Pooled { 2 } else { 0 },
+                merge_identical_pages: merge,
+                ..Default::default()
+            };
+            let s = session_with_config(&mut c, config).await;
             let want = if merge {
                 "ksm_merge_any: yes\n"
             } else {

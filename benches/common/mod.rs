@@ -191,6 +191,25 @@ pub fn cold_idle_pss(program: &Path, args: &[&str], n: usize) -> f64 {
     total as f64 / n as f64
 }
 
+/// CPU time (ms) a process used so far; with `reaped`, that of the children it reaped too.
+pub fn cpu_ms(pid: u32, reaped: bool) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return 0.0;
+    };
+    // Fields 14-17 (utime, stime, cutime, cstime); `rest` starts at field 3.
+    let ticks: Vec<f64> = rest
+        .split_whitespace()
+        .skip(11)
+        .take(4)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    let used: f64 = ticks.iter().take(if reaped { 4 } else { 2 }).sum();
+    // SAFETY: sysconf reads a constant.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    used * 1e3 / hz
+}
+
 const KSM: &str = "/sys/kernel/mm/ksm";
 
 /// How many pages ksmd looks at per wake-up (every 20 ms) while a bench measures merging; the
@@ -230,23 +249,13 @@ impl PageMerging {
         let Ok(dir) = std::fs::read_dir("/proc") else {
             return 0.0;
         };
-        for e in dir.flatten() {
-            let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
-            if let Some((head, rest)) = stat.rsplit_once(')')
-                && head.ends_with("(ksmd")
-            {
-                let f: Vec<f64> = rest
-                    .split_whitespace()
-                    .skip(11)
-                    .take(2)
-                    .filter_map(|v| v.parse().ok())
-                    .collect();
-                // SAFETY: sysconf has no preconditions.
-                let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-                return f.iter().sum::<f64>() / hz * 1e3;
-            }
-        }
-        0.0
+        dir.flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+            .find(|pid| {
+                std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                    .is_ok_and(|c| c.trim() == "ksmd")
+            })
+            .map_or(0.0, |pid| cpu_ms(pid, false))
     }
 
     /// Waits until merging settled for what `pss` sums (KiB): two full scans, then until a scan
@@ -272,6 +281,21 @@ impl PageMerging {
                 return (now, t.elapsed().as_secs_f64(), Self::ksmd_cpu_ms() - cpu);
             }
             last = Some(now);
+        }
+    }
+}
+
+/// `pss()` now, or, with `merging`, once merging settled (capped at 3 minutes): the sum, and
+/// then how long settling took (s) and ksmd's CPU meanwhile (ms).
+pub async fn pss_settled(
+    merging: Option<&PageMerging>,
+    pss: impl Fn() -> u64,
+) -> (u64, Option<(f64, f64)>) {
+    match merging {
+        None => (pss(), None),
+        Some(m) => {
+            let (total, secs, ksmd_ms) = m.settled(pss, Duration::from_secs(180)).await;
+            (total, Some((secs, ksmd_ms)))
         }
     }
 }

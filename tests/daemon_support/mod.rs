@@ -246,12 +246,21 @@ pub async fn session(c: &mut Client, intrinsics: &[&str]) -> String {
 
 /// A session enabling every language and the given intrinsics, `pool` warm workers per language.
 pub async fn session_with_pool(c: &mut Client, intrinsics: &[&str], pool: u32) -> String {
-    c.create_session(pb::CreateSessionRequest {
-        config: Some(pb::SessionConfig {
+    session_with_config(
+        c,
+        pb::SessionConfig {
             enabled_intrinsics: intrinsics.iter().map(|s| s.to_string()).collect(),
             context_pool_size: pool,
             ..Default::default()
-        }),
+        },
+    )
+    .await
+}
+
+/// A session with `config`.
+pub async fn session_with_config(c: &mut Client, config: pb::SessionConfig) -> String {
+    c.create_session(pb::CreateSessionRequest {
+        config: Some(config),
         owner: "test".into(),
         session_id: String::new(),
     })
