@@ -305,6 +305,37 @@ async fn fingerprint_is_unhealthy_with_an_operator_hint_without_daemon() {
 }
 
 #[tokio::test]
+async fn fingerprint_says_whether_snippet_memory_is_merged_here() {
+    use elide_task_driver::sandbox::page_merge;
+    let dir = short_tempdir();
+    let socket = dir.path().join("d.sock");
+    let _daemon = FakeDaemon::start(&socket).await;
+    let c = NomadClient::launch().await;
+    c.set_config(
+        json!({
+            "daemon_socket": socket.display().to_string(),
+            "daemon": {"auto_start": false},
+            "session_config": {"merge_identical_pages": true}
+        }),
+        true,
+    )
+    .await
+    .unwrap();
+    let mut fp = c.fingerprint().await;
+    let m = fingerprint_until(&mut fp, DEADLINE, healthy).await;
+    // The plugin sees the daemon's kernel and ksmd: it runs on the same node.
+    let want = match (page_merge::available(), page_merge::ksmd_running()) {
+        (false, _) => "unsupported",
+        (true, false) => "ksmd off",
+        (true, true) => "on",
+    };
+    assert_eq!(
+        attr_str(&m, "driver.elide.page_merging").as_deref(),
+        Some(want)
+    );
+}
+
+#[tokio::test]
 async fn fingerprint_follows_the_daemon_healthy_unhealthy_healthy() {
     let dir = short_tempdir();
     let socket = dir.path().join("d.sock");
@@ -339,6 +370,11 @@ async fn fingerprint_follows_the_daemon_healthy_unhealthy_healthy() {
     assert!(
         !m.attributes.contains_key("driver.elide.runtime.typescript"),
         "unavailable runtime advertised"
+    );
+    assert_eq!(
+        attr_str(&m, "driver.elide.page_merging").as_deref(),
+        Some("off"),
+        "merge_identical_pages is off by default"
     );
 
     daemon.stop().await;

@@ -24,6 +24,7 @@ use crate::proto::hashicorp::nomad::plugins::drivers::proto::{
     FingerprintResponse, fingerprint_response::HealthState,
 };
 use crate::proto::hashicorp::nomad::plugins::shared::structs::{Attribute, attribute};
+use crate::sandbox::page_merge;
 
 /// Deadline for one health probe (connect + each call).
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
@@ -33,10 +34,25 @@ pub const ATTR_VERSION: &str = "driver.elide.version";
 pub const ATTR_DAEMON_VERSION: &str = "driver.elide.daemon_version";
 /// Attribute: whether AI intrinsics are available ("true"/"false").
 pub const ATTR_AI: &str = "driver.elide.ai";
+/// Attribute: whether snippet memory is merged with identical pages (`session_config.
+/// merge_identical_pages`): "off", "on", "ksmd off" (asked, but the host's ksmd does not run)
+/// or "unsupported" (asked, but this kernel cannot).
+pub const ATTR_PAGE_MERGING: &str = "driver.elide.page_merging";
 /// Attribute prefix: one per available runtime, value = its version.
 pub const ATTR_RUNTIME_PREFIX: &str = "driver.elide.runtime.";
 /// Nomad's own wording for a healthy driver.
 pub const HEALTHY_DESCRIPTION: &str = "Healthy";
+
+/// The value of [`ATTR_PAGE_MERGING`]: the plugin runs on the daemon's node, so it sees the
+/// same kernel and ksmd.
+fn page_merging(asked: bool, kernel_can: bool, ksmd_runs: bool) -> &'static str {
+    match (asked, kernel_can, ksmd_runs) {
+        (false, _, _) => "off",
+        (true, false, _) => "unsupported",
+        (true, true, false) => "ksmd off",
+        (true, true, true) => "on",
+    }
+}
 
 fn string_attr(s: &str) -> Attribute {
     Attribute {
@@ -122,6 +138,14 @@ pub async fn probe(link: &DaemonLink, snapshot: &Snapshot) -> FingerprintRespons
     attrs.insert(
         ATTR_AI.into(),
         string_attr(if ai { "true" } else { "false" }),
+    );
+    attrs.insert(
+        ATTR_PAGE_MERGING.into(),
+        string_attr(page_merging(
+            config.session.merge_identical_pages,
+            page_merge::available(),
+            page_merge::ksmd_running(),
+        )),
     );
     let session = match client.get_session(session_id).await {
         Ok(s) => Ok(s),
@@ -274,6 +298,15 @@ mod tests {
         );
         // Stable wording: repeated probes must not churn node updates.
         assert_eq!(a, b);
+    }
+
+    #[test]
+    fn page_merging_says_whether_it_is_asked_and_can_happen() {
+        assert_eq!(page_merging(false, true, true), "off");
+        assert_eq!(page_merging(false, false, false), "off");
+        assert_eq!(page_merging(true, false, true), "unsupported");
+        assert_eq!(page_merging(true, true, false), "ksmd off");
+        assert_eq!(page_merging(true, true, true), "on");
     }
 
     #[test]
