@@ -31,9 +31,11 @@
 //! over, where the kernel keeps an orphan's wait status for its pidfd whoever reaps it
 //! ([`exit_status_outlives_reaping`], Linux 6.15+) and the execution has a cgroup (the
 //! daemon's reaper kills what is left in execution cgroups when the daemon dies, as a cold
-//! start dies with the daemon): the child clears its parent-death signal once it reported
-//! ready, and the daemon, which holds its pidfd, learns its end as usual. Elsewhere the child
-//! dies with its zygote, and its end is reported as SIGKILL.
+//! start dies with the daemon): the child clears its parent-death signal just before it
+//! reports ready, and the daemon, which then holds its pidfd, learns its end as usual. (A
+//! zygote that dies before that report leaves no stray child: the daemon shuts the socket, the
+//! report fails and the child exits unrun, while the job starts cold.) Elsewhere the child dies
+//! with its zygote, and its end is reported as SIGKILL.
 //!
 //! [`IsolationSpec::plan`]: crate::sandbox::IsolationSpec::plan
 

@@ -444,13 +444,16 @@ def _child(sock, job, fds, zygote_pid, done=frozenset()):
         for fd in fds:
             if fd > 2:
                 os.close(fd)
+        if job.get("outlive_zygote"):
+            # From the ready report on, the daemon holds our pidfd and learns our end without
+            # the zygote, so the zygote's death need not end us (the daemon's does: its reaper
+            # empties our cgroup). Let go before the report, so no start the daemon answered can
+            # still die with the zygote. A zygote dying before the report is no risk: the daemon
+            # then shuts its socket, our report fails, and we exit unrun (it starts cold).
+            _check(_libc.prctl(_PR_SET_PDEATHSIG, 0, 0, 0, 0), "prctl PDEATHSIG")
         pidfd = os.pidfd_open(os.getpid())
         socket.send_fds(sock, [json.dumps({"ready": token, "pid": os.getpid()}).encode()], [pidfd])
         os.close(pidfd)
-        if job.get("outlive_zygote"):
-            # The daemon holds our pidfd now and learns our end without the zygote, so the
-            # zygote's death need not end us (the daemon's does: its reaper empties our cgroup).
-            _check(_libc.prctl(_PR_SET_PDEATHSIG, 0, 0, 0, 0), "prctl PDEATHSIG")
     except BaseException as e:
         try:
             sock.send(json.dumps({"failed": token, "error": str(e)}).encode())
