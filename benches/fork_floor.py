@@ -89,6 +89,8 @@ def cold_interpreters(python, n):
 
 
 def measure(args):
+    # Imported from the source tree: no bytecode cache left in it.
+    sys.dont_write_bytecode = True
     sys.path.insert(0, POOL)
     import gc
     import zygote  # noqa: F401 (its imports are the point)

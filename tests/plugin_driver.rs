@@ -4,6 +4,7 @@
 
 mod support;
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use elide_task_driver::proto::hashicorp::nomad::plugins::drivers::proto::{
@@ -304,23 +305,27 @@ async fn fingerprint_is_unhealthy_with_an_operator_hint_without_daemon() {
     assert_eq!(c.plugin_info().await.name, "elide");
 }
 
+/// A plugin given `config` by the agent (SetConfig with `nomad_config`), pointed at a fake
+/// daemon it must not auto-start: the scratch dir (keep it), the daemon's socket, the daemon and
+/// the plugin.
+async fn plugin_on_fake_daemon(
+    mut config: serde_json::Value,
+) -> (tempfile::TempDir, PathBuf, FakeDaemon, NomadClient) {
+    let dir = short_tempdir();
+    let socket = dir.path().join("d.sock");
+    let daemon = FakeDaemon::start(&socket).await;
+    let c = NomadClient::launch().await;
+    config["daemon_socket"] = json!(socket.display().to_string());
+    config["daemon"] = json!({"auto_start": false});
+    c.set_config(config, true).await.unwrap();
+    (dir, socket, daemon, c)
+}
+
 #[tokio::test]
 async fn fingerprint_says_whether_snippet_memory_is_merged_here() {
     use elide_task_driver::sandbox::page_merge;
-    let dir = short_tempdir();
-    let socket = dir.path().join("d.sock");
-    let _daemon = FakeDaemon::start(&socket).await;
-    let c = NomadClient::launch().await;
-    c.set_config(
-        json!({
-            "daemon_socket": socket.display().to_string(),
-            "daemon": {"auto_start": false},
-            "session_config": {"merge_identical_pages": true}
-        }),
-        true,
-    )
-    .await
-    .unwrap();
+    let (_dir, _socket, _daemon, c) =
+        plugin_on_fake_daemon(json!({"session_config": {"merge_identical_pages": true}})).await;
     let mut fp = c.fingerprint().await;
     let m = fingerprint_until(&mut fp, DEADLINE, healthy).await;
     // The plugin sees the daemon's kernel and ksmd: it runs on the same node.
@@ -337,16 +342,8 @@ async fn fingerprint_says_whether_snippet_memory_is_merged_here() {
 
 #[tokio::test]
 async fn fingerprint_follows_the_daemon_healthy_unhealthy_healthy() {
-    let dir = short_tempdir();
-    let socket = dir.path().join("d.sock");
-    let daemon = FakeDaemon::start(&socket).await;
-    let c = NomadClient::launch().await;
-    c.set_config(
-        json!({"daemon_socket": socket.display().to_string(), "fingerprint_period": "1s", "daemon": {"auto_start": false}}),
-        true,
-    )
-    .await
-    .unwrap();
+    let (_dir, socket, daemon, c) =
+        plugin_on_fake_daemon(json!({"fingerprint_period": "1s"})).await;
     let mut fp = c.fingerprint().await;
 
     let m = fingerprint_until(&mut fp, DEADLINE, healthy).await;
@@ -403,12 +400,9 @@ async fn fingerprint_follows_the_daemon_healthy_unhealthy_healthy() {
 
 #[tokio::test]
 async fn fingerprint_is_unhealthy_when_no_enabled_language_is_available() {
-    let dir = short_tempdir();
-    let socket = dir.path().join("d.sock");
-    let daemon = FakeDaemon::start(&socket).await;
-    let c = NomadClient::launch().await;
     // The fake daemon reports typescript as unavailable.
-    c.set_config(json!({"daemon_socket": socket.display().to_string(), "session_config": {"enabled_languages": ["ts"]}, "daemon": {"auto_start": false}}), true).await.unwrap();
+    let (_dir, _socket, daemon, c) =
+        plugin_on_fake_daemon(json!({"session_config": {"enabled_languages": ["ts"]}})).await;
     let mut fp = c.fingerprint().await;
     let m = fingerprint_until(&mut fp, DEADLINE, unhealthy).await;
     assert!(

@@ -521,13 +521,7 @@ pub struct Settings {
 }
 
 pub async fn spawn(settings: &Settings, spawner: &Spawner) -> Result<Spawned, LaunchError> {
-    let Settings {
-        python,
-        workdir,
-        spares,
-        merge_pages,
-    } = settings;
-    let (python, workdir, spares) = (python.as_path(), workdir.as_path(), *spares);
+    let (python, workdir) = (settings.python.as_path(), settings.workdir.as_path());
     let sandbox = |e: String| LaunchError::Sandbox(e);
     let (ours, theirs) = socketpair(
         AddressFamily::Unix,
@@ -553,7 +547,7 @@ pub async fn spawn(settings: &Settings, spawner: &Spawner) -> Result<Spawned, La
     });
     cmd.arg("-c")
         .arg(ZYGOTE_SOURCE)
-        .arg(spares.to_string())
+        .arg(settings.spares.to_string())
         .arg(caps.to_string());
     cmd.env_clear();
     cmd.env("PATH", crate::sandbox::spawn::MINIMAL_PATH);
@@ -571,7 +565,7 @@ pub async fn spawn(settings: &Settings, spawner: &Spawner) -> Result<Spawned, La
         network_namespace: None,
         cgroup_procs: Vec::new(),
         // Children inherit it at fork: one step here covers every pooled execution.
-        merge_pages: *merge_pages,
+        merge_pages: settings.merge_pages,
         stdout: null.into(),
         stderr,
     };
