@@ -13,7 +13,8 @@ use elide_task_driver::proto::hashicorp::nomad::plugins::drivers::proto::{
     self as pb, fingerprint_response::HealthState,
 };
 use lifecycle_support::{
-    Alloc, AutoDaemon, DEADLINE, Plugin, alive, daemon_pid, eventually, handle_pid, plugin_config,
+    Alloc, AutoDaemon, DEADLINE, Plugin, alive, daemon_pid, daemons_on, eventually, handle_pid,
+    plugin_config,
 };
 use prost::Message;
 use serde_json::json;
@@ -244,6 +245,76 @@ async fn executions_an_earlier_plugin_left_unrecovered_stop_when_nomad_starts_or
         let _ = plugin.stop(id, "SIGKILL", Duration::ZERO).await;
         let _ = plugin.destroy(id, true).await;
     }
+    drop(plugin);
+    auto.kill().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn destroying_an_unknown_task_after_the_daemon_died_answers_at_once_and_starts_no_daemon() {
+    let (root, auto, _config, plugin) = plugin_with_auto_daemon().await;
+    eventually("auto-started daemon answers", || auto.socket.exists()).await;
+    let dpid = daemon_pid(&auto.socket).await.expect("daemon answers");
+    let alloc = Alloc::new(root.path());
+    let t = alloc.task("t");
+    let h = plugin
+        .start_json(
+            &t,
+            json!({"language": "python", "code": "import time\ntime.sleep(600)"}),
+        )
+        .await
+        .unwrap();
+    let pid = handle_pid(&h);
+    // The task's waiter is what notices the daemon is gone and drops the plugin's cached
+    // connection; until then a DestroyTask would reuse that connection and never try to start.
+    let mut d = plugin.driver();
+    let id = t.id.clone();
+    let wait = tokio::spawn(async move { d.wait_task(pb::WaitTaskRequest { task_id: id }).await });
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(dpid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let r = tokio::time::timeout(DEADLINE, wait)
+        .await
+        .expect("WaitTask hung")
+        .unwrap()
+        .expect("WaitTask answers with a result")
+        .into_inner();
+    assert!(r.err.contains("elide-daemon connection lost"), "{r:?}");
+    // What the plugin would look for is gone already: nothing a new daemon could clean up.
+    eventually("the execution dies with its daemon", || !alive(pid)).await;
+
+    // Nomad cleans up a task this plugin process does not know (say, its recovery failed),
+    // first with the SIGKILLed daemon's socket file left behind (connections refused), then
+    // with no socket file at all.
+    assert!(auto.socket.exists(), "a SIGKILLed daemon leaves its socket");
+    for case in ["stale socket", "no socket"] {
+        if case == "no socket" {
+            std::fs::remove_file(&auto.socket).unwrap();
+        }
+        let asked = Instant::now();
+        plugin
+            .destroy("0a1b2c3d/gone/0123abcd", true)
+            .await
+            .unwrap_or_else(|e| panic!("{case}: {e:?}"));
+        assert!(
+            asked.elapsed() < Duration::from_secs(2),
+            "{case}: DestroyTask took {:?}",
+            asked.elapsed()
+        );
+        assert_eq!(
+            daemon_pid(&auto.socket).await,
+            None,
+            "{case}: a daemon answers"
+        );
+        assert_eq!(
+            daemons_on(&auto.socket),
+            Vec::<i32>::new(),
+            "{case}: a daemon was started"
+        );
+    }
+    assert!(!auto.socket.exists(), "something created the socket again");
+    plugin.alive().await;
     drop(plugin);
     auto.kill().await;
 }

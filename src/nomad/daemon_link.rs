@@ -1,12 +1,14 @@
 //! The plugin's one connection to the node daemon, shared by every RPC: connected on demand,
 //! dropped when a call finds the daemon gone, and re-established with back-off; when nothing
 //! answers and `daemon.auto_start` is on, the daemon is started (one start at a time) and our
-//! session is (re-)created before the connection is handed out.
+//! session is (re-)created before the connection is handed out. Callers that only look for
+//! what a running daemon holds use [`DaemonLink::running_client`], which never starts one.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use super::config::PluginConfig;
 use super::daemon_start::{self, StartError};
 use super::state::{Snapshot, session_config, session_owner};
 use crate::daemon_client::{DEFAULT_CALL_TIMEOUT, DaemonClient, DaemonError};
@@ -22,7 +24,7 @@ pub enum LinkError {
     /// SetConfig from the Nomad client has not arrived.
     #[error("the plugin is not configured yet (no SetConfig from the Nomad client)")]
     NotConfigured,
-    /// The daemon does not answer (auto-start off).
+    /// The daemon does not answer (auto-start off, or not wanted by the caller).
     #[error("elide-daemon not reachable at {socket}: {detail}")]
     Unreachable {
         /// The socket.
@@ -78,13 +80,7 @@ impl DaemonLink {
 
     /// A connected client with our session in place, auto-starting the daemon if allowed.
     pub async fn client(&self, snapshot: &Snapshot) -> Result<DaemonClient, LinkError> {
-        let (Some(cfg), true, Some(session)) = (
-            snapshot.config.as_ref(),
-            snapshot.agent_configured,
-            snapshot.session_id.as_ref(),
-        ) else {
-            return Err(LinkError::NotConfigured);
-        };
+        let (cfg, session) = configured(snapshot)?;
         let socket = cfg.daemon_socket.clone();
         if let Some(c) = self.cached_for(&socket) {
             return Ok(c);
@@ -93,13 +89,9 @@ impl DaemonLink {
         if let Some(c) = self.cached_for(&socket) {
             return Ok(c);
         }
-        let client = match DaemonClient::connect(&socket, DEFAULT_CALL_TIMEOUT).await {
-            Ok(c) if c.daemon_info().await.is_ok() => c,
-            first => {
-                let detail = match first {
-                    Err(e) => e.to_string(),
-                    Ok(_) => "it accepts connections but does not answer GetDaemonInfo".into(),
-                };
+        let client = match answering(&socket).await {
+            Ok(c) => c,
+            Err(detail) => {
                 if !cfg.daemon.auto_start {
                     return Err(LinkError::Unreachable { socket, detail });
                 }
@@ -134,6 +126,55 @@ impl DaemonLink {
         ensure_session(&client, snapshot, session).await?;
         *self.cached.lock().unwrap_or_else(|p| p.into_inner()) = Some((socket, client.clone()));
         Ok(client)
+    }
+
+    /// Like [`Self::client`], but only to a daemon that already answers: never starts one.
+    ///
+    /// For callers that only look for what a running daemon holds: a daemon that is down has
+    /// already ended its executions (its reaper goes with it), so starting one would find
+    /// nothing. It neither waits for an auto-start under way (that can take the whole
+    /// `start_timeout`) nor touches the start back-off.
+    pub async fn running_client(&self, snapshot: &Snapshot) -> Result<DaemonClient, LinkError> {
+        let (cfg, session) = configured(snapshot)?;
+        let socket = cfg.daemon_socket.clone();
+        if let Some(c) = self.cached_for(&socket) {
+            return Ok(c);
+        }
+        // One deadline for connect and GetDaemonInfo together: a listener that accepts but
+        // hangs must not hold the caller for both timeouts in a row.
+        let answered = tokio::time::timeout(DEFAULT_CALL_TIMEOUT, answering(&socket))
+            .await
+            .unwrap_or_else(|_| Err(format!("no answer within {DEFAULT_CALL_TIMEOUT:?}")));
+        let client = answered.map_err(|detail| LinkError::Unreachable {
+            socket: socket.clone(),
+            detail,
+        })?;
+        ensure_session(&client, snapshot, session).await?;
+        *self.cached.lock().unwrap_or_else(|p| p.into_inner()) = Some((socket, client.clone()));
+        Ok(client)
+    }
+}
+
+/// The agent's config and our session id, once the Nomad client (not just the validation
+/// launch) configured us.
+fn configured(snapshot: &Snapshot) -> Result<(&PluginConfig, &String), LinkError> {
+    match (
+        snapshot.config.as_deref(),
+        snapshot.agent_configured,
+        snapshot.session_id.as_ref(),
+    ) {
+        (Some(cfg), true, Some(session)) => Ok((cfg, session)),
+        _ => Err(LinkError::NotConfigured),
+    }
+}
+
+/// A client to the daemon at `socket` if one answers GetDaemonInfo, else why not. An absent
+/// socket or one nobody listens on fails at once.
+async fn answering(socket: &Path) -> Result<DaemonClient, String> {
+    match DaemonClient::connect(socket, DEFAULT_CALL_TIMEOUT).await {
+        Ok(c) if c.daemon_info().await.is_ok() => Ok(c),
+        Ok(_) => Err("it accepts connections but does not answer GetDaemonInfo".into()),
+        Err(e) => Err(e.to_string()),
     }
 }
 
@@ -175,5 +216,58 @@ impl LinkError {
     /// configuration problem.
     pub fn is_transient(&self) -> bool {
         !matches!(self, LinkError::Session { .. })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::nomad::config::DaemonSettings;
+
+    /// A snapshot whose auto-start would run `/bin/true`, which exits at once: a start attempt
+    /// shows as `StartFailed`.
+    fn auto_start_snapshot(socket: PathBuf) -> Snapshot {
+        Snapshot {
+            config: Some(Arc::new(PluginConfig {
+                daemon_socket: socket,
+                daemon: DaemonSettings {
+                    auto_start: true,
+                    path: Some("/bin/true".into()),
+                    ..Default::default()
+                },
+                ..PluginConfig::default()
+            })),
+            agent_configured: true,
+            session_id: Some("nomad-x".into()),
+        }
+    }
+
+    #[tokio::test]
+    async fn running_client_never_starts_the_daemon_and_fails_fast() {
+        let dir = tempfile::Builder::new()
+            .prefix("e")
+            .tempdir_in("/tmp")
+            .unwrap();
+        let absent = dir.path().join("none.sock");
+        // A socket file nobody listens on, as a SIGKILLed daemon leaves it.
+        let stale = dir.path().join("stale.sock");
+        drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+        for socket in [absent, stale] {
+            let link = DaemonLink::default();
+            let snapshot = auto_start_snapshot(socket.clone());
+            let t = Instant::now();
+            let e = link.running_client(&snapshot).await.unwrap_err();
+            assert!(
+                matches!(e, LinkError::Unreachable { .. }),
+                "{}: {e}",
+                socket.display()
+            );
+            assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+            // The auto-starting path does try here; the connect-only one must not have.
+            let e = link.client(&snapshot).await.unwrap_err();
+            assert!(matches!(e, LinkError::StartFailed { .. }), "{e}");
+        }
     }
 }

@@ -10,7 +10,8 @@
 //! Choices (fact sheet §3.8–§3.17):
 //! - StopTask with an empty signal sends SIGINT, like Nomad's executor-based drivers; a
 //!   timeout of 0 kills at once. Unknown or already-ended tasks answer OK.
-//! - DestroyTask refuses a running task unless `force`; unknown ids answer OK.
+//! - DestroyTask refuses a running task unless `force`; unknown ids answer OK, and never
+//!   auto-start the daemon to look for leftovers.
 //! - Wait/Inspect/Signal on unknown ids answer NotFound (never Unavailable).
 //! - A daemon that cannot be reached at StartTask gives a RecoverableError so Nomad retries.
 
@@ -622,11 +623,14 @@ pub async fn destroy_task(
     req: pb::DestroyTaskRequest,
 ) -> Result<Response<pb::DestroyTaskResponse>, Status> {
     let Some(entry) = state.tasks.get(&req.task_id) else {
-        // Not ours: maybe a task whose recovery failed, which Nomad now cleans up.
+        // Not ours: maybe a task whose recovery failed, which Nomad now cleans up. Only a
+        // daemon that already runs can hold a leftover (one that is down ended its executions),
+        // so none is started just to look.
         let snapshot = state.snapshot();
-        if let (Ok(client), Some(session_id)) =
-            (state.link.client(&snapshot).await, &snapshot.session_id)
-        {
+        if let (Ok(client), Some(session_id)) = (
+            state.link.running_client(&snapshot).await,
+            &snapshot.session_id,
+        ) {
             note_inherited(state, &client, session_id).await;
             if let Some(execution) = state.inherited.take_id(&req.task_id) {
                 let why = "Nomad destroys its task, which this plugin process did not recover";

@@ -299,7 +299,7 @@ impl AutoDaemon {
 }
 
 /// Pids of processes whose command line names `socket` (the auto-started daemon).
-fn daemons_on(socket: &Path) -> Vec<i32> {
+pub fn daemons_on(socket: &Path) -> Vec<i32> {
     let needle = socket.display().to_string();
     std::fs::read_dir("/proc")
         .map(|d| {
