@@ -867,8 +867,24 @@ fn the_fork_floor_bench_measures_the_zygotes_module_set() {
     );
     assert!(figure("job", "(parent + child)") > 0.0, "{text}");
     assert!(figure("idle", "/ N") > 0.1, "{text}");
-    let refused = bench_script("fork_floor.py", &["--rounds", "0"]);
-    let err = String::from_utf8_lossy(&refused.stderr);
-    assert!(!refused.status.success());
-    assert!(err.contains("--rounds must be at least 1"), "{err}");
+    for bad in [["--rounds", "0"], ["--idle", "-1"]] {
+        let refused = bench_script("fork_floor.py", &bad);
+        let err = String::from_utf8_lossy(&refused.stderr);
+        assert!(!refused.status.success(), "{bad:?}");
+        assert!(
+            err.contains("--rounds must be at least 1 and --idle at least 0"),
+            "{bad:?}: {err}"
+        );
+        assert!(
+            err.contains(&format!(
+                "got {}",
+                if bad[0] == "--rounds" {
+                    "0 and 50"
+                } else {
+                    "400 and -1"
+                }
+            )),
+            "{bad:?}: {err}"
+        );
+    }
 }

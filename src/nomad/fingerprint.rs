@@ -44,13 +44,21 @@ pub const ATTR_RUNTIME_PREFIX: &str = "driver.elide.runtime.";
 pub const HEALTHY_DESCRIPTION: &str = "Healthy";
 
 /// The value of [`ATTR_PAGE_MERGING`]: the plugin runs on the daemon's node, so it sees the
-/// same kernel and ksmd.
-fn page_merging(asked: bool, kernel_can: bool, ksmd_runs: bool) -> &'static str {
-    match (asked, kernel_can, ksmd_runs) {
-        (false, _, _) => "off",
-        (true, false, _) => "unsupported",
-        (true, true, false) => "ksmd off",
-        (true, true, true) => "on",
+/// same kernel and ksmd. The probes run only as far as the answer needs them: a node that
+/// does not merge reads no sysfs file on each fingerprint.
+fn page_merging(
+    asked: bool,
+    kernel_can: impl FnOnce() -> bool,
+    ksmd_runs: impl FnOnce() -> bool,
+) -> &'static str {
+    if !asked {
+        "off"
+    } else if !kernel_can() {
+        "unsupported"
+    } else if !ksmd_runs() {
+        "ksmd off"
+    } else {
+        "on"
     }
 }
 
@@ -143,8 +151,8 @@ pub async fn probe(link: &DaemonLink, snapshot: &Snapshot) -> FingerprintRespons
         ATTR_PAGE_MERGING.into(),
         string_attr(page_merging(
             config.session.merge_identical_pages,
-            page_merge::available(),
-            page_merge::ksmd_running(),
+            page_merge::available,
+            page_merge::ksmd_running,
         )),
     );
     let session = match client.get_session(session_id).await {
@@ -302,11 +310,13 @@ mod tests {
 
     #[test]
     fn page_merging_says_whether_it_is_asked_and_can_happen() {
-        assert_eq!(page_merging(false, true, true), "off");
-        assert_eq!(page_merging(false, false, false), "off");
-        assert_eq!(page_merging(true, false, true), "unsupported");
-        assert_eq!(page_merging(true, true, false), "ksmd off");
-        assert_eq!(page_merging(true, true, true), "on");
+        let never = || -> bool { panic!("probed although the answer was known") };
+        let yes = || true;
+        let no = || false;
+        assert_eq!(page_merging(false, never, never), "off");
+        assert_eq!(page_merging(true, no, never), "unsupported");
+        assert_eq!(page_merging(true, yes, no), "ksmd off");
+        assert_eq!(page_merging(true, yes, yes), "on");
     }
 
     #[test]
