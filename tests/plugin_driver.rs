@@ -424,3 +424,98 @@ async fn fingerprint_stream_ends_cleanly_when_the_client_cancels() {
     }
     assert_eq!(c.plugin_info().await.name, "elide");
 }
+
+/// Polls `probe` until it gives a value or `within` has passed.
+async fn eventually<T>(within: Duration, probe: impl Fn() -> Option<T>) -> Option<T> {
+    let end = tokio::time::Instant::now() + within;
+    loop {
+        if let Some(v) = probe() {
+            return Some(v);
+        }
+        if tokio::time::Instant::now() >= end {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A python task `id` with inline code, its config encoded against the plugin's schema.
+async fn code_task(c: &NomadClient, id: &str) -> pb::TaskConfig {
+    let spec = c
+        .driver
+        .clone()
+        .task_config_schema(pb::TaskConfigSchemaRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .spec
+        .expect("never nil");
+    let config = support::cty::encode_config(&spec, &json!({"code": "print(1)", "language": "py"}))
+        .expect("job config fits the schema");
+    pb::TaskConfig {
+        id: id.into(),
+        name: "t".into(),
+        alloc_id: "a1".into(),
+        alloc_dir: "/nonexistent/alloc/a1".into(),
+        msgpack_driver_config: config,
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn start_task_cancelled_after_the_daemon_started_kills_and_forgets_the_execution() {
+    let (_dir, _socket, daemon, c) = plugin_on_fake_daemon(json!({})).await;
+    // Healthy first: link and session are up, so StartTask goes straight to StartExecution.
+    let mut fp = c.fingerprint().await;
+    fingerprint_until(&mut fp, DEADLINE, healthy).await;
+    daemon.set_start_delay(Duration::from_millis(400));
+    let task = code_task(&c, "a1/t/1").await;
+    let request = || pb::StartTaskRequest {
+        task: Some(task.clone()),
+    };
+
+    // Nomad gives up on StartTask once the daemon has started the execution, before its
+    // answer arrives: dropping the call resets the stream and the plugin's handler is dropped.
+    let mut d = c.driver.clone();
+    let started = tokio::select! {
+        r = d.start_task(request()) => panic!("StartTask answered before it was dropped: {r:?}"),
+        s = eventually(DEADLINE, || daemon.with_calls(|c| c.started.first().cloned())) => s,
+    }
+    .expect("the daemon saw StartExecution");
+
+    let undone = eventually(Duration::from_secs(5), || {
+        daemon.with_calls(|c| {
+            let killed = c
+                .stop_execution
+                .iter()
+                .any(|s| s.execution_id == started && s.signal == "SIGKILL");
+            let removed = c.remove_execution.iter().any(|r| r.execution_id == started);
+            (killed && removed).then_some(())
+        })
+    })
+    .await;
+    assert!(
+        undone.is_some(),
+        "execution {started} was not killed and removed: {:?}",
+        daemon.with_calls(|c| (c.stop_execution.clone(), c.remove_execution.clone()))
+    );
+
+    // The task id is free again. The fake records RemoveExecution before the plugin has its
+    // answer, so the plugin may still hold the id for a moment.
+    daemon.set_start_delay(Duration::ZERO);
+    let end = tokio::time::Instant::now() + Duration::from_secs(5);
+    let resp = loop {
+        match c.driver.clone().start_task(request()).await {
+            Err(s)
+                if s.code() == tonic::Code::AlreadyExists && tokio::time::Instant::now() < end =>
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            r => break r.expect("StartTask again").into_inner(),
+        }
+    };
+    assert_eq!(resp.result, pb::start_task_response::Result::Success as i32);
+    let (started_all, stopped) = daemon.with_calls(|c| (c.started.clone(), c.stop_execution.len()));
+    assert_eq!(started_all.len(), 2, "{started_all:?}");
+    assert_eq!(stopped, 1, "only the abandoned start is stopped");
+}

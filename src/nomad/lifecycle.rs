@@ -20,6 +20,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use prost::Message;
+use tokio_util::sync::CancellationToken;
 use tonic::{Response, Status, Streaming};
 
 use super::driver_state::{DRIVER_STATE_VERSION, DriverState};
@@ -464,10 +465,50 @@ pub async fn recover_task(
     Ok(Response::new(pb::RecoverTaskResponse {}))
 }
 
-/// StartTask.
+/// StartTask. Runs detached from the RPC: Nomad cancels StartTask when its task runner's
+/// context ends, and tonic then drops this future; a start the daemon has already made must
+/// still end in a task entry or be undone, never in an execution nobody will stop (the way
+/// the daemon's own `start_execution` survives its caller).
 pub async fn start_task(
     state: &Arc<PluginState>,
     req: pb::StartTaskRequest,
+) -> Result<Response<pb::StartTaskResponse>, Status> {
+    let caller_gone = CancellationToken::new();
+    let _present = caller_gone.clone().drop_guard();
+    let state = state.clone();
+    tokio::spawn(async move { start_detached(&state, req, caller_gone).await })
+        .await
+        .map_err(|e| Status::internal(format!("StartTask failed: {e}")))?
+}
+
+/// Kills and forgets an execution the daemon started for a StartTask whose caller has gone:
+/// Nomad never learns of it, so nothing else would stop it (and a retried StartTask would run
+/// the snippet a second time).
+async fn abandon_start(client: &DaemonClient, task_id: &str, execution_id: &str) {
+    tracing::warn!(task = %task_id, execution = %execution_id, "StartTask was cancelled by Nomad after elide-daemon started the execution; killing it");
+    match client
+        .stop_execution(execution_id, "SIGKILL", Duration::ZERO)
+        .await
+    {
+        Ok(_) => {}
+        Err(e) if e.code() == Some(tonic::Code::NotFound) => return,
+        Err(e) => {
+            tracing::error!(task = %task_id, execution = %execution_id, error = %e, "cannot kill the execution of a cancelled StartTask");
+            return;
+        }
+    }
+    if let Err(e) = client.remove_execution(execution_id, true).await
+        && e.code() != Some(tonic::Code::NotFound)
+    {
+        tracing::warn!(task = %task_id, execution = %execution_id, error = %e, "daemon did not forget the execution of a cancelled StartTask");
+    }
+}
+
+/// The body of [`start_task`]; `caller_gone` is cancelled once Nomad has dropped the RPC.
+async fn start_detached(
+    state: &Arc<PluginState>,
+    req: pb::StartTaskRequest,
+    caller_gone: CancellationToken,
 ) -> Result<Response<pb::StartTaskResponse>, Status> {
     let cfg = req
         .task
@@ -503,6 +544,10 @@ pub async fn start_task(
         let why = format!("Nomad starts its task again as {}", cfg.id);
         stop_leftover(&client, &old_id, &execution, &why).await;
     }
+    if caller_gone.is_cancelled() {
+        // Nothing started yet, and nobody is left to tell.
+        return Err(Status::cancelled(format!("StartTask {} cancelled", cfg.id)));
+    }
     let request = execution_request(&cfg, &spec, &session_id, config.session.memory_limit_mb);
     let mut result = client.start_execution(request.clone(), START_TIMEOUT).await;
     if let Err(e) = &result
@@ -525,6 +570,14 @@ pub async fn start_task(
             daemon_status(state, &cfg.id, &e)
         }
     })?;
+    if caller_gone.is_cancelled() {
+        // The reservation is released on return, after the execution is gone.
+        abandon_start(&client, &cfg.id, &exec.id).await;
+        return Err(Status::cancelled(format!(
+            "StartTask {} cancelled; execution {} stopped",
+            cfg.id, exec.id
+        )));
+    }
     let started_at = exec
         .started_at
         .and_then(|t| SystemTime::try_from(t).ok())

@@ -1,10 +1,12 @@
 //! A minimal fake ExecutionAPI (GetDaemonInfo, CreateSession, GetSession) on a real Unix
-//! socket, only for fingerprint health transitions until the real daemon lands. Every other
-//! RPC answers Unimplemented.
+//! socket, for fingerprint health transitions, plus a StartExecution that answers after a set
+//! delay and recorded StopExecution/RemoveExecution, for a StartTask that Nomad cancels. Every
+//! other RPC answers Unimplemented.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use elide_task_driver::proto::elide::daemon::v1alpha1::{
     self as api,
@@ -23,18 +25,24 @@ pub struct Calls {
     pub create_session: Vec<api::CreateSessionRequest>,
     pub get_session: usize,
     pub daemon_info: usize,
+    /// Ids of the executions StartExecution started, in order.
+    pub started: Vec<String>,
+    pub stop_execution: Vec<api::StopExecutionRequest>,
+    pub remove_execution: Vec<api::RemoveExecutionRequest>,
 }
 
 #[derive(Clone, Default)]
 struct Fake {
     sessions: Arc<Mutex<HashMap<String, api::Session>>>,
     calls: Arc<Mutex<Calls>>,
+    start_delay: Arc<Mutex<Duration>>,
 }
 
 /// A running fake daemon; stops (and removes its socket) on drop.
 pub struct FakeDaemon {
     pub socket: PathBuf,
     calls: Arc<Mutex<Calls>>,
+    start_delay: Arc<Mutex<Duration>>,
     token: CancellationToken,
     task: tokio::task::JoinHandle<()>,
 }
@@ -46,6 +54,7 @@ impl FakeDaemon {
         let listener = tokio::net::UnixListener::bind(socket).expect("bind fake daemon socket");
         let fake = Fake::default();
         let calls = fake.calls.clone();
+        let start_delay = fake.start_delay.clone();
         let token = CancellationToken::new();
         let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
         let t = token.clone();
@@ -58,9 +67,20 @@ impl FakeDaemon {
         FakeDaemon {
             socket: socket.to_path_buf(),
             calls,
+            start_delay,
             token,
             task,
         }
+    }
+
+    /// How long StartExecution takes to answer after it has started the execution.
+    pub fn set_start_delay(&self, delay: Duration) {
+        *self.start_delay.lock().unwrap() = delay;
+    }
+
+    /// What the fake has seen so far, for assertions.
+    pub fn with_calls<T>(&self, f: impl FnOnce(&Calls) -> T) -> T {
+        f(&self.calls.lock().unwrap())
     }
 
     /// Number of CreateSession calls so far.
@@ -158,9 +178,26 @@ impl ExecutionApi for Fake {
     }
     async fn start_execution(
         &self,
-        _r: Request<api::StartExecutionRequest>,
+        r: Request<api::StartExecutionRequest>,
     ) -> Result<Response<api::Execution>, Status> {
-        unimpl()
+        let req = r.into_inner();
+        // Started (committed) before the delay: the answer comes whether or not the caller
+        // is still there, like a daemon that had already launched the snippet.
+        let id = {
+            let mut calls = self.calls.lock().unwrap();
+            let id = format!("e-fake-{}", calls.started.len() + 1);
+            calls.started.push(id.clone());
+            id
+        };
+        let delay = *self.start_delay.lock().unwrap();
+        tokio::time::sleep(delay).await;
+        Ok(Response::new(api::Execution {
+            id,
+            session_id: req.session_id,
+            state: api::ExecutionState::Running as i32,
+            pid: 4242,
+            ..Default::default()
+        }))
     }
     async fn get_execution(
         &self,
@@ -195,9 +232,11 @@ impl ExecutionApi for Fake {
     }
     async fn stop_execution(
         &self,
-        _r: Request<api::StopExecutionRequest>,
+        r: Request<api::StopExecutionRequest>,
     ) -> Result<Response<api::StopExecutionResponse>, Status> {
-        unimpl()
+        let req = r.into_inner();
+        self.calls.lock().unwrap().stop_execution.push(req);
+        Ok(Response::new(api::StopExecutionResponse::default()))
     }
     async fn get_execution_stats(
         &self,
@@ -207,9 +246,11 @@ impl ExecutionApi for Fake {
     }
     async fn remove_execution(
         &self,
-        _r: Request<api::RemoveExecutionRequest>,
+        r: Request<api::RemoveExecutionRequest>,
     ) -> Result<Response<api::RemoveExecutionResponse>, Status> {
-        unimpl()
+        let req = r.into_inner();
+        self.calls.lock().unwrap().remove_execution.push(req);
+        Ok(Response::new(api::RemoveExecutionResponse::default()))
     }
     type WatchEventsStream = S<api::ExecutionEvent>;
     async fn watch_events(
