@@ -488,17 +488,13 @@ impl Execution {
             ann,
         );
         self.phase.send_replace(Phase::Exited);
-        // Cleanup after the waiters were told: make the record durable, kill and remove the
-        // cgroup, remove the execution's directory. Errors are logged, nothing is skipped.
+        // Cleanup after the waiters were told: kill and remove the cgroup, remove the
+        // execution's directory, make the record durable (sharing its flush with executions
+        // that end around the same time). Errors are logged, nothing is skipped.
         let state = ctx.state.clone();
         let exec_dir = self.plan.as_ref().map(|p| p.exec_dir.clone());
         let id = self.id.clone();
         tokio::task::spawn_blocking(move || {
-            if let Some(w) = persisted
-                && let Err(e) = state.sync_execution(w)
-            {
-                tracing::warn!(execution = %id, error = %e, "cannot fsync the exit status");
-            }
             if let Some(cg) = cgroup {
                 // A stats sampler may still hold the Arc; the directories go either way.
                 let owned: ExecutionCgroup = (*cg).clone();
@@ -511,6 +507,11 @@ impl Execution {
                 && e.kind() != std::io::ErrorKind::NotFound
             {
                 tracing::warn!(execution = %id, dir = %d.display(), error = %e, "cannot remove the execution directory");
+            }
+            if let Some(w) = persisted
+                && let Err(e) = state.sync_execution_soon(w)
+            {
+                tracing::warn!(execution = %id, error = %e, "cannot fsync the exit status");
             }
         });
     }

@@ -97,6 +97,9 @@ struct Inner {
     /// Lines appended so far (a sequence number) and the last one known to be on disk.
     appended: u64,
     synced: u64,
+    /// A [`Journal::sync_grouped`] caller is waiting out its window; its fdatasync will cover
+    /// every line appended until it wakes.
+    gathering: bool,
 }
 
 /// The writable journal of a daemon (which holds the state dir's lock).
@@ -131,6 +134,7 @@ impl Journal {
                 lines: r.lines,
                 appended: 0,
                 synced: 0,
+                gathering: false,
             }),
         })
     }
@@ -192,6 +196,31 @@ impl Journal {
         Ok(())
     }
 
+    /// Like [`Self::sync`], but first waits `window` so that lines appended meanwhile share
+    /// the one fdatasync (group commit): executions ending together cost the disk one flush,
+    /// not one each. A caller arriving while another waits returns at once, its line covered
+    /// by that one's flush (which reports its own failure). Blocks for `window`: call it off
+    /// the async workers.
+    pub fn sync_grouped(&self, upto: u64, window: std::time::Duration) -> Result<(), StateError> {
+        {
+            let mut g = self.lock();
+            if g.synced >= upto || g.gathering {
+                return Ok(());
+            }
+            g.gathering = true;
+        }
+        std::thread::sleep(window);
+        let (file, seq) = {
+            let mut g = self.lock();
+            g.gathering = false;
+            (g.file.try_clone().map_err(io(&self.path))?, g.appended)
+        };
+        file.sync_data().map_err(io(&self.path))?;
+        let mut g = self.lock();
+        g.synced = g.synced.max(seq);
+        Ok(())
+    }
+
     /// Every live record.
     pub fn records(&self) -> Vec<ExecutionRecord> {
         records_of(&self.lock().live)
@@ -222,6 +251,12 @@ impl Journal {
     fn lines(&self) -> usize {
         self.lock().lines
     }
+
+    #[cfg(test)]
+    fn synced_and_gathering(&self) -> (u64, bool) {
+        let g = self.lock();
+        (g.synced, g.gathering)
+    }
 }
 
 #[cfg(test)]
@@ -251,6 +286,32 @@ mod tests {
         assert_eq!(ids(load(&path).unwrap()), vec![("a".into(), Some(3))]);
         let j = Journal::open(&path).unwrap();
         assert_eq!(ids(j.records()), vec![("a".into(), Some(3))]);
+    }
+
+    #[test]
+    fn lines_appended_within_a_grouped_sync_window_share_its_flush() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = std::sync::Arc::new(Journal::open(&dir.path().join("executions.journal")).unwrap());
+        let first = j.put(&rec("a", Some(0))).unwrap();
+        let leader = {
+            let j = j.clone();
+            std::thread::spawn(move || j.sync_grouped(first, std::time::Duration::from_millis(500)))
+        };
+        while !j.synced_and_gathering().1 {
+            std::thread::yield_now();
+        }
+        let second = j.put(&rec("b", Some(1))).unwrap();
+        // A caller during the window leaves its line to the waiting one: it returns while that
+        // one still gathers, with nothing flushed yet.
+        j.sync_grouped(second, std::time::Duration::from_millis(500))
+            .unwrap();
+        assert_eq!(j.synced_and_gathering(), (0, true));
+        leader.join().unwrap().unwrap();
+        // The one flush covered both lines.
+        assert_eq!(j.synced_and_gathering(), (second, false));
+        // Nothing pending: a later call returns at once.
+        j.sync_grouped(second, std::time::Duration::from_secs(3600))
+            .unwrap();
     }
 
     #[test]

@@ -133,6 +133,12 @@ pub(super) fn replace_file(
 
 /// The execution journal's file name under the state dir.
 const JOURNAL: &str = "executions.journal";
+/// How long a final record may wait for others to share its flush. At a few hundred short
+/// executions a second, a flush per execution is a flush every few milliseconds on the node's
+/// disk; this makes it one per window. Only a machine crash within the window loses the
+/// result, and then the execution was already over.
+pub const GROUP_COMMIT_WINDOW: std::time::Duration = std::time::Duration::from_millis(20);
+
 /// Where older daemons kept one file per execution.
 const LEGACY_EXECUTIONS: &str = "executions";
 
@@ -290,10 +296,21 @@ impl StateStore {
         }
     }
 
+    /// Like [`sync_execution`](Self::sync_execution) for records that need not be durable at
+    /// once (final records, whose result the waiters already have): waits up to
+    /// [`GROUP_COMMIT_WINDOW`] so that records of executions ending together share one flush.
+    /// Blocks: call it off the async workers.
+    pub fn sync_execution_soon(&self, w: Written) -> Result<(), StateError> {
+        match &self.journal {
+            Some(j) => j.sync_grouped(w.0, GROUP_COMMIT_WINDOW),
+            None => Ok(()),
+        }
+    }
+
     /// Saves an execution record without fsync: it survives a crash of the daemon process (the
     /// page cache does). Enough for a running execution, which a machine crash kills anyway; a
-    /// final record is followed by [`sync_execution`](Self::sync_execution) off the latency
-    /// path to survive a machine crash too.
+    /// final record is followed by [`sync_execution_soon`](Self::sync_execution_soon) off the
+    /// latency path to survive a machine crash too.
     pub fn save_unsynced(&self, rec: &ExecutionRecord) -> Result<Written, StateError> {
         match &self.journal {
             Some(j) if Self::safe_name(&rec.id) => j.put(rec).map(Written),
