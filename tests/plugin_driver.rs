@@ -51,15 +51,7 @@ async fn init_and_shutdown_answer_ok() {
 #[tokio::test]
 async fn task_config_schema_has_the_seed_names() {
     let c = NomadClient::launch().await;
-    let spec = c
-        .driver
-        .clone()
-        .task_config_schema(pb::TaskConfigSchemaRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .spec
-        .expect("never nil");
+    let spec = c.task_config_schema().await;
     let Some(Block::Object(o)) = spec.block.as_ref() else {
         panic!("object expected")
     };
@@ -441,15 +433,7 @@ async fn eventually<T>(within: Duration, probe: impl Fn() -> Option<T>) -> Optio
 
 /// A python task `id` with inline code, its config encoded against the plugin's schema.
 async fn code_task(c: &NomadClient, id: &str) -> pb::TaskConfig {
-    let spec = c
-        .driver
-        .clone()
-        .task_config_schema(pb::TaskConfigSchemaRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .spec
-        .expect("never nil");
+    let spec = c.task_config_schema().await;
     let config = support::cty::encode_config(&spec, &json!({"code": "print(1)", "language": "py"}))
         .expect("job config fits the schema");
     pb::TaskConfig {

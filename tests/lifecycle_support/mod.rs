@@ -368,15 +368,7 @@ impl Plugin {
             .set_config(config.clone(), true)
             .await
             .expect("SetConfig");
-        let spec = client
-            .driver
-            .clone()
-            .task_config_schema(pb::TaskConfigSchemaRequest {})
-            .await
-            .unwrap()
-            .into_inner()
-            .spec
-            .unwrap();
+        let spec = client.task_config_schema().await;
         Plugin { client, spec }
     }
 

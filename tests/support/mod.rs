@@ -327,6 +327,20 @@ impl NomadClient {
             .expect("ConfigSchema returned no spec")
     }
 
+    /// The driver's task config schema (what Nomad decodes a job's `config` block against).
+    pub async fn task_config_schema(
+        &self,
+    ) -> elide_task_driver::proto::hashicorp::nomad::plugins::shared::hclspec::Spec {
+        self.driver
+            .clone()
+            .task_config_schema(drivers::TaskConfigSchemaRequest {})
+            .await
+            .expect("TaskConfigSchema")
+            .into_inner()
+            .spec
+            .expect("TaskConfigSchema returned no spec")
+    }
+
     /// SetConfig with raw msgpack; `nomad_config` present when `agent` (long-lived instance).
     pub async fn set_config_raw(&self, msgpack: Vec<u8>, agent: bool) -> Result<(), tonic::Status> {
         let nomad_config = agent.then_some(base::NomadConfig {
