@@ -103,21 +103,41 @@ async fn client_for(state: &PluginState, snapshot: &Snapshot) -> Result<DaemonCl
 /// has the daemon forget it; `why` names what showed it to be a leftover.
 async fn stop_leftover(client: &DaemonClient, task_id: &str, execution_id: &str, why: &str) {
     tracing::warn!(task = %task_id, execution = %execution_id, "stopping an execution an earlier plugin process left running: {why}");
-    match client
-        .stop_execution(execution_id, "SIGTERM", LEFTOVER_GRACE)
-        .await
-    {
+    let how = Stop {
+        signal: "SIGTERM",
+        grace: LEFTOVER_GRACE,
+        what: "the leftover execution",
+    };
+    stop_and_forget(client, task_id, execution_id, how).await;
+}
+
+/// How [`stop_and_forget`] stops an execution, and what the logs call it.
+struct Stop {
+    signal: &'static str,
+    grace: Duration,
+    what: &'static str,
+}
+
+/// Stops an execution no task entry will wait for and has the daemon forget it. One already
+/// gone is fine; failures are logged, since nobody is left to tell.
+async fn stop_and_forget(client: &DaemonClient, task_id: &str, execution_id: &str, how: Stop) {
+    let Stop {
+        signal,
+        grace,
+        what,
+    } = how;
+    match client.stop_execution(execution_id, signal, grace).await {
         Ok(_) => {}
         Err(e) if e.code() == Some(tonic::Code::NotFound) => return,
         Err(e) => {
-            tracing::error!(task = %task_id, execution = %execution_id, error = %e, "cannot stop the leftover execution");
+            tracing::error!(task = %task_id, execution = %execution_id, error = %e, "cannot stop {what}");
             return;
         }
     }
     if let Err(e) = client.remove_execution(execution_id, true).await
         && e.code() != Some(tonic::Code::NotFound)
     {
-        tracing::warn!(task = %task_id, execution = %execution_id, error = %e, "daemon did not forget the leftover execution");
+        tracing::warn!(task = %task_id, execution = %execution_id, error = %e, "daemon did not forget {what}");
     }
 }
 
@@ -486,22 +506,12 @@ pub async fn start_task(
 /// the snippet a second time).
 async fn abandon_start(client: &DaemonClient, task_id: &str, execution_id: &str) {
     tracing::warn!(task = %task_id, execution = %execution_id, "StartTask was cancelled by Nomad after elide-daemon started the execution; killing it");
-    match client
-        .stop_execution(execution_id, "SIGKILL", Duration::ZERO)
-        .await
-    {
-        Ok(_) => {}
-        Err(e) if e.code() == Some(tonic::Code::NotFound) => return,
-        Err(e) => {
-            tracing::error!(task = %task_id, execution = %execution_id, error = %e, "cannot kill the execution of a cancelled StartTask");
-            return;
-        }
-    }
-    if let Err(e) = client.remove_execution(execution_id, true).await
-        && e.code() != Some(tonic::Code::NotFound)
-    {
-        tracing::warn!(task = %task_id, execution = %execution_id, error = %e, "daemon did not forget the execution of a cancelled StartTask");
-    }
+    let how = Stop {
+        signal: "SIGKILL",
+        grace: Duration::ZERO,
+        what: "the execution of a cancelled StartTask",
+    };
+    stop_and_forget(client, task_id, execution_id, how).await;
 }
 
 /// The body of [`start_task`]; `caller_gone` is cancelled once Nomad has dropped the RPC.
