@@ -250,7 +250,7 @@ async fn executions_an_earlier_plugin_left_unrecovered_stop_when_nomad_starts_or
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn destroying_an_unknown_task_after_the_daemon_died_answers_at_once_and_starts_no_daemon() {
+async fn destroying_tasks_after_the_daemon_died_answers_at_once_and_starts_no_daemon() {
     let (root, auto, _config, plugin) = plugin_with_auto_daemon().await;
     eventually("auto-started daemon answers", || auto.socket.exists()).await;
     let dpid = daemon_pid(&auto.socket).await.expect("daemon answers");
@@ -288,31 +288,46 @@ async fn destroying_an_unknown_task_after_the_daemon_died_answers_at_once_and_st
     // first with the SIGKILLed daemon's socket file left behind (connections refused), then
     // with no socket file at all.
     assert!(auto.socket.exists(), "a SIGKILLed daemon leaves its socket");
-    for case in ["stale socket", "no socket"] {
+    // Then the task it knows, which ended with the daemon: only the daemon's record of it is
+    // left to forget, and a daemon that is down keeps no such thing worth starting it for.
+    for (case, task) in [
+        ("stale socket", "0a1b2c3d/gone/0123abcd"),
+        ("stale socket", t.id.as_str()),
+        ("no socket", "0a1b2c3d/gone/0123abcd"),
+    ] {
         if case == "no socket" {
             std::fs::remove_file(&auto.socket).unwrap();
         }
         let asked = Instant::now();
         plugin
-            .destroy("0a1b2c3d/gone/0123abcd", true)
+            .destroy(task, true)
             .await
-            .unwrap_or_else(|e| panic!("{case}: {e:?}"));
+            .unwrap_or_else(|e| panic!("{case}, {task}: {e:?}"));
         assert!(
             asked.elapsed() < Duration::from_secs(2),
-            "{case}: DestroyTask took {:?}",
+            "{case}, {task}: DestroyTask took {:?}",
             asked.elapsed()
         );
         assert_eq!(
             daemon_pid(&auto.socket).await,
             None,
-            "{case}: a daemon answers"
+            "{case}, {task}: a daemon answers"
         );
         assert_eq!(
             daemons_on(&auto.socket),
             Vec::<i32>::new(),
-            "{case}: a daemon was started"
+            "{case}, {task}: a daemon was started"
         );
     }
+    // The destroyed task is gone from the plugin.
+    let mut d = plugin.driver();
+    let gone = d
+        .inspect_task(pb::InspectTaskRequest {
+            task_id: t.id.clone(),
+        })
+        .await
+        .expect_err("a destroyed task is not found");
+    assert_eq!(gone.code(), tonic::Code::NotFound, "{gone:?}");
     assert!(!auto.socket.exists(), "something created the socket again");
     plugin.alive().await;
     drop(plugin);

@@ -10,8 +10,9 @@
 //! Choices (fact sheet §3.8–§3.17):
 //! - StopTask with an empty signal sends SIGINT, like Nomad's executor-based drivers; a
 //!   timeout of 0 kills at once. Unknown or already-ended tasks answer OK.
-//! - DestroyTask refuses a running task unless `force`; unknown ids answer OK, and never
-//!   auto-start the daemon to look for leftovers.
+//! - DestroyTask refuses a running task unless `force`; unknown ids answer OK. Only a running
+//!   task's destroy may auto-start the daemon: unknown and ended ones leave nothing a daemon
+//!   that is down holds.
 //! - Wait/Inspect/Signal on unknown ids answer NotFound (never Unavailable).
 //! - A daemon that cannot be reached at StartTask gives a RecoverableError so Nomad retries.
 
@@ -708,7 +709,16 @@ pub async fn destroy_task(
             req.task_id
         )));
     }
-    if let Ok(client) = state.link.client(&state.snapshot()).await {
+    // An ended task leaves only the daemon's record of it to forget: not worth starting a
+    // daemon that is down for (it drops ended records after `ended_retention` anyway). A
+    // task still running must be stopped, so its destroy may start the daemon as other calls do.
+    let snapshot = state.snapshot();
+    let client = if entry.exit().is_some() {
+        state.link.running_client(&snapshot).await
+    } else {
+        state.link.client(&snapshot).await
+    };
+    if let Ok(client) = client {
         if entry.exit().is_none() {
             match client
                 .stop_execution(&entry.execution_id, "SIGKILL", Duration::ZERO)
