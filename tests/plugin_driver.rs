@@ -14,7 +14,9 @@ use elide_task_driver::proto::hashicorp::nomad::plugins::shared::hclspec::spec::
 use elide_task_driver::proto::hashicorp::nomad::plugins::shared::structs::attribute::Value as AttrValue;
 use serde_json::json;
 use support::fake_daemon::FakeDaemon;
-use support::{DEADLINE, NomadClient, fingerprint_until, next_within, short_tempdir};
+use support::{
+    DEADLINE, NomadClient, eventually_within, fingerprint_until, next_within, short_tempdir,
+};
 
 fn attr_str(m: &pb::FingerprintResponse, key: &str) -> Option<String> {
     match m.attributes.get(key)?.value.as_ref()? {
@@ -417,20 +419,6 @@ async fn fingerprint_stream_ends_cleanly_when_the_client_cancels() {
     assert_eq!(c.plugin_info().await.name, "elide");
 }
 
-/// Polls `probe` until it gives a value or `within` has passed.
-async fn eventually<T>(within: Duration, probe: impl Fn() -> Option<T>) -> Option<T> {
-    let end = tokio::time::Instant::now() + within;
-    loop {
-        if let Some(v) = probe() {
-            return Some(v);
-        }
-        if tokio::time::Instant::now() >= end {
-            return None;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
 /// A python task `id` with inline code, its config encoded against the plugin's schema.
 async fn code_task(c: &NomadClient, id: &str) -> pb::TaskConfig {
     let spec = c.task_config_schema().await;
@@ -461,28 +449,25 @@ async fn start_task_cancelled_after_the_daemon_started_kills_and_forgets_the_exe
     // Nomad gives up on StartTask once the daemon has started the execution, before its
     // answer arrives: dropping the call resets the stream and the plugin's handler is dropped.
     let mut d = c.driver.clone();
-    let started = tokio::select! {
+    let seen = || daemon.with_calls(|c| !c.started.is_empty());
+    tokio::select! {
         r = d.start_task(request()) => panic!("StartTask answered before it was dropped: {r:?}"),
-        s = eventually(DEADLINE, || daemon.with_calls(|c| c.started.first().cloned())) => s,
+        () = eventually_within("the daemon sees StartExecution", DEADLINE, seen) => {}
     }
-    .expect("the daemon saw StartExecution");
+    let started = daemon.with_calls(|c| c.started[0].clone());
 
-    let undone = eventually(Duration::from_secs(5), || {
+    let undone = || {
         daemon.with_calls(|c| {
             let killed = c
                 .stop_execution
                 .iter()
                 .any(|s| s.execution_id == started && s.signal == "SIGKILL");
             let removed = c.remove_execution.iter().any(|r| r.execution_id == started);
-            (killed && removed).then_some(())
+            killed && removed
         })
-    })
-    .await;
-    assert!(
-        undone.is_some(),
-        "execution {started} was not killed and removed: {:?}",
-        daemon.with_calls(|c| (c.stop_execution.clone(), c.remove_execution.clone()))
-    );
+    };
+    let what = format!("execution {started} killed (SIGKILL) and removed");
+    eventually_within(&what, Duration::from_secs(5), undone).await;
 
     // The task id is free again. The fake records RemoveExecution before the plugin has its
     // answer, so the plugin may still hold the id for a moment.

@@ -114,7 +114,9 @@ struct Inner {
 struct Flush {
     file: File,
     seq: u64,
+    /// Renames done so far; the directory needs an fsync when one of them is not yet durable.
     renames: u64,
+    dir_dirty: bool,
 }
 
 /// The writable journal of a daemon (which holds the state dir's lock).
@@ -194,6 +196,7 @@ impl Journal {
             file: g.file.try_clone().map_err(io(&self.path))?,
             seq: g.appended,
             renames: g.renames,
+            dir_dirty: g.renames > g.renames_synced,
         })
     }
 
@@ -202,11 +205,7 @@ impl Journal {
     /// without the lines this flush reports durable.
     fn flush(&self, f: Flush) -> Result<(), StateError> {
         f.file.sync_data().map_err(io(&self.path))?;
-        let dir_durable = {
-            let g = self.lock();
-            g.renames_synced >= f.renames
-        };
-        if !dir_durable {
+        if f.dir_dirty {
             self.sync_dir()?;
         }
         let mut g = self.lock();

@@ -123,6 +123,18 @@ impl DaemonLink {
                     })?
             }
         };
+        self.adopt(socket, client, snapshot, session).await
+    }
+
+    /// Puts our session in place on a newly connected daemon and keeps the connection for the
+    /// next callers.
+    async fn adopt(
+        &self,
+        socket: PathBuf,
+        client: DaemonClient,
+        snapshot: &Snapshot,
+        session: &str,
+    ) -> Result<DaemonClient, LinkError> {
         ensure_session(&client, snapshot, session).await?;
         *self.cached.lock().unwrap_or_else(|p| p.into_inner()) = Some((socket, client.clone()));
         Ok(client)
@@ -149,9 +161,7 @@ impl DaemonLink {
             socket: socket.clone(),
             detail,
         })?;
-        ensure_session(&client, snapshot, session).await?;
-        *self.cached.lock().unwrap_or_else(|p| p.into_inner()) = Some((socket, client.clone()));
-        Ok(client)
+        self.adopt(socket, client, snapshot, session).await
     }
 }
 

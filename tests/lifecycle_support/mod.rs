@@ -466,12 +466,8 @@ impl Plugin {
 }
 
 /// Polls `f` until true.
-pub async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + DEADLINE;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+pub async fn eventually(what: &str, f: impl FnMut() -> bool) {
+    support::eventually_within(what, DEADLINE, f).await
 }
 
 /// Whether `pid` is alive (not a zombie).

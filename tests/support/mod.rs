@@ -392,6 +392,15 @@ impl NomadClient {
     }
 }
 
+/// Polls `f` every 50 ms until it holds; fails the test, naming `what`, after `within`.
+pub async fn eventually_within(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Next message of a stream, with a deadline.
 pub async fn next_within<T>(s: &mut tonic::Streaming<T>, timeout: Duration) -> Option<T> {
     match tokio::time::timeout(timeout, s.message()).await {
