@@ -62,8 +62,25 @@ fn env_var(k: &str, v: &str) -> pb::EnvVar {
 }
 
 const PY_REPORT: &str = r#"
-import os, sys, json, resource
+import os, sys, json, resource, threading
+# A thread, then a fork: the forked process must see only itself in the thread table.
+done = threading.Event()
+worker = threading.Thread(target=done.wait, daemon=True)
+worker.start()
+r, w = os.pipe()
+pid = os.fork()
+if pid == 0:
+    os.write(w, b"%d" % threading.active_count())
+    os._exit(0)
+os.waitpid(pid, 0)
+threads_after_fork = int(os.read(r, 16))
+done.set()
+worker.join()
 print(json.dumps({
+    "threads": threading.active_count(),
+    "threads_after_fork": threads_after_fork,
+    "main_thread_id_is_pid": threading.main_thread().native_id == os.getpid(),
+    "main_thread_alive": threading.main_thread().is_alive(),
     "argv": sys.argv[1:],
     "argv0_is_script": sys.argv[0].endswith("main.py"),
     "cwd": os.getcwd(),
@@ -168,6 +185,12 @@ async fn environment_cwd_argv_user_and_process_state_match_cold() {
                 assert_eq!(v["cwd"], wd.display().to_string());
                 assert_eq!(v["oom"], "0");
                 assert_eq!(v["nnp"], "1");
+                if lang == "py" {
+                    assert_eq!(v["threads"], 1, "{kind:?}");
+                    assert_eq!(v["threads_after_fork"], 1, "{kind:?}");
+                    assert_eq!(v["main_thread_id_is_pid"], true, "{kind:?}");
+                    assert_eq!(v["main_thread_alive"], true, "{kind:?}");
+                }
                 check_capabilities(&v, user, &format!("{kind:?} {lang} {user}"));
                 if intrinsics.contains(&"env") {
                     assert_eq!(v["env"]["FOO"], "bar", "{kind:?} {lang}");

@@ -49,6 +49,12 @@ class _CapData(ctypes.Structure):
 
 _OWN_FILE = (lambda: None).__code__.co_filename
 
+# Plain ints, not the signal module's enums (see _python_signal_defaults).
+_SIGINT, _SIGPIPE, _SIGXFSZ, _SIGKILL, _SIGCHLD = (
+    int(s) for s in (signal.SIGINT, signal.SIGPIPE, signal.SIGXFSZ, signal.SIGKILL, signal.SIGCHLD)
+)
+_RESETTABLE_SIGNALS = tuple(s for s in range(1, signal.NSIG) if s not in (signal.SIGKILL, signal.SIGSTOP))
+
 
 def _coerce_c_locale(env):
     # PEP 538: an interpreter whose LC_CTYPE would be "C" sets LC_CTYPE=C.UTF-8 in its own
@@ -170,19 +176,41 @@ def _unbuffer_stdio():
 def _python_signal_defaults():
     # What a freshly started interpreter has: SIGINT raises KeyboardInterrupt, SIGPIPE and
     # SIGXFSZ ignored, everything else at its default action.
-    # _signal directly: signal.signal's enum conversions touch (copy-on-write) ~30 pages more.
-    for sig in range(1, signal.NSIG):
-        if sig in (signal.SIGKILL, signal.SIGSTOP):
-            continue
+    # _signal directly, with plain ints: signal.signal's enum conversions touch (copy-on-write)
+    # ~30 pages more.
+    for sig in _RESETTABLE_SIGNALS:
         try:
             _signal.signal(sig, _signal.SIG_DFL)
         except (OSError, ValueError, RuntimeError):
             pass
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    signal.set_wakeup_fd(-1)
-    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+    _signal.signal(_SIGINT, _signal.default_int_handler)
+    _signal.signal(_SIGPIPE, _signal.SIG_IGN)
+    _signal.signal(_SIGXFSZ, _signal.SIG_IGN)
+    _signal.set_wakeup_fd(-1)
+    _signal.pthread_sigmask(_signal.SIG_SETMASK, ())
+
+
+def _write_file(path, data):
+    # os-level rather than open(): the io stack's objects are pages a child would copy.
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
+def _read_file(path):
+    """The whole file, os-level (see _write_file). Raises OSError as open() would."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        chunks = []
+        while True:
+            chunk = os.read(fd, 1 << 20)
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
 
 
 # Steps that do not depend on the job, with the value a spare applies before it has one
@@ -204,17 +232,19 @@ def _prepare_spare():
         done.add("reset_signals")
         os.setsid()
         done.add("new_session")
-        with open("/proc/self/oom_score_adj", "w") as f:
-            f.write("0")
+        _write_file("/proc/self/oom_score_adj", b"0")
         done.add("oom_score_adj")
     except OSError:
         pass
     try:
-        json.loads(json.dumps({"token": 0, "steps": [{"step": "chdir", "path": "/"}], "env": [["A", "b"]]}))
+        json.loads('{"token": 0, "steps": [{"step": "chdir", "path": "/"}], "env": [["A", "b"]]}')
         env = dict(os.environ)
         _coerce_c_locale(env)
+        _set_environ(env)
         time.tzset()
         locale.setlocale(locale.LC_CTYPE, "")
+        os.path.dirname(os.path.abspath("/x.py"))
+        _read_file("/dev/null")
         compile("pass", "<elide-warmup>", "exec", dont_inherit=True)
     except Exception:
         pass
@@ -222,12 +252,11 @@ def _prepare_spare():
 
 
 def _warm():
-    """Runs the Python code every child runs (os.fork's after-fork hooks, the job's decoding,
+    """Runs the Python code every child runs (random's after-fork reseed, the job's decoding,
     reports and set-up) in the zygote, before the freeze: a child then finds that code already
     specialized and its lazy state (ctypes function pointers, encoder/decoder caches) filled,
     instead of copying the pages to do it itself (~300-400 KiB less private memory per child
-    on 3.11). Nothing here changes the zygote's behaviour: it is single-threaded, so
-    threading's after-fork reset only rebuilds the same state, and it reseeds its own random."""
+    on 3.11). Nothing here changes the zygote's behaviour: it only reseeds its own random."""
     for name in ("prctl", "setns", "unshare", "syscall", "clearenv", "capget", "capset"):
         getattr(_libc, name)
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -236,7 +265,6 @@ def _warm():
     try:
         # More calls than the interpreter's specialization warm-up.
         for _ in range(12):
-            threading._after_fork()
             random.seed()
             socket.send_fds(a, [json.dumps(job).encode()], [1, 2])
             msg, fds, _flags, _addr = socket.recv_fds(b, 1 << 20, 8)
@@ -255,7 +283,7 @@ def _warm():
             main = types.ModuleType("__warm__")
             main.__builtins__ = builtins
             exec(compile("pass", "/x.py", "exec", dont_inherit=True), main.__dict__)
-            json.dumps({"ready": 0, "pid": 0})
+            _read_file("/dev/null")
     except Exception:
         pass
     finally:
@@ -307,11 +335,10 @@ def _replay(job, fds, zygote_pid, done=frozenset()):
                 # step so the child's plan is the cold one.
                 _check(_libc.prctl(_PR_SET_MEMORY_MERGE, 1, 0, 0, 0), "prctl PR_SET_MEMORY_MERGE")
             elif kind == "oom_score_adj":
-                with open("/proc/self/oom_score_adj", "w") as f:
-                    f.write(str(step["value"]))
+                _write_file("/proc/self/oom_score_adj", b"%d" % step["value"])
             elif kind == "parent_death_signal":
                 # Our parent is this zygote (which itself dies with the daemon).
-                _check(_libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0), "prctl PDEATHSIG")
+                _check(_libc.prctl(_PR_SET_PDEATHSIG, _SIGKILL, 0, 0, 0), "prctl PDEATHSIG")
                 if os.getppid() != zygote_pid:
                     raise StepError("zygote died during fork")
             elif kind == "limit_capabilities":
@@ -387,8 +414,7 @@ def _run_main(job):
     sys.argv = list(argv[1:])
     sys.path[0] = os.path.dirname(os.path.abspath(script))
     try:
-        with open(script, "rb") as f:
-            source = f.read()
+        source = _read_file(script)
     except OSError as e:
         sys.stderr.write("%s: can't open file %r: [Errno %d] %s\n" % (argv[0], script, e.errno, e.strerror))
         _finish(2)
@@ -452,7 +478,7 @@ def _child(sock, job, fds, zygote_pid, done=frozenset()):
             # then shuts its socket, our report fails, and we exit unrun (it starts cold).
             _check(_libc.prctl(_PR_SET_PDEATHSIG, 0, 0, 0, 0), "prctl PDEATHSIG")
         pidfd = os.pidfd_open(os.getpid())
-        socket.send_fds(sock, [json.dumps({"ready": token, "pid": os.getpid()}).encode()], [pidfd])
+        socket.send_fds(sock, [b'{"ready": %d, "pid": %d}' % (token, os.getpid())], [pidfd])
         os.close(pidfd)
     except BaseException as e:
         try:
@@ -513,7 +539,7 @@ def _decline_queued(sock):
 def _spare(sock, taken_w, zygote_pid):
     """A pre-forked child: waits for one job, tells the zygote it took it, then runs it."""
     # Until the job's own steps run, an orphaned spare must not linger.
-    _libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    _libc.prctl(_PR_SET_PDEATHSIG, _SIGKILL, 0, 0, 0)
     if os.getppid() != zygote_pid:
         os._exit(0)
     done = _prepare_spare()
@@ -537,7 +563,8 @@ def _spare(sock, taken_w, zygote_pid):
     except (ValueError, KeyError, TypeError):
         os._exit(0)
     try:
-        sock.send(json.dumps({"forked": token, "pid": os.getpid()}).encode())
+        # Formatted, not json.dumps: the encoder's Python code is pages a child would copy.
+        sock.send(b'{"forked": %d, "pid": %d}' % (token, os.getpid()))
     except OSError:
         os._exit(127)
     _child(sock, job, fds, zygote_pid, done)
@@ -573,12 +600,24 @@ def main():
     gc.collect()
     gc.freeze()
     gc.disable()
+    # threading's after-fork hook rebuilds its locks and thread table for the forking thread:
+    # for this single-threaded zygote that state is already right in a copy, and the hook is
+    # ~120 copied pages (0.5 ms) per fork here. Off for the spares' forks only: a spare puts it
+    # back before any snippet could fork.
+    threads_after_fork = threading._after_fork.__code__
+    if threading.active_count() == 1:
+        threading._after_fork.__code__ = (lambda: None).__code__
 
     def fork_spare():
         pid = os.fork()
         if pid == 0:
-            signal.set_wakeup_fd(-1)
-            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            threading._after_fork.__code__ = threads_after_fork
+            # The thread table's main thread is the zygote's: a cold interpreter's shows its own
+            # id (CPython's own after-fork hook leaves it stale too).
+            if getattr(threading._main_thread, "_native_id", None) is not None:
+                threading._main_thread._native_id = threading.get_native_id()
+            _signal.set_wakeup_fd(-1)
+            _signal.signal(_SIGCHLD, _signal.SIG_DFL)
             os.close(sig_r)
             os.close(sig_w)
             os.close(taken_r)
@@ -598,8 +637,6 @@ def main():
         loop tries again shortly. While that leaves no spare at all, the daemon is told
         ({"empty": true}), so it starts executions cold instead of queueing them here."""
         nonlocal starved, told_empty
-        for pid in _taken(taken_r):
-            idle.discard(pid)
         while len(idle) < spares:
             try:
                 idle.add(fork_spare())
@@ -621,16 +658,23 @@ def main():
     refill()
     sock.send(json.dumps({"hello": zygote_pid}).encode())
 
+    # Everything this loop touches is copied again (copy-on-write) after each fork, so it keeps
+    # to few objects: one read for a pipe poll found readable (no exception, as _drain raises
+    # and catches one), formatted replies rather than json.dumps.
+    sock_fd = sock.fileno()
     while True:
         try:
             events = poller.poll(_FORK_RETRY_MS if starved else None)
         except InterruptedError:
             continue
-        for fd, ev in events:
-            if fd == sig_r:
-                _drain(sig_r)
-            elif fd == sock.fileno() and ev & (select.POLLRDHUP | select.POLLHUP | select.POLLERR):
-                # The daemon closed the pool: children die with us (PDEATHSIG).
+        for fd, _ev in events:
+            if fd == taken_r:
+                idle.difference_update([p for (p,) in struct.iter_unpack("i", os.read(taken_r, 1 << 16))])
+            elif fd == sig_r:
+                os.read(sig_r, 1 << 16)
+            elif fd == sock_fd:
+                # Registered for hang-ups only: the daemon closed the pool, and children die
+                # with us (PDEATHSIG).
                 os._exit(0)
         # Reap after every wake-up: a SIGCHLD may have arrived while we were busy.
         while True:
@@ -648,7 +692,7 @@ def main():
                 # Died idle (killed from outside): no job to report, only a spare to replace.
                 idle.discard(pid)
                 continue
-            sock.send(json.dumps({"exit": pid, "status": status}).encode())
+            sock.send(b'{"exit": %d, "status": %d}' % (pid, status))
         refill()
 
 
