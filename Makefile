@@ -44,7 +44,8 @@ bench:
 	BENCH_WRITE=$(CURDIR)/BENCHMARKS.md $(CARGO) bench --bench daemon_pools
 	BENCH_WRITE=$(CURDIR)/BENCHMARKS.md $(CARGO) bench --bench plugin_tasks
 
-## bench-zygote: the python zygote driven alone (no daemon): CPU per job and where a job's time goes
+## bench-zygote: the python zygote driven alone (no daemon): CPU and private pages per job, where a
+## job's time goes (python3 benches/zygote_alone.py --idle 50: idle snippets' memory instead)
 bench-zygote:
 	python3 benches/zygote_alone.py
 

@@ -2,9 +2,11 @@
 """The python zygote on its own: drives `src/daemon/pool/zygote.py` over its socket the way the
 daemon does (one job at a time, Nomad-sized environment, the isolation steps of a session with
 `env io net`, no cgroup), without daemon, plugin or gRPC. Prints the CPU the zygote and its
-children spend per job and where a job's wall time goes.
+children spend per job, the pages they make private (copy-on-write and first-touch faults), and
+where a job's wall time goes. With --idle N, instead: the memory of N idle snippets
+(`time.sleep`), the zygote and its spares' PSS summed / N, and a child's private dirty memory.
 
-    make bench-zygote            # or: python3 benches/zygote_alone.py [--jobs N] [--pace-ms MS] [--spares N] [--no-domain] [--no-caps]
+    make bench-zygote            # or: python3 benches/zygote_alone.py [--jobs N] [--pace-ms MS] [--spares N] [--no-domain] [--no-caps] [--idle N]
 
 The split, per job (medians):
   send -> ready      job sent until the child reported itself isolated (what StartExecution waits for)
@@ -30,11 +32,24 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ZYGOTE = os.path.join(ROOT, "src", "daemon", "pool", "zygote.py")
 
 
-def cpu_ticks(pid):
+def stat_counters(pid):
+    """(minflt, cminflt, CPU ticks) of `pid`: the zygote reaps its children, so the c-fields
+    and the ticks (utime stime cutime cstime) include theirs."""
     with open("/proc/%d/stat" % pid) as f:
         fields = f.read().rsplit(")", 1)[1].split()
-    # utime stime cutime cstime: the zygote reaps its children, so theirs is included.
-    return sum(int(x) for x in fields[11:15])
+    return int(fields[7]), int(fields[8]), sum(int(x) for x in fields[11:15])
+
+
+def rollup(pid, field):
+    """A field of /proc/<pid>/smaps_rollup, in kB (0 for a process gone meanwhile)."""
+    try:
+        with open("/proc/%d/smaps_rollup" % pid) as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
 
 
 def capability_step():
@@ -55,7 +70,10 @@ def main():
     ap.add_argument("--spares", type=int, default=4, help="children kept forked (context_pool_size)")
     ap.add_argument("--no-domain", action="store_true", help="skip the Landlock domain step (to measure its cost)")
     ap.add_argument("--no-caps", action="store_true", help="skip the capability step (to measure its cost)")
+    ap.add_argument("--idle", type=int, default=0, metavar="N", help="measure N idle snippets' memory instead")
     args = ap.parse_args()
+    if args.idle < 0 or args.jobs < 1:
+        ap.error("--jobs must be at least 1 and --idle not negative, got --jobs %d --idle %d" % (args.jobs, args.idle))
     if args.spares < 1:
         ap.error("--spares must be at least 1 (a zygote without spares runs no job), got %d" % args.spares)
     if not args.python:
@@ -67,7 +85,7 @@ def main():
     work = tempfile.mkdtemp(prefix="elide-zygote-bench-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
     script = os.path.join(work, "main.py")
     with open(script, "w") as f:
-        f.write('print("hi")\n')
+        f.write('import time\ntime.sleep(600)\n' if args.idle else 'print("hi")\n')
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     with open(ZYGOTE) as f:
         source = f.read()
@@ -114,14 +132,24 @@ def main():
         steps.append({"step": "landlock_domain"})
     steps.append({"step": "close_fds_from", "from": 3})
     phases = {"send -> ready": [], "ready -> exited": [], "exited -> report": [], "total": []}
-    ticks0 = cpu_ticks(zygote.pid)
-    for token in range(1, args.jobs + 1):
+
+    def send(token):
         job = {"token": token, "steps": steps, "env": env, "argv": [python, script], "script": script}
-        t0 = time.monotonic_ns()
         ruleset = libc.syscall(444, scope_signals, len(scope_signals), 0) if domains else -1
         socket.send_fds(ours, [json.dumps(job).encode()], [null, null] + ([ruleset] if domains else []))
         if domains:
             os.close(ruleset)
+
+    if args.idle:
+        idle_memory(args, python, zygote, send, recv, received)
+        ours.close()
+        zygote.wait()
+        shutil.rmtree(work, ignore_errors=True)
+        return
+    faults0, cfaults0, ticks0 = stat_counters(zygote.pid)
+    for token in range(1, args.jobs + 1):
+        t0 = time.monotonic_ns()
+        send(token)
         pidfd = None
         while True:
             m = recv()
@@ -143,7 +171,8 @@ def main():
         if args.pace_ms:
             time.sleep(args.pace_ms / 1e3)
     time.sleep(0.3)  # the last spare's preparation belongs to the jobs too
-    ticks = cpu_ticks(zygote.pid) - ticks0
+    faults, cfaults, ticks = stat_counters(zygote.pid)
+    faults, cfaults, ticks = faults - faults0, cfaults - cfaults0, ticks - ticks0
     with open("/proc/%d/status" % zygote.pid) as f:
         rss = [l.split(":", 1)[1].strip() for l in f if l.startswith("VmRSS")][0]
     ours.close()
@@ -156,9 +185,38 @@ def main():
         ", Landlock domain per job" if domains else ", no Landlock domain",
         os.cpu_count(), " ".join("%.2f" % x for x in os.getloadavg())))
     print("zygote RSS %s; CPU of zygote + children per job: %.2f ms" % (rss, ticks / hz * 1e3 / args.jobs))
+    # Spares forked for the jobs and not yet reaped are not counted: a few pages off, at most.
+    print("pages made private per job: zygote %.0f, children %.0f" % (faults / args.jobs, cfaults / args.jobs))
     for name, v in phases.items():
         v.sort()
         print("  %-17s median %6.2f ms   p90 %6.2f ms" % (name, statistics.median(v) / 1e6, v[int(len(v) * 0.9)] / 1e6))
+
+
+def idle_memory(args, python, zygote, send, recv, received):
+    """Starts args.idle sleeping snippets, then sums the PSS of the zygote and all its children
+    (snippets and spares) / N, next to one child's private dirty memory (median)."""
+    pids = []
+    for token in range(1, args.idle + 1):
+        send(token)
+        while True:
+            m = recv()
+            if "failed" in m:
+                sys.exit("zygote_alone: the child failed: %s" % m["failed"])
+            if "ready" in m:
+                os.close(received[0])
+                pids.append(m["pid"])
+                break
+        time.sleep(0.02)  # the spares refill, as between tasks
+    time.sleep(2)
+    with open("/proc/%d/task/%d/children" % (zygote.pid, zygote.pid)) as f:
+        family = [zygote.pid] + [int(p) for p in f.read().split()]
+    pss = sum(rollup(p, "Pss") for p in family)
+    private = sorted(rollup(p, "Private_Dirty") for p in pids)
+    print("python zygote alone: %s, %d spares, %d idle snippets (time.sleep), nproc %d, load %s" % (
+        python, args.spares, args.idle, os.cpu_count(), " ".join("%.2f" % x for x in os.getloadavg())))
+    print("PSS of zygote + %d children / %d: %.2f MiB; a snippet's private dirty memory (median): %d kB" % (
+        len(family) - 1, args.idle, pss / args.idle / 1024, private[len(private) // 2]))
+    # Closing the socket ends the zygote; its children die with it (parent-death signal).
 
 
 if __name__ == "__main__":

@@ -834,11 +834,33 @@ fn the_zygote_alone_bench_speaks_the_zygote_protocol() {
     for phase in ["send -> ready", "ready -> exited", "exited -> report"] {
         assert!(text.contains(phase), "{phase} missing: {text}");
     }
+    // Children that ran a job made pages of their own.
+    let children: f64 = text
+        .lines()
+        .find(|l| l.starts_with("pages made private per job"))
+        .and_then(|l| l.split("children ").nth(1))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no children's pages: {text}"));
+    assert!(children > 10.0, "{text}");
+    // Idle snippets hold memory of their own, and end with the zygote when the bench closes it.
+    let idle = bench_output("zygote_alone.py", &["--idle", "3", "--spares", "1"]);
+    assert!(idle.contains("3 idle snippets"), "{idle}");
+    let private: u64 = idle
+        .split("private dirty memory (median): ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no private memory figure: {idle}"));
+    assert!(private > 100, "{idle}");
     // A zygote without spares would run no job: refused, naming the option.
     let refused = bench_script("zygote_alone.py", &["--spares", "0"]);
     let err = String::from_utf8_lossy(&refused.stderr);
     assert!(!refused.status.success());
     assert!(err.contains("--spares must be at least 1"), "{err}");
+    let refused = bench_script("zygote_alone.py", &["--idle", "-1"]);
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success());
+    assert!(err.contains("--idle not negative, got --jobs 300 --idle -1"), "{err}");
 }
 
 #[test]

@@ -252,11 +252,15 @@ def _prepare_spare():
 
 
 def _warm():
-    """Runs the Python code every child runs (random's after-fork reseed, the job's decoding,
+    """Runs the Python code every child runs (os.fork's after-fork hooks, the job's decoding,
     reports and set-up) in the zygote, before the freeze: a child then finds that code already
     specialized and its lazy state (ctypes function pointers, encoder/decoder caches) filled,
     instead of copying the pages to do it itself (~300-400 KiB less private memory per child
-    on 3.11). Nothing here changes the zygote's behaviour: it only reseeds its own random."""
+    on 3.11). Nothing here changes the zygote's behaviour: it is single-threaded, so
+    threading's after-fork reset only rebuilds the same state, and it reseeds its own random.
+    (Spares skip threading's hook, see main; running it here still leaves an idle child ~80 KiB
+    smaller, measured with `benches/zygote_alone.py --idle 50`: its locks are then made late,
+    next to the objects a child touches.)"""
     for name in ("prctl", "setns", "unshare", "syscall", "clearenv", "capget", "capset"):
         getattr(_libc, name)
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -265,6 +269,7 @@ def _warm():
     try:
         # More calls than the interpreter's specialization warm-up.
         for _ in range(12):
+            threading._after_fork()
             random.seed()
             socket.send_fds(a, [json.dumps(job).encode()], [1, 2])
             msg, fds, _flags, _addr = socket.recv_fds(b, 1 << 20, 8)
