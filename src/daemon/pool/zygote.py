@@ -258,7 +258,7 @@ def _warm():
     instead of copying the pages to do it itself (~300-400 KiB less private memory per child
     on 3.11). Nothing here changes the zygote's behaviour: it is single-threaded, so
     threading's after-fork reset only rebuilds the same state, and it reseeds its own random.
-    (Spares skip threading's hook, see main; running it here still leaves an idle child ~80 KiB
+    (Spares skip threading's hook, see main; running it here still leaves an idle child 50-70 KiB
     smaller, measured with `benches/zygote_alone.py --idle 50`: its locks are then made late,
     next to the objects a child touches.)"""
     for name in ("prctl", "setns", "unshare", "syscall", "clearenv", "capget", "capset"):
