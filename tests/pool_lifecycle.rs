@@ -860,7 +860,10 @@ fn the_zygote_alone_bench_speaks_the_zygote_protocol() {
     let refused = bench_script("zygote_alone.py", &["--idle", "-1"]);
     let err = String::from_utf8_lossy(&refused.stderr);
     assert!(!refused.status.success());
-    assert!(err.contains("--idle not negative, got --jobs 300 --idle -1"), "{err}");
+    assert!(
+        err.contains("--idle not negative, got --jobs 300 --idle -1"),
+        "{err}"
+    );
 }
 
 #[test]

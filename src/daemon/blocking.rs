@@ -12,9 +12,8 @@
 //! Work that can wait on something outside the daemon (a FIFO whose reader has not attached, a
 //! cgroup that is still emptying, an fsync, a large write to a full socket, a mkdir in every
 //! cgroup hierarchy) goes through [`offload`]. The journal's occasional compaction (every
-//! thousand or so appends, with two fsyncs) is the one accepted exception: it runs inline with
-//! the append that triggers it. It holds the journal's lock only to take its snapshot and to
-//! swap files, so the other appends, on the other workers, do not wait for its disk.
+//! thousand or so appends, with two fsyncs) runs on a thread of its own: the append that sets
+//! it off only takes the snapshot, and no append waits for its disk.
 
 /// Runs blocking work without a thread hop where the runtime allows it: on the daemon's
 /// multi-threaded runtime the current worker becomes a blocking thread for the call

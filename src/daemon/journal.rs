@@ -4,8 +4,9 @@
 //! It replaces one file per execution record. Creating, renaming and deleting an inode for
 //! every start and exit cost about a third of the daemon's CPU on ext4 (inode allocation scans
 //! past recently deleted inodes, so the cost grows with the churn); an append is one `write`.
-//! The file is rewritten with only the live records once dead lines dominate it, outside the
-//! lock but for its snapshot and the final swap; syncs wait for a rewrite to end.
+//! The file is rewritten with only the live records once dead lines dominate it, on a thread of
+//! its own that holds the lock only for the final swap (the append that sets it off takes the
+//! snapshot); syncs wait for a rewrite to end.
 //!
 //! Crash safety: a line is written with a single `write` on an `O_APPEND` file, so a daemon
 //! crash leaves at most one torn last line, which loading ignores and a writable open cuts off.
@@ -15,7 +16,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use serde::{Deserialize, Serialize};
 
@@ -108,6 +109,9 @@ struct Inner {
     /// made durable: until then a crash may bring back the old file, so a sync covers both.
     renames: u64,
     renames_synced: u64,
+    /// After a failed compaction, the line count the next attempt waits for (no retry per
+    /// append while the disk refuses).
+    compact_after: usize,
 }
 
 /// What a sync captured under the lock, to flush outside it.
@@ -121,10 +125,18 @@ struct Flush {
 
 /// The writable journal of a daemon (which holds the state dir's lock).
 pub struct Journal {
+    shared: Arc<Shared>,
+}
+
+/// What the journal's users and its compaction thread share.
+struct Shared {
     path: PathBuf,
     inner: Mutex<Inner>,
-    /// Signalled when a compaction ends (syncs wait for it: see [`Journal::settled`]).
+    /// Signalled when a compaction ends (syncs wait for it: see [`Shared::settled`]).
     compacted: Condvar,
+    /// Tests: a compaction thread waits for this before writing its snapshot.
+    #[cfg(test)]
+    hold_compaction: Mutex<Option<std::sync::mpsc::Receiver<()>>>,
 }
 
 /// Creates `path` with `bytes`, flushed to disk; the open file, for more writes.
@@ -160,22 +172,102 @@ impl Journal {
             file.set_len(r.complete_len).map_err(io(path))?;
         }
         Ok(Self {
-            path: path.to_path_buf(),
-            inner: Mutex::new(Inner {
-                file,
-                live: r.live,
-                lines: r.lines,
-                appended: 0,
-                synced: 0,
-                gathering: false,
-                compacting: None,
-                renames: 0,
-                renames_synced: 0,
+            shared: Arc::new(Shared {
+                path: path.to_path_buf(),
+                inner: Mutex::new(Inner {
+                    file,
+                    live: r.live,
+                    lines: r.lines,
+                    appended: 0,
+                    synced: 0,
+                    gathering: false,
+                    compacting: None,
+                    renames: 0,
+                    renames_synced: 0,
+                    compact_after: 0,
+                }),
+                compacted: Condvar::new(),
+                #[cfg(test)]
+                hold_compaction: Mutex::new(None),
             }),
-            compacted: Condvar::new(),
         })
     }
 
+    /// Records `rec` (replacing any earlier record of its id); durable once [`sync`](Self::sync)
+    /// returns.
+    pub fn put(&self, rec: &ExecutionRecord) -> Result<u64, StateError> {
+        self.shared.append(&Entry::Put(rec))
+    }
+
+    /// Forgets the record of `id`.
+    pub fn delete(&self, id: &str) -> Result<(), StateError> {
+        self.shared.append(&Entry::Del(id)).map(|_| ())
+    }
+
+    /// Makes everything up to append number `upto` durable; one fdatasync covers every append
+    /// before it, so concurrent callers mostly find their line already synced.
+    pub fn sync(&self, upto: u64) -> Result<(), StateError> {
+        let sh = &self.shared;
+        let f = {
+            let g = sh.settled();
+            if g.synced >= upto {
+                return Ok(());
+            }
+            sh.capture(&g)?
+        };
+        sh.flush(f)
+    }
+
+    /// Like [`Self::sync`], but first waits `window` so that lines appended meanwhile share
+    /// the one fdatasync (group commit): executions ending together cost the disk one flush,
+    /// not one each. A caller arriving while another waits returns at once, its line covered
+    /// by that one's flush (which reports its own failure). Blocks for `window`: call it off
+    /// the async workers.
+    pub fn sync_grouped(&self, upto: u64, window: std::time::Duration) -> Result<(), StateError> {
+        let sh = &self.shared;
+        {
+            let mut g = sh.lock();
+            if g.synced >= upto || g.gathering {
+                return Ok(());
+            }
+            g.gathering = true;
+        }
+        std::thread::sleep(window);
+        let f = {
+            let mut g = sh.settled();
+            g.gathering = false;
+            sh.capture(&g)?
+        };
+        sh.flush(f)
+    }
+
+    /// Every live record.
+    pub fn records(&self) -> Vec<ExecutionRecord> {
+        records_of(&self.shared.lock().live)
+    }
+
+    /// Lines in the file once no compaction is under way (tests: compaction).
+    #[cfg(test)]
+    fn lines(&self) -> usize {
+        self.shared.settled().lines
+    }
+
+    #[cfg(test)]
+    fn synced_and_gathering(&self) -> (u64, bool) {
+        let g = self.shared.lock();
+        (g.synced, g.gathering)
+    }
+}
+
+impl Drop for Journal {
+    /// Lets a compaction under way finish its swap: whoever opens the file next finds either
+    /// the old file or the new one whole, never a rename still to come.
+    fn drop(&mut self) {
+        drop(self.shared.settled());
+    }
+}
+
+impl Shared {
     fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -219,7 +311,7 @@ impl Journal {
         File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))
     }
 
-    fn append(&self, entry: &Entry<&ExecutionRecord, &str>) -> Result<u64, StateError> {
+    fn append(self: &Arc<Self>, entry: &Entry<&ExecutionRecord, &str>) -> Result<u64, StateError> {
         let mut line = serde_json::to_vec(entry).map_err(|e| StateError::Io {
             path: self.path.clone(),
             source: std::io::Error::other(e),
@@ -242,71 +334,19 @@ impl Journal {
             }
         }
         let seq = g.appended;
-        if g.compacting.is_none() && g.lines > 2 * g.live.len() + COMPACT_SLACK {
-            // The line is in the journal either way: a failed compaction is retried later.
-            if let Err(e) = self.compact(g) {
-                tracing::warn!(error = %e, "cannot compact the execution journal");
-            }
+        if g.compacting.is_none()
+            && g.lines > (2 * g.live.len() + COMPACT_SLACK).max(g.compact_after)
+        {
+            // The line is in the journal either way: the rewrite runs on a thread of its own.
+            self.start_compaction(g);
         }
         Ok(seq)
     }
 
-    /// Records `rec` (replacing any earlier record of its id); durable once [`sync`](Self::sync)
-    /// returns.
-    pub fn put(&self, rec: &ExecutionRecord) -> Result<u64, StateError> {
-        self.append(&Entry::Put(rec))
-    }
-
-    /// Forgets the record of `id`.
-    pub fn delete(&self, id: &str) -> Result<(), StateError> {
-        self.append(&Entry::Del(id)).map(|_| ())
-    }
-
-    /// Makes everything up to append number `upto` durable; one fdatasync covers every append
-    /// before it, so concurrent callers mostly find their line already synced.
-    pub fn sync(&self, upto: u64) -> Result<(), StateError> {
-        let f = {
-            let g = self.settled();
-            if g.synced >= upto {
-                return Ok(());
-            }
-            self.capture(&g)?
-        };
-        self.flush(f)
-    }
-
-    /// Like [`Self::sync`], but first waits `window` so that lines appended meanwhile share
-    /// the one fdatasync (group commit): executions ending together cost the disk one flush,
-    /// not one each. A caller arriving while another waits returns at once, its line covered
-    /// by that one's flush (which reports its own failure). Blocks for `window`: call it off
-    /// the async workers.
-    pub fn sync_grouped(&self, upto: u64, window: std::time::Duration) -> Result<(), StateError> {
-        {
-            let mut g = self.lock();
-            if g.synced >= upto || g.gathering {
-                return Ok(());
-            }
-            g.gathering = true;
-        }
-        std::thread::sleep(window);
-        let f = {
-            let mut g = self.settled();
-            g.gathering = false;
-            self.capture(&g)?
-        };
-        self.flush(f)
-    }
-
-    /// Every live record.
-    pub fn records(&self) -> Vec<ExecutionRecord> {
-        records_of(&self.lock().live)
-    }
-
-    /// Rewrites the file with only the live records: a snapshot of them is written and flushed
-    /// outside the lock, so appends go on meanwhile; the lines they add are appended to the new
-    /// file under the lock just before it is renamed over the old one. Syncs wait for the end
-    /// (see [`Self::settled`]). Runs on the appending thread.
-    fn compact(&self, mut g: MutexGuard<'_, Inner>) -> Result<(), StateError> {
+    /// Rewrites the file with only the live records, on a thread of its own, so the append
+    /// that asks for it (inline on an async worker) does not wait for the disk. The snapshot
+    /// of the live records is taken here, under the lock; [`Self::compact`] writes it.
+    fn start_compaction(self: &Arc<Self>, mut g: MutexGuard<'_, Inner>) {
         let mut snapshot = Vec::new();
         for line in g.live.values() {
             snapshot.extend_from_slice(line);
@@ -315,8 +355,53 @@ impl Journal {
         let snapshot_lines = g.live.len();
         g.compacting = Some(Vec::new());
         drop(g);
+        let me = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("journal-compact".into())
+            .spawn(move || {
+                let run = std::panic::AssertUnwindSafe(|| me.compact(&snapshot, snapshot_lines));
+                match std::panic::catch_unwind(run) {
+                    Ok(Ok(())) => {}
+                    // Tried again once more dead lines pile up.
+                    Ok(Err(e)) => tracing::warn!(error = %e, "cannot compact the execution journal"),
+                    Err(_) => {
+                        me.abandon_compaction();
+                        tracing::error!("compacting the execution journal panicked; the journal goes on uncompacted");
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            self.abandon_compaction();
+            tracing::warn!(error = %e, "cannot start compacting the execution journal");
+        }
+    }
+
+    /// Ends a compaction that will not swap files (it could not start, or it panicked), so
+    /// that syncs stop waiting for it; the next attempt waits for more lines.
+    fn abandon_compaction(&self) {
+        let mut g = self.lock();
+        if g.compacting.take().is_some() {
+            g.compact_after = g.lines + COMPACT_SLACK;
+        }
+        drop(g);
+        self.compacted.notify_all();
+    }
+
+    /// Writes and flushes `snapshot` as the new file outside the lock, so appends go on
+    /// meanwhile; the lines they add are appended to the new file under the lock just before
+    /// it is renamed over the old one. Syncs wait for the end (see [`Self::settled`]).
+    fn compact(&self, snapshot: &[u8], snapshot_lines: usize) -> Result<(), StateError> {
+        #[cfg(test)]
+        if let Some(hold) = self
+            .hold_compaction
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            let _ = hold.recv();
+        }
         let tmp = self.path.with_extension("compact");
-        let written = write_flushed(&tmp, &snapshot);
+        let written = write_flushed(&tmp, snapshot);
         let mut g = self.lock();
         let tail = g.compacting.take().unwrap_or_default();
         let swapped = written.and_then(|mut f| {
@@ -335,6 +420,7 @@ impl Journal {
             }
             Err(e) => {
                 let _ = fs::remove_file(&tmp);
+                g.compact_after = g.lines + COMPACT_SLACK;
                 Err(e)
             }
         };
@@ -347,18 +433,6 @@ impl Journal {
         let mut g = self.lock();
         g.renames_synced = g.renames_synced.max(renames);
         Ok(())
-    }
-
-    /// Lines in the file (tests: compaction).
-    #[cfg(test)]
-    fn lines(&self) -> usize {
-        self.lock().lines
-    }
-
-    #[cfg(test)]
-    fn synced_and_gathering(&self) -> (u64, bool) {
-        let g = self.lock();
-        (g.synced, g.gathering)
     }
 }
 
@@ -489,6 +563,56 @@ mod tests {
             ids(load(&path).unwrap()),
             vec![("a".into(), Some(0)), ("c".into(), Some(1))]
         );
+    }
+
+    /// The append that sets off a compaction returns before the compaction touches the disk,
+    /// and appends go on while it runs: none of them waits for its write and fsyncs.
+    #[test]
+    fn appends_do_not_wait_for_a_compaction_they_set_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("executions.journal");
+        let j = Journal::open(&path).unwrap();
+        let (release, hold) = std::sync::mpsc::channel();
+        *j.shared.hold_compaction.lock().unwrap() = Some(hold);
+        j.put(&rec("keep", Some(5))).unwrap();
+        let (done_tx, done) = std::sync::mpsc::channel();
+        let appender = std::thread::spawn(move || {
+            // Enough dead lines to set off a compaction, and more after it started.
+            for i in 0..(COMPACT_SLACK + 200) {
+                let id = format!("e{i}");
+                j.put(&rec(&id, Some(0))).unwrap();
+                j.delete(&id).unwrap();
+            }
+            j.put(&rec("late", Some(7))).unwrap();
+            done_tx.send(()).unwrap();
+            j
+        });
+        // Every append returned while the compaction is held before its first write.
+        done.recv_timeout(std::time::Duration::from_secs(30))
+            .expect("an append waited for the compaction");
+        let j = appender.join().unwrap();
+        assert!(
+            j.shared.lock().compacting.is_some(),
+            "no compaction was set off"
+        );
+        release.send(()).unwrap();
+        // Once it ends, the file holds its snapshot and every line appended meanwhile.
+        let appended = 2 * (COMPACT_SLACK + 200) + 2;
+        let after = j.lines();
+        assert!(after < appended, "{after} lines of {appended}");
+        assert_eq!(fs::read_to_string(&path).unwrap().lines().count(), after);
+        // The dead ones among those go with the next compaction, which the next append sets
+        // off (nothing holds it now).
+        j.put(&rec("last", Some(8))).unwrap();
+        assert_eq!(j.lines(), 3);
+        let want = vec![
+            ("keep".into(), Some(5)),
+            ("last".into(), Some(8)),
+            ("late".into(), Some(7)),
+        ];
+        assert_eq!(ids(j.records()), want);
+        drop(j);
+        assert_eq!(ids(load(&path).unwrap()), want);
     }
 
     #[test]
