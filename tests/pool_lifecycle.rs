@@ -193,6 +193,89 @@ async fn pool_size_zero_disables_warming_and_close_tears_the_pool_down() {
     }
 }
 
+/// An interpreter too old for the zygote (python 3.8 has no `socket.send_fds`) is not warmed:
+/// no zygote starts, and each execution starts cold at once, with an event that says why,
+/// instead of waiting for spares that cannot take a job.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_interpreter_older_than_3_9_is_not_warmed_and_starts_cold() {
+    let real = std::process::Command::new("python3")
+        .args(["-c", "import sys; print(sys.executable)"])
+        .output()
+        .unwrap();
+    let real = String::from_utf8_lossy(&real.stdout).trim().to_string();
+    // Answers the daemon's version probe as python 3.8 does; runs everything else for real.
+    let dir = tempfile::tempdir().unwrap();
+    let fake = dir.path().join("python3.8");
+    std::fs::write(
+        &fake,
+        format!(
+            "#!/bin/sh\ncase \"$*\" in *platform.python_version*)\n  \
+             exec '{real}' -c 'import sys; print(\"'\"$0\"'\"); print(\"3.8.18\"); print(sys.prefix); print(sys.base_prefix)';;\nesac\n\
+             exec '{real}' \"$@\"\n"
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let config = dir.path().join("daemon.toml");
+    std::fs::write(
+        &config,
+        format!("[runtimes.python]\ncommand = \"{}\"\n", fake.display()),
+    )
+    .unwrap();
+    let d = TestDaemon::start_with(&["--config", config.to_str().unwrap()]).await;
+    let mut c = d.client().await;
+    let info = c
+        .get_daemon_info(pb::GetDaemonInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let py = info
+        .runtimes
+        .iter()
+        .find(|r| r.language == "python")
+        .unwrap();
+    assert_eq!(py.version, "3.8.18", "{py:?}");
+    let mut events = c
+        .watch_events(pb::WatchEventsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let s = pooled_session(&mut c, 2).await;
+    // The session's node workers warm; python gets no zygote.
+    eventually("2 node workers", || node_workers(d.pid()).len() == 2).await;
+    assert!(zygotes(d.pid()).is_empty(), "{:?}", descendants(d.pid()));
+    let started = std::time::Instant::now();
+    let e = c
+        .start_execution(code_req(&s, "py", "print('cold', 1)"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(10),
+        "the start waited for a pool"
+    );
+    assert!(!e.pooled, "{e:?}");
+    let out = output(&mut c, &e.id, pb::OutputStream::Stdout).await;
+    assert_eq!(wait(&mut c, &e.id).await.exit_code, 0);
+    assert_eq!(String::from_utf8_lossy(&out), "cold 1\n");
+    let fallback = loop {
+        let ev = tokio::time::timeout(DEADLINE, events.message())
+            .await
+            .expect("no pool fallback event")
+            .unwrap()
+            .expect("the event stream ended");
+        if ev.kind == pb::EventKind::PoolFallback as i32 && ev.execution_id == e.id {
+            break ev;
+        }
+    };
+    assert!(
+        fallback.message.contains("python 3.8.18 cannot be warmed")
+            && fallback.message.contains("3.9 or newer"),
+        "{fallback:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn burst_falls_back_with_an_event_then_the_pool_refills() {
     let d = TestDaemon::start().await;

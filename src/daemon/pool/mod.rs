@@ -63,6 +63,8 @@ pub struct SessionPool {
     session_id: String,
     closed: CancellationToken,
     python: Option<Arc<Mutex<Option<Arc<Zygote>>>>>,
+    /// Why python is not warmed although the session runs it (its interpreter is too old).
+    python_cold: Option<String>,
     node: Option<Arc<node_worker::NodePool>>,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
@@ -136,10 +138,19 @@ impl PoolLauncher {
         let node_lang = [Language::JavaScript, Language::TypeScript]
             .into_iter()
             .any(native);
+        let python_cold = native(Language::Python)
+            .then(|| self.runtimes.get(Language::Python))
+            .flatten()
+            .and_then(|rt| python_zygote::unwarmable(&rt.version));
+        if let Some(why) = &python_cold {
+            tracing::warn!(session = %session.id, "{why}; its python executions start cold");
+        }
         let pool = Arc::new(SessionPool {
             session_id: session.id.clone(),
             closed: CancellationToken::new(),
-            python: native(Language::Python).then(|| Arc::new(Mutex::new(None))),
+            python: (native(Language::Python) && python_cold.is_none())
+                .then(|| Arc::new(Mutex::new(None))),
+            python_cold,
             node: node_lang
                 .then(|| self.runtimes.get(Language::JavaScript))
                 .flatten()
@@ -230,7 +241,9 @@ impl PoolLauncher {
     ) -> Result<Launched, NotPooled> {
         let Some(slot) = &pool.python else {
             return Err(NotPooled::Fallback(
-                "python is not warmed in this session".into(),
+                pool.python_cold
+                    .clone()
+                    .unwrap_or_else(|| "python is not warmed in this session".into()),
             ));
         };
         let zygote = lock(slot).clone().filter(|z| z.alive());

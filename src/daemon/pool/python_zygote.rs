@@ -60,6 +60,32 @@ use crate::sandbox::{Intrinsics, IsolationSpec, Role};
 /// The fork server's source (run with `python3 -c`).
 pub const ZYGOTE_SOURCE: &str = include_str!("zygote.py");
 
+/// The oldest python the zygote runs on: it passes fds with `socket.send_fds`/`recv_fds` and
+/// reports with `os.pidfd_open`, both new in 3.9.
+pub const OLDEST_PYTHON: (u32, u32) = (3, 9);
+
+/// Why the interpreter of version `version` (`platform.python_version()`) cannot be warmed;
+/// None when it can. A version this cannot read is given the benefit of the doubt: a zygote
+/// that still fails to start only leaves the session's executions to start cold.
+pub fn unwarmable(version: &str) -> Option<String> {
+    let mut parts = version.split('.').map(|p| {
+        p.chars()
+            .take_while(char::is_ascii_digit)
+            .collect::<String>()
+            .parse::<u32>()
+            .ok()
+    });
+    let (Some(Some(major)), Some(Some(minor))) = (parts.next(), parts.next()) else {
+        return None;
+    };
+    ((major, minor) < OLDEST_PYTHON).then(|| {
+        format!(
+            "python {version} cannot be warmed (the pool needs python {}.{} or newer)",
+            OLDEST_PYTHON.0, OLDEST_PYTHON.1
+        )
+    })
+}
+
 /// Why a job did not come to run in a child.
 #[derive(Debug)]
 pub enum NotReady {
@@ -604,6 +630,19 @@ pub async fn spawn(settings: &Settings, spawner: &Spawner) -> Result<Spawned, La
 mod tests {
     use super::*;
     use std::os::fd::AsFd;
+
+    #[test]
+    fn interpreters_older_than_3_9_are_not_warmed() {
+        for old in ["3.8.18", "3.6.15", "2.7.18", "3.8.0rc1"] {
+            let why = unwarmable(old).unwrap_or_else(|| panic!("{old} would be warmed"));
+            assert!(why.contains(old) && why.contains("3.9 or newer"), "{why}");
+        }
+        for fine in [
+            "3.9.18", "3.11.7", "3.13.0", "3.14.0a1", "4.0", "unknown", "",
+        ] {
+            assert_eq!(unwarmable(fine), None, "{fine}");
+        }
+    }
 
     fn pidfd_of(pid: u32) -> OwnedFd {
         crate::sandbox::pidfd_open(pid).expect("pidfd_open")

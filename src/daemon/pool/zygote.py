@@ -32,6 +32,7 @@ _LANDLOCK_RULE_PATH_BENEATH = 1
 _SIOCGIFFLAGS = 0x8913
 _SIOCSIFFLAGS = 0x8914
 _IFF_UP = 0x1
+_SYS_CLOSE_RANGE = 436
 _FORK_RETRY_MS = 100
 _PR_CAPBSET_DROP = 24
 _PR_CAP_AMBIENT = 47
@@ -188,6 +189,13 @@ def _python_signal_defaults():
     _signal.signal(_SIGXFSZ, _signal.SIG_IGN)
     _signal.set_wakeup_fd(-1)
     _signal.pthread_sigmask(_signal.SIG_SETMASK, ())
+
+
+def _close_fds_from(low):
+    # close_range(2) itself: python 3.9's os.closerange closes one fd at a time (65,533 calls,
+    # 17 ms here); later ones make this same call.
+    if _libc.syscall(_SYS_CLOSE_RANGE, low, ctypes.c_uint(0xFFFFFFFF), 0) != 0:
+        os.closerange(low, 1 << 16)
 
 
 def _write_file(path, data):
@@ -492,7 +500,7 @@ def _child(sock, job, fds, zygote_pid, done=frozenset()):
             pass
         os._exit(127)
     sock.close()
-    os.closerange(3, 1 << 16)
+    _close_fds_from(3)
     gc.enable()
     _run_main(job)
 
@@ -577,6 +585,12 @@ def _spare(sock, taken_w, zygote_pid):
 
 
 def main():
+    if not hasattr(socket, "send_fds") or not hasattr(os, "pidfd_open"):
+        # The daemon does not start a zygote on a python older than 3.9; this one would fork
+        # spares that die at once, and jobs would wait on the socket for nobody.
+        sys.stderr.write("elide python zygote: python %s lacks socket.send_fds or os.pidfd_open "
+                         "(3.9 or newer needed)\n" % sys.version.split()[0])
+        sys.exit(3)
     # Move the daemon's socket off fd 0 (children put /dev/null there) and keep it inheritable
     # by forks only: a child closes it itself once it has reported.
     sock = socket.socket(fileno=os.dup(0))
@@ -609,14 +623,19 @@ def main():
     # for this single-threaded zygote that state is already right in a copy, and the hook is
     # ~120 copied pages (0.5 ms) per fork here. Off for the spares' forks only: a spare puts it
     # back before any snippet could fork.
-    threads_after_fork = threading._after_fork.__code__
-    if threading.active_count() == 1:
-        threading._after_fork.__code__ = (lambda: None).__code__
+    hook = getattr(threading, "_after_fork", None)
+    hook_code = getattr(hook, "__code__", None)
+    if (hook_code is None or hook_code.co_argcount or hook_code.co_freevars
+            or threading.active_count() != 1):
+        hook = None  # another python's hook, or threads: leave it be
+    else:
+        hook.__code__ = (lambda: None).__code__
 
     def fork_spare():
         pid = os.fork()
         if pid == 0:
-            threading._after_fork.__code__ = threads_after_fork
+            if hook is not None:
+                hook.__code__ = hook_code
             # The thread table's main thread is the zygote's: a cold interpreter's shows its own
             # id (CPython's own after-fork hook leaves it stale too).
             if getattr(threading._main_thread, "_native_id", None) is not None:
