@@ -357,42 +357,21 @@ async fn elide_backend_runs_snippets_through_elide_run() {
         .tempdir_in("/tmp")
         .unwrap();
     let fake = dir.path().join("elide");
-    let python = std::process::Command::new("python3")
-        .args(["-c", "import sys; print(sys.executable)"])
-        .output()
-        .unwrap();
-    let python = String::from_utf8_lossy(&python.stdout).trim().to_string();
-    std::fs::write(
+    let python = real_python3();
+    write_script(
         &fake,
-        format!(
+        &format!(
             "#!/bin/sh\nif [ \"$1\" = --version ]; then echo 'elide 9.9.9-fake'; exit 0; fi\n\
              [ \"$1\" = run ] || exit 64\nshift\necho via-elide\nexec {python} \"$@\"\n"
         ),
-    )
-    .unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let config = dir.path().join("daemon.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[runtimes.python]\nbackend = \"elide\"\nelide = \"{}\"\n",
-            fake.display()
-        ),
-    )
-    .unwrap();
-    let d = TestDaemon::start_with(&["--config", config.to_str().unwrap()]).await;
+    );
+    let toml = format!(
+        "[runtimes.python]\nbackend = \"elide\"\nelide = \"{}\"\n",
+        fake.display()
+    );
+    let d = TestDaemon::start_with_config(dir.path(), &toml).await;
     let mut c = d.client().await;
-    let info = c
-        .get_daemon_info(pb::GetDaemonInfoRequest {})
-        .await
-        .unwrap()
-        .into_inner();
-    let py = info
-        .runtimes
-        .iter()
-        .find(|r| r.language == "python")
-        .unwrap();
+    let py = runtime_info(&mut c, "python").await;
     assert_eq!(
         (py.backend.as_str(), py.version.as_str()),
         ("elide", "elide 9.9.9-fake")

@@ -470,20 +470,10 @@ async fn language_disabled_on_the_node_is_refused_and_reported() {
         .prefix("e")
         .tempdir_in("/tmp")
         .unwrap();
-    let config = dir.path().join("d.toml");
-    std::fs::write(&config, "[runtimes.javascript]\nenabled = false\n").unwrap();
-    let d = TestDaemon::start_with(&["--config", config.to_str().unwrap()]).await;
+    let d =
+        TestDaemon::start_with_config(dir.path(), "[runtimes.javascript]\nenabled = false\n").await;
     let mut c = d.client().await;
-    let info = c
-        .get_daemon_info(pb::GetDaemonInfoRequest {})
-        .await
-        .unwrap()
-        .into_inner();
-    let js = info
-        .runtimes
-        .iter()
-        .find(|r| r.language == "javascript")
-        .unwrap();
+    let js = runtime_info(&mut c, "javascript").await;
     assert!(!js.available && js.detail.contains("disabled"), "{js:?}");
     // A session asking for every language gets only the available ones.
     let s = c

@@ -198,43 +198,22 @@ async fn pool_size_zero_disables_warming_and_close_tears_the_pool_down() {
 /// instead of waiting for spares that cannot take a job.
 #[tokio::test(flavor = "multi_thread")]
 async fn an_interpreter_older_than_3_9_is_not_warmed_and_starts_cold() {
-    let real = std::process::Command::new("python3")
-        .args(["-c", "import sys; print(sys.executable)"])
-        .output()
-        .unwrap();
-    let real = String::from_utf8_lossy(&real.stdout).trim().to_string();
+    let real = real_python3();
     // Answers the daemon's version probe as python 3.8 does; runs everything else for real.
     let dir = tempfile::tempdir().unwrap();
     let fake = dir.path().join("python3.8");
-    std::fs::write(
+    write_script(
         &fake,
-        format!(
+        &format!(
             "#!/bin/sh\ncase \"$*\" in *platform.python_version*)\n  \
              exec '{real}' -c 'import sys; print(\"'\"$0\"'\"); print(\"3.8.18\"); print(sys.prefix); print(sys.base_prefix)';;\nesac\n\
              exec '{real}' \"$@\"\n"
         ),
-    )
-    .unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let config = dir.path().join("daemon.toml");
-    std::fs::write(
-        &config,
-        format!("[runtimes.python]\ncommand = \"{}\"\n", fake.display()),
-    )
-    .unwrap();
-    let d = TestDaemon::start_with(&["--config", config.to_str().unwrap()]).await;
+    );
+    let toml = format!("[runtimes.python]\ncommand = \"{}\"\n", fake.display());
+    let d = TestDaemon::start_with_config(dir.path(), &toml).await;
     let mut c = d.client().await;
-    let info = c
-        .get_daemon_info(pb::GetDaemonInfoRequest {})
-        .await
-        .unwrap()
-        .into_inner();
-    let py = info
-        .runtimes
-        .iter()
-        .find(|r| r.language == "python")
-        .unwrap();
+    let py = runtime_info(&mut c, "python").await;
     assert_eq!(py.version, "3.8.18", "{py:?}");
     let mut events = c
         .watch_events(pb::WatchEventsRequest::default())

@@ -446,11 +446,7 @@ async fn unusable_interpreter_fails_on_both_paths() {
     let d = TestDaemon::start().await;
     let mut c = d.client().await;
     // Only meaningful where nobody cannot execute python3 (pyenv under /root); else both run.
-    let real = std::process::Command::new("python3")
-        .args(["-c", "import sys; print(sys.executable)"])
-        .output()
-        .unwrap();
-    let real = String::from_utf8_lossy(&real.stdout).trim().to_string();
+    let real = real_python3();
     let probe = std::process::Command::new("su")
         .args([
             "-s",

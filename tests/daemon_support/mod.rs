@@ -59,6 +59,13 @@ impl TestDaemon {
         self.tmpfs.as_ref().map(|t| t.join("out"))
     }
 
+    /// Starts a daemon reading `toml` as its config file (written into `dir`).
+    pub async fn start_with_config(dir: &Path, toml: &str) -> Self {
+        let config = dir.join("daemon.toml");
+        std::fs::write(&config, toml).unwrap();
+        Self::start_with(&["--config", config.to_str().unwrap()]).await
+    }
+
     /// Starts a daemon with extra command-line flags.
     pub async fn start_with(extra: &[&str]) -> Self {
         let mut d = Self::configure(extra);
@@ -240,6 +247,35 @@ impl Drop for TestDaemon {
 }
 
 /// A session enabling every language and the given intrinsics, without warm pools.
+/// The real path of the `python3` on PATH (behind any version-manager shim).
+pub fn real_python3() -> String {
+    let out = std::process::Command::new("python3")
+        .args(["-c", "import sys; print(sys.executable)"])
+        .output()
+        .expect("python3");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Writes `text` to `path` as an executable script (a fake interpreter or tool).
+pub fn write_script(path: &Path, text: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, text).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+/// What the daemon reports of its runtime for `language`.
+pub async fn runtime_info(c: &mut Client, language: &str) -> pb::Runtime {
+    let info = c
+        .get_daemon_info(pb::GetDaemonInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    info.runtimes
+        .into_iter()
+        .find(|r| r.language == language)
+        .unwrap_or_else(|| panic!("no {language} runtime reported"))
+}
+
 pub async fn session(c: &mut Client, intrinsics: &[&str]) -> String {
     session_with_pool(c, intrinsics, 0).await
 }
