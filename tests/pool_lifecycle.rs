@@ -914,18 +914,23 @@ fn the_zygote_alone_bench_speaks_the_zygote_protocol() {
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("no private memory figure: {idle}"));
     assert!(private > 100, "{idle}");
-    // A zygote without spares would run no job: refused, naming the option.
-    let refused = bench_script("zygote_alone.py", &["--spares", "0"]);
-    let err = String::from_utf8_lossy(&refused.stderr);
-    assert!(!refused.status.success());
-    assert!(err.contains("--spares must be at least 1"), "{err}");
-    let refused = bench_script("zygote_alone.py", &["--idle", "-1"]);
-    let err = String::from_utf8_lossy(&refused.stderr);
-    assert!(!refused.status.success());
-    assert!(
-        err.contains("--idle not negative, got --jobs 300 --idle -1"),
-        "{err}"
-    );
+    // Bad options are refused, naming them (a zygote without spares would run no job).
+    for (bad, says) in [
+        (["--spares", "0"], "--spares must be at least 1"),
+        (
+            ["--idle", "-1"],
+            "--idle not negative, got --jobs 300 --idle -1",
+        ),
+        (
+            ["--jobs", "0"],
+            "--jobs must be at least 1 and --idle not negative, got --jobs 0 --idle 0",
+        ),
+    ] {
+        let refused = bench_script("zygote_alone.py", &bad);
+        let err = String::from_utf8_lossy(&refused.stderr);
+        assert!(!refused.status.success(), "{bad:?}");
+        assert!(err.contains(says), "{bad:?}: {err}");
+    }
 }
 
 #[test]

@@ -20,7 +20,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use serde::{Deserialize, Serialize};
 
-use super::state::{ExecutionRecord, StateError, io};
+use super::state::{ExecutionRecord, StateError, io, write_new};
 
 /// Dead lines tolerated beyond this many (plus twice the live ones) before a rewrite.
 const COMPACT_SLACK: usize = 1024;
@@ -118,9 +118,9 @@ struct Inner {
 struct Flush {
     file: File,
     seq: u64,
-    /// Renames done so far; the directory needs an fsync when one of them is not yet durable.
-    renames: u64,
-    dir_dirty: bool,
+    /// The renames done so far when one of them is not yet durable: the directory needs an
+    /// fsync too.
+    dir_renames: Option<u64>,
 }
 
 /// The writable journal of a daemon (which holds the state dir's lock).
@@ -137,20 +137,6 @@ struct Shared {
     /// Tests: a compaction thread waits for this before writing its snapshot.
     #[cfg(test)]
     hold_compaction: Mutex<Option<std::sync::mpsc::Receiver<()>>>,
-}
-
-/// Creates `path` with `bytes`, flushed to disk; the open file, for more writes.
-fn write_flushed(path: &Path, bytes: &[u8]) -> Result<File, StateError> {
-    let mut f = OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .write(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(io(path))?;
-    f.write_all(bytes).map_err(io(path))?;
-    f.sync_data().map_err(io(path))?;
-    Ok(f)
 }
 
 fn open_append(path: &Path) -> Result<File, StateError> {
@@ -287,8 +273,7 @@ impl Shared {
         Ok(Flush {
             file: g.file.try_clone().map_err(io(&self.path))?,
             seq: g.appended,
-            renames: g.renames,
-            dir_dirty: g.renames > g.renames_synced,
+            dir_renames: (g.renames > g.renames_synced).then_some(g.renames),
         })
     }
 
@@ -297,12 +282,14 @@ impl Shared {
     /// without the lines this flush reports durable.
     fn flush(&self, f: Flush) -> Result<(), StateError> {
         f.file.sync_data().map_err(io(&self.path))?;
-        if f.dir_dirty {
+        if f.dir_renames.is_some() {
             self.sync_dir()?;
         }
         let mut g = self.lock();
         g.synced = g.synced.max(f.seq);
-        g.renames_synced = g.renames_synced.max(f.renames);
+        if let Some(renames) = f.dir_renames {
+            g.renames_synced = g.renames_synced.max(renames);
+        }
         Ok(())
     }
 
@@ -401,7 +388,7 @@ impl Shared {
             let _ = hold.recv();
         }
         let tmp = self.path.with_extension("compact");
-        let written = write_flushed(&tmp, snapshot);
+        let written = write_new(&tmp, snapshot, true);
         let mut g = self.lock();
         let tail = g.compacting.take().unwrap_or_default();
         let swapped = written.and_then(|mut f| {

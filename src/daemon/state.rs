@@ -109,25 +109,32 @@ pub struct SessionRecord {
     pub created_at: std::time::SystemTime,
 }
 
-/// Replaces `path` with `bytes` atomically: written to `tmp`, fsynced when `durable`, renamed
-/// over `path`.
+/// Creates (or truncates) `path` with `bytes`, owner-only, fdatasynced when `durable`; the open
+/// file, for more writes.
+pub(super) fn write_new(path: &Path, bytes: &[u8], durable: bool) -> Result<File, StateError> {
+    let mut f = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io(path))?;
+    f.write_all(bytes).map_err(io(path))?;
+    if durable {
+        f.sync_data().map_err(io(path))?;
+    }
+    Ok(f)
+}
+
+/// Replaces `path` with `bytes` atomically: written to `tmp` (see [`write_new`]), renamed over
+/// `path`.
 pub(super) fn replace_file(
     path: &Path,
     tmp: &Path,
     bytes: &[u8],
     durable: bool,
 ) -> Result<(), StateError> {
-    let mut f = OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .write(true)
-        .mode(0o600)
-        .open(tmp)
-        .map_err(io(tmp))?;
-    f.write_all(bytes).map_err(io(tmp))?;
-    if durable {
-        f.sync_data().map_err(io(tmp))?;
-    }
+    write_new(tmp, bytes, durable)?;
     fs::rename(tmp, path).map_err(io(path))
 }
 

@@ -703,7 +703,8 @@ pub async fn destroy_task(
         }
         return Ok(Response::new(pb::DestroyTaskResponse {}));
     };
-    if entry.exit().is_none() && !req.force {
+    let running = entry.exit().is_none();
+    if running && !req.force {
         return Err(Status::failed_precondition(format!(
             "cannot destroy running task {:?}; stop it first or set force",
             req.task_id
@@ -713,13 +714,13 @@ pub async fn destroy_task(
     // daemon that is down for (it drops ended records after `ended_retention` anyway). A
     // task still running must be stopped, so its destroy may start the daemon as other calls do.
     let snapshot = state.snapshot();
-    let client = if entry.exit().is_some() {
-        state.link.running_client(&snapshot).await
-    } else {
+    let client = if running {
         state.link.client(&snapshot).await
+    } else {
+        state.link.running_client(&snapshot).await
     };
     if let Ok(client) = client {
-        if entry.exit().is_none() {
+        if running {
             match client
                 .stop_execution(&entry.execution_id, "SIGKILL", Duration::ZERO)
                 .await
@@ -739,7 +740,7 @@ pub async fn destroy_task(
         {
             tracing::warn!(task = %req.task_id, error = %e, "daemon did not forget the execution");
         }
-    } else if entry.exit().is_none() {
+    } else if running {
         return Err(Status::failed_precondition(format!(
             "cannot destroy task {:?}: elide-daemon unreachable",
             req.task_id
