@@ -1,6 +1,6 @@
 //! Output sinks: real FIFOs (with and without a reader), files, symlinks, directories, sockets.
 
-use elide_task_driver::sandbox::sink::{SinkError, open_sink};
+use elide_task_driver::sandbox::sink::{SinkError, SinkRoots, open_sink};
 use nix::sys::stat::Mode;
 use nix::unistd::mkfifo;
 use std::io::{Read, Write};
@@ -17,7 +17,11 @@ fn tmp() -> tempfile::TempDir {
 }
 
 fn refused(path: &Path, roots: &[PathBuf]) -> String {
-    match open_sink(path, roots, Duration::from_millis(100)) {
+    match open_sink(
+        path,
+        &SinkRoots::new(roots.to_vec()),
+        Duration::from_millis(100),
+    ) {
         Ok(_) => panic!("{path:?} must be refused"),
         Err(e) => {
             let msg = e.to_string();
@@ -49,7 +53,7 @@ fn fifo_with_reader_opens_blocking_and_delivers_bytes() {
         f.read_to_string(&mut s).expect("read");
         s
     });
-    let fd = open_sink(&fifo, &[], Duration::from_secs(30)).expect("open fifo");
+    let fd = open_sink(&fifo, &SinkRoots::none(), Duration::from_secs(30)).expect("open fifo");
     assert!(!is_nonblocking(&fd), "the child must get a blocking fd");
     let mut w = std::fs::File::from(fd);
     w.write_all(b"hello fifo\n").expect("write");
@@ -74,7 +78,7 @@ fn fifo_reader_arriving_late_is_waited_for() {
         s
     });
     tx.send(()).expect("send");
-    let fd = open_sink(&fifo, &[], Duration::from_secs(60)).expect("open fifo");
+    let fd = open_sink(&fifo, &SinkRoots::none(), Duration::from_secs(60)).expect("open fifo");
     let mut w = std::fs::File::from(fd);
     w.write_all(b"late\n").expect("write");
     drop(w);
@@ -87,7 +91,8 @@ fn fifo_without_reader_fails_after_deadline_naming_it() {
     let fifo = d.path().join("noreader.fifo");
     mkfifo(&fifo, Mode::from_bits_truncate(0o600)).expect("mkfifo");
     let start = Instant::now();
-    let err = open_sink(&fifo, &[], Duration::from_millis(300)).expect_err("no reader");
+    let err =
+        open_sink(&fifo, &SinkRoots::none(), Duration::from_millis(300)).expect_err("no reader");
     assert!(start.elapsed() >= Duration::from_millis(300));
     assert!(matches!(err, SinkError::NoReader { .. }), "{err}");
     assert!(err.to_string().contains("noreader.fifo"), "{err}");
@@ -96,7 +101,7 @@ fn fifo_without_reader_fails_after_deadline_naming_it() {
 #[test]
 fn regular_file_under_root_is_created_and_appended() {
     let d = tmp();
-    let roots = vec![d.path().to_path_buf()];
+    let roots = SinkRoots::new(vec![d.path().to_path_buf()]);
     let path = d.path().join("sub").join("out.log");
     std::fs::create_dir(d.path().join("sub")).expect("mkdir");
     for line in ["one\n", "two\n"] {
@@ -110,7 +115,12 @@ fn regular_file_under_root_is_created_and_appended() {
 
 #[test]
 fn dev_null_is_allowed() {
-    let fd = open_sink(Path::new("/dev/null"), &[], Duration::from_secs(1)).expect("null");
+    let fd = open_sink(
+        Path::new("/dev/null"),
+        &SinkRoots::none(),
+        Duration::from_secs(1),
+    )
+    .expect("null");
     std::fs::File::from(fd)
         .write_all(b"discarded")
         .expect("write");
@@ -208,7 +218,83 @@ fn fifos_outside_configured_roots_are_refused() {
             .expect("read");
         s
     });
-    let fd = open_sink(&inside, &roots, Duration::from_secs(30)).expect("inside root");
+    let fd =
+        open_sink(&inside, &SinkRoots::new(roots), Duration::from_secs(30)).expect("inside root");
     std::fs::File::from(fd).write_all(b"in\n").expect("write");
     assert_eq!(reader.join().expect("reader"), "in\n");
+}
+
+/// A FIFO under a root opens whichever way its path is written: through the root's real path
+/// (one `openat2` beneath it), through a symlink to the root, through a symlinked directory
+/// that stays inside; and it waits for a late reader either way.
+#[test]
+fn fifos_under_a_root_open_by_real_and_symlinked_paths() {
+    let base = tmp();
+    let real = base.path().join("real");
+    std::fs::create_dir_all(real.join("alloc").join("logs")).expect("mkdir");
+    let via = base.path().join("via");
+    symlink(&real, &via).expect("symlink root");
+    // Absolute and relative links to a directory inside the root.
+    symlink(real.join("alloc"), real.join("abs-link")).expect("symlink");
+    symlink("alloc", real.join("rel-link")).expect("symlink");
+    let fifo = real.join("alloc").join("logs").join("t.stdout.fifo");
+    mkfifo(&fifo, Mode::from_bits_truncate(0o600)).expect("mkfifo");
+    for (root, path, late) in [
+        (&real, fifo.clone(), false),
+        (&real, fifo.clone(), true),
+        (&via, via.join("alloc/logs/t.stdout.fifo"), false),
+        (&real, via.join("alloc/logs/t.stdout.fifo"), true),
+        (&via, fifo.clone(), false),
+        (&real, real.join("abs-link/logs/t.stdout.fifo"), false),
+        (&real, real.join("rel-link/logs/t.stdout.fifo"), true),
+    ] {
+        let reader_path = fifo.clone();
+        let reader = std::thread::spawn(move || {
+            if late {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let mut s = String::new();
+            std::fs::File::open(&reader_path)
+                .expect("reader")
+                .read_to_string(&mut s)
+                .expect("read");
+            s
+        });
+        let roots = SinkRoots::new(vec![root.clone()]);
+        let fd = open_sink(&path, &roots, Duration::from_secs(30))
+            .unwrap_or_else(|e| panic!("{path:?} under root {root:?}: {e}"));
+        assert!(!is_nonblocking(&fd), "the child must get a blocking fd");
+        std::fs::File::from(fd).write_all(b"x\n").expect("write");
+        assert_eq!(reader.join().expect("reader"), "x\n", "{path:?}");
+    }
+}
+
+/// A root that does not exist when the roots are set up (Nomad makes its data dir on first
+/// run) counts once it does.
+#[test]
+fn a_root_created_later_is_found() {
+    let base = tmp();
+    let root = base.path().join("later");
+    let roots = SinkRoots::new(vec![root.clone()]);
+    std::fs::create_dir(&root).expect("mkdir");
+    let fifo = root.join("o.fifo");
+    mkfifo(&fifo, Mode::from_bits_truncate(0o600)).expect("mkfifo");
+    let reader_path = fifo.clone();
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        std::fs::File::open(&reader_path)
+            .expect("reader")
+            .read_to_string(&mut s)
+            .expect("read");
+        s
+    });
+    let fd = open_sink(&fifo, &roots, Duration::from_secs(30)).expect("root made late");
+    std::fs::File::from(fd)
+        .write_all(b"late root\n")
+        .expect("write");
+    assert_eq!(reader.join().expect("reader"), "late root\n");
+    let file = root.join("f.log");
+    let fd = open_sink(&file, &roots, Duration::from_secs(1)).expect("file under late root");
+    drop(fd);
+    assert!(file.exists());
 }

@@ -19,7 +19,7 @@ use super::blocking::offload;
 use super::cgroup_stock::{CgroupStock, unnamed_cgroup};
 use super::plan::{ExecutionPlan, SinkTarget};
 use crate::sandbox::cgroup::{CgroupLimits, CgroupManager, CgroupMode, ExecutionCgroup};
-use crate::sandbox::sink::{SinkError, open_sink};
+use crate::sandbox::sink::{SinkError, SinkRoots, open_sink};
 use crate::sandbox::{Intrinsics, IsolationSpec, Role};
 
 /// How the process ended.
@@ -135,7 +135,7 @@ pub(crate) struct Preparer {
     cgroups: CgroupManager,
     /// Execution cgroups made ahead of time (mkdir off the start's critical path).
     stock: CgroupStock,
-    output_roots: Vec<PathBuf>,
+    output_roots: SinkRoots,
     sink_timeout: Duration,
 }
 
@@ -236,7 +236,7 @@ impl ColdLauncher {
             preparer: std::sync::Arc::new(Preparer {
                 stock: CgroupStock::new(cgroups.clone(), CGROUP_STOCK),
                 cgroups,
-                output_roots,
+                output_roots: SinkRoots::new(output_roots),
                 sink_timeout,
             }),
         }

@@ -227,6 +227,10 @@ pub struct CgroupManager {
     root: PathBuf,
     parent_name: String,
     layout: Layout,
+    /// The parent directory in each hierarchy, co-mounted hierarchies once: resolved at
+    /// detection, as every create and remove needs them (resolving costs a readlink per path
+    /// component and hierarchy).
+    parents: Vec<(Option<V1Controller>, PathBuf)>,
 }
 
 fn read_trimmed(path: &Path) -> Option<String> {
@@ -313,10 +317,12 @@ impl CgroupManager {
     /// under `root`; else None.
     pub fn detect_at(root: &Path, parent_name: &str) -> Self {
         let layout = Self::detect_layout(root);
+        let parents = Self::resolve_parent_dirs(&layout, parent_name);
         CgroupManager {
             root: root.to_path_buf(),
             parent_name: parent_name.to_string(),
             layout,
+            parents,
         }
     }
 
@@ -413,9 +419,16 @@ impl CgroupManager {
     }
 
     /// The parent directories (one per hierarchy; deduplicated).
-    fn parent_dirs(&self) -> Vec<(Option<V1Controller>, PathBuf)> {
-        match &self.layout {
-            Layout::V2 { hierarchy } => vec![(None, hierarchy.join(&self.parent_name))],
+    fn parent_dirs(&self) -> &[(Option<V1Controller>, PathBuf)] {
+        &self.parents
+    }
+
+    fn resolve_parent_dirs(
+        layout: &Layout,
+        parent_name: &str,
+    ) -> Vec<(Option<V1Controller>, PathBuf)> {
+        match layout {
+            Layout::V2 { hierarchy } => vec![(None, hierarchy.join(parent_name))],
             Layout::V1 { hierarchies } => {
                 let mut seen: Vec<PathBuf> = Vec::new();
                 let mut out = Vec::new();
@@ -425,7 +438,7 @@ impl CgroupManager {
                         continue;
                     }
                     seen.push(canon);
-                    out.push((Some(*c), h.join(&self.parent_name)));
+                    out.push((Some(*c), h.join(parent_name)));
                 }
                 out
             }
@@ -504,8 +517,8 @@ impl CgroupManager {
             }
             Layout::V1 { .. } => self
                 .parent_dirs()
-                .into_iter()
-                .map(|(c, p)| (c, p.join(name)))
+                .iter()
+                .map(|(c, p)| (*c, p.join(name)))
                 .collect(),
         };
         let cg = ExecutionCgroup {
@@ -520,13 +533,22 @@ impl CgroupManager {
             }
         };
         for (_, dir) in &cg.dirs {
-            if let Some(parent) = dir.parent()
-                && let Err(e) = Self::ensure_dir(parent)
-            {
-                undo(&created);
-                return Err(e);
-            }
-            match fs::create_dir(dir) {
+            // The parent exists but for the first execution (or after someone removed it): try
+            // the execution's own mkdir first, which spares an EEXIST mkdir per hierarchy.
+            let made = match fs::create_dir(dir) {
+                Err(e) if e.kind() == ErrorKind::NotFound => match dir.parent() {
+                    Some(parent) => match Self::ensure_dir(parent) {
+                        Ok(()) => fs::create_dir(dir),
+                        Err(e) => {
+                            undo(&created);
+                            return Err(e);
+                        }
+                    },
+                    None => Err(e),
+                },
+                other => other,
+            };
+            match made {
                 Ok(()) => created.push(dir),
                 Err(e) => {
                     undo(&created);
@@ -550,12 +572,12 @@ impl CgroupManager {
     /// cgroup was removed. A parent that still has children is left alone.
     pub fn remove_parent(&self) -> Result<(), CgroupError> {
         for (_, parent) in self.parent_dirs() {
-            match fs::remove_dir(&parent) {
+            match fs::remove_dir(parent) {
                 Ok(()) => {}
                 Err(e) if e.kind() == ErrorKind::NotFound => {}
                 Err(e) if matches!(e.raw_os_error(), Some(libc::EBUSY) | Some(libc::ENOTEMPTY)) => {
                 }
-                Err(e) => return Err(io_err(&parent, "rmdir", e)),
+                Err(e) => return Err(io_err(parent, "rmdir", e)),
             }
         }
         Ok(())
@@ -567,10 +589,10 @@ impl CgroupManager {
     pub fn reap_stale(&self) -> Result<usize, CgroupError> {
         let mut names: Vec<String> = Vec::new();
         for (_, parent) in self.parent_dirs() {
-            let entries = match fs::read_dir(&parent) {
+            let entries = match fs::read_dir(parent) {
                 Ok(e) => e,
                 Err(e) if e.kind() == ErrorKind::NotFound => continue,
-                Err(e) => return Err(io_err(&parent, "read_dir", e)),
+                Err(e) => return Err(io_err(parent, "read_dir", e)),
             };
             for entry in entries.flatten() {
                 if entry.file_type().map(|t| t.is_dir()).unwrap_or(false) {
@@ -585,8 +607,8 @@ impl CgroupManager {
         for name in names {
             let dirs: Vec<(Option<V1Controller>, PathBuf)> = self
                 .parent_dirs()
-                .into_iter()
-                .map(|(c, p)| (c, p.join(&name)))
+                .iter()
+                .map(|(c, p)| (*c, p.join(&name)))
                 .filter(|(_, d)| d.is_dir())
                 .collect();
             let cg = ExecutionCgroup {

@@ -8,11 +8,12 @@
 //! [`open_sink`] may sleep while waiting for a FIFO reader: call it from a blocking context.
 
 use nix::errno::Errno;
-use nix::fcntl::{FcntlArg, OFlag, fcntl, open};
+use nix::fcntl::{FcntlArg, OFlag, OpenHow, ResolveFlag, fcntl, open, openat2};
 use nix::sys::stat::{Mode, SFlag, fstat};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Component, Path, PathBuf};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 /// A sink path that cannot be used.
@@ -49,6 +50,53 @@ fn io_err(path: &Path, op: &'static str, e: impl Into<std::io::Error>) -> SinkEr
 /// The path of the null sink.
 pub const DEV_NULL: &str = "/dev/null";
 
+/// The directories sinks must lie under (the daemon's `output_roots`), each resolved to its
+/// real path once, when first found: every resolution is a readlink per path component, and a
+/// start opens two sinks. A root that does not exist yet (Nomad creates its data dir when it
+/// first runs) is looked for again at each use until it does.
+#[derive(Debug, Default)]
+pub struct SinkRoots {
+    configured: Vec<PathBuf>,
+    /// The real paths of the roots found so far, and whether that is all of them.
+    resolved: RwLock<(Arc<[PathBuf]>, bool)>,
+}
+
+impl SinkRoots {
+    pub fn new(configured: Vec<PathBuf>) -> Self {
+        let roots = SinkRoots {
+            configured,
+            resolved: RwLock::new((Arc::from(Vec::new()), false)),
+        };
+        roots.real_paths();
+        roots
+    }
+
+    /// No roots: file sinks are refused and FIFOs accepted anywhere.
+    pub fn none() -> Self {
+        Self::new(Vec::new())
+    }
+
+    fn is_empty(&self) -> bool {
+        self.configured.is_empty()
+    }
+
+    /// The real paths of the roots that exist.
+    fn real_paths(&self) -> Arc<[PathBuf]> {
+        if let Ok(r) = self.resolved.read()
+            && r.1
+        {
+            return r.0.clone();
+        }
+        let found = canonical_roots(&self.configured);
+        let complete = found.len() == self.configured.len();
+        let found: Arc<[PathBuf]> = Arc::from(found);
+        if let Ok(mut r) = self.resolved.write() {
+            *r = (found.clone(), complete);
+        }
+        found
+    }
+}
+
 /// The first and the longest sleep between FIFO open attempts while no reader is attached. The
 /// reader is usually a moment away (logmon's goroutine, started just before StartTask, has not
 /// reached its `open` yet), so the first retries come quickly and back off from there.
@@ -66,7 +114,7 @@ const FIFO_RETRY_MAX: Duration = Duration::from_millis(5);
 /// with no roots configured, file sinks are refused and FIFOs are accepted anywhere.
 pub fn open_sink(
     path: &Path,
-    allowed_roots: &[PathBuf],
+    allowed_roots: &SinkRoots,
     deadline: Duration,
 ) -> Result<OwnedFd, SinkError> {
     if !path.is_absolute() {
@@ -82,15 +130,16 @@ pub fn open_sink(
         Ok(meta) => {
             let ft = meta.file_type();
             if ft.is_fifo() {
-                // Resolved once for both checks: every root is a readlink per path component.
-                let roots = (!allowed_roots.is_empty()).then(|| canonical_roots(allowed_roots));
-                if let Some(roots) = &roots {
-                    resolve_under_roots(path, roots)?;
+                if allowed_roots.is_empty() {
+                    return open_fifo(path, deadline);
                 }
+                let roots = allowed_roots.real_paths();
+                if let Some(fd) = open_fifo_beneath(path, &roots, deadline)? {
+                    return Ok(fd);
+                }
+                resolve_under_roots(path, &roots)?;
                 let fd = open_fifo(path, deadline)?;
-                if let Some(roots) = &roots {
-                    check_fd_under_roots(path, &fd, roots)?;
-                }
+                check_fd_under_roots(path, &fd, &roots)?;
                 Ok(fd)
             } else if ft.is_file() {
                 if meta.nlink() > 1 {
@@ -136,12 +185,73 @@ fn open_dev_null(path: &Path) -> Result<OwnedFd, SinkError> {
     Ok(fd)
 }
 
+const FIFO_FLAGS: OFlag = OFlag::O_WRONLY
+    .union(OFlag::O_NONBLOCK)
+    .union(OFlag::O_CLOEXEC)
+    .union(OFlag::O_NOFOLLOW);
+
 fn open_fifo(path: &Path, deadline: Duration) -> Result<OwnedFd, SinkError> {
+    open_fifo_with(path, deadline, || open(path, FIFO_FLAGS, Mode::empty()))
+}
+
+/// Opens a FIFO that lies, as written, under one of the real `roots` in one `openat2` that
+/// the kernel keeps beneath that root (no `..`, no absolute symlink, no /proc magic link out of
+/// it): the same guarantee as resolving its directory first and checking the opened fd after,
+/// without the readlink per path component. None when the path is not written under a real
+/// root (a root given through a symlink), passes an absolute symlink, or the kernel lacks
+/// `openat2` (before 5.6): the caller then resolves it the long way.
+fn open_fifo_beneath(
+    path: &Path,
+    roots: &[PathBuf],
+    deadline: Duration,
+) -> Result<Option<OwnedFd>, SinkError> {
+    let Some((root, rel)) = roots.iter().find_map(|r| {
+        let rel = path.strip_prefix(r).ok()?;
+        (!rel.as_os_str().is_empty()).then_some((r, rel))
+    }) else {
+        return Ok(None);
+    };
+    let dir = match open(
+        root,
+        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    ) {
+        Ok(dir) => dir,
+        // Gone or replaced since it was resolved: the long way re-checks everything.
+        Err(_) => return Ok(None),
+    };
+    let how = || {
+        OpenHow::new()
+            .flags(FIFO_FLAGS)
+            .resolve(ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_MAGICLINKS)
+    };
+    match open_fifo_with(path, deadline, || openat2(dir.as_fd(), rel, how())) {
+        Ok(fd) => Ok(Some(fd)),
+        // EXDEV: the path leaves the root as written (an absolute symlink, which may still
+        // lead back inside): the long way decides, and names the root if it does not.
+        Err(SinkError::Io { source, .. })
+            if matches!(
+                source.raw_os_error(),
+                Some(libc::ENOSYS) | Some(libc::E2BIG) | Some(libc::EPERM) | Some(libc::EXDEV)
+            ) =>
+        {
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// The FIFO opened by `open_once` (non-blocking, write-only), retried while no reader is
+/// attached, and handed back blocking.
+fn open_fifo_with(
+    path: &Path,
+    deadline: Duration,
+    mut open_once: impl FnMut() -> nix::Result<OwnedFd>,
+) -> Result<OwnedFd, SinkError> {
     let started = Instant::now();
-    let flags = OFlag::O_WRONLY | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW;
     let mut pause = FIFO_RETRY_FIRST;
     let fd = loop {
-        match open(path, flags, Mode::empty()) {
+        match open_once() {
             Ok(fd) => break fd,
             Err(Errno::ENXIO) => {
                 let waited = started.elapsed();
@@ -212,8 +322,8 @@ fn check_fd_under_roots(path: &Path, fd: &OwnedFd, roots: &[PathBuf]) -> Result<
     Ok(())
 }
 
-fn open_regular(path: &Path, allowed_roots: &[PathBuf]) -> Result<OwnedFd, SinkError> {
-    let roots = canonical_roots(allowed_roots);
+fn open_regular(path: &Path, allowed_roots: &SinkRoots) -> Result<OwnedFd, SinkError> {
+    let roots = allowed_roots.real_paths();
     if roots.is_empty() {
         return Err(refused(
             path,
@@ -236,4 +346,43 @@ fn open_regular(path: &Path, allowed_roots: &[PathBuf]) -> Result<OwnedFd, SinkE
     }
     check_fd_under_roots(path, &fd, &roots)?;
     Ok(fd)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nix::unistd::mkfifo;
+
+    /// The short way is taken for a path written under a root's real path, and left to the
+    /// long way (None) for one written through a symlink or leaving the root as written.
+    #[test]
+    fn fifo_beneath_a_real_root_opens_in_one_step() {
+        let base = tempfile::tempdir().expect("tempdir");
+        let real = base.path().canonicalize().expect("real path").join("root");
+        std::fs::create_dir(&real).expect("mkdir");
+        let fifo = real.join("o.fifo");
+        mkfifo(&fifo, Mode::from_bits_truncate(0o600)).expect("mkfifo");
+        // A reader that stays attached for the whole test, so the opens succeed at once.
+        let _reader =
+            open(&fifo, OFlag::O_RDONLY | OFlag::O_NONBLOCK, Mode::empty()).expect("reader");
+        let roots = [real.clone()];
+        let fd = open_fifo_beneath(&fifo, &roots, Duration::from_secs(5)).expect("open");
+        assert!(fd.is_some(), "a path under the real root opens beneath it");
+        let via = base.path().join("via");
+        std::os::unix::fs::symlink(&real, &via).expect("symlink");
+        let through_link = via.join("o.fifo");
+        assert!(
+            open_fifo_beneath(&through_link, &roots, Duration::from_secs(5))
+                .expect("not an error")
+                .is_none()
+        );
+        std::os::unix::fs::symlink(&real, real.join("self")).expect("symlink");
+        let absolute = real.join("self").join("o.fifo");
+        assert!(
+            open_fifo_beneath(&absolute, &roots, Duration::from_secs(5))
+                .expect("not an error")
+                .is_none(),
+            "an absolute symlink is for the long way to judge"
+        );
+    }
 }

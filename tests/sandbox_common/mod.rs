@@ -2,7 +2,7 @@
 //! bounded waits.
 #![allow(dead_code)]
 
-use elide_task_driver::sandbox::sink::open_sink;
+use elide_task_driver::sandbox::sink::{SinkRoots, open_sink};
 use elide_task_driver::sandbox::{Intrinsics, IsolationSpec, Role};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
@@ -55,7 +55,7 @@ impl Scratch {
 
     /// A spec with everything allowed, output to stdout.log/stderr.log in the scratch dir.
     pub fn spec(&self) -> IsolationSpec {
-        let roots = vec![self.dir.path().to_path_buf()];
+        let roots = SinkRoots::new(vec![self.dir.path().to_path_buf()]);
         let stdout = open_sink(&self.out_path(), &roots, Duration::from_secs(1)).expect("stdout");
         let stderr = open_sink(&self.err_path(), &roots, Duration::from_secs(1)).expect("stderr");
         IsolationSpec {
