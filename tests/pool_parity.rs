@@ -94,6 +94,10 @@ print(json.dumps({
     "fds": sorted(int(f) for f in os.listdir("/proc/self/fd")),
     "main": __name__, "file_is_script": __file__ == sys.argv[0],
     "path0": sys.path[0] == os.path.dirname(sys.argv[0]),
+    "path0_is_dir": sys.path[0] == os.path.dirname(os.path.abspath(sys.argv[0])),
+    "lc_ctype": __import__("locale").setlocale(__import__("locale").LC_CTYPE),
+    "encodings": [sys.getfilesystemencoding(), sys.stdout.encoding, sys.stdout.errors],
+    "environb_greeting": os.environb.get(b"GREETING", b"").hex(),
     "nnp": [l for l in open("/proc/self/status") if l.startswith("NoNewPrivs")][0].split()[1],
     "caps": {l.split(":")[0]: l.split()[1] for l in open("/proc/self/status") if l.startswith("Cap")},
     "new_uts_ns": __import__("ctypes").CDLL(None, use_errno=True).unshare(0x04000000),
@@ -119,7 +123,11 @@ console.log(JSON.stringify({
 fn report_req(s: &str, lang: &str, wd: &std::path::Path, user: &str) -> pb::StartExecutionRequest {
     let mut req = code_req(s, lang, if lang == "py" { PY_REPORT } else { JS_REPORT });
     req.args = vec!["a b".into(), "--flag".into(), "ü".into()];
-    req.env = vec![env_var("FOO", "bar"), env_var("EMPTY", "")];
+    req.env = vec![
+        env_var("FOO", "bar"),
+        env_var("EMPTY", ""),
+        env_var("GREETING", "grüße ✓"),
+    ];
     req.working_dir = wd.display().to_string();
     req.user = user.into();
     req
@@ -192,8 +200,12 @@ async fn environment_cwd_argv_user_and_process_state_match_cold() {
                     assert_eq!(v["main_thread_alive"], true, "{kind:?}");
                 }
                 check_capabilities(&v, user, &format!("{kind:?} {lang} {user}"));
+                if lang == "py" {
+                    assert_eq!(v["path0_is_dir"], true, "{kind:?}");
+                }
                 if intrinsics.contains(&"env") {
                     assert_eq!(v["env"]["FOO"], "bar", "{kind:?} {lang}");
+                    assert_eq!(v["env"]["GREETING"], "grüße ✓", "{kind:?} {lang}");
                 } else {
                     assert!(v["env"].get("FOO").is_none(), "{kind:?} {lang}: env leaked");
                 }

@@ -13,13 +13,13 @@
 # through a pipe (and the zygote forks a replacement), replays the daemon's isolation plan (the
 # same steps the cold spawn runs in pre_exec), then runs the script as __main__ and leaves with
 # os._exit, never returning into the zygote's loop.
-import os, sys, json, signal, socket, select, gc, ctypes, errno, _signal
+import os, sys, json, signal, socket, select, gc, ctypes, errno, _signal, _socket
 
 # Modules snippets commonly import: loaded once here, shared copy-on-write by every child.
 import io, re, math, time, random, struct, types, builtins, traceback, threading, atexit
 import collections, functools, itertools, typing, datetime, pathlib, base64, hashlib
 import json.decoder, urllib.parse, string, textwrap, copy, dataclasses, enum, subprocess
-import resource, fcntl, tokenize, linecache, codecs, encodings.idna, locale
+import resource, fcntl, tokenize, linecache, codecs, encodings.idna, locale, _locale
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _PR_SET_PDEATHSIG = 1
@@ -56,6 +56,41 @@ _SIGINT, _SIGPIPE, _SIGXFSZ, _SIGKILL, _SIGCHLD = (
 )
 _RESETTABLE_SIGNALS = tuple(s for s in range(1, signal.NSIG) if s not in (signal.SIGKILL, signal.SIGSTOP))
 
+# A child's own path keeps to C functions where the stdlib wraps one in Python (json.loads,
+# socket.send_fds/recv_fds, locale.setlocale, os.environ's encoders, socket.close): every
+# Python function a child calls is its function and code objects' pages copied.
+_SOL_SOCKET, _SCM_RIGHTS = socket.SOL_SOCKET, socket.SCM_RIGHTS
+_FDS_SPACE = socket.CMSG_LEN(8 * 4)
+_LC_CTYPE = locale.LC_CTYPE
+_FS_ENCODING = sys.getfilesystemencoding()
+# The C scanner json.loads ends in; the daemon's messages are compact JSON, one value each.
+_scan_json = json.decoder.JSONDecoder().scan_once
+
+
+# The zygote's own environment, which a spare sets again while it waits (see _prepare_spare):
+# os.environ's mapping methods are Python functions a spare would copy.
+_ZYGOTE_ENV = dict(os.environ)
+
+
+def _decode(msg):
+    """A message from the daemon. Raises ValueError (or StopIteration, the scanner's own
+    answer to malformed JSON) on a bad one."""
+    return _scan_json(msg.decode(), 0)[0]
+
+
+def _recv_with_fds(sock):
+    """One message and the fds passed with it (socket.recv_fds without its array module)."""
+    msg, ancdata, _flags, _addr = sock.recvmsg(1 << 20, _FDS_SPACE)
+    fds = []
+    for level, kind, data in ancdata:
+        if level == _SOL_SOCKET and kind == _SCM_RIGHTS:
+            fds.extend(fd for (fd,) in struct.iter_unpack("i", data[: len(data) - len(data) % 4]))
+    return msg, fds
+
+
+def _send_with_fd(sock, data, fd):
+    sock.sendmsg([data], [(_SOL_SOCKET, _SCM_RIGHTS, struct.pack("i", fd))])
+
 
 def _coerce_c_locale(env):
     # PEP 538: an interpreter whose LC_CTYPE would be "C" sets LC_CTYPE=C.UTF-8 in its own
@@ -73,9 +108,9 @@ def _set_environ(env):
     data = os.environ._data
     data.clear()
     _libc.clearenv()
-    key, value = os.environ.encodekey, os.environ.encodevalue
+    # What os.environ's encoders do for the str keys and values a job carries.
     for k, v in env.items():
-        kb, vb = key(k), value(v)
+        kb, vb = k.encode(_FS_ENCODING, "surrogateescape"), v.encode(_FS_ENCODING, "surrogateescape")
         os.putenv(kb, vb)
         data[kb] = vb
 
@@ -245,13 +280,13 @@ def _prepare_spare():
     except OSError:
         pass
     try:
-        json.loads('{"token": 0, "steps": [{"step": "chdir", "path": "/"}], "env": [["A", "b"]]}')
-        env = dict(os.environ)
+        _decode(b'{"token": 0, "steps": [{"step": "chdir", "path": "/"}], "env": [["A", "b"]]}')
+        env = dict(_ZYGOTE_ENV)
         _coerce_c_locale(env)
         _set_environ(env)
         time.tzset()
-        locale.setlocale(locale.LC_CTYPE, "")
-        os.path.dirname(os.path.abspath("/x.py"))
+        _locale.setlocale(_LC_CTYPE, "")
+        _script_dir("/x.py")
         _read_file("/dev/null")
         compile("pass", "<elide-warmup>", "exec", dont_inherit=True)
     except Exception:
@@ -280,19 +315,22 @@ def _warm():
             threading._after_fork()
             random.seed()
             socket.send_fds(a, [json.dumps(job).encode()], [1, 2])
-            msg, fds, _flags, _addr = socket.recv_fds(b, 1 << 20, 8)
+            msg, fds = _recv_with_fds(b)
             for fd in fds:
                 os.close(fd)
-            env = dict(json.loads(msg)["env"])
+            _send_with_fd(a, b"{}", 1)
+            for fd in _recv_with_fds(b)[1]:
+                os.close(fd)
+            env = dict(_decode(msg)["env"])
             _coerce_c_locale(env)
             _set_environ(dict(os.environ))
             dict(os.environ)
             list(os.environ.keys())
             os.environ.get("PATH")
             time.tzset()
-            locale.setlocale(locale.LC_CTYPE, "")
+            _locale.setlocale(_LC_CTYPE, "")
             os.close(os.pidfd_open(os.getpid()))
-            os.path.dirname(os.path.abspath("/x.py"))
+            _script_dir("/x.py")
             main = types.ModuleType("__warm__")
             main.__builtins__ = builtins
             exec(compile("pass", "/x.py", "exec", dont_inherit=True), main.__dict__)
@@ -421,11 +459,20 @@ def _finish(code):
     os._exit(code)
 
 
+def _script_dir(script):
+    """The script's directory, as the interpreter puts it first on sys.path. The daemon sends
+    real paths, whose directory is the text before the last slash; anything else takes the
+    long way."""
+    if script[:1] == "/" and "//" not in script and "/." not in script:
+        return script.rpartition("/")[0] or "/"
+    return os.path.dirname(os.path.abspath(script))
+
+
 def _run_main(job):
     argv = job["argv"]
     script = job["script"]
     sys.argv = list(argv[1:])
-    sys.path[0] = os.path.dirname(os.path.abspath(script))
+    sys.path[0] = _script_dir(script)
     try:
         source = _read_file(script)
     except OSError as e:
@@ -477,8 +524,8 @@ def _child(sock, job, fds, zygote_pid, done=frozenset()):
             _unbuffer_stdio()
         time.tzset()
         try:
-            locale.setlocale(locale.LC_CTYPE, "")
-        except locale.Error:
+            _locale.setlocale(_LC_CTYPE, "")
+        except _locale.Error:
             pass
         for fd in fds:
             if fd > 2:
@@ -491,7 +538,7 @@ def _child(sock, job, fds, zygote_pid, done=frozenset()):
             # then shuts its socket, our report fails, and we exit unrun (it starts cold).
             _check(_libc.prctl(_PR_SET_PDEATHSIG, 0, 0, 0, 0), "prctl PDEATHSIG")
         pidfd = os.pidfd_open(os.getpid())
-        socket.send_fds(sock, [b'{"ready": %d, "pid": %d}' % (token, os.getpid())], [pidfd])
+        _send_with_fd(sock, b'{"ready": %d, "pid": %d}' % (token, os.getpid()), pidfd)
         os.close(pidfd)
     except BaseException as e:
         try:
@@ -499,7 +546,8 @@ def _child(sock, job, fds, zygote_pid, done=frozenset()):
         except OSError:
             pass
         os._exit(127)
-    sock.close()
+    # The C close under socket.close's two Python frames.
+    _socket.socket.close(sock)
     _close_fds_from(3)
     gc.enable()
     _run_main(job)
@@ -558,7 +606,7 @@ def _spare(sock, taken_w, zygote_pid):
     done = _prepare_spare()
     while True:
         try:
-            msg, fds, _flags, _addr = socket.recv_fds(sock, 1 << 20, 8)
+            msg, fds = _recv_with_fds(sock)
             break
         except InterruptedError:
             continue
@@ -571,9 +619,9 @@ def _spare(sock, taken_w, zygote_pid):
         # The daemon closed the pool.
         os._exit(0)
     try:
-        job = json.loads(msg)
+        job = _decode(msg)
         token = job["token"]
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, StopIteration):
         os._exit(0)
     try:
         # Formatted, not json.dumps: the encoder's Python code is pages a child would copy.
