@@ -644,6 +644,38 @@ mod tests {
         }
     }
 
+    /// The zygote itself refuses an interpreter that lacks what it needs (python 3.8 and
+    /// older have no `socket.send_fds`), naming the version, rather than forking spares that
+    /// die at once: played by the real python3 with `send_fds` taken away before the zygote's
+    /// source runs.
+    #[test]
+    fn the_zygote_refuses_an_interpreter_without_send_fds() {
+        let out = std::process::Command::new("python3")
+            .arg("-c")
+            .arg(format!(
+                "import socket\ndel socket.send_fds\n{ZYGOTE_SOURCE}"
+            ))
+            .arg("1")
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("python3");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(3), "{stderr}");
+        assert!(
+            stderr.contains("lacks socket.send_fds") && stderr.contains("3.9 or newer needed"),
+            "{stderr}"
+        );
+        let version = String::from_utf8(
+            std::process::Command::new("python3")
+                .args(["-c", "import sys; print(sys.version.split()[0])"])
+                .output()
+                .expect("python3")
+                .stdout,
+        )
+        .expect("utf-8");
+        assert!(stderr.contains(version.trim()), "{stderr}");
+    }
+
     fn pidfd_of(pid: u32) -> OwnedFd {
         crate::sandbox::pidfd_open(pid).expect("pidfd_open")
     }
