@@ -34,6 +34,20 @@ fn refused(path: &Path, roots: &[PathBuf]) -> String {
     }
 }
 
+/// A reader that opens `fifo` (after `delay`) and returns all it reads until EOF.
+fn spawn_reader(fifo: &Path, delay: Duration) -> std::thread::JoinHandle<String> {
+    let fifo = fifo.to_path_buf();
+    std::thread::spawn(move || {
+        std::thread::sleep(delay);
+        let mut s = String::new();
+        std::fs::File::open(&fifo)
+            .expect("open reader")
+            .read_to_string(&mut s)
+            .expect("read");
+        s
+    })
+}
+
 fn is_nonblocking(fd: &std::os::fd::OwnedFd) -> bool {
     // SAFETY: F_GETFL on an fd we own.
     let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
@@ -46,13 +60,7 @@ fn fifo_with_reader_opens_blocking_and_delivers_bytes() {
     let d = tmp();
     let fifo = d.path().join("out.fifo");
     mkfifo(&fifo, Mode::from_bits_truncate(0o600)).expect("mkfifo");
-    let reader_path = fifo.clone();
-    let reader = std::thread::spawn(move || {
-        let mut f = std::fs::File::open(&reader_path).expect("open reader");
-        let mut s = String::new();
-        f.read_to_string(&mut s).expect("read");
-        s
-    });
+    let reader = spawn_reader(&fifo, Duration::ZERO);
     let fd = open_sink(&fifo, &SinkRoots::none(), Duration::from_secs(30)).expect("open fifo");
     assert!(!is_nonblocking(&fd), "the child must get a blocking fd");
     let mut w = std::fs::File::from(fd);
@@ -66,18 +74,8 @@ fn fifo_reader_arriving_late_is_waited_for() {
     let d = tmp();
     let fifo = d.path().join("late.fifo");
     mkfifo(&fifo, Mode::from_bits_truncate(0o600)).expect("mkfifo");
-    let reader_path = fifo.clone();
-    let (tx, rx) = std::sync::mpsc::channel::<()>();
-    let reader = std::thread::spawn(move || {
-        // Attach only after the writer has started retrying.
-        rx.recv().expect("go");
-        std::thread::sleep(Duration::from_millis(200));
-        let mut f = std::fs::File::open(&reader_path).expect("open reader");
-        let mut s = String::new();
-        f.read_to_string(&mut s).expect("read");
-        s
-    });
-    tx.send(()).expect("send");
+    // Attaches only once the writer has been retrying for a while.
+    let reader = spawn_reader(&fifo, Duration::from_millis(200));
     let fd = open_sink(&fifo, &SinkRoots::none(), Duration::from_secs(60)).expect("open fifo");
     let mut w = std::fs::File::from(fd);
     w.write_all(b"late\n").expect("write");
@@ -209,15 +207,7 @@ fn fifos_outside_configured_roots_are_refused() {
     // Inside the root it opens (a reader is attached so the open succeeds at once).
     let inside = root.path().join("ok.fifo");
     mkfifo(&inside, Mode::from_bits_truncate(0o600)).expect("mkfifo");
-    let reader_path = inside.clone();
-    let reader = std::thread::spawn(move || {
-        let mut s = String::new();
-        std::fs::File::open(&reader_path)
-            .expect("reader")
-            .read_to_string(&mut s)
-            .expect("read");
-        s
-    });
+    let reader = spawn_reader(&inside, Duration::ZERO);
     let fd =
         open_sink(&inside, &SinkRoots::new(roots), Duration::from_secs(30)).expect("inside root");
     std::fs::File::from(fd).write_all(b"in\n").expect("write");
@@ -248,18 +238,12 @@ fn fifos_under_a_root_open_by_real_and_symlinked_paths() {
         (&real, real.join("abs-link/logs/t.stdout.fifo"), false),
         (&real, real.join("rel-link/logs/t.stdout.fifo"), true),
     ] {
-        let reader_path = fifo.clone();
-        let reader = std::thread::spawn(move || {
-            if late {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let mut s = String::new();
-            std::fs::File::open(&reader_path)
-                .expect("reader")
-                .read_to_string(&mut s)
-                .expect("read");
-            s
-        });
+        let delay = if late {
+            Duration::from_millis(50)
+        } else {
+            Duration::ZERO
+        };
+        let reader = spawn_reader(&fifo, delay);
         let roots = SinkRoots::new(vec![root.clone()]);
         let fd = open_sink(&path, &roots, Duration::from_secs(30))
             .unwrap_or_else(|e| panic!("{path:?} under root {root:?}: {e}"));
@@ -279,15 +263,7 @@ fn a_root_created_later_is_found() {
     std::fs::create_dir(&root).expect("mkdir");
     let fifo = root.join("o.fifo");
     mkfifo(&fifo, Mode::from_bits_truncate(0o600)).expect("mkfifo");
-    let reader_path = fifo.clone();
-    let reader = std::thread::spawn(move || {
-        let mut s = String::new();
-        std::fs::File::open(&reader_path)
-            .expect("reader")
-            .read_to_string(&mut s)
-            .expect("read");
-        s
-    });
+    let reader = spawn_reader(&fifo, Duration::ZERO);
     let fd = open_sink(&fifo, &roots, Duration::from_secs(30)).expect("root made late");
     std::fs::File::from(fd)
         .write_all(b"late root\n")
