@@ -73,9 +73,9 @@ _ZYGOTE_ENV = dict(os.environ)
 
 
 def _decode(msg):
-    """A message from the daemon. Raises ValueError (or StopIteration, the scanner's own
-    answer to malformed JSON) on a bad one."""
-    return _scan_json(msg.decode(), 0)[0]
+    """A message from the daemon, decoded as json.loads decodes UTF-8 bytes. Raises ValueError
+    (or StopIteration, the scanner's own answer to malformed JSON) on a bad one."""
+    return _scan_json(msg.decode("utf-8", "surrogatepass"), 0)[0]
 
 
 def _recv_with_fds(sock):
