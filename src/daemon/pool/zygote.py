@@ -34,6 +34,9 @@ _SIOCSIFFLAGS = 0x8914
 _IFF_UP = 0x1
 _SYS_CLOSE_RANGE = 436
 _FORK_RETRY_MS = 100
+# A spare that took a job is replaced when a child ends, or this long after at the latest,
+# while more than half the pool is still idle (see main's loop).
+_REFILL_LATE_MS = 20
 _PR_CAPBSET_DROP = 24
 _PR_CAP_AMBIENT = 47
 _PR_CAP_AMBIENT_CLEAR_ALL = 4
@@ -734,9 +737,14 @@ def main():
     # to few objects: one read for a pipe poll found readable (no exception, as _drain raises
     # and catches one), formatted replies rather than json.dumps.
     sock_fd = sock.fileno()
+    refill_due = None
     while True:
+        timeout = _FORK_RETRY_MS if starved else None
+        if refill_due is not None:
+            wait = max(0, int((refill_due - time.monotonic()) * 1000) + 1)
+            timeout = wait if timeout is None else min(timeout, wait)
         try:
-            events = poller.poll(_FORK_RETRY_MS if starved else None)
+            events = poller.poll(timeout)
         except InterruptedError:
             continue
         for fd, _ev in events:
@@ -749,6 +757,7 @@ def main():
                 # with us (PDEATHSIG).
                 os._exit(0)
         # Reap after every wake-up: a SIGCHLD may have arrived while we were busy.
+        ended = False
         while True:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
@@ -756,6 +765,7 @@ def main():
                 break
             if pid == 0:
                 break
+            ended = True
             if pid in idle:
                 # A spare writes its note before anything else, so one that took a job and
                 # already ended has its note in the pipe by now.
@@ -765,7 +775,16 @@ def main():
                 idle.discard(pid)
                 continue
             sock.send(b'{"exit": %d, "status": %d}' % (pid, status))
-        refill()
+        # The replacement's fork and preparation (about 1.5 ms of CPU here) would run beside
+        # the job that just took a spare, on the cores its start needs. While more than half
+        # the pool is idle, they wait for a child's end (its exit then travels through the
+        # daemon and the plugin, mostly one core's work), or _REFILL_LATE_MS at the latest.
+        if (len(idle) >= spares or ended or starved or 2 * len(idle) <= spares
+                or (refill_due is not None and time.monotonic() >= refill_due)):
+            refill()
+            refill_due = None
+        elif refill_due is None:
+            refill_due = time.monotonic() + _REFILL_LATE_MS / 1000
 
 
 if __name__ == "__main__":
