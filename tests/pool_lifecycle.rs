@@ -193,7 +193,7 @@ async fn pool_size_zero_disables_warming_and_close_tears_the_pool_down() {
     }
 }
 
-/// An interpreter too old for the zygote (python 3.8 has no `socket.send_fds`) is not warmed:
+/// An interpreter too old for the zygote (python 3.8 has no `os.pidfd_open`) is not warmed:
 /// no zygote starts, and each execution starts cold at once, with an event that says why,
 /// instead of waiting for spares that cannot take a job.
 #[tokio::test(flavor = "multi_thread")]
@@ -608,6 +608,34 @@ impl Drop for PidsCgroup {
         }
         let _ = std::fs::remove_dir(&self.0);
     }
+}
+
+/// A spare taken by a job that keeps running is replaced while it runs. With most of the pool
+/// idle the zygote holds the replacement back until a child ends (so its fork does not meet
+/// the job's start), but only for a moment: no child ends here.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_spare_taken_by_a_long_job_is_replaced_while_the_job_runs() {
+    let d = TestDaemon::start().await;
+    let mut c = d.client().await;
+    let daemon = d.pid();
+    let s = pooled_session(&mut c, 4).await;
+    eventually("four spares", || zygote_children(daemon).len() == 4).await;
+    let (id, pid) = start_pooled(&mut c, &s, "import time; time.sleep(600)").await;
+    eventually("four spares beside the running job", || {
+        let forks = zygote_children(daemon);
+        forks.len() == 5 && forks.contains(&pid)
+    })
+    .await;
+    let stopped = c
+        .stop_execution(pb::StopExecutionRequest {
+            execution_id: id,
+            signal: "SIGKILL".into(),
+            grace: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(stopped.result.map(|r| r.signal), Some(9));
 }
 
 #[tokio::test(flavor = "multi_thread")]

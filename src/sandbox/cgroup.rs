@@ -446,6 +446,27 @@ impl CgroupManager {
         }
     }
 
+    /// Makes an execution's directory in one hierarchy. Its parent exists but for the first
+    /// execution (or after someone removed it), so the execution's own mkdir comes first: no
+    /// EEXIST mkdir of the parent per hierarchy and start.
+    fn make_execution_dir(dir: &Path) -> Result<(), CgroupError> {
+        let made = match (fs::create_dir(dir), dir.parent()) {
+            (Err(e), Some(parent)) if e.kind() == ErrorKind::NotFound => {
+                Self::ensure_dir(parent)?;
+                fs::create_dir(dir)
+            }
+            (made, _) => made,
+        };
+        made.map_err(|e| {
+            let op = if e.kind() == ErrorKind::AlreadyExists {
+                "mkdir (an execution cgroup with this name already exists)"
+            } else {
+                "mkdir"
+            };
+            io_err(dir, op, e)
+        })
+    }
+
     fn ensure_dir(path: &Path) -> Result<(), CgroupError> {
         match fs::create_dir(path) {
             Ok(()) => Ok(()),
@@ -533,33 +554,11 @@ impl CgroupManager {
             }
         };
         for (_, dir) in &cg.dirs {
-            // The parent exists but for the first execution (or after someone removed it): try
-            // the execution's own mkdir first, which spares an EEXIST mkdir per hierarchy.
-            let made = match fs::create_dir(dir) {
-                Err(e) if e.kind() == ErrorKind::NotFound => match dir.parent() {
-                    Some(parent) => match Self::ensure_dir(parent) {
-                        Ok(()) => fs::create_dir(dir),
-                        Err(e) => {
-                            undo(&created);
-                            return Err(e);
-                        }
-                    },
-                    None => Err(e),
-                },
-                other => other,
-            };
-            match made {
-                Ok(()) => created.push(dir),
-                Err(e) => {
-                    undo(&created);
-                    let op = if e.kind() == ErrorKind::AlreadyExists {
-                        "mkdir (an execution cgroup with this name already exists)"
-                    } else {
-                        "mkdir"
-                    };
-                    return Err(io_err(dir, op, e));
-                }
+            if let Err(e) = Self::make_execution_dir(dir) {
+                undo(&created);
+                return Err(e);
             }
+            created.push(dir);
         }
         if let Err(e) = cg.apply_limits(limits) {
             let _ = cg.remove_dirs();

@@ -246,7 +246,6 @@ impl Drop for TestDaemon {
     }
 }
 
-/// A session enabling every language and the given intrinsics, without warm pools.
 /// The real path of the `python3` on PATH (behind any version-manager shim).
 pub fn real_python3() -> String {
     let out = std::process::Command::new("python3")
@@ -276,6 +275,7 @@ pub async fn runtime_info(c: &mut Client, language: &str) -> pb::Runtime {
         .unwrap_or_else(|| panic!("no {language} runtime reported"))
 }
 
+/// A session enabling every language and the given intrinsics, without warm pools.
 pub async fn session(c: &mut Client, intrinsics: &[&str]) -> String {
     session_with_pool(c, intrinsics, 0).await
 }

@@ -60,8 +60,8 @@ use crate::sandbox::{Intrinsics, IsolationSpec, Role};
 /// The fork server's source (run with `python3 -c`).
 pub const ZYGOTE_SOURCE: &str = include_str!("zygote.py");
 
-/// The oldest python the zygote runs on: it passes fds with `socket.send_fds`/`recv_fds` and
-/// reports with `os.pidfd_open`, both new in 3.9.
+/// The oldest python the zygote runs on: a child hands the daemon its pidfd from
+/// `os.pidfd_open`, new in 3.9.
 pub const OLDEST_PYTHON: (u32, u32) = (3, 9);
 
 /// Why the interpreter of version `version` (`platform.python_version()`) cannot be warmed;
@@ -645,16 +645,14 @@ mod tests {
     }
 
     /// The zygote itself refuses an interpreter that lacks what it needs (python 3.8 and
-    /// older have no `socket.send_fds`), naming the version, rather than forking spares that
-    /// die at once: played by the real python3 with `send_fds` taken away before the zygote's
-    /// source runs.
+    /// older have no `os.pidfd_open`), naming the version, rather than forking spares that
+    /// die at once: played by the real python3 with `pidfd_open` taken away before the
+    /// zygote's source runs.
     #[test]
-    fn the_zygote_refuses_an_interpreter_without_send_fds() {
+    fn the_zygote_refuses_an_interpreter_without_pidfd_open() {
         let out = std::process::Command::new("python3")
             .arg("-c")
-            .arg(format!(
-                "import socket\ndel socket.send_fds\n{ZYGOTE_SOURCE}"
-            ))
+            .arg(format!("import os\ndel os.pidfd_open\n{ZYGOTE_SOURCE}"))
             .arg("1")
             .stdin(std::process::Stdio::null())
             .output()
@@ -662,7 +660,7 @@ mod tests {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(3), "{stderr}");
         assert!(
-            stderr.contains("lacks socket.send_fds") && stderr.contains("3.9 or newer needed"),
+            stderr.contains("lacks os.pidfd_open") && stderr.contains("3.9 or newer needed"),
             "{stderr}"
         );
         let version = String::from_utf8(

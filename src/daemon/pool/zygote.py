@@ -317,7 +317,8 @@ def _warm():
         for _ in range(12):
             threading._after_fork()
             random.seed()
-            socket.send_fds(a, [json.dumps(job).encode()], [1, 2])
+            # As the daemon sends a job (stdout, stderr), then as a child reports (its pidfd).
+            a.sendmsg([json.dumps(job).encode()], [(_SOL_SOCKET, _SCM_RIGHTS, struct.pack("2i", 1, 2))])
             msg, fds = _recv_with_fds(b)
             for fd in fds:
                 os.close(fd)
@@ -636,10 +637,10 @@ def _spare(sock, taken_w, zygote_pid):
 
 
 def main():
-    if not hasattr(socket, "send_fds") or not hasattr(os, "pidfd_open"):
+    if not hasattr(os, "pidfd_open"):
         # The daemon does not start a zygote on a python older than 3.9; this one would fork
         # spares that die at once, and jobs would wait on the socket for nobody.
-        sys.stderr.write("elide python zygote: python %s lacks socket.send_fds or os.pidfd_open "
+        sys.stderr.write("elide python zygote: python %s lacks os.pidfd_open "
                          "(3.9 or newer needed)\n" % sys.version.split()[0])
         sys.exit(3)
     # Move the daemon's socket off fd 0 (children put /dev/null there) and keep it inheritable
