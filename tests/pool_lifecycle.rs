@@ -626,16 +626,8 @@ async fn a_spare_taken_by_a_long_job_is_replaced_while_the_job_runs() {
         forks.len() == 5 && forks.contains(&pid)
     })
     .await;
-    let stopped = c
-        .stop_execution(pb::StopExecutionRequest {
-            execution_id: id,
-            signal: "SIGKILL".into(),
-            grace: None,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(stopped.result.map(|r| r.signal), Some(9));
+    kill_now(&mut c, &id).await;
+    assert_eq!(wait(&mut c, &id).await.signal, 9);
 }
 
 #[tokio::test(flavor = "multi_thread")]
