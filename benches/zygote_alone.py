@@ -10,13 +10,17 @@ where a job's wall time goes. With --idle N, instead: the memory of N idle snipp
 
 The split, per job (medians):
   send -> ready      job sent until the child reported itself isolated (what StartExecution waits for)
-  ready -> exited    the snippet runs, the child exits and its address space is torn down, until
-                     its pidfd turns readable
-  exited -> report   until the zygote's exit message arrives (what WaitExecution waits for)
+  ready -> noted     the snippet runs and the child notes its exit code in the shared exit-note
+                     page (what WaitExecution waits for, with notes; see exit_notes.rs)
+  noted -> exited    the child's exit: its address space torn down, until its pidfd turns readable
+  ready -> exited    the two above together
+  exited -> report   until the zygote's exit message arrives (what WaitExecution waits for
+                     without notes)
 """
 import argparse
 import ctypes
 import json
+import mmap
 import os
 import select
 import shutil
@@ -30,6 +34,8 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ZYGOTE = os.path.join(ROOT, "src", "daemon", "pool", "zygote.py")
+# Slots of the exit-note region (exit_notes.rs's SLOTS).
+NOTE_SLOTS = 127
 
 
 def stat_counters(pid):
@@ -105,6 +111,28 @@ def main():
         received[:] = fds
         return json.loads(msg)
 
+    # The exit-note region, as the daemon shares it (exit_notes.rs): the zygote's first message.
+    page = mmap.PAGESIZE
+    futex = {"x86_64": 202, "aarch64": 98}.get(os.uname().machine)
+    notes_fd = os.memfd_create("elide-exit-notes") if futex else -1
+    if futex:
+        os.ftruncate(notes_fd, (1 + NOTE_SLOTS) * page)
+        region = mmap.mmap(notes_fd, (1 + NOTE_SLOTS) * page)
+        setup = {"notes": {"slots": NOTE_SLOTS, "page": page, "futex": futex}}
+        socket.send_fds(ours, [json.dumps(setup).encode()], [notes_fd])
+        os.close(notes_fd)
+    else:
+        socket.send_fds(ours, [b'{"notes": null}'], [])
+    libc_ = ctypes.CDLL(None, use_errno=True)
+
+    def wait_note(slot):
+        """Blocks until the child noted its exit in `slot`; its exit code."""
+        at = (1 + slot) * page
+        word = ctypes.c_uint32.from_buffer(region, at)
+        while word.value == 0:
+            libc_.syscall(futex, ctypes.c_void_p(ctypes.addressof(word)), 0, 0, None)
+        return word.value & 0xFF
+
     hello = recv()
     assert "hello" in hello, hello
     time.sleep(1)  # the first spare prepares itself
@@ -131,10 +159,15 @@ def main():
     if domains:
         steps.append({"step": "landlock_domain"})
     steps.append({"step": "close_fds_from", "from": 3})
-    phases = {"send -> ready": [], "ready -> exited": [], "exited -> report": [], "total": []}
+    phases = {"send -> ready": [], "ready -> noted": [], "noted -> exited": [], "ready -> exited": [],
+              "exited -> report": [], "send -> noted": [], "total": []}
 
     def send(token):
         job = {"token": token, "steps": steps, "env": env, "argv": [python, script], "script": script}
+        if futex:
+            slot = token % NOTE_SLOTS
+            region[(1 + slot) * page:(1 + slot) * page + 16] = bytes(16)
+            job["note"] = {"slot": slot, "nonce": token}
         ruleset = libc.syscall(444, scope_signals, len(scope_signals), 0) if domains else -1
         socket.send_fds(ours, [json.dumps(job).encode()], [null, null] + ([ruleset] if domains else []))
         if domains:
@@ -158,6 +191,10 @@ def main():
             if "ready" in m:
                 t_ready = time.monotonic_ns()
                 pidfd = received[0]
+                t_noted = None
+                if futex:
+                    wait_note(token % NOTE_SLOTS)
+                    t_noted = time.monotonic_ns()
                 select.select([pidfd], [], [])
                 t_exited = time.monotonic_ns()
                 os.close(pidfd)
@@ -166,6 +203,10 @@ def main():
                 break
         phases["send -> ready"].append(t_ready - t0)
         phases["ready -> exited"].append(t_exited - t_ready)
+        if t_noted is not None:
+            phases["ready -> noted"].append(t_noted - t_ready)
+            phases["noted -> exited"].append(t_exited - t_noted)
+            phases["send -> noted"].append(t_noted - t0)
         phases["exited -> report"].append(t_report - t_exited)
         phases["total"].append(t_report - t0)
         if args.pace_ms:
@@ -188,6 +229,8 @@ def main():
     # Spares forked for the jobs and not yet reaped are not counted: a few pages off, at most.
     print("pages made private per job: zygote %.0f, children %.0f" % (faults / args.jobs, cfaults / args.jobs))
     for name, v in phases.items():
+        if not v:
+            continue
         v.sort()
         print("  %-17s median %6.2f ms   p90 %6.2f ms" % (name, statistics.median(v) / 1e6, v[int(len(v) * 0.9)] / 1e6))
 

@@ -458,6 +458,67 @@ async fn a_node_snippet_that_fakes_its_exit_report_does_not_outlive_it() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_python_snippet_that_notes_its_exit_early_does_not_outlive_it() {
+    // A pooled child notes its exit code in shared memory before it exits (exit_notes.rs); the
+    // snippet can reach the zygote's function that does it. Without cgroups to sweep up after
+    // it, the kill of the leader's process group at exit keeps it from running on behind an
+    // exit the daemon announced.
+    let no_cgroups = tempfile::tempdir().unwrap();
+    let d = TestDaemon::start_with(&["--cgroup-root", no_cgroups.path().to_str().unwrap()]).await;
+    let mut c = d.client().await;
+    let s = pooled_session(&mut c, 1).await;
+    // The snippet's caller is the zygote's code, whose globals hold that function.
+    let code = "import sys, time\n\
+                try:\n    note = sys._getframe(1).f_globals['_write_note']\n\
+                except (ValueError, KeyError):\n    raise SystemExit(1)\n\
+                note(7)\n\
+                time.sleep(600)";
+    let deadline = std::time::Instant::now() + DEADLINE;
+    loop {
+        let e = c
+            .start_execution(code_req(&s, "py", code))
+            .await
+            .unwrap()
+            .into_inner();
+        let r = wait(&mut c, &e.id).await;
+        if e.pooled {
+            // The code stands: the snippet could as well have exited with it.
+            assert_eq!(r.exit_code, 7, "{r:?}");
+            eventually("the process behind an early exit note is gone", || {
+                !alive(e.pid)
+            })
+            .await;
+            return;
+        }
+        // A cold interpreter has no caller frame: the snippet ends with 1.
+        assert_eq!(r.exit_code, 1, "{r:?}");
+        assert!(std::time::Instant::now() < deadline, "never pooled");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pooled_child_keeps_only_its_own_exit_note_page() {
+    // The zygote maps the whole exit-note region; a child that takes a job unmaps every page
+    // but its slot before the snippet runs, so no execution can read or write another's note.
+    let d = TestDaemon::start().await;
+    let mut c = d.client().await;
+    let s = pooled_session(&mut c, 2).await;
+    let report = "import os\n\
+                  page = os.sysconf('SC_PAGE_SIZE')\n\
+                  sizes = []\n\
+                  for line in open('/proc/self/maps'):\n    \
+                      if 'elide-exit-notes' in line:\n        \
+                          lo, hi = (int(x, 16) for x in line.split()[0].split('-'))\n        \
+                          sizes.append((hi - lo) // page)\n\
+                  print(sizes)";
+    // Each in turn, whichever slot it was given.
+    for _ in 0..3 {
+        assert_eq!(run_pooled(&mut c, &s, "py", report).await, "[1]\n");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn the_zygote_takes_the_daemons_oom_score_adj_and_executions_do_not() {
     let d = TestDaemon::start().await;
     let daemon = d.pid();
@@ -913,7 +974,13 @@ fn bench_output(script: &str, args: &[&str]) -> String {
 fn the_zygote_alone_bench_speaks_the_zygote_protocol() {
     let text = bench_output("zygote_alone.py", &["--jobs", "5"]);
     assert!(text.contains("5 jobs back to back"), "{text}");
-    for phase in ["send -> ready", "ready -> exited", "exited -> report"] {
+    for phase in [
+        "send -> ready",
+        "ready -> noted",
+        "noted -> exited",
+        "ready -> exited",
+        "exited -> report",
+    ] {
         assert!(text.contains(phase), "{phase} missing: {text}");
     }
     // Children that ran a job made pages of their own.

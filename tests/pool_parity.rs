@@ -269,6 +269,26 @@ async fn exit_semantics_and_stream_separation_match_cold() {
             "atexit ran\n",
             "",
         ),
+        // A process the snippet forks ends through the same exit path (a pooled child notes
+        // its code there, see exit_notes.rs); only the execution's own process says how the
+        // execution ends.
+        (
+            "py",
+            "import os, sys\npid = os.fork()\nif pid == 0:\n    sys.exit(7)\nos.waitpid(pid, 0)\nprint('parent', flush=True)\nsys.exit(3)",
+            3,
+            0,
+            "parent\n",
+            "",
+        ),
+        (
+            "py",
+            "import os\nprint('y', flush=True)\nos._exit(5)",
+            5,
+            0,
+            "y\n",
+            "",
+        ),
+        ("py", "import sys\nsys.exit(258)", 2, 0, "", ""),
         (
             "js",
             "console.log('out'); console.error('err')",

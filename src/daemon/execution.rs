@@ -332,6 +332,7 @@ impl Execution {
             cgroup,
             captures,
             exit,
+            gone,
             pooled,
         } = launched;
         let cgroup = cgroup.map(Arc::new);
@@ -380,12 +381,13 @@ impl Execution {
         );
         let timeout = self.plan.as_ref().and_then(|p| p.limits.timeout);
         let me = self.clone();
-        tokio::spawn(async move { me.supervise(exit, timeout, ctx).await });
+        tokio::spawn(async move { me.supervise(exit, gone, timeout, ctx).await });
     }
 
     async fn supervise(
         self: Arc<Self>,
         exit: futures::future::BoxFuture<'static, std::io::Result<ProcessExit>>,
+        gone: Option<tokio::sync::oneshot::Receiver<()>>,
         timeout: Option<Duration>,
         ctx: SupervisorContext,
     ) {
@@ -494,7 +496,7 @@ impl Execution {
         let state = ctx.state.clone();
         let exec_dir = self.plan.as_ref().map(|p| p.exec_dir.clone());
         let id = self.id.clone();
-        tokio::task::spawn_blocking(move || {
+        let cleanup = move || {
             if let Some(cg) = cgroup {
                 // A stats sampler may still hold the Arc; the directories go either way.
                 let owned: ExecutionCgroup = (*cg).clone();
@@ -513,7 +515,20 @@ impl Execution {
             {
                 tracing::warn!(execution = %id, error = %e, "cannot fsync the exit status");
             }
-        });
+        };
+        match gone {
+            // The process said how it ends and was killed above; its cgroup goes once it is
+            // gone (the child is tearing its memory down), not in a poll for an empty cgroup.
+            Some(gone) => {
+                tokio::spawn(async move {
+                    let _ = gone.await;
+                    tokio::task::spawn_blocking(cleanup);
+                });
+            }
+            None => {
+                tokio::task::spawn_blocking(cleanup);
+            }
+        }
     }
 
     /// CPU and memory of the execution's processes.

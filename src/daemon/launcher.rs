@@ -39,8 +39,12 @@ pub struct Launched {
     pub cgroup: Option<ExecutionCgroup>,
     /// The daemon's ends of its capture pipes.
     pub captures: Captures,
-    /// Resolves when the process has ended (and was reaped).
+    /// Resolves when the process has ended (and was reaped), or as soon as it said how it
+    /// ends (a pooled child's exit note; see `gone`).
     pub exit: BoxFuture<'static, std::io::Result<ProcessExit>>,
+    /// Where `exit` may resolve before the process is gone: resolves (or is dropped) once it
+    /// is, so its cgroup is removed without waiting on a still-exiting member.
+    pub gone: Option<tokio::sync::oneshot::Receiver<()>>,
     /// Whether a warm worker ran it.
     pub pooled: bool,
 }
@@ -447,6 +451,7 @@ impl ColdLauncher {
             cgroup,
             captures,
             exit,
+            gone: None,
             pooled: false,
         })
     }

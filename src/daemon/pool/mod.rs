@@ -15,13 +15,14 @@
 //! honour, the zygote gone) the execution starts cold and an `EVENT_KIND_POOL_FALLBACK` event
 //! says why. A session's pool is torn down (and its processes reaped) when the session closes.
 
+pub mod exit_notes;
 pub mod node_worker;
 pub mod python_zygote;
 
 use std::collections::HashMap;
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
@@ -93,6 +94,8 @@ pub struct PoolLauncher {
     run_dir: PathBuf,
     runtime: tokio::runtime::Handle,
     pools: Mutex<HashMap<String, Arc<SessionPool>>>,
+    /// Made with the first python pool (an idle daemon makes nothing): see [`exit_notes`].
+    notes: OnceLock<Option<Arc<exit_notes::ExitNotes>>>,
 }
 
 impl PoolLauncher {
@@ -114,7 +117,21 @@ impl PoolLauncher {
             run_dir,
             runtime,
             pools: Mutex::new(HashMap::new()),
+            notes: OnceLock::new(),
         }
+    }
+
+    /// The exit-note region, made on first use; `None` where the kernel cannot have one.
+    fn notes(&self) -> Option<&Arc<exit_notes::ExitNotes>> {
+        self.notes
+            .get_or_init(|| {
+                let notes = exit_notes::ExitNotes::new();
+                if notes.is_none() {
+                    tracing::info!("no exit notes on this kernel (memfd, futex_waitv): pooled python executions end the usual way");
+                }
+                notes
+            })
+            .as_ref()
     }
 
     /// Starts warming `session`'s pool (no-op when its `context_pool_size` is 0).
@@ -173,6 +190,7 @@ impl PoolLauncher {
                 workdir: workdir.clone(),
                 spares: size,
                 merge_pages: session.merge_pages,
+                notes: self.notes().cloned(),
             };
             tasks.push(self.runtime.spawn(run_python_zygote(
                 pool.session_id.clone(),
@@ -287,6 +305,15 @@ impl PoolLauncher {
             "outlive_zygote".into(),
             (cgroup.is_some() && python_zygote::exit_status_outlives_reaping()).into(),
         );
+        // Only a zygote that mapped the region (all of this daemon's, when it has one) keeps a
+        // slot for the child.
+        let note = self.notes().and_then(|n| n.take());
+        if let Some((slot, _)) = &note {
+            job.insert(
+                "note".into(),
+                serde_json::json!({"slot": slot.index(), "nonce": slot.nonce()}),
+            );
+        }
         let mut fds = vec![spec.stdout.as_raw_fd(), spec.stderr.as_raw_fd()];
         if let Some(r) = &ruleset {
             fds.push(r.as_raw_fd());
@@ -350,13 +377,28 @@ impl PoolLauncher {
         let pid = ready.pid;
         let pidfd = ready.pidfd;
         let exit_rx = job.exit;
-        let exit = Box::pin(python_zygote::child_exit(pid, pidfd, exit_rx));
+        let (note, gone) = match note {
+            Some((slot, code)) => {
+                let (gone_tx, gone_rx) = tokio::sync::oneshot::channel();
+                (
+                    Some(python_zygote::Note {
+                        slot,
+                        code,
+                        gone: gone_tx,
+                    }),
+                    Some(gone_rx),
+                )
+            }
+            None => (None, None),
+        };
+        let exit = Box::pin(python_zygote::child_exit(pid, pidfd, exit_rx, note));
         Ok(Launched {
             pid,
             cgroup,
             // The child holds its own copies of the sinks; ours close here.
             captures: opened.sinks.captures,
             exit,
+            gone,
             pooled: true,
         })
     }

@@ -421,6 +421,7 @@ impl NodePool {
             cgroup,
             captures,
             exit,
+            gone: None,
             pooled: true,
         })
     }

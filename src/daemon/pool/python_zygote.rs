@@ -11,7 +11,11 @@
 //!   the zygote is busy forking or not scheduled;
 //! - child → daemon: `forked {token, pid}` as soon as it holds the job, then `ready {token, pid}`
 //!   with a pidfd of itself (SCM_RIGHTS), or `failed {token, error}` naming the isolation step
-//!   that failed.
+//!   that failed;
+//! - before all of that, daemon → zygote: `notes {slots, page, futex}` with the memfd of the
+//!   [`exit_notes`] region (or `notes: null`); a job's `note {slot, nonce}` has its child keep
+//!   only that slot's page and note its exit code there just before it exits, which
+//!   [`child_exit`] takes ahead of the pidfd.
 //!
 //! The zygote keeps `context_pool_size` children pre-forked and blocked on the socket, so a job
 //! does not wait for the fork (the expensive part on a large interpreter: page tables are
@@ -54,6 +58,7 @@ use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 use tokio::sync::oneshot;
 
+use super::exit_notes::{self, ExitNotes, Slot};
 use crate::daemon::launcher::{LaunchError, ProcessExit, Spawner};
 use crate::sandbox::{Intrinsics, IsolationSpec, Role};
 
@@ -229,6 +234,31 @@ impl Drop for Zygote {
     fn drop(&mut self) {
         self.shutdown();
     }
+}
+
+/// The zygote's first message: the exit-note region (a memfd) to map before it forks, or none.
+fn send_notes(sock: &OwnedFd, notes: Option<&ExitNotes>) -> nix::Result<()> {
+    let setup = match notes {
+        Some(n) => serde_json::json!({"notes": {
+            "slots": exit_notes::SLOTS,
+            "page": n.page_size(),
+            "futex": libc::SYS_futex,
+        }}),
+        None => serde_json::json!({ "notes": null }),
+    };
+    let bytes = setup.to_string().into_bytes();
+    let iov = [std::io::IoSlice::new(&bytes)];
+    let fds: Vec<RawFd> = notes.iter().map(|n| n.memfd().as_raw_fd()).collect();
+    let cmsg = [ControlMessage::ScmRights(&fds)];
+    // A fresh socket's buffer holds it: never blocks.
+    sendmsg::<()>(
+        sock.as_raw_fd(),
+        &iov,
+        if fds.is_empty() { &[] } else { &cmsg },
+        MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL,
+        None,
+    )
+    .map(|_| ())
 }
 
 /// One message from the zygote's socket without blocking: its length and fds, `None` at EOF.
@@ -470,21 +500,60 @@ fn reaped(pidfd: std::os::fd::BorrowedFd<'_>) -> Option<Reaped> {
     })
 }
 
-/// How the zygote child `pid` of a job ended, as soon as it is gone: read from its `pidfd`
-/// ([`exit_status_of_ended`]), which usually beats the zygote's `report` (the zygote must be
-/// scheduled, handle SIGCHLD in Python, reap and write) and does not need the zygote to run
-/// at all; the report where that cannot be read. After the zygote died, only the pidfd can
-/// tell (the child outlived it, or died with it: SIGKILL when the status cannot be read).
+/// A job's exit note: its slot, where the code arrives, and whom to tell once the child is
+/// really gone (the slot is freed then, not before: see [`exit_notes`]).
+pub struct Note {
+    pub slot: Slot,
+    pub code: oneshot::Receiver<u8>,
+    pub gone: oneshot::Sender<()>,
+}
+
+/// How long a noted child may take to be gone before its slot is freed anyway (it was killed
+/// right after its note; a kernel that cannot end it in this time has worse problems).
+const GONE_AFTER_NOTE: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// How the zygote child `pid` of a job ended, as soon as it is known: its exit note
+/// ([`exit_notes`]), written before the kernel tears the process down; else read from its
+/// `pidfd` ([`exit_status_of_ended`]), which usually beats the zygote's `report` (the zygote
+/// must be scheduled, handle SIGCHLD in Python, reap and write) and does not need the zygote
+/// to run at all; the report where that cannot be read. After the zygote died, only the pidfd
+/// can tell (the child outlived it, or died with it: SIGKILL when the status cannot be read).
+/// After a note, the pidfd is watched on until the child is gone, which `note.gone` tells.
 pub async fn child_exit(
     pid: u32,
     pidfd: OwnedFd,
     mut report: oneshot::Receiver<i32>,
+    note: Option<Note>,
 ) -> std::io::Result<ProcessExit> {
     // SAFETY: the AsyncFd owns the pidfd and deregisters it before closing it.
     let afd = unsafe { AsyncFd::register(pidfd)? };
+    let (slot, noted, gone) = match note {
+        Some(Note { slot, code, gone }) => (Some(slot), Some(code), Some(gone)),
+        None => (None, None, None),
+    };
+    // A note that never comes (no slot, or its waiter dropped): wait on the others.
+    let noted = async move {
+        match noted {
+            Some(rx) => match rx.await {
+                Ok(code) => code,
+                Err(_) => std::future::pending().await,
+            },
+            None => std::future::pending().await,
+        }
+    };
     let mut zygote_died = false;
     tokio::select! {
         biased;
+        code = noted => {
+            tokio::spawn(async move {
+                let _ = tokio::time::timeout(GONE_AFTER_NOTE, afd.readable()).await;
+                drop(slot);
+                if let Some(g) = gone {
+                    let _ = g.send(());
+                }
+            });
+            return Ok(ProcessExit::Exited(i32::from(code)));
+        }
         status = &mut report => match status {
             Ok(status) => return Ok(exit_of(status)),
             Err(_) => {
@@ -544,6 +613,8 @@ pub struct Settings {
     pub spares: u32,
     /// Offer its memory, and so its children's, for same-page merging.
     pub merge_pages: bool,
+    /// The region its children note their exit codes in, when the kernel allows it.
+    pub notes: Option<Arc<ExitNotes>>,
 }
 
 pub async fn spawn(settings: &Settings, spawner: &Spawner) -> Result<Spawned, LaunchError> {
@@ -600,6 +671,8 @@ pub async fn spawn(settings: &Settings, spawner: &Spawner) -> Result<Spawned, La
     cmd.stdin(std::process::Stdio::from(theirs));
     let child = super::spawn_pool_process(spawner, cmd, python).await?;
     let pid = child.id().unwrap_or(0);
+    send_notes(&ours, settings.notes.as_deref())
+        .map_err(|e| sandbox(format!("sending the exit-note region: {e}")))?;
     let sock = Arc::new(ours);
     let table = Arc::new(Mutex::new(Table::default()));
     let alive = Arc::new(AtomicBool::new(true));
@@ -672,6 +745,46 @@ mod tests {
         )
         .expect("utf-8");
         assert!(stderr.contains(version.trim()), "{stderr}");
+    }
+
+    /// A noted exit is answered while the process still exists (the note is written just
+    /// before the kernel tears a child down), and `gone` follows once it has ended.
+    #[tokio::test]
+    async fn a_noted_exit_is_answered_before_the_process_is_gone() {
+        let notes = ExitNotes::new().expect("memfd and futex_waitv (Linux 5.16+)");
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("sleep");
+        let pidfd = pidfd_of(child.id());
+        let (slot, code) = notes.take().expect("a free slot");
+        slot.note_for_test(5);
+        let (gone_tx, mut gone_rx) = oneshot::channel();
+        let (_report_tx, report) = oneshot::channel();
+        let note = Note {
+            slot,
+            code,
+            gone: gone_tx,
+        };
+        let exit = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            child_exit(child.id(), pidfd, report, Some(note)),
+        )
+        .await
+        .expect("answered on the note")
+        .expect("no error");
+        assert!(matches!(exit, ProcessExit::Exited(5)), "{exit:?}");
+        assert!(
+            child.try_wait().expect("try_wait").is_none(),
+            "the process ended before the note was answered"
+        );
+        assert!(gone_rx.try_recv().is_err(), "gone before the process ended");
+        child.kill().expect("kill");
+        child.wait().expect("wait");
+        tokio::time::timeout(std::time::Duration::from_secs(5), gone_rx)
+            .await
+            .expect("gone once the process ended")
+            .expect("told, not dropped");
     }
 
     fn pidfd_of(pid: u32) -> OwnedFd {

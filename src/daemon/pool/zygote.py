@@ -7,13 +7,16 @@
 #                     {"declined": token} for a job it found queued while empty (never run)
 #   child  -> daemon: {"forked": token, "pid"}, then
 #                     {"ready": token, "pid"} + SCM_RIGHTS [pidfd]  or  {"failed": token, "error"}
+# Before any of it, the daemon sends {"notes": {"slots", "page", "futex"} or null} + SCM_RIGHTS
+# [memfd]: the exit-note region (exit_notes.rs). A job with "note": {"slot", "nonce"} has its
+# child keep only that slot's page mapped and note its exit code there before it exits.
 # The zygote never reads the socket itself: it keeps `spares` pre-forked children blocked on it
 # (its one argument, the session's context_pool_size), so forks are paid before jobs arrive and
 # a burst finds several ready. The kernel hands each job to one spare, which tells the zygote
 # through a pipe (and the zygote forks a replacement), replays the daemon's isolation plan (the
 # same steps the cold spawn runs in pre_exec), then runs the script as __main__ and leaves with
 # os._exit, never returning into the zygote's loop.
-import os, sys, json, signal, socket, select, gc, ctypes, errno, _signal, _socket
+import os, sys, json, signal, socket, select, gc, ctypes, errno, mmap, _signal, _socket
 
 # Modules snippets commonly import: loaded once here, shared copy-on-write by every child.
 import io, re, math, time, random, struct, types, builtins, traceback, threading, atexit
@@ -120,6 +123,61 @@ def _set_environ(env):
 
 class StepError(Exception):
     pass
+
+
+# The exit-note region as the zygote maps it: (address, page size, slots, futex syscall number,
+# the mmap object that owns the mapping); None when the daemon shares none.
+_notes = None
+# A child's note, once its job has a slot: (note word, nonce word, nonce, pid, page address,
+# futex syscall number).
+_note = None
+_NOTED = 0x100
+_FUTEX_WAKE = 1
+
+
+def _map_notes(sock):
+    """Reads the daemon's first message, the exit-note region, and maps it for the children."""
+    global _notes
+    msg, fds = _recv_with_fds(sock)
+    try:
+        setup = _decode(msg).get("notes") if msg else None
+        if setup and fds:
+            size = (1 + setup["slots"]) * setup["page"]
+            region = mmap.mmap(fds[0], size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            address = ctypes.addressof(ctypes.c_char.from_buffer(region))
+            _notes = (address, setup["page"], setup["slots"], setup["futex"], region)
+    except (ValueError, KeyError, TypeError, StopIteration, OSError) as e:
+        sys.stderr.write("elide python zygote: no exit notes: %s\n" % e)
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def _keep_note_slot(note):
+    """Unmaps every page of the region but the job's slot (the snippet can reach no other
+    execution's note) and remembers where to note the exit. Raises StepError."""
+    global _note
+    address, page, slots, futex, _region = _notes
+    slot = note["slot"]
+    if not 0 <= slot < slots:
+        raise StepError("exit note: slot %r out of range" % (slot,))
+    mine = address + (1 + slot) * page
+    after = slots - 1 - slot
+    if (_libc.munmap(ctypes.c_void_p(address), (1 + slot) * page) != 0
+            or after and _libc.munmap(ctypes.c_void_p(mine + page), after * page) != 0):
+        raise StepError("exit note: munmap: %s" % os.strerror(ctypes.get_errno()))
+    _note = (ctypes.c_uint32.from_address(mine), ctypes.c_uint64.from_address(mine + 8),
+             note["nonce"], os.getpid(), ctypes.c_void_p(mine), futex)
+
+
+def _write_note(code):
+    """Notes the exit code for the daemon, from the job's own process only (a process the
+    snippet forked runs this same code when it exits)."""
+    note = _note
+    if note is not None and os.getpid() == note[3]:
+        note[1].value = note[2]
+        note[0].value = _NOTED | (code & 0xFF)
+        _libc.syscall(note[5], note[4], _FUTEX_WAKE, 1)
 
 
 def _check(rc, what):
@@ -307,9 +365,13 @@ def _warm():
     (Spares skip threading's hook, see main; running it here still leaves an idle child 50-70 KiB
     smaller, measured with `benches/zygote_alone.py --idle 50`: its locks are then made late,
     next to the objects a child touches.)"""
-    for name in ("prctl", "setns", "unshare", "syscall", "clearenv", "capget", "capset"):
+    for name in ("prctl", "setns", "unshare", "syscall", "clearenv", "capget", "capset", "munmap"):
         getattr(_libc, name)
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    # A stand-in for a note slot: the child's end writes through the same calls.
+    global _note
+    scratch = ctypes.create_string_buffer(16)
+    futex = _notes[3] if _notes is not None else None
     job = {"token": 0, "steps": [{"step": "chdir", "path": "/"}, {"step": "reset_signals"}],
            "env": [["A", "b"]], "argv": ["python3", "/x.py"], "script": "/x.py"}
     try:
@@ -339,9 +401,15 @@ def _warm():
             main.__builtins__ = builtins
             exec(compile("pass", "/x.py", "exec", dont_inherit=True), main.__dict__)
             _read_file("/dev/null")
+            if futex is not None:
+                at = ctypes.addressof(scratch)
+                _note = (ctypes.c_uint32.from_address(at), ctypes.c_uint64.from_address(at + 8),
+                         1, os.getpid(), ctypes.c_void_p(at), futex)
+                _write_note(0)
     except Exception:
         pass
     finally:
+        _note = None
         a.close()
         b.close()
 
@@ -460,6 +528,9 @@ def _finish(code):
         except BaseException:
             if code == 0:
                 code = 120
+    # Everything of the snippet is out; the daemon may answer its waiters before the kernel
+    # has torn this process down.
+    _write_note(code)
     os._exit(code)
 
 
@@ -520,6 +591,8 @@ def _run_main(job):
 def _child(sock, job, fds, zygote_pid, done=frozenset()):
     token = job["token"]
     try:
+        if _notes is not None and job.get("note"):
+            _keep_note_slot(job["note"])
         _replay(job, fds, zygote_pid, done)
         env = dict(job["env"])
         _coerce_c_locale(env)
@@ -646,6 +719,7 @@ def main():
     # Move the daemon's socket off fd 0 (children put /dev/null there) and keep it inheritable
     # by forks only: a child closes it itself once it has reported.
     sock = socket.socket(fileno=os.dup(0))
+    _map_notes(sock)
     null = os.open("/dev/null", os.O_RDONLY)
     os.dup2(null, 0)
     os.close(null)
