@@ -34,8 +34,8 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ZYGOTE = os.path.join(ROOT, "src", "daemon", "pool", "zygote.py")
-# Slots of the exit-note region (exit_notes.rs's SLOTS).
-NOTE_SLOTS = 127
+# Slots of the exit-note region (exit_notes.rs's SLOTS: 8 banks of 127).
+NOTE_SLOTS = 8 * 127
 
 
 def stat_counters(pid):

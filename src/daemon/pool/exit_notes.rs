@@ -17,9 +17,11 @@
 //! next user of its slot, and a snippet writing its own note only ends itself early, with the
 //! code it chose (as `os._exit` would).
 //!
-//! Layout: page 0 holds the note thread's control word; page `1 + i` is slot `i`: a `u32`
-//! note word at offset 0 (0 = nothing yet, `0x100 | code` = noted) and the job's `u64` nonce
-//! at offset 8.
+//! Layout: page 0 holds the note threads' control words (one `u32` each); page `1 + i` is slot
+//! `i`: a `u32` note word at offset 0 (0 = nothing yet, `0x100 | code` = noted) and the job's
+//! `u64` nonce at offset 8. A thread waits on one bank of [`BANK`] slots (`futex_waitv` takes
+//! at most 128 words, its control word among them); a bank's thread starts when the bank is
+//! first used, so a daemon with few executions runs one.
 
 use std::collections::HashMap;
 use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
@@ -28,9 +30,14 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::oneshot;
 
-/// Slots per daemon: `futex_waitv` waits on at most 128 words, one of them the control word.
-/// Executions beyond that at one time simply end the usual way.
-pub const SLOTS: usize = 127;
+/// Slots per note thread: `futex_waitv` waits on at most 128 words, one of them the control
+/// word.
+const BANK: usize = 127;
+/// Banks per daemon. Pooled python executions running beyond `SLOTS` at one time simply end
+/// the usual way; the region's pages exist only once touched.
+const BANKS: usize = 8;
+/// Slots per daemon.
+pub const SLOTS: usize = BANK * BANKS;
 
 /// The note word's "noted" bit; the low byte is the exit code.
 const NOTED: u32 = 0x100;
@@ -63,15 +70,13 @@ struct Shared {
 
 #[derive(Default)]
 struct State {
+    /// Lowest first, so executions fill the first bank before another thread is started.
     free: Vec<usize>,
+    /// Banks whose thread runs.
+    started: [bool; BANKS],
     /// Slots whose note the thread waits for: the job's nonce and who to tell.
     watched: HashMap<usize, (u64, oneshot::Sender<u8>)>,
 }
-
-// SAFETY: `base` is the address of a mapping owned by `Shared` for its whole life, read and
-// written only through atomics.
-unsafe impl Send for Shared {}
-unsafe impl Sync for Shared {}
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -88,18 +93,19 @@ impl Shared {
         unsafe { &*((self.base + (1 + slot) * self.page + 8) as *const AtomicU64) }
     }
 
-    fn control(&self) -> &AtomicU32 {
-        self.word(0)
+    fn control(&self, bank: usize) -> &AtomicU32 {
+        // SAFETY: within page 0 (BANKS u32s), 4-aligned, only accessed atomically.
+        unsafe { &*((self.base + bank * 4) as *const AtomicU32) }
     }
 
     fn note_word(&self, slot: usize) -> &AtomicU32 {
         self.word(1 + slot)
     }
 
-    /// Wakes the note thread so it waits on the current set of slots.
-    fn poke(&self) {
-        self.control().fetch_add(1, Ordering::SeqCst);
-        futex_wake(self.control());
+    /// Wakes the note thread of `bank` so it waits on the current set of its slots.
+    fn poke(&self, bank: usize) {
+        self.control(bank).fetch_add(1, Ordering::SeqCst);
+        futex_wake(self.control(bank));
     }
 }
 
@@ -210,17 +216,12 @@ impl ExitNotes {
             page,
             state: Mutex::new(State {
                 free: (0..SLOTS).rev().collect(),
-                watched: HashMap::new(),
+                ..State::default()
             }),
         });
         if !waitv_works(&shared) {
             return None;
         }
-        let thread_shared = shared.clone();
-        std::thread::Builder::new()
-            .name("elide-exit-notes".into())
-            .spawn(move || note_thread(&thread_shared))
-            .ok()?;
         Some(Arc::new(ExitNotes { shared, memfd }))
     }
 
@@ -246,10 +247,24 @@ impl ExitNotes {
         let index = {
             let mut st = self.shared.lock();
             let index = st.free.pop()?;
+            let bank = index / BANK;
+            if !st.started[bank] {
+                let shared = self.shared.clone();
+                let started = std::thread::Builder::new()
+                    .name(format!("elide-notes-{bank}"))
+                    .spawn(move || note_thread(&shared, bank));
+                if let Err(e) = started {
+                    // This execution ends the usual way; the next take tries again.
+                    tracing::warn!(error = %e, "exit notes: cannot start a note thread");
+                    st.free.push(index);
+                    return None;
+                }
+                st.started[bank] = true;
+            }
             st.watched.insert(index, (nonce, tx));
             index
         };
-        self.shared.poke();
+        self.shared.poke(index / BANK);
         Some((
             Slot {
                 shared: self.shared.clone(),
@@ -304,8 +319,8 @@ fn futex_waitv(waiters: &[FutexWaitv], timeout: Option<&libc::timespec>) -> std:
 /// Whether this kernel has `futex_waitv`: one call that times out at once.
 fn waitv_works(shared: &Shared) -> bool {
     let waiter = FutexWaitv {
-        val: u64::from(shared.control().load(Ordering::SeqCst)),
-        uaddr: shared.control().as_ptr() as u64,
+        val: u64::from(shared.control(0).load(Ordering::SeqCst)),
+        uaddr: shared.control(0).as_ptr() as u64,
         flags: FUTEX2_SIZE_U32,
         reserved: 0,
     };
@@ -318,16 +333,17 @@ fn waitv_works(shared: &Shared) -> bool {
     futex_waitv(std::slice::from_ref(&waiter), Some(&now)).is_ok()
 }
 
-/// The note thread: sleeps until the control word or a watched slot's word changes, then hands
-/// every note that carries its job's nonce to whoever waits for it.
-fn note_thread(shared: &Shared) {
-    let mut waiters: Vec<FutexWaitv> = Vec::with_capacity(1 + SLOTS);
+/// The note thread of `bank`: sleeps until its control word or a watched slot's word of its
+/// bank changes, then hands every note that carries its job's nonce to whoever waits for it.
+fn note_thread(shared: &Shared, bank: usize) {
+    let mine = bank * BANK..(bank + 1) * BANK;
+    let mut waiters: Vec<FutexWaitv> = Vec::with_capacity(1 + BANK);
     loop {
-        let control = shared.control().load(Ordering::SeqCst);
+        let control = shared.control(bank).load(Ordering::SeqCst);
         waiters.clear();
         waiters.push(FutexWaitv {
             val: u64::from(control),
-            uaddr: shared.control().as_ptr() as u64,
+            uaddr: shared.control(bank).as_ptr() as u64,
             flags: FUTEX2_SIZE_U32,
             reserved: 0,
         });
@@ -337,6 +353,7 @@ fn note_thread(shared: &Shared) {
                 .watched
                 .keys()
                 .copied()
+                .filter(|i| mine.contains(i))
                 .filter(|&i| shared.note_word(i).load(Ordering::SeqCst) != 0)
                 .collect();
             for i in noted {
@@ -350,17 +367,23 @@ fn note_thread(shared: &Shared) {
                     let _ = tx.send((word & 0xFF) as u8);
                 }
             }
-            waiters.extend(st.watched.keys().map(|&i| FutexWaitv {
-                val: 0,
-                uaddr: shared.note_word(i).as_ptr() as u64,
-                flags: FUTEX2_SIZE_U32,
-                reserved: 0,
-            }));
+            waiters.extend(
+                st.watched
+                    .keys()
+                    .filter(|i| mine.contains(i))
+                    .map(|&i| FutexWaitv {
+                        val: 0,
+                        uaddr: shared.note_word(i).as_ptr() as u64,
+                        flags: FUTEX2_SIZE_U32,
+                        reserved: 0,
+                    }),
+            );
         }
         if let Err(e) = futex_waitv(&waiters, None) {
-            tracing::warn!(error = %e, "exit notes: futex_waitv failed; notes are off");
-            // Waiters fall back to the pidfd; nobody is told through a note again.
-            shared.lock().watched.clear();
+            tracing::warn!(error = %e, bank, "exit notes: futex_waitv failed; this bank's notes are off");
+            // Its waiters fall back to the pidfd, and so will later users of its slots: no
+            // thread waits for their notes, their executions end the usual way.
+            shared.lock().watched.retain(|i, _| !mine.contains(i));
             return;
         }
     }
@@ -405,6 +428,24 @@ mod tests {
             .await
             .expect("the thread looked at the note");
         assert!(got.is_err(), "a forged note was taken: {got:?}");
+    }
+
+    #[tokio::test]
+    async fn a_note_in_a_later_bank_reaches_its_waiter() {
+        // The first bank's slots are all in use: the next execution's note is waited for by
+        // the second bank's thread, started then.
+        let n = notes();
+        let first: Vec<(Slot, oneshot::Receiver<u8>)> =
+            (0..BANK).map(|_| n.take().expect("a free slot")).collect();
+        assert!(first.iter().all(|(s, _)| s.index() < BANK));
+        let (slot, rx) = n.take().expect("a slot of the second bank");
+        assert_eq!(slot.index(), BANK);
+        note(&n, slot.index(), slot.nonce(), 11);
+        let code = tokio::time::timeout(std::time::Duration::from_secs(5), rx)
+            .await
+            .expect("the note arrives")
+            .expect("sent");
+        assert_eq!(code, 11);
     }
 
     #[tokio::test]
