@@ -6,7 +6,9 @@
 //! `cargo bench --bench plugin_tasks`; `BENCH_N` samples (default 100); with
 //! `BENCH_WRITE=path` replaces this benchmark's section in that file. For profiling, one
 //! measurement alone (writes nothing): `BENCH_QUICK=1` python latency through a pooled plugin,
-//! `BENCH_QUICK=throughput` the sustained python throughput.
+//! `BENCH_QUICK=throughput` the sustained python throughput, `BENCH_QUICK=memory` the idle
+//! python snippets' memory in a python-only session, with where it lies (plugin, daemon,
+//! zygote, its children).
 
 #[path = "common/mod.rs"]
 mod common;
@@ -66,12 +68,62 @@ async fn idle_pss_through_plugin(
             .sum()
     };
     let (total, settling) = pss_settled(merging, pss).await;
+    if quick() == Quick::Memory {
+        print_memory_split(plugin.client.process.child.id(), d);
+    }
     let settled_after = settling.map(|(secs, _)| secs);
     for t in &tasks {
         let _ = plugin.stop(&t.id, "SIGKILL", Duration::ZERO).await;
         let _ = plugin.destroy(&t.id, true).await;
     }
     (total as f64 / MEM_N as f64, settled_after)
+}
+
+/// Where the memory of idle snippets lies, per process kind (KiB of PSS, / `MEM_N`), and an
+/// execution's private dirty memory (median): what `BENCH_QUICK=memory` prints.
+fn print_memory_split(plugin: u32, daemon: u32) {
+    let parent_of = |pid: u32| -> u32 {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| {
+                s.rsplit_once(')')
+                    .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse().ok())
+            })
+            .unwrap_or(0)
+    };
+    let all = descendants(daemon);
+    let zygotes: Vec<u32> = all
+        .iter()
+        .copied()
+        .filter(|&p| parent_of(p) == daemon)
+        .collect();
+    let children: Vec<u32> = all
+        .iter()
+        .copied()
+        .filter(|&p| zygotes.contains(&parent_of(p)))
+        .collect();
+    let others: Vec<u32> = all
+        .iter()
+        .copied()
+        .filter(|p| !zygotes.contains(p) && !children.contains(p))
+        .collect();
+    let sum = |v: &[u32]| v.iter().map(|&p| pss_kib(p)).sum::<u64>() as f64 / MEM_N as f64;
+    let mut private: Vec<u64> = children
+        .iter()
+        .map(|&p| common::proc_kib(p, "smaps_rollup", "Private_Dirty"))
+        .collect();
+    private.sort_unstable();
+    eprintln!(
+        "memory split, KiB per snippet: plugin {:.0}, daemon {:.0}, zygote {:.0}, its {} children {:.0}, others ({}) {:.0}; a child's private dirty (median) {} KiB",
+        pss_kib(plugin) as f64 / MEM_N as f64,
+        pss_kib(daemon) as f64 / MEM_N as f64,
+        sum(&zygotes),
+        children.len(),
+        sum(&children),
+        others.len(),
+        sum(&others),
+        private.get(private.len() / 2).copied().unwrap_or(0),
+    );
 }
 
 /// A row of the memory table: ours and cold in KiB per snippet.
@@ -208,12 +260,14 @@ enum Quick {
     Off,
     Latency,
     Throughput,
+    Memory,
 }
 
 fn quick() -> Quick {
     match std::env::var("BENCH_QUICK").as_deref() {
         Err(_) => Quick::Off,
         Ok("throughput") => Quick::Throughput,
+        Ok("memory") => Quick::Memory,
         Ok(_) => Quick::Latency,
     }
 }
@@ -234,7 +288,11 @@ async fn run(n: usize) -> String {
     let alloc = Alloc::new(&root);
     let quick = quick();
     let mut py_cold_pss = 0.0;
-    let pools: &[u32] = if quick == Quick::Off { &[4, 0] } else { &[4] };
+    let pools: &[u32] = match quick {
+        Quick::Off => &[4, 0],
+        Quick::Memory => &[],
+        Quick::Latency | Quick::Throughput => &[4],
+    };
     for &pool in pools {
         let mut cfg = plugin_config(&daemon.socket, None);
         cfg["session_config"] = json!([{ "context_pool_size": pool }]);
@@ -345,7 +403,10 @@ async fn run(n: usize) -> String {
             }
         }
     }
-    if quick == Quick::Off {
+    if quick == Quick::Memory {
+        py_cold_pss = cold_idle_pss(&python, &["-c", PY_IDLE], MEM_N);
+    }
+    if quick == Quick::Off || quick == Quick::Memory {
         // The same measurement for an operator who enables python only: no idle node workers
         // in the session. A daemon of its own, so the first one's sessions are not counted.
         eprintln!("plugin memory, python-only session");
@@ -367,11 +428,17 @@ async fn run(n: usize) -> String {
             "the same, python-only session (`enabled_languages = [\"python\"]`)",
             ours / py_cold_pss,
         ));
+        eprintln!(
+            "plugin memory, python-only session: {ours:.0} KiB per snippet, {:.0}% of a cold python3",
+            100.0 * ours / py_cold_pss
+        );
         drop(plugin);
         drop(daemon);
         // And with the session's memory offered to the kernel's same-page merging while ksmd
         // runs (switched on for this row, put back after).
-        if let Some(merging) = PageMerging::switch_on() {
+        if quick == Quick::Off
+            && let Some(merging) = PageMerging::switch_on()
+        {
             eprintln!("plugin memory, python-only session merging pages");
             let daemon = TestDaemon::start_with_tmpfs_run_dir().await;
             let root = daemon.dir.path().to_path_buf();

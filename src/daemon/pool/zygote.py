@@ -128,11 +128,19 @@ class StepError(Exception):
 # The exit-note region as the zygote maps it: (address, page size, slots, futex syscall number,
 # the mmap object that owns the mapping); None when the daemon shares none.
 _notes = None
-# A child's note, once its job has a slot: (note word, nonce word, nonce, pid, page address,
-# futex syscall number).
+# A child's note, once its job has a slot: (offset of its page in the region, nonce, pid, page
+# address, futex syscall number).
 _note = None
 _NOTED = 0x100
 _FUTEX_WAKE = 1
+# The note's word and nonce, written by C into the region (no ctypes object made per child).
+_NOTE_WORD = struct.Struct("=I")
+_NOTE_NONCE = struct.Struct("=Q")
+# syscall(2) and munmap(2) taking addresses as plain ints.
+_syscall_addr = ctypes.CDLL(None, use_errno=True).syscall
+_syscall_addr.argtypes = (ctypes.c_long, ctypes.c_size_t, ctypes.c_int, ctypes.c_int)
+_munmap = ctypes.CDLL(None, use_errno=True).munmap
+_munmap.argtypes = (ctypes.c_size_t, ctypes.c_size_t)
 
 
 def _map_notes(sock):
@@ -161,23 +169,24 @@ def _keep_note_slot(note):
     slot = note["slot"]
     if not 0 <= slot < slots:
         raise StepError("exit note: slot %r out of range" % (slot,))
-    mine = address + (1 + slot) * page
+    offset = (1 + slot) * page
     after = slots - 1 - slot
-    if (_libc.munmap(ctypes.c_void_p(address), (1 + slot) * page) != 0
-            or after and _libc.munmap(ctypes.c_void_p(mine + page), after * page) != 0):
+    if (_munmap(address, offset) != 0
+            or after and _munmap(address + offset + page, after * page) != 0):
         raise StepError("exit note: munmap: %s" % os.strerror(ctypes.get_errno()))
-    _note = (ctypes.c_uint32.from_address(mine), ctypes.c_uint64.from_address(mine + 8),
-             note["nonce"], os.getpid(), ctypes.c_void_p(mine), futex)
+    _note = (offset, note["nonce"], os.getpid(), address + offset, futex)
 
 
 def _write_note(code):
     """Notes the exit code for the daemon, from the job's own process only (a process the
     snippet forked runs this same code when it exits)."""
     note = _note
-    if note is not None and os.getpid() == note[3]:
-        note[1].value = note[2]
-        note[0].value = _NOTED | (code & 0xFF)
-        _libc.syscall(note[5], note[4], _FUTEX_WAKE, 1)
+    if note is not None and os.getpid() == note[2]:
+        region = _notes[4]
+        # The nonce first: the daemon reads it once it sees the word.
+        _NOTE_NONCE.pack_into(region, note[0] + 8, note[1])
+        _NOTE_WORD.pack_into(region, note[0], _NOTED | (code & 0xFF))
+        _syscall_addr(note[4], note[3], _FUTEX_WAKE, 1)
 
 
 def _check(rc, what):
@@ -368,9 +377,9 @@ def _warm():
     for name in ("prctl", "setns", "unshare", "syscall", "clearenv", "capget", "capset", "munmap"):
         getattr(_libc, name)
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    # A stand-in for a note slot: the child's end writes through the same calls.
+    # The child's end writes through the same calls, here into the region's page 0 at an
+    # offset no control word uses (the note threads' words are its first 32 bytes).
     global _note
-    scratch = ctypes.create_string_buffer(16)
     futex = _notes[3] if _notes is not None else None
     job = {"token": 0, "steps": [{"step": "chdir", "path": "/"}, {"step": "reset_signals"}],
            "env": [["A", "b"]], "argv": ["python3", "/x.py"], "script": "/x.py"}
@@ -402,9 +411,7 @@ def _warm():
             exec(compile("pass", "/x.py", "exec", dont_inherit=True), main.__dict__)
             _read_file("/dev/null")
             if futex is not None:
-                at = ctypes.addressof(scratch)
-                _note = (ctypes.c_uint32.from_address(at), ctypes.c_uint64.from_address(at + 8),
-                         1, os.getpid(), ctypes.c_void_p(at), futex)
+                _note = (2048, 1, os.getpid(), _notes[0] + 2048, futex)
                 _write_note(0)
     except Exception:
         pass
