@@ -82,25 +82,16 @@ async fn idle_pss_through_plugin(
 /// Where the memory of idle snippets lies, per process kind (KiB of PSS, / `MEM_N`), and an
 /// execution's private dirty memory (median): what `BENCH_QUICK=memory` prints.
 fn print_memory_split(plugin: u32, daemon: u32) {
-    let parent_of = |pid: u32| -> u32 {
-        std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .ok()
-            .and_then(|s| {
-                s.rsplit_once(')')
-                    .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse().ok())
-            })
-            .unwrap_or(0)
-    };
     let all = descendants(daemon);
     let zygotes: Vec<u32> = all
         .iter()
         .copied()
-        .filter(|&p| parent_of(p) == daemon)
+        .filter(|&p| common::parent_of(p) == Some(daemon))
         .collect();
     let children: Vec<u32> = all
         .iter()
         .copied()
-        .filter(|&p| zygotes.contains(&parent_of(p)))
+        .filter(|&p| common::parent_of(p).is_some_and(|pp| zygotes.contains(&pp)))
         .collect();
     let others: Vec<u32> = all
         .iter()

@@ -422,61 +422,19 @@ async fn running_python_executions_outlive_a_killed_zygote_but_not_the_daemon() 
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_node_snippet_that_fakes_its_exit_report_does_not_outlive_it() {
-    // The exit report is only a write to fd 0, which the snippet can make too. Without cgroups
-    // to sweep up after it, the kill of the leader's process group at exit is what keeps it
-    // from running on behind an exit the daemon announced.
+/// A pooled snippet that reports its exit early (`code` reports 7 through the warm runtime's own
+/// channel, and ends with 1 where a cold start has none) is taken at its word and does not
+/// run on behind it. Without cgroups to sweep up after it, the kill of the leader's process
+/// group at exit is what ends it.
+async fn an_early_exit_report_ends_the_snippet(lang: &str, code: &str) {
     let no_cgroups = tempfile::tempdir().unwrap();
     let d = TestDaemon::start_with(&["--cgroup-root", no_cgroups.path().to_str().unwrap()]).await;
     let mut c = d.client().await;
     let s = pooled_session(&mut c, 1).await;
-    // The report is a line on fd 0; a cold start has /dev/null there (read-only), so the
-    // write throws and the snippet ends with 1.
-    let code = "require('fs').writeSync(0, '7\\n'); setInterval(() => {}, 1000);";
     let deadline = std::time::Instant::now() + DEADLINE;
     loop {
         let e = c
-            .start_execution(code_req(&s, "js", code))
-            .await
-            .unwrap()
-            .into_inner();
-        let r = wait(&mut c, &e.id).await;
-        if e.pooled {
-            // The code stands: the snippet could as well have exited with it.
-            assert_eq!(r.exit_code, 7);
-            eventually("the process behind a faked exit report is gone", || {
-                !alive(e.pid)
-            })
-            .await;
-            return;
-        }
-        assert_eq!(r.exit_code, 1);
-        assert!(std::time::Instant::now() < deadline, "never pooled");
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn a_python_snippet_that_notes_its_exit_early_does_not_outlive_it() {
-    // A pooled child notes its exit code in shared memory before it exits (exit_notes.rs); the
-    // snippet can reach the zygote's function that does it. Without cgroups to sweep up after
-    // it, the kill of the leader's process group at exit keeps it from running on behind an
-    // exit the daemon announced.
-    let no_cgroups = tempfile::tempdir().unwrap();
-    let d = TestDaemon::start_with(&["--cgroup-root", no_cgroups.path().to_str().unwrap()]).await;
-    let mut c = d.client().await;
-    let s = pooled_session(&mut c, 1).await;
-    // The snippet's caller is the zygote's code, whose globals hold that function.
-    let code = "import sys, time\n\
-                try:\n    note = sys._getframe(1).f_globals['_write_note']\n\
-                except (ValueError, KeyError):\n    raise SystemExit(1)\n\
-                note(7)\n\
-                time.sleep(600)";
-    let deadline = std::time::Instant::now() + DEADLINE;
-    loop {
-        let e = c
-            .start_execution(code_req(&s, "py", code))
+            .start_execution(code_req(&s, lang, code))
             .await
             .unwrap()
             .into_inner();
@@ -484,17 +442,37 @@ async fn a_python_snippet_that_notes_its_exit_early_does_not_outlive_it() {
         if e.pooled {
             // The code stands: the snippet could as well have exited with it.
             assert_eq!(r.exit_code, 7, "{r:?}");
-            eventually("the process behind an early exit note is gone", || {
+            eventually("the process behind an early exit report is gone", || {
                 !alive(e.pid)
             })
             .await;
             return;
         }
-        // A cold interpreter has no caller frame: the snippet ends with 1.
         assert_eq!(r.exit_code, 1, "{r:?}");
         assert!(std::time::Instant::now() < deadline, "never pooled");
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_snippet_that_fakes_its_exit_report_does_not_outlive_it() {
+    // The exit report is only a write to fd 0, which the snippet can make too; a cold start
+    // has /dev/null there (read-only), so the write throws and the snippet ends with 1.
+    let code = "require('fs').writeSync(0, '7\\n'); setInterval(() => {}, 1000);";
+    an_early_exit_report_ends_the_snippet("js", code).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_python_snippet_that_notes_its_exit_early_does_not_outlive_it() {
+    // A pooled child notes its exit code in shared memory before it exits (exit_notes.rs); the
+    // snippet's caller is the zygote's code, whose globals hold the function that does it. A
+    // cold interpreter has no caller frame: the snippet ends with 1.
+    let code = "import sys, time\n\
+                try:\n    note = sys._getframe(1).f_globals['_write_note']\n\
+                except (ValueError, KeyError):\n    raise SystemExit(1)\n\
+                note(7)\n\
+                time.sleep(600)";
+    an_early_exit_report_ends_the_snippet("py", code).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -140,6 +140,14 @@ pub fn rss_kib(pid: u32) -> u64 {
     proc_kib(pid, "status", "VmRSS")
 }
 
+/// The parent of a process (`/proc/<pid>/stat`), `None` when it is gone.
+pub fn parent_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces and parentheses: the fields follow the last ')'.
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.split_whitespace().nth(1)?.parse().ok()
+}
+
 /// Every descendant of `root` (children, their children, ...).
 pub fn descendants(root: u32) -> Vec<u32> {
     let mut parent: HashMap<u32, u32> = HashMap::new();
@@ -148,10 +156,7 @@ pub fn descendants(root: u32) -> Vec<u32> {
             let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
                 continue;
             };
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-            if let Some((_, rest)) = stat.rsplit_once(')')
-                && let Some(pp) = rest.split_whitespace().nth(1).and_then(|v| v.parse().ok())
-            {
+            if let Some(pp) = parent_of(pid) {
                 parent.insert(pid, pp);
             }
         }

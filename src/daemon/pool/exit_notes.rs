@@ -55,6 +55,18 @@ struct FutexWaitv {
     reserved: u32,
 }
 
+impl FutexWaitv {
+    /// Waits on `word` (a 32-bit futex shared between processes) while it holds `val`.
+    fn on(word: &AtomicU32, val: u32) -> Self {
+        FutexWaitv {
+            val: u64::from(val),
+            uaddr: word.as_ptr() as u64,
+            flags: FUTEX2_SIZE_U32,
+            reserved: 0,
+        }
+    }
+}
+
 /// The shared region and the slots handed out of it. Lives as long as the daemon.
 pub struct ExitNotes {
     shared: Arc<Shared>,
@@ -83,11 +95,6 @@ impl Shared {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn word(&self, page_index: usize) -> &AtomicU32 {
-        // SAFETY: in bounds of the mapping, page-aligned, and only accessed atomically.
-        unsafe { &*((self.base + page_index * self.page) as *const AtomicU32) }
-    }
-
     fn nonce(&self, slot: usize) -> &AtomicU64 {
         // SAFETY: as for `word`; offset 8 is 8-aligned.
         unsafe { &*((self.base + (1 + slot) * self.page + 8) as *const AtomicU64) }
@@ -99,7 +106,17 @@ impl Shared {
     }
 
     fn note_word(&self, slot: usize) -> &AtomicU32 {
-        self.word(1 + slot)
+        // SAFETY: in bounds of the mapping, page-aligned, and only accessed atomically.
+        unsafe { &*((self.base + (1 + slot) * self.page) as *const AtomicU32) }
+    }
+
+    /// What a child writes at its end, nonce first (for tests of the note's readers).
+    #[cfg(test)]
+    fn write_note(&self, slot: usize, nonce: u64, code: u8) {
+        self.nonce(slot).store(nonce, Ordering::SeqCst);
+        self.note_word(slot)
+            .store(NOTED | u32::from(code), Ordering::SeqCst);
+        futex_wake(self.note_word(slot));
     }
 
     /// Wakes the note thread of `bank` so it waits on the current set of its slots.
@@ -131,16 +148,10 @@ pub struct Slot {
 }
 
 impl Slot {
-    /// Writes the note a child writes at its end (for tests of the note's readers).
+    /// Writes the note its child writes at its end (for tests of the note's readers).
     #[cfg(test)]
     pub fn note_for_test(&self, code: u8) {
-        self.shared
-            .nonce(self.index)
-            .store(self.nonce, Ordering::SeqCst);
-        self.shared
-            .note_word(self.index)
-            .store(NOTED | u32::from(code), Ordering::SeqCst);
-        futex_wake(self.shared.note_word(self.index));
+        self.shared.write_note(self.index, self.nonce, code);
     }
 
     /// Its index in the region (the child keeps only page `1 + index` mapped).
@@ -237,13 +248,8 @@ impl ExitNotes {
     /// A free slot and where its note will arrive, or `None` when all are in use.
     pub fn take(&self) -> Option<(Slot, oneshot::Receiver<u8>)> {
         let (tx, rx) = oneshot::channel();
-        let nonce = loop {
-            // Never 0: a cleared page must not match.
-            let n = rand_u64() >> 1;
-            if n != 0 {
-                break n;
-            }
-        };
+        // Never 0: a cleared page must not match.
+        let nonce = rand_u64() | 1;
         let index = {
             let mut st = self.shared.lock();
             let index = st.free.pop()?;
@@ -318,12 +324,8 @@ fn futex_waitv(waiters: &[FutexWaitv], timeout: Option<&libc::timespec>) -> std:
 
 /// Whether this kernel has `futex_waitv`: one call that times out at once.
 fn waitv_works(shared: &Shared) -> bool {
-    let waiter = FutexWaitv {
-        val: u64::from(shared.control(0).load(Ordering::SeqCst)),
-        uaddr: shared.control(0).as_ptr() as u64,
-        flags: FUTEX2_SIZE_U32,
-        reserved: 0,
-    };
+    let control = shared.control(0);
+    let waiter = FutexWaitv::on(control, control.load(Ordering::SeqCst));
     let mut now = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
@@ -339,31 +341,18 @@ fn note_thread(shared: &Shared, bank: usize) {
     let mine = bank * BANK..(bank + 1) * BANK;
     let mut waiters: Vec<FutexWaitv> = Vec::with_capacity(1 + BANK);
     loop {
-        let control = shared.control(bank).load(Ordering::SeqCst);
+        let control = shared.control(bank);
         waiters.clear();
-        waiters.push(FutexWaitv {
-            val: u64::from(control),
-            uaddr: shared.control(bank).as_ptr() as u64,
-            flags: FUTEX2_SIZE_U32,
-            reserved: 0,
-        });
+        waiters.push(FutexWaitv::on(control, control.load(Ordering::SeqCst)));
         {
             let mut st = shared.lock();
-            let noted: Vec<usize> = st
-                .watched
-                .keys()
-                .copied()
-                .filter(|i| mine.contains(i))
-                .filter(|&i| shared.note_word(i).load(Ordering::SeqCst) != 0)
-                .collect();
-            for i in noted {
+            let noted = st.watched.extract_if(|i, _| {
+                mine.contains(i) && shared.note_word(*i).load(Ordering::SeqCst) != 0
+            });
+            for (i, (expected, tx)) in noted {
                 let word = shared.note_word(i).load(Ordering::SeqCst);
-                let nonce = shared.nonce(i).load(Ordering::SeqCst);
                 // A word without the job's nonce is not this execution's: it ends the usual way.
-                if let Some((expected, tx)) = st.watched.remove(&i)
-                    && word & NOTED != 0
-                    && nonce == expected
-                {
+                if word & NOTED != 0 && shared.nonce(i).load(Ordering::SeqCst) == expected {
                     let _ = tx.send((word & 0xFF) as u8);
                 }
             }
@@ -371,12 +360,7 @@ fn note_thread(shared: &Shared, bank: usize) {
                 st.watched
                     .keys()
                     .filter(|i| mine.contains(i))
-                    .map(|&i| FutexWaitv {
-                        val: 0,
-                        uaddr: shared.note_word(i).as_ptr() as u64,
-                        flags: FUTEX2_SIZE_U32,
-                        reserved: 0,
-                    }),
+                    .map(|&i| FutexWaitv::on(shared.note_word(i), 0)),
             );
         }
         if let Err(e) = futex_waitv(&waiters, None) {
@@ -395,15 +379,18 @@ mod tests {
 
     /// What the zygote's child does at its end, played on the daemon's own mapping.
     fn note(notes: &ExitNotes, slot: usize, nonce: u64, code: u8) {
-        let s = &notes.shared;
-        s.nonce(slot).store(nonce, Ordering::SeqCst);
-        s.note_word(slot)
-            .store(NOTED | u32::from(code), Ordering::SeqCst);
-        futex_wake(s.note_word(slot));
+        notes.shared.write_note(slot, nonce, code);
     }
 
     fn notes() -> Arc<ExitNotes> {
         ExitNotes::new().expect("memfd and futex_waitv (Linux 5.16+)")
+    }
+
+    /// What the note thread made of a note: its code, or `Err` when it dropped the waiter.
+    async fn outcome(rx: oneshot::Receiver<u8>) -> Result<u8, oneshot::error::RecvError> {
+        tokio::time::timeout(std::time::Duration::from_secs(5), rx)
+            .await
+            .expect("the thread looked at the note")
     }
 
     #[tokio::test]
@@ -411,10 +398,7 @@ mod tests {
         let n = notes();
         let (slot, rx) = n.take().expect("a free slot");
         note(&n, slot.index(), slot.nonce(), 42);
-        let code = tokio::time::timeout(std::time::Duration::from_secs(5), rx)
-            .await
-            .expect("the note arrives")
-            .expect("sent");
+        let code = outcome(rx).await.expect("the note arrives");
         assert_eq!(code, 42);
     }
 
@@ -424,9 +408,7 @@ mod tests {
         let (slot, rx) = n.take().expect("a free slot");
         note(&n, slot.index(), slot.nonce() ^ 1, 3);
         // The thread drops the waiter: its receiver ends without a code.
-        let got = tokio::time::timeout(std::time::Duration::from_secs(5), rx)
-            .await
-            .expect("the thread looked at the note");
+        let got = outcome(rx).await;
         assert!(got.is_err(), "a forged note was taken: {got:?}");
     }
 
@@ -441,10 +423,7 @@ mod tests {
         let (slot, rx) = n.take().expect("a slot of the second bank");
         assert_eq!(slot.index(), BANK);
         note(&n, slot.index(), slot.nonce(), 11);
-        let code = tokio::time::timeout(std::time::Duration::from_secs(5), rx)
-            .await
-            .expect("the note arrives")
-            .expect("sent");
+        let code = outcome(rx).await.expect("the note arrives");
         assert_eq!(code, 11);
     }
 
@@ -464,9 +443,7 @@ mod tests {
         assert_eq!(n.shared.note_word(index).load(Ordering::SeqCst), 0);
         // A process of the old execution noting late is ignored.
         note(&n, index, old_nonce, 9);
-        let got = tokio::time::timeout(std::time::Duration::from_secs(5), rx)
-            .await
-            .expect("the thread looked at the note");
+        let got = outcome(rx).await;
         assert!(got.is_err(), "a stale note was taken: {got:?}");
     }
 }

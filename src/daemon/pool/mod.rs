@@ -377,20 +377,9 @@ impl PoolLauncher {
         let pid = ready.pid;
         let pidfd = ready.pidfd;
         let exit_rx = job.exit;
-        let (note, gone) = match note {
-            Some((slot, code)) => {
-                let (gone_tx, gone_rx) = tokio::sync::oneshot::channel();
-                (
-                    Some(python_zygote::Note {
-                        slot,
-                        code,
-                        gone: gone_tx,
-                    }),
-                    Some(gone_rx),
-                )
-            }
-            None => (None, None),
-        };
+        let (note, gone) = note
+            .map(|(slot, code)| python_zygote::Note::new(slot, code))
+            .unzip();
         let exit = Box::pin(python_zygote::child_exit(pid, pidfd, exit_rx, note));
         Ok(Launched {
             pid,

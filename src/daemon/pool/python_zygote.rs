@@ -202,17 +202,7 @@ impl Zygote {
                 pid: None,
             },
         );
-        let iov = [std::io::IoSlice::new(&bytes)];
-        let cmsg = [ControlMessage::ScmRights(fds)];
-        // MSG_DONTWAIT: a full socket means a stuck zygote; never block the runtime on it.
-        let sent = sendmsg::<()>(
-            self.sock.as_raw_fd(),
-            &iov,
-            &cmsg,
-            MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL,
-            None,
-        );
-        if let Err(e) = sent {
+        if let Err(e) = send(self.sock.as_raw_fd(), &bytes, fds) {
             lock(&self.table).pending.remove(&token);
             return Err(SendError::Socket(e));
         }
@@ -246,13 +236,17 @@ fn send_notes(sock: &OwnedFd, notes: Option<&ExitNotes>) -> nix::Result<()> {
         }}),
         None => serde_json::json!({ "notes": null }),
     };
-    let bytes = setup.to_string().into_bytes();
-    let iov = [std::io::IoSlice::new(&bytes)];
     let fds: Vec<RawFd> = notes.iter().map(|n| n.memfd().as_raw_fd()).collect();
-    let cmsg = [ControlMessage::ScmRights(&fds)];
-    // A fresh socket's buffer holds it: never blocks.
+    send(sock.as_raw_fd(), setup.to_string().as_bytes(), &fds)
+}
+
+/// One message to the zygote with `fds` (SCM_RIGHTS). Never blocks: a full socket means a
+/// stuck zygote, and the runtime must not wait on it.
+fn send(sock: RawFd, bytes: &[u8], fds: &[RawFd]) -> nix::Result<()> {
+    let iov = [std::io::IoSlice::new(bytes)];
+    let cmsg = [ControlMessage::ScmRights(fds)];
     sendmsg::<()>(
-        sock.as_raw_fd(),
+        sock,
         &iov,
         if fds.is_empty() { &[] } else { &cmsg },
         MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL,
@@ -503,9 +497,18 @@ fn reaped(pidfd: std::os::fd::BorrowedFd<'_>) -> Option<Reaped> {
 /// A job's exit note: its slot, where the code arrives, and whom to tell once the child is
 /// really gone (the slot is freed then, not before: see [`exit_notes`]).
 pub struct Note {
-    pub slot: Slot,
-    pub code: oneshot::Receiver<u8>,
-    pub gone: oneshot::Sender<()>,
+    slot: Slot,
+    code: oneshot::Receiver<u8>,
+    gone: oneshot::Sender<()>,
+}
+
+impl Note {
+    /// The note of a job given `slot` (from [`ExitNotes::take`]), and what resolves once its
+    /// child is gone ([`crate::daemon::launcher::Launched::gone`]).
+    pub fn new(slot: Slot, code: oneshot::Receiver<u8>) -> (Note, oneshot::Receiver<()>) {
+        let (gone, gone_rx) = oneshot::channel();
+        (Note { slot, code, gone }, gone_rx)
+    }
 }
 
 /// How long a noted child may take to be gone before its slot is freed anyway (it was killed
@@ -527,29 +530,20 @@ pub async fn child_exit(
 ) -> std::io::Result<ProcessExit> {
     // SAFETY: the AsyncFd owns the pidfd and deregisters it before closing it.
     let afd = unsafe { AsyncFd::register(pidfd)? };
-    let (slot, noted, gone) = match note {
-        Some(Note { slot, code, gone }) => (Some(slot), Some(code), Some(gone)),
-        None => (None, None, None),
-    };
-    // A note that never comes (no slot, or its waiter dropped): wait on the others.
-    let noted = async move {
-        match noted {
-            Some(rx) => match rx.await {
-                Ok(code) => code,
-                Err(_) => std::future::pending().await,
-            },
-            None => std::future::pending().await,
-        }
+    let (slot_gone, noted) = match note {
+        Some(Note { slot, code, gone }) => (Some((slot, gone)), Some(code)),
+        None => (None, None),
     };
     let mut zygote_died = false;
     tokio::select! {
         biased;
-        code = noted => {
+        // No note, or one the note thread dropped: the branch is off, the others tell.
+        Some(Ok(code)) = async { match noted { Some(rx) => Some(rx.await), None => None } } => {
             tokio::spawn(async move {
                 let _ = tokio::time::timeout(GONE_AFTER_NOTE, afd.readable()).await;
-                drop(slot);
-                if let Some(g) = gone {
-                    let _ = g.send(());
+                if let Some((slot, gone)) = slot_gone {
+                    drop(slot);
+                    let _ = gone.send(());
                 }
             });
             return Ok(ProcessExit::Exited(i32::from(code)));
@@ -759,13 +753,8 @@ mod tests {
         let pidfd = pidfd_of(child.id());
         let (slot, code) = notes.take().expect("a free slot");
         slot.note_for_test(5);
-        let (gone_tx, mut gone_rx) = oneshot::channel();
+        let (note, mut gone_rx) = Note::new(slot, code);
         let (_report_tx, report) = oneshot::channel();
-        let note = Note {
-            slot,
-            code,
-            gone: gone_tx,
-        };
         let exit = tokio::time::timeout(
             std::time::Duration::from_secs(5),
             child_exit(child.id(), pidfd, report, Some(note)),

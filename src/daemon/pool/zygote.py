@@ -128,18 +128,19 @@ class StepError(Exception):
 # The exit-note region as the zygote maps it: (address, page size, slots, futex syscall number,
 # the mmap object that owns the mapping); None when the daemon shares none.
 _notes = None
-# A child's note, once its job has a slot: (offset of its page in the region, nonce, pid, page
-# address, futex syscall number).
+# A child's note, once its job has a slot: (the buffer and its address, the offset of its page
+# there, nonce, pid, futex syscall number).
 _note = None
 _NOTED = 0x100
 _FUTEX_WAKE = 1
 # The note's word and nonce, written by C into the region (no ctypes object made per child).
 _NOTE_WORD = struct.Struct("=I")
 _NOTE_NONCE = struct.Struct("=Q")
-# syscall(2) and munmap(2) taking addresses as plain ints.
-_syscall_addr = ctypes.CDLL(None, use_errno=True).syscall
+# syscall(2) and munmap(2) taking addresses as plain ints (_libc's take C ints by default).
+_libc_addr = ctypes.CDLL(None, use_errno=True)
+_syscall_addr = _libc_addr.syscall
 _syscall_addr.argtypes = (ctypes.c_long, ctypes.c_size_t, ctypes.c_int, ctypes.c_int)
-_munmap = ctypes.CDLL(None, use_errno=True).munmap
+_munmap = _libc_addr.munmap
 _munmap.argtypes = (ctypes.c_size_t, ctypes.c_size_t)
 
 
@@ -165,7 +166,7 @@ def _keep_note_slot(note):
     """Unmaps every page of the region but the job's slot (the snippet can reach no other
     execution's note) and remembers where to note the exit. Raises StepError."""
     global _note
-    address, page, slots, futex, _region = _notes
+    address, page, slots, futex, region = _notes
     slot = note["slot"]
     if not 0 <= slot < slots:
         raise StepError("exit note: slot %r out of range" % (slot,))
@@ -174,19 +175,19 @@ def _keep_note_slot(note):
     if (_munmap(address, offset) != 0
             or after and _munmap(address + offset + page, after * page) != 0):
         raise StepError("exit note: munmap: %s" % os.strerror(ctypes.get_errno()))
-    _note = (offset, note["nonce"], os.getpid(), address + offset, futex)
+    _note = (region, address, offset, note["nonce"], os.getpid(), futex)
 
 
 def _write_note(code):
     """Notes the exit code for the daemon, from the job's own process only (a process the
     snippet forked runs this same code when it exits)."""
     note = _note
-    if note is not None and os.getpid() == note[2]:
-        region = _notes[4]
+    if note is not None and os.getpid() == note[4]:
+        buf, address, offset, nonce, _pid, futex = note
         # The nonce first: the daemon reads it once it sees the word.
-        _NOTE_NONCE.pack_into(region, note[0] + 8, note[1])
-        _NOTE_WORD.pack_into(region, note[0], _NOTED | (code & 0xFF))
-        _syscall_addr(note[4], note[3], _FUTEX_WAKE, 1)
+        _NOTE_NONCE.pack_into(buf, offset + 8, nonce)
+        _NOTE_WORD.pack_into(buf, offset, _NOTED | (code & 0xFF))
+        _syscall_addr(futex, address + offset, _FUTEX_WAKE, 1)
 
 
 def _check(rc, what):
@@ -377,10 +378,10 @@ def _warm():
     for name in ("prctl", "setns", "unshare", "syscall", "clearenv", "capget", "capset", "munmap"):
         getattr(_libc, name)
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    # The child's end writes through the same calls, here into the region's page 0 at an
-    # offset no control word uses (the note threads' words are its first 32 bytes).
+    # The child's end writes its note through the same calls, here into a scratch buffer.
     global _note
     futex = _notes[3] if _notes is not None else None
+    scratch = ctypes.create_string_buffer(16)
     job = {"token": 0, "steps": [{"step": "chdir", "path": "/"}, {"step": "reset_signals"}],
            "env": [["A", "b"]], "argv": ["python3", "/x.py"], "script": "/x.py"}
     try:
@@ -411,7 +412,7 @@ def _warm():
             exec(compile("pass", "/x.py", "exec", dont_inherit=True), main.__dict__)
             _read_file("/dev/null")
             if futex is not None:
-                _note = (2048, 1, os.getpid(), _notes[0] + 2048, futex)
+                _note = (scratch, ctypes.addressof(scratch), 0, 1, os.getpid(), futex)
                 _write_note(0)
     except Exception:
         pass
