@@ -253,14 +253,7 @@ async fn a_start_abandoned_by_its_client_leaves_no_process_and_no_stuck_executio
         let reader = std::thread::spawn(move || std::fs::read(fifo).unwrap());
         let deadline = Instant::now() + DEADLINE;
         let ended = loop {
-            let list = c
-                .list_executions(pb::ListExecutionsRequest {
-                    session_id: s.clone(),
-                })
-                .await
-                .unwrap()
-                .into_inner()
-                .executions;
+            let list = executions_of(&mut c, &s).await;
             if !list.is_empty()
                 && list
                     .iter()

@@ -282,19 +282,9 @@ async fn cli_run_streams_output_and_exits_with_the_snippet_code() {
         "const args: string[] = process.argv.slice(2);\nconsole.log('out', args.join(','));\nconsole.error('err');\nprocess.exit(7);\n",
     )
     .unwrap();
-    let socket = d.socket.clone();
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_elide-daemon"))
-            .arg("run")
-            .arg("--socket")
-            .arg(&socket)
-            .arg(&script)
-            .args(["x", "-y"])
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
+    let out = d
+        .cli("run", &[script.as_os_str(), "x".as_ref(), "-y".as_ref()])
+        .await;
     assert_eq!(
         out.status.code(),
         Some(7),
@@ -303,16 +293,7 @@ async fn cli_run_streams_output_and_exits_with_the_snippet_code() {
     );
     assert_eq!(String::from_utf8_lossy(&out.stdout), "out x,-y\n");
     assert_eq!(String::from_utf8_lossy(&out.stderr), "err\n");
-    let socket = d.socket.clone();
-    let info = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_elide-daemon"))
-            .args(["info", "--socket"])
-            .arg(&socket)
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
+    let info = d.cli("info", &[]).await;
     assert!(info.status.success());
     assert!(String::from_utf8_lossy(&info.stdout).contains("python"));
 
@@ -325,16 +306,7 @@ async fn cli_run_streams_output_and_exits_with_the_snippet_code() {
         .unwrap()
         .into_inner();
     for cmd in ["sessions", "executions"] {
-        let socket = d.socket.clone();
-        let out = tokio::task::spawn_blocking(move || {
-            std::process::Command::new(env!("CARGO_BIN_EXE_elide-daemon"))
-                .args([cmd, "--socket"])
-                .arg(&socket)
-                .output()
-                .unwrap()
-        })
-        .await
-        .unwrap();
+        let out = d.cli(cmd, &[]).await;
         assert!(
             out.status.success(),
             "{cmd}: {}",

@@ -187,14 +187,8 @@ async fn start_execution_rejects_bad_input_naming_the_field() {
     );
 
     // A failed start leaves nothing behind.
-    let list = c
-        .list_executions(pb::ListExecutionsRequest {
-            session_id: s.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(list.executions.is_empty(), "{list:?}");
+    let list = executions_of(&mut c, &s).await;
+    assert!(list.is_empty(), "{list:?}");
     assert_eq!(std::fs::read_dir(&d.run_dir).unwrap().count(), 0);
 }
 

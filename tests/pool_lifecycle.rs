@@ -88,6 +88,33 @@ fn node_workers(daemon: u32) -> Vec<u32> {
         .collect()
 }
 
+/// The status of `runtime`'s pool in session `s` (GetSession).
+async fn pool_status(c: &mut Client, s: &str, runtime: &str) -> pb::PoolStatus {
+    let session = c
+        .get_session(pb::GetSessionRequest {
+            session_id: s.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    session
+        .pools
+        .into_iter()
+        .find(|p| p.runtime == runtime)
+        .unwrap_or_else(|| panic!("no {runtime} pool in session {s}"))
+}
+
+/// What `elide-daemon sessions` prints.
+async fn sessions_listing(d: &TestDaemon) -> String {
+    let out = d.cli("sessions", &[]).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 async fn pooled_session(c: &mut Client, size: u32) -> String {
     session_with_pool(c, &["env", "io", "net"], size).await
 }
@@ -253,6 +280,21 @@ async fn an_interpreter_older_than_3_9_is_not_warmed_and_starts_cold() {
             && fallback.message.contains("3.9 or newer"),
         "{fallback:?}"
     );
+    let python = pool_status(&mut c, &s, "python").await;
+    assert_eq!(
+        (python.state(), python.pooled_starts, python.cold_starts),
+        (pb::PoolState::NotWarmed, 0, 1),
+        "{python:?}"
+    );
+    assert_eq!(
+        python.detail,
+        fallback.message.trim_start_matches("starting cold: ")
+    );
+    let listing = sessions_listing(&d).await;
+    assert!(
+        listing.contains("pool python not warmed pooled 0 cold 1 (python 3.8.18 cannot be warmed"),
+        "{listing}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -309,6 +351,39 @@ async fn burst_falls_back_with_an_event_then_the_pool_refills() {
         node_workers(daemon).len() == 2
     })
     .await;
+    // The session's pool status counts the same starts, and shows the refilled workers.
+    let deadline = std::time::Instant::now() + DEADLINE;
+    let node = loop {
+        let node = pool_status(&mut c, &s, "node").await;
+        if node.idle_workers == 2 || std::time::Instant::now() > deadline {
+            break node;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert_eq!(
+        (
+            node.state(),
+            node.idle_workers,
+            node.pooled_starts,
+            node.cold_starts
+        ),
+        (pb::PoolState::Warm, 2, pooled as u64, (8 - pooled) as u64),
+        "{node:?}"
+    );
+    let python = pool_status(&mut c, &s, "python").await;
+    assert_eq!(
+        (python.pooled_starts, python.cold_starts),
+        (0, 0),
+        "{python:?}"
+    );
+    let listing = sessions_listing(&d).await;
+    assert!(
+        listing.contains(&format!(
+            "pool node   warm       pooled {pooled} cold {} idle workers 2",
+            8 - pooled
+        )),
+        "{listing}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -753,6 +828,9 @@ async fn a_zygote_that_cannot_fork_keeps_its_running_executions_and_refills_late
         d.log().contains("no spare and cannot fork")
     })
     .await;
+    let python = pool_status(&mut c, &s, "python").await;
+    assert_eq!(python.state(), pb::PoolState::Empty, "{python:?}");
+    assert!(python.detail.contains("cannot fork"), "{python:?}");
     let cold = c
         .start_execution(code_req(&s, "py", "print('cold')"))
         .await
@@ -767,6 +845,17 @@ async fn a_zygote_that_cannot_fork_keeps_its_running_executions_and_refills_late
     eventually("a spare again", || zygote_children(daemon).len() == 2).await;
     assert!(alive(e.pid));
     assert_eq!(run_pooled(&mut c, &s, "py", "print(2)").await, "2\n");
+    let python = pool_status(&mut c, &s, "python").await;
+    assert_eq!(python.state(), pb::PoolState::Warm, "{python:?}");
+    // The same starts as the session's executions say (run_pooled may have retried).
+    let execs = executions_of(&mut c, &s).await;
+    let pooled = execs.iter().filter(|e| e.pooled).count() as u64;
+    assert!(pooled >= 3, "{execs:?}");
+    assert_eq!(
+        (python.pooled_starts, python.cold_starts),
+        (pooled, execs.len() as u64 - pooled),
+        "{execs:?}"
+    );
     let stopped = c
         .stop_execution(pb::StopExecutionRequest {
             execution_id: e.id.clone(),
@@ -1044,4 +1133,82 @@ fn the_fork_floor_bench_measures_the_zygotes_module_set() {
             "{bad:?}: {err}"
         );
     }
+}
+
+/// Starts `code` with `n` environment variables of 100 KB each; returns whether it was
+/// pooled and the (name, length) pairs it printed.
+async fn run_with_big_env(
+    c: &mut Client,
+    s: &str,
+    lang: &str,
+    code: &str,
+    n: usize,
+) -> (bool, String) {
+    let mut req = code_req(s, lang, code);
+    req.env = (0..n)
+        .map(|i| pb::EnvVar {
+            key: format!("BIG{i:02}").into_bytes(),
+            value: vec![b'x'; 100_000],
+        })
+        .collect();
+    let e = c.start_execution(req).await.unwrap().into_inner();
+    let out = output(c, &e.id, pb::OutputStream::Stdout).await;
+    let err = output(c, &e.id, pb::OutputStream::Stderr).await;
+    let r = wait(c, &e.id).await;
+    assert_eq!(r.exit_code, 0, "{}", String::from_utf8_lossy(&err));
+    (e.pooled, String::from_utf8_lossy(&out).trim().to_string())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_environment_too_big_for_the_zygote_starts_cold_whole_with_an_event() {
+    let d = TestDaemon::start().await;
+    let mut c = d.client().await;
+    let s = pooled_session(&mut c, 2).await;
+    eventually("2 spares", || zygote_children(d.pid()).len() >= 2).await;
+    let mut events = c
+        .watch_events(pb::WatchEventsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let py = "import os\nprint(','.join(f'{k}={len(v)}' for k, v in sorted(os.environ.items()) if k.startswith('BIG')))";
+    let expect = |n: usize| {
+        (0..n)
+            .map(|i| format!("BIG{i:02}=100000"))
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    // 100 KB fits one message to the zygote; 300 KB does not (its socket's send buffer bounds
+    // a message), so that one starts cold, and its environment still arrives whole.
+    assert_eq!(
+        run_with_big_env(&mut c, &s, "py", py, 1).await,
+        (true, expect(1))
+    );
+    assert_eq!(
+        run_with_big_env(&mut c, &s, "py", py, 3).await,
+        (false, expect(3))
+    );
+    let ev = loop {
+        let ev = tokio::time::timeout(DEADLINE, events.message())
+            .await
+            .expect("no fallback event")
+            .unwrap()
+            .expect("event stream ended");
+        if ev.kind == pb::EventKind::PoolFallback as i32 {
+            break ev;
+        }
+    };
+    assert!(
+        ev.message.starts_with("starting cold: the job is ")
+            && ev
+                .message
+                .contains("more than one message to the python zygote carries"),
+        "{ev:?}"
+    );
+    // Node workers read their job from a stream: 1.2 MB of environment stays pooled.
+    eventually("2 idle node workers", || node_workers(d.pid()).len() == 2).await;
+    let js = "console.log(Object.keys(process.env).filter(k => k.startsWith('BIG')).sort().map(k => `${k}=${process.env[k].length}`).join(','))";
+    assert_eq!(
+        run_with_big_env(&mut c, &s, "js", js, 12).await,
+        (true, expect(12))
+    );
 }

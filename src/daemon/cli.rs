@@ -381,8 +381,34 @@ async fn sessions(a: ClientArgs) -> anyhow::Result<()> {
             ts(&s.created_at),
             s.owner
         );
+        for p in &s.pools {
+            println!("  {}", pool_line(p));
+        }
     }
     Ok(())
+}
+
+/// One warm pool of a session, under the session's row.
+fn pool_line(p: &pb::PoolStatus) -> String {
+    let state = pb::PoolState::try_from(p.state)
+        .map(|s| {
+            s.as_str_name()
+                .trim_start_matches("POOL_STATE_")
+                .to_ascii_lowercase()
+                .replace('_', " ")
+        })
+        .unwrap_or_else(|_| "?".into());
+    let mut line = format!(
+        "pool {:<6} {:<10} pooled {} cold {}",
+        p.runtime, state, p.pooled_starts, p.cold_starts
+    );
+    if p.runtime == "node" {
+        line.push_str(&format!(" idle workers {}", p.idle_workers));
+    }
+    if !p.detail.is_empty() {
+        line.push_str(&format!(" ({})", p.detail));
+    }
+    line
 }
 
 async fn executions(a: ExecutionsArgs) -> anyhow::Result<()> {
@@ -394,8 +420,8 @@ async fn executions(a: ExecutionsArgs) -> anyhow::Result<()> {
         .await?
         .into_inner();
     println!(
-        "{:<36} {:<36} {:<11} {:<8} {:>8} {:<22} RESULT",
-        "ID", "SESSION", "LANGUAGE", "STATE", "PID", "STARTED"
+        "{:<36} {:<36} {:<11} {:<8} {:<6} {:>8} {:<22} RESULT",
+        "ID", "SESSION", "LANGUAGE", "STATE", "START", "PID", "STARTED"
     );
     for e in list.executions {
         let state = pb::ExecutionState::try_from(e.state)
@@ -425,11 +451,12 @@ async fn executions(a: ExecutionsArgs) -> anyhow::Result<()> {
             })
             .unwrap_or_default();
         println!(
-            "{:<36} {:<36} {:<11} {:<8} {:>8} {:<22} {}",
+            "{:<36} {:<36} {:<11} {:<8} {:<6} {:>8} {:<22} {}",
             e.id,
             e.session_id,
             e.language,
             state,
+            if e.pooled { "pooled" } else { "cold" },
             e.pid,
             ts(&e.started_at),
             result

@@ -318,22 +318,32 @@ impl Daemon {
         if !matches!(saved, Ok(Ok(()))) {
             tracing::warn!(session = %id, "cannot persist session");
         }
-        Ok(session.to_proto())
+        Ok(self.session_proto(&session))
+    }
+
+    /// A session in the API form, with its pools.
+    fn session_proto(&self, s: &Session) -> pb::Session {
+        pb::Session {
+            pools: self
+                .pools
+                .pool(&s.id)
+                .map(|p| p.status())
+                .unwrap_or_default(),
+            ..s.to_proto()
+        }
     }
 
     /// GetSession.
     pub fn get_session(&self, id: &str) -> DaemonResult<pb::Session> {
         let s = self.session(id)?;
         s.touch();
-        Ok(s.to_proto())
+        Ok(self.session_proto(&s))
     }
 
     /// ListSessions.
     pub fn list_sessions(&self) -> Vec<pb::Session> {
-        let mut v: Vec<pb::Session> = lock(&self.sessions)
-            .values()
-            .map(|s| s.to_proto())
-            .collect();
+        let sessions: Vec<Arc<Session>> = lock(&self.sessions).values().cloned().collect();
+        let mut v: Vec<pb::Session> = sessions.iter().map(|s| self.session_proto(s)).collect();
         v.sort_by(|a, b| a.id.cmp(&b.id));
         v
     }

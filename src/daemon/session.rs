@@ -201,6 +201,8 @@ impl Session {
                 .iter()
                 .map(|l| l.name().to_string())
                 .collect(),
+            // The pools are the launcher's: the service adds them.
+            pools: Vec::new(),
         }
     }
 }

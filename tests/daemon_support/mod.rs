@@ -172,6 +172,19 @@ impl TestDaemon {
         self.try_client().await.unwrap()
     }
 
+    /// Runs the operator CLI against this daemon: `elide-daemon CMD --socket SOCKET REST...`.
+    pub async fn cli(&self, cmd: &str, rest: &[&std::ffi::OsStr]) -> std::process::Output {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_elide-daemon"));
+        command
+            .arg(cmd)
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(rest);
+        tokio::task::spawn_blocking(move || command.output().expect("elide-daemon"))
+            .await
+            .expect("the CLI's thread")
+    }
+
     /// Pid of the daemon process.
     pub fn pid(&self) -> u32 {
         self.child.as_ref().unwrap().id()
@@ -364,6 +377,17 @@ pub async fn execution(c: &mut Client, id: &str) -> pb::Execution {
     .await
     .unwrap()
     .into_inner()
+}
+
+/// The executions of session `s` (ListExecutions).
+pub async fn executions_of(c: &mut Client, s: &str) -> Vec<pb::Execution> {
+    c.list_executions(pb::ListExecutionsRequest {
+        session_id: s.into(),
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .executions
 }
 
 /// Stops the execution with SIGKILL at once (no grace).

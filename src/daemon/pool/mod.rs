@@ -22,6 +22,7 @@ pub mod python_zygote;
 use std::collections::HashMap;
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -59,26 +60,93 @@ enum NotPooled {
     Fail(LaunchError),
 }
 
+/// Python in a session that runs it natively.
+enum PythonPool {
+    /// Its interpreter cannot be warmed (too old): why.
+    NotWarmed(String),
+    /// The session's zygote once it is warm; `None` while it starts or restarts.
+    Zygote(Arc<Mutex<Option<Arc<Zygote>>>>),
+}
+
+/// How a pool's executions started, for [`SessionPool::status`].
+#[derive(Default)]
+struct StartCounts {
+    pooled: AtomicU64,
+    cold: AtomicU64,
+}
+
+impl StartCounts {
+    fn count(&self, pooled: bool) {
+        let c = if pooled { &self.pooled } else { &self.cold };
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn status(&self, runtime: &str, state: pb::PoolState, detail: &str) -> pb::PoolStatus {
+        pb::PoolStatus {
+            runtime: runtime.into(),
+            state: state as i32,
+            idle_workers: 0,
+            pooled_starts: self.pooled.load(Ordering::Relaxed),
+            cold_starts: self.cold.load(Ordering::Relaxed),
+            detail: detail.into(),
+        }
+    }
+}
+
 /// The warm runtimes of one session.
 pub struct SessionPool {
     session_id: String,
     closed: CancellationToken,
-    python: Option<Arc<Mutex<Option<Arc<Zygote>>>>>,
-    /// Why python is not warmed although the session runs it (its interpreter is too old).
-    python_cold: Option<String>,
+    python: Option<PythonPool>,
     node: Option<Arc<node_worker::NodePool>>,
+    python_starts: StartCounts,
+    node_starts: StartCounts,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 impl SessionPool {
+    /// The warm zygote, if there is one now.
+    fn zygote(&self) -> Option<Arc<Zygote>> {
+        match &self.python {
+            Some(PythonPool::Zygote(slot)) => lock(slot).clone(),
+            _ => None,
+        }
+    }
+
     /// Pids of the pool's own processes (zygote, idle workers), for tests and benchmarks.
     pub fn pids(&self) -> Vec<u32> {
-        let mut v = Vec::new();
-        if let Some(z) = self.python.as_ref().and_then(|p| lock(p).clone()) {
-            v.push(z.pid);
-        }
+        let mut v: Vec<u32> = self.zygote().map(|z| z.pid).into_iter().collect();
         if let Some(n) = &self.node {
             v.extend(n.idle_pids());
+        }
+        v
+    }
+
+    /// What each runtime's pool can do now, and how the session's executions started.
+    pub fn status(&self) -> Vec<pb::PoolStatus> {
+        use pb::PoolState::{Empty, NotWarmed, Warm, Warming};
+        let mut v = Vec::new();
+        match &self.python {
+            None => {}
+            Some(PythonPool::NotWarmed(why)) => {
+                v.push(self.python_starts.status("python", NotWarmed, why));
+            }
+            Some(PythonPool::Zygote(_)) => {
+                let status = match self.zygote().filter(|z| z.alive()) {
+                    None => self.python_starts.status("python", Warming, ""),
+                    Some(z) if z.starved() => self.python_starts.status("python", Empty, STARVED),
+                    Some(_) => self.python_starts.status("python", Warm, ""),
+                };
+                v.push(status);
+            }
+        }
+        if let Some(node) = &self.node {
+            let idle = node.idle_pids().len() as u32;
+            let state = if idle > 0 { Warm } else { Warming };
+            v.push(pb::PoolStatus {
+                idle_workers: idle,
+                ..self.node_starts.status("node", state, "")
+            });
         }
         v
     }
@@ -165,9 +233,10 @@ impl PoolLauncher {
         let pool = Arc::new(SessionPool {
             session_id: session.id.clone(),
             closed: CancellationToken::new(),
-            python: (native(Language::Python) && python_cold.is_none())
-                .then(|| Arc::new(Mutex::new(None))),
-            python_cold,
+            python: native(Language::Python).then(|| match python_cold {
+                Some(why) => PythonPool::NotWarmed(why),
+                None => PythonPool::Zygote(Arc::new(Mutex::new(None))),
+            }),
             node: node_lang
                 .then(|| self.runtimes.get(Language::JavaScript))
                 .flatten()
@@ -181,10 +250,14 @@ impl PoolLauncher {
                         self.preparer.clone(),
                     ))
                 }),
+            python_starts: StartCounts::default(),
+            node_starts: StartCounts::default(),
             tasks: Mutex::new(Vec::new()),
         });
         let mut tasks = Vec::new();
-        if let (Some(slot), Some(rt)) = (&pool.python, self.runtimes.get(Language::Python)) {
+        if let (Some(PythonPool::Zygote(slot)), Some(rt)) =
+            (&pool.python, self.runtimes.get(Language::Python))
+        {
             let settings = python_zygote::Settings {
                 python: rt.command.clone(),
                 workdir: workdir.clone(),
@@ -257,14 +330,15 @@ impl PoolLauncher {
         pool: &SessionPool,
         plan: &ExecutionPlan,
     ) -> Result<Launched, NotPooled> {
-        let Some(slot) = &pool.python else {
-            return Err(NotPooled::Fallback(
-                pool.python_cold
-                    .clone()
-                    .unwrap_or_else(|| "python is not warmed in this session".into()),
-            ));
+        let zygote = match &pool.python {
+            None => {
+                return Err(NotPooled::Fallback(
+                    "python is not warmed in this session".into(),
+                ));
+            }
+            Some(PythonPool::NotWarmed(why)) => return Err(NotPooled::Fallback(why.clone())),
+            Some(PythonPool::Zygote(slot)) => lock(slot).clone().filter(|z| z.alive()),
         };
-        let zygote = lock(slot).clone().filter(|z| z.alive());
         let Some(zygote) = zygote else {
             return Err(NotPooled::Fallback(
                 "the python zygote is not ready (starting or restarting)".into(),
@@ -408,15 +482,24 @@ impl Launcher for PoolLauncher {
                     )),
                 },
             };
+            let counts = match plan.language {
+                Language::Python => &pool.python_starts,
+                Language::JavaScript | Language::TypeScript => &pool.node_starts,
+            };
             match tried {
-                Ok(l) => Ok(l),
+                Ok(l) => {
+                    counts.count(true);
+                    Ok(l)
+                }
                 Err(NotPooled::Fail(e)) => Err(e),
                 Err(NotPooled::Fallback(reason)) => {
+                    counts.count(false);
                     tracing::debug!(execution = %plan.execution_id, %reason, "pool fallback");
                     self.fallback_event(&plan, &reason);
                     self.cold.launch(plan).await
                 }
                 Err(NotPooled::FallbackOn(reason, opened)) => {
+                    counts.count(false);
                     tracing::debug!(execution = %plan.execution_id, %reason, "late pool fallback");
                     self.fallback_event(&plan, &reason);
                     self.cold.launch_from(plan, Some(opened)).await

@@ -121,6 +121,11 @@ struct Table {
     by_pid: HashMap<u32, u64>,
 }
 
+/// The largest job the zygote reads whole (`_recv_with_fds`'s buffer in zygote.py). The socket
+/// bounds a message by its send buffer, ≈ 208 KiB with Linux's defaults but up to
+/// `net.core.wmem_default` on a tuned host: a larger job would reach the zygote cut short.
+const MAX_JOB_BYTES: usize = 1 << 20;
+
 /// A running zygote.
 pub struct Zygote {
     sock: Arc<OwnedFd>,
@@ -163,6 +168,13 @@ pub enum SendError {
     /// The zygote has exited.
     #[error("the python zygote is not running")]
     Dead,
+    /// The job does not fit in one message on the zygote's socket (its size is bounded by
+    /// the socket's send buffer): a very large environment or argument list.
+    #[error(
+        "the job is {bytes} bytes (its environment and arguments, mostly), more than one \
+         message to the python zygote carries"
+    )]
+    TooLarge { bytes: usize },
     /// The socket refused the message.
     #[error("sending the job to the python zygote: {0}")]
     Socket(nix::Error),
@@ -192,6 +204,9 @@ impl Zygote {
         let token = self.next_token.fetch_add(1, Ordering::SeqCst);
         job.insert("token".into(), token.into());
         let bytes = serde_json::Value::Object(job).to_string().into_bytes();
+        if bytes.len() > MAX_JOB_BYTES {
+            return Err(SendError::TooLarge { bytes: bytes.len() });
+        }
         let (rtx, rrx) = oneshot::channel();
         let (etx, erx) = oneshot::channel();
         lock(&self.table).pending.insert(
@@ -204,7 +219,10 @@ impl Zygote {
         );
         if let Err(e) = send(self.sock.as_raw_fd(), &bytes, fds) {
             lock(&self.table).pending.remove(&token);
-            return Err(SendError::Socket(e));
+            return Err(match e {
+                nix::errno::Errno::EMSGSIZE => SendError::TooLarge { bytes: bytes.len() },
+                e => SendError::Socket(e),
+            });
         }
         Ok(Job {
             ready: rrx,
@@ -238,6 +256,17 @@ fn send_notes(sock: &OwnedFd, notes: Option<&ExitNotes>) -> nix::Result<()> {
     };
     let fds: Vec<RawFd> = notes.iter().map(|n| n.memfd().as_raw_fd()).collect();
     send(sock.as_raw_fd(), setup.to_string().as_bytes(), &fds)
+}
+
+/// The daemon's and the zygote's ends of the zygote's socket: messages, not a byte stream, so
+/// one job is one read.
+fn socket_pair() -> nix::Result<(OwnedFd, OwnedFd)> {
+    socketpair(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )
 }
 
 /// One message to the zygote with `fds` (SCM_RIGHTS). Never blocks: a full socket means a
@@ -614,13 +643,7 @@ pub struct Settings {
 pub async fn spawn(settings: &Settings, spawner: &Spawner) -> Result<Spawned, LaunchError> {
     let (python, workdir) = (settings.python.as_path(), settings.workdir.as_path());
     let sandbox = |e: String| LaunchError::Sandbox(e);
-    let (ours, theirs) = socketpair(
-        AddressFamily::Unix,
-        SockType::SeqPacket,
-        None,
-        SockFlag::SOCK_CLOEXEC,
-    )
-    .map_err(|e| sandbox(format!("socketpair: {e}")))?;
+    let (ours, theirs) = socket_pair().map_err(|e| sandbox(format!("socketpair: {e}")))?;
     let null = std::fs::OpenOptions::new()
         .write(true)
         .open("/dev/null")
@@ -739,6 +762,110 @@ mod tests {
         )
         .expect("utf-8");
         assert!(stderr.contains(version.trim()), "{stderr}");
+    }
+
+    /// A malformed first message (the exit-note setup) leaves the zygote without notes, says
+    /// why on its stderr, and the zygote still warms up and serves: played by the real zygote
+    /// on a socket pair, each setup message a way the daemon could get it wrong.
+    #[test]
+    fn a_malformed_note_setup_leaves_the_zygote_serving_without_notes() {
+        use std::io::Read;
+        let region =
+            nix::sys::memfd::memfd_create(c"test-notes", nix::sys::memfd::MFdFlags::empty())
+                .expect("memfd");
+        nix::unistd::ftruncate(&region, 4096).expect("ftruncate");
+        let cases: [(&str, bool, &str); 5] = [
+            (r#"[1, 2]"#, false, "AttributeError"),
+            (r#"{"notes": "x"}"#, true, "TypeError"),
+            (r#"{"notes": {"slots": 3}}"#, true, "KeyError: 'page'"),
+            // Four pages asked of a one-page memfd.
+            (
+                r#"{"notes": {"slots": 3, "page": 4096, "futex": 202}}"#,
+                true,
+                "Error",
+            ),
+            ("{not json", false, "Error"),
+        ];
+        for (setup, with_fd, why) in cases {
+            let (ours, theirs) = socket_pair().expect("socketpair");
+            let mut child = std::process::Command::new("python3")
+                .arg("-c")
+                .arg(ZYGOTE_SOURCE)
+                .arg("1")
+                .stdin(std::process::Stdio::from(theirs))
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("python3");
+            let fds = if with_fd {
+                vec![region.as_raw_fd()]
+            } else {
+                vec![]
+            };
+            send(ours.as_raw_fd(), setup.as_bytes(), &fds).expect("send");
+            let mut buf = [0u8; 256];
+            let n = nix::sys::socket::recv(ours.as_raw_fd(), &mut buf, MsgFlags::empty())
+                .expect("recv");
+            let hello: serde_json::Value =
+                serde_json::from_slice(&buf[..n]).unwrap_or_else(|e| panic!("{setup}: {e}"));
+            assert_eq!(hello["hello"], child.id(), "{setup}");
+            // EOF on its socket ends the zygote.
+            drop(ours);
+            let status = child.wait().expect("wait");
+            let mut stderr = String::new();
+            child
+                .stderr
+                .take()
+                .expect("piped")
+                .read_to_string(&mut stderr)
+                .expect("stderr");
+            assert!(status.success(), "{setup}: {status} {stderr}");
+            assert!(
+                stderr.contains("elide python zygote: no exit notes: ") && stderr.contains(why),
+                "{setup}: {stderr}"
+            );
+        }
+    }
+
+    /// A job larger than the zygote reads whole is refused before it is sent, even where the
+    /// socket would carry it (a host with large socket buffers): the start falls back cold
+    /// instead of a spare reading it cut short.
+    #[test]
+    fn a_job_larger_than_the_zygote_reads_is_not_sent() {
+        let (ours, theirs) = socket_pair().expect("socketpair");
+        // As on a host whose net.core.wmem_default is 4 MiB (wmem_max bounds this).
+        nix::sys::socket::setsockopt(&ours, nix::sys::socket::sockopt::SndBuf, &(4 << 20))
+            .expect("SO_SNDBUF");
+        let zygote = Zygote {
+            sock: Arc::new(ours),
+            pid: 0,
+            table: Arc::default(),
+            alive: Arc::new(AtomicBool::new(true)),
+            empty: Arc::default(),
+            next_token: AtomicU64::new(1),
+        };
+        let job = |len: usize| {
+            let mut m = serde_json::Map::new();
+            m.insert("env".into(), "x".repeat(len).into());
+            m
+        };
+        let sent = zygote.submit(job(MAX_JOB_BYTES - 100), &[]);
+        assert!(sent.is_ok(), "a job the zygote reads whole is sent");
+        let mut buf = vec![0u8; 2 * MAX_JOB_BYTES];
+        let n = nix::sys::socket::recv(theirs.as_raw_fd(), &mut buf, MsgFlags::MSG_DONTWAIT)
+            .expect("the job arrived");
+        assert!(n <= MAX_JOB_BYTES, "{n}");
+        match zygote.submit(job(MAX_JOB_BYTES), &[]) {
+            Err(SendError::TooLarge { bytes }) => assert!(bytes > MAX_JOB_BYTES, "{bytes}"),
+            Err(e) => panic!("{e}"),
+            Ok(_) => panic!("a job larger than the zygote reads was sent"),
+        }
+        assert_eq!(
+            nix::sys::socket::recv(theirs.as_raw_fd(), &mut buf, MsgFlags::MSG_DONTWAIT),
+            Err(nix::errno::Errno::EAGAIN),
+            "nothing more was sent"
+        );
+        // Only the first job waits for its child.
+        assert_eq!(lock(&zygote.table).pending.len(), 1);
     }
 
     /// A noted exit is answered while the process still exists (the note is written just

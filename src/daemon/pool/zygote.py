@@ -155,8 +155,8 @@ def _map_notes(sock):
             region = mmap.mmap(fds[0], size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
             address = ctypes.addressof(ctypes.c_char.from_buffer(region))
             _notes = (address, setup["page"], setup["slots"], setup["futex"], region)
-    except (ValueError, KeyError, TypeError, StopIteration, OSError) as e:
-        sys.stderr.write("elide python zygote: no exit notes: %s\n" % e)
+    except (ValueError, KeyError, TypeError, AttributeError, StopIteration, OSError) as e:
+        sys.stderr.write("elide python zygote: no exit notes: %s: %s\n" % (type(e).__name__, e))
     finally:
         for fd in fds:
             os.close(fd)
