@@ -45,6 +45,8 @@ use python_zygote::Zygote;
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Why a python start falls back while the zygote has no spare and cannot fork one.
 const STARVED: &str = "the python zygote has no spare and cannot fork one (out of pids or memory)";
+/// Why a python start falls back while the zygote starts or restarts.
+const NOT_READY: &str = "the python zygote is not ready (starting or restarting)";
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -113,6 +115,20 @@ impl SessionPool {
         }
     }
 
+    /// Whether a python start can run pooled now: the zygote to send it to, or the pool's
+    /// state and why the start runs cold. `None` when the session does not warm python.
+    fn python_now(&self) -> Option<Result<Arc<Zygote>, (pb::PoolState, String)>> {
+        use pb::PoolState::{Empty, NotWarmed, Warming};
+        Some(match self.python.as_ref()? {
+            PythonPool::NotWarmed(why) => Err((NotWarmed, why.clone())),
+            PythonPool::Zygote(_) => match self.zygote().filter(|z| z.alive()) {
+                None => Err((Warming, NOT_READY.into())),
+                Some(z) if z.starved() => Err((Empty, STARVED.into())),
+                Some(z) => Ok(z),
+            },
+        })
+    }
+
     /// Pids of the pool's own processes (zygote, idle workers), for tests and benchmarks.
     pub fn pids(&self) -> Vec<u32> {
         let mut v: Vec<u32> = self.zygote().map(|z| z.pid).into_iter().collect();
@@ -124,28 +140,23 @@ impl SessionPool {
 
     /// What each runtime's pool can do now, and how the session's executions started.
     pub fn status(&self) -> Vec<pb::PoolStatus> {
-        use pb::PoolState::{Empty, NotWarmed, Warm, Warming};
+        use pb::PoolState::{Warm, Warming};
         let mut v = Vec::new();
-        match &self.python {
+        match self.python_now() {
             None => {}
-            Some(PythonPool::NotWarmed(why)) => {
-                v.push(self.python_starts.status("python", NotWarmed, why));
-            }
-            Some(PythonPool::Zygote(_)) => {
-                let status = match self.zygote().filter(|z| z.alive()) {
-                    None => self.python_starts.status("python", Warming, ""),
-                    Some(z) if z.starved() => self.python_starts.status("python", Empty, STARVED),
-                    Some(_) => self.python_starts.status("python", Warm, ""),
-                };
-                v.push(status);
-            }
+            Some(Ok(_)) => v.push(self.python_starts.status("python", Warm, "")),
+            Some(Err((state, why))) => v.push(self.python_starts.status("python", state, &why)),
         }
         if let Some(node) = &self.node {
-            let idle = node.idle_pids().len() as u32;
-            let state = if idle > 0 { Warm } else { Warming };
+            let idle = node.idle_count();
+            let (state, why) = if idle > 0 {
+                (Warm, "")
+            } else {
+                (Warming, node_worker::NO_IDLE_WORKER)
+            };
             v.push(pb::PoolStatus {
                 idle_workers: idle,
-                ..self.node_starts.status("node", state, "")
+                ..self.node_starts.status("node", state, why)
             });
         }
         v
@@ -330,23 +341,15 @@ impl PoolLauncher {
         pool: &SessionPool,
         plan: &ExecutionPlan,
     ) -> Result<Launched, NotPooled> {
-        let zygote = match &pool.python {
+        let zygote = match pool.python_now() {
             None => {
                 return Err(NotPooled::Fallback(
                     "python is not warmed in this session".into(),
                 ));
             }
-            Some(PythonPool::NotWarmed(why)) => return Err(NotPooled::Fallback(why.clone())),
-            Some(PythonPool::Zygote(slot)) => lock(slot).clone().filter(|z| z.alive()),
+            Some(Err((_, why))) => return Err(NotPooled::Fallback(why)),
+            Some(Ok(z)) => z,
         };
-        let Some(zygote) = zygote else {
-            return Err(NotPooled::Fallback(
-                "the python zygote is not ready (starting or restarting)".into(),
-            ));
-        };
-        if zygote.starved() {
-            return Err(NotPooled::Fallback(STARVED.into()));
-        }
         let job = python_job(plan).map_err(NotPooled::Fallback)?;
         let Prepared { sinks, cgroup } = self
             .preparer

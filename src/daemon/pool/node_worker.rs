@@ -101,6 +101,9 @@ pub struct NodePool {
     wake: Notify,
 }
 
+/// Why a javascript or typescript start falls back while no worker waits.
+pub(super) const NO_IDLE_WORKER: &str = "no idle node worker (pool empty; refilling)";
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -136,6 +139,11 @@ impl NodePool {
     /// Pids of the idle workers.
     pub fn idle_pids(&self) -> Vec<u32> {
         lock(&self.idle).iter().map(|w| w.pid).collect()
+    }
+
+    /// How many workers wait for a job.
+    pub fn idle_count(&self) -> u32 {
+        lock(&self.idle).len() as u32
     }
 
     async fn spawn_worker(&self, spawner: &Spawner) -> Result<Worker, LaunchError> {
@@ -298,9 +306,7 @@ impl NodePool {
         let worker = loop {
             let Some(mut w) = lock(&self.idle).pop_front() else {
                 self.wake.notify_one();
-                return Err(NotPooled::Fallback(
-                    "no idle node worker (pool empty; refilling)".into(),
-                ));
+                return Err(NotPooled::Fallback(NO_IDLE_WORKER.into()));
             };
             if matches!(w.try_alive(), Ok(true)) {
                 break w;

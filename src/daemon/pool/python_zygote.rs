@@ -121,7 +121,7 @@ struct Table {
     by_pid: HashMap<u32, u64>,
 }
 
-/// The largest job the zygote reads whole (`_recv_with_fds`'s buffer in zygote.py). The socket
+/// The largest job the zygote reads whole (`_MAX_MESSAGE` in zygote.py). The socket
 /// bounds a message by its send buffer, ≈ 208 KiB with Linux's defaults but up to
 /// `net.core.wmem_default` on a tuned host: a larger job would reach the zygote cut short.
 const MAX_JOB_BYTES: usize = 1 << 20;
@@ -782,9 +782,13 @@ mod tests {
             (
                 r#"{"notes": {"slots": 3, "page": 4096, "futex": 202}}"#,
                 true,
-                "Error",
+                "ValueError: mmap length is greater than file size",
             ),
-            ("{not json", false, "Error"),
+            (
+                "{not json",
+                false,
+                "JSONDecodeError: Expecting property name",
+            ),
         ];
         for (setup, with_fd, why) in cases {
             let (ours, theirs) = socket_pair().expect("socketpair");

@@ -67,6 +67,9 @@ _RESETTABLE_SIGNALS = tuple(s for s in range(1, signal.NSIG) if s not in (signal
 # Python function a child calls is its function and code objects' pages copied.
 _SOL_SOCKET, _SCM_RIGHTS = socket.SOL_SOCKET, socket.SCM_RIGHTS
 _FDS_SPACE = socket.CMSG_LEN(8 * 4)
+# The largest message from the daemon read whole (MAX_JOB_BYTES in python_zygote.rs, which
+# sends none larger).
+_MAX_MESSAGE = 1 << 20
 _LC_CTYPE = locale.LC_CTYPE
 _FS_ENCODING = sys.getfilesystemencoding()
 # The C scanner json.loads ends in; the daemon's messages are compact JSON, one value each.
@@ -86,7 +89,7 @@ def _decode(msg):
 
 def _recv_with_fds(sock):
     """One message and the fds passed with it (socket.recv_fds without its array module)."""
-    msg, ancdata, _flags, _addr = sock.recvmsg(1 << 20, _FDS_SPACE)
+    msg, ancdata, _flags, _addr = sock.recvmsg(_MAX_MESSAGE, _FDS_SPACE)
     fds = []
     for level, kind, data in ancdata:
         if level == _SOL_SOCKET and kind == _SCM_RIGHTS:
@@ -664,7 +667,7 @@ def _decline_queued(sock):
     while True:
         try:
             # recvmsg itself: socket.recv_fds drops its flags on 3.11, and would block.
-            msg, ancdata, _flags, _addr = sock.recvmsg(1 << 20, socket.CMSG_LEN(8 * 4), socket.MSG_DONTWAIT)
+            msg, ancdata, _flags, _addr = sock.recvmsg(_MAX_MESSAGE, _FDS_SPACE, socket.MSG_DONTWAIT)
         except OSError:
             # Nothing queued (EAGAIN), or a broken socket, which the poll loop sees as a hang-up.
             return
