@@ -830,6 +830,95 @@ mod tests {
         }
     }
 
+    /// A job whose exit-note slot lies outside the region fails its start with the slot named
+    /// (the daemon never sends one: this guards the zygote's own check), and the zygote goes on
+    /// serving: the next job, with a slot in range, runs and reports its exit. Played by the
+    /// real zygote on a socket pair with a region of two slots.
+    #[test]
+    fn a_note_slot_out_of_range_fails_the_start_and_names_the_slot() {
+        let page = 4096usize;
+        let region =
+            nix::sys::memfd::memfd_create(c"test-notes", nix::sys::memfd::MFdFlags::empty())
+                .expect("memfd");
+        nix::unistd::ftruncate(&region, 3 * page as i64).expect("ftruncate");
+        let (ours, theirs) = socket_pair().expect("socketpair");
+        let mut zygote = std::process::Command::new("python3")
+            .arg("-c")
+            .arg(ZYGOTE_SOURCE)
+            .arg("1")
+            .stdin(std::process::Stdio::from(theirs))
+            .spawn()
+            .expect("python3");
+        let setup =
+            serde_json::json!({"notes": {"slots": 2, "page": page, "futex": libc::SYS_futex}});
+        send(
+            ours.as_raw_fd(),
+            setup.to_string().as_bytes(),
+            &[region.as_raw_fd()],
+        )
+        .expect("send the setup");
+        // The zygote's and its children's messages, one at a time, until `wanted` says yes.
+        let next_until = |wanted: &dyn Fn(&serde_json::Value) -> bool| -> serde_json::Value {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+            loop {
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                assert!(!left.is_zero(), "no such message from the zygote");
+                let mut p = libc::pollfd {
+                    fd: ours.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                // SAFETY: one pollfd on the stack.
+                if unsafe { libc::poll(&mut p, 1, left.as_millis() as i32) } != 1 {
+                    continue;
+                }
+                let mut buf = [0u8; 4096];
+                let n = nix::sys::socket::recv(ours.as_raw_fd(), &mut buf, MsgFlags::empty())
+                    .expect("recv");
+                assert!(n > 0, "the zygote closed its socket");
+                let msg: serde_json::Value = serde_json::from_slice(&buf[..n]).expect("json");
+                if wanted(&msg) {
+                    return msg;
+                }
+            }
+        };
+        next_until(&|m| m.get("hello").is_some());
+        let dir = tempfile::tempdir().expect("tempdir");
+        let script = dir.path().join("main.py");
+        std::fs::write(&script, "import sys\nsys.exit(3)\n").expect("script");
+        let null = std::fs::File::options()
+            .write(true)
+            .open("/dev/null")
+            .expect("/dev/null");
+        let job = |token: u64, slot: i64| {
+            serde_json::json!({
+                "token": token, "steps": [], "env": {}, "argv": ["main.py"],
+                "script": script, "note": {"slot": slot, "nonce": 11},
+            })
+            .to_string()
+        };
+        let fds = [null.as_raw_fd(), null.as_raw_fd()];
+        for slot in [2, -1] {
+            send(ours.as_raw_fd(), job(7, slot).as_bytes(), &fds).expect("send the job");
+            let failed = next_until(&|m| m.get("failed").is_some() || m.get("ready").is_some());
+            assert_eq!(failed["failed"], 7, "{failed}");
+            let error = failed["error"].as_str().unwrap_or_default();
+            assert_eq!(
+                error,
+                format!("exit note: slot {slot} out of range"),
+                "{failed}"
+            );
+        }
+        send(ours.as_raw_fd(), job(8, 1).as_bytes(), &fds).expect("send the job");
+        let ready = next_until(&|m| m.get("failed").is_some() || m.get("ready").is_some());
+        assert_eq!(ready["ready"], 8, "{ready}");
+        let pid = ready["pid"].clone();
+        let exit = next_until(&|m| m.get("exit") == Some(&pid));
+        assert_eq!(exit["status"], 3 << 8, "{exit}");
+        drop(ours);
+        assert!(zygote.wait().expect("wait").success());
+    }
+
     /// A job larger than the zygote reads whole is refused before it is sent, even where the
     /// socket would carry it (a host with large socket buffers): the start falls back cold
     /// instead of a spare reading it cut short.
