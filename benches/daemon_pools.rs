@@ -280,7 +280,7 @@ async fn fifo_100mb(d: &TestDaemon, c: &mut Client, pool: u32) -> (f64, bool) {
 fn pipe_100mb(python: &Path) -> f64 {
     use std::io::Read;
     let t = Instant::now();
-    let mut child = Command::new(python)
+    let mut child = common::baseline_command(python)
         .args(["-c", WRITE_100MB])
         .stdout(Stdio::piped())
         .spawn()
@@ -506,7 +506,10 @@ async fn run(n: usize) -> String {
     format!(
         "{BEGIN}\n## Daemon: warm pools vs cold interpreters (`daemon_pools`)\n\n\
 Command: `make bench` (`cargo bench --bench daemon_pools`, release build). Machine: {}.\n\
-Interpreters (resolved, the same binaries the daemon runs): `{}`, `{}`. Daemon = the release \
+Interpreters (resolved, the same binaries the daemon runs): `{}`, `{}`; the cold baselines \
+(spawns, idle interpreters, the plain pipe) run with the environment a task gets (`PATH` and \
+`HOME` only), not the bench's own, whose variables may change an interpreter's start-up (this \
+machine's `NODE_EXTRA_CA_CERTS` makes every node start parse a CA bundle). Daemon = the release \
 `elide-daemon`, one gRPC client over its Unix socket, sinks `/dev/null` (FIFO for the log test), \
 state dir on disk (ext4), run dir on tmpfs (`/dev/shm`, as `/run/elide/exec` is on a systemd host), \
 sessions with `env io net`, pooled sessions `context_pool_size = 4`. Node latency samples are \

@@ -464,7 +464,8 @@ Command: `make bench` (`cargo bench --bench plugin_tasks`). The harness launches
 plugin binary as Nomad does (go-plugin handshake, SetConfig with `session_config`), creates the \
 task's logmon FIFOs (drained by reader threads) before timing, then times StartTask → WaitTask \
 (DestroyTask afterwards, untimed). Alloc dir and daemon state dir on disk (ext4), the daemon's \
-run dir on tmpfs (`/dev/shm`, as `/run/elide/exec` is on a systemd host). Cold baseline: `{}` / `{}` spawned directly, output to /dev/null.\n\n\
+run dir on tmpfs (`/dev/shm`, as `/run/elide/exec` is on a systemd host). Cold baseline: `{}` / `{}` spawned directly, output to /dev/null, with the environment a task \
+gets (`PATH` and `HOME` only), not the bench's own (see the daemon section).\n\n\
 | budget | measured | verdict |\n|---|---|---|\n{budgets}\n\
 | language | context_pool_size | median | p99 | cold interpreter median | speed-up |\n|---|---|---|---|---|---|\n{rows}\n\
 ### Sustained short python tasks through plugin + daemon (`pass`, 4 concurrent callers, 5 s)\n\n\

@@ -79,12 +79,32 @@ pub fn resolve_node() -> PathBuf {
     resolve("node", &["-e", "console.log(process.execPath)"])
 }
 
+/// What a cold baseline runs: `program` with the environment the benches' executions get (a
+/// task's `PATH` and `HOME`), not this process's own. A machine's environment can hold
+/// variables that change an interpreter's start-up: where these benches run, it sets
+/// `NODE_EXTRA_CA_CERTS`, and every node started with it parses a CA bundle first, tens of ms
+/// that no pooled worker pays (a task's environment lacks it, and the daemon runs a task with
+/// `NODE_*` variables cold). Like a version-manager shim, it would flatter the ratio.
+pub fn baseline_command(program: &Path) -> Command {
+    let mut cmd = Command::new(program);
+    cmd.env_clear();
+    for key in BASELINE_ENV {
+        if let Some(value) = std::env::var_os(key) {
+            cmd.env(key, value);
+        }
+    }
+    cmd
+}
+
+/// The variables a cold baseline keeps from this process's environment.
+pub const BASELINE_ENV: [&str; 2] = ["PATH", "HOME"];
+
 /// Cold spawn → exit of `program args`, output to /dev/null, in ms (3 warm-up runs dropped).
 pub fn cold_spawn(program: &Path, args: &[&str], n: usize) -> Stats {
     let mut v = Vec::with_capacity(n);
     for i in 0..n + 3 {
         let t = Instant::now();
-        let st = Command::new(program)
+        let st = baseline_command(program)
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -178,7 +198,7 @@ pub fn descendants(root: u32) -> Vec<u32> {
 pub fn cold_idle_pss(program: &Path, args: &[&str], n: usize) -> f64 {
     let mut kids: Vec<_> = (0..n)
         .map(|_| {
-            Command::new(program)
+            baseline_command(program)
                 .args(args)
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())

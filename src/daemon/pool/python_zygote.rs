@@ -764,16 +764,36 @@ mod tests {
         assert!(stderr.contains(version.trim()), "{stderr}");
     }
 
+    /// The real zygote keeping one spare, on a fresh socket pair: our end, and the zygote.
+    fn zygote_on_socket_pair(stderr: std::process::Stdio) -> (OwnedFd, std::process::Child) {
+        let (ours, theirs) = socket_pair().expect("socketpair");
+        let zygote = std::process::Command::new("python3")
+            .arg("-c")
+            .arg(ZYGOTE_SOURCE)
+            .arg("1")
+            .stdin(std::process::Stdio::from(theirs))
+            .stderr(stderr)
+            .spawn()
+            .expect("python3");
+        (ours, zygote)
+    }
+
+    /// A memfd of `bytes`, standing in for the daemon's exit-note region.
+    fn note_region(bytes: usize) -> OwnedFd {
+        let region =
+            nix::sys::memfd::memfd_create(c"test-notes", nix::sys::memfd::MFdFlags::empty())
+                .expect("memfd");
+        nix::unistd::ftruncate(&region, bytes as i64).expect("ftruncate");
+        region
+    }
+
     /// A malformed first message (the exit-note setup) leaves the zygote without notes, says
     /// why on its stderr, and the zygote still warms up and serves: played by the real zygote
     /// on a socket pair, each setup message a way the daemon could get it wrong.
     #[test]
     fn a_malformed_note_setup_leaves_the_zygote_serving_without_notes() {
         use std::io::Read;
-        let region =
-            nix::sys::memfd::memfd_create(c"test-notes", nix::sys::memfd::MFdFlags::empty())
-                .expect("memfd");
-        nix::unistd::ftruncate(&region, 4096).expect("ftruncate");
+        let region = note_region(4096);
         let cases: [(&str, bool, &str); 5] = [
             (r#"[1, 2]"#, false, "AttributeError"),
             (r#"{"notes": "x"}"#, true, "TypeError"),
@@ -791,15 +811,7 @@ mod tests {
             ),
         ];
         for (setup, with_fd, why) in cases {
-            let (ours, theirs) = socket_pair().expect("socketpair");
-            let mut child = std::process::Command::new("python3")
-                .arg("-c")
-                .arg(ZYGOTE_SOURCE)
-                .arg("1")
-                .stdin(std::process::Stdio::from(theirs))
-                .stderr(std::process::Stdio::piped())
-                .spawn()
-                .expect("python3");
+            let (ours, mut child) = zygote_on_socket_pair(std::process::Stdio::piped());
             let fds = if with_fd {
                 vec![region.as_raw_fd()]
             } else {
@@ -837,18 +849,8 @@ mod tests {
     #[test]
     fn a_note_slot_out_of_range_fails_the_start_and_names_the_slot() {
         let page = 4096usize;
-        let region =
-            nix::sys::memfd::memfd_create(c"test-notes", nix::sys::memfd::MFdFlags::empty())
-                .expect("memfd");
-        nix::unistd::ftruncate(&region, 3 * page as i64).expect("ftruncate");
-        let (ours, theirs) = socket_pair().expect("socketpair");
-        let mut zygote = std::process::Command::new("python3")
-            .arg("-c")
-            .arg(ZYGOTE_SOURCE)
-            .arg("1")
-            .stdin(std::process::Stdio::from(theirs))
-            .spawn()
-            .expect("python3");
+        let region = note_region(3 * page);
+        let (ours, mut zygote) = zygote_on_socket_pair(std::process::Stdio::inherit());
         let setup =
             serde_json::json!({"notes": {"slots": 2, "page": page, "futex": libc::SYS_futex}});
         send(
