@@ -53,6 +53,10 @@ pub const WORKER_SOURCE: &str = include_str!("worker.js");
 /// How long the exit report waits for output still in flight after the process ended.
 const DRAIN_GRACE: Duration = Duration::from_secs(5);
 
+/// How long a taken worker's replacement waits while the pool has idle workers to spare (see
+/// [`NodePool::launch`]): a short snippet is done well before it.
+const REFILL_LATE: Duration = Duration::from_millis(50);
+
 /// Jobs up to this size fit an idle Unix socket's send buffer (≈ 200 KiB by default), so writing
 /// one never waits for the worker.
 const INLINE_JOB_BYTES: usize = 64 * 1024;
@@ -303,17 +307,37 @@ impl NodePool {
         preparer: &Arc<Preparer>,
     ) -> Result<Launched, NotPooled> {
         Self::eligible(plan).map_err(NotPooled::Fallback)?;
-        let worker = loop {
-            let Some(mut w) = lock(&self.idle).pop_front() else {
+        let (worker, idle_left) = loop {
+            let (taken, left) = {
+                let mut idle = lock(&self.idle);
+                (idle.pop_front(), idle.len())
+            };
+            let Some(mut w) = taken else {
                 self.wake.notify_one();
                 return Err(NotPooled::Fallback(NO_IDLE_WORKER.into()));
             };
             if matches!(w.try_alive(), Ok(true)) {
-                break w;
+                break (w, left);
             }
             w.discard();
         };
-        self.wake.notify_one();
+        // A replacement boots a whole node (tens of ms of CPU on several threads), which would
+        // share the cores with this execution's start and snippet. While more than half the
+        // pool is still idle it starts REFILL_LATE later; below that, a burst is under way and
+        // it starts at once. (Starting it at the execution's end instead put it on the exit's
+        // path: slower in alternating runs.)
+        let refill_now = 2 * idle_left <= self.size as usize;
+        if refill_now {
+            self.wake.notify_one();
+        } else {
+            let pool = Arc::downgrade(self);
+            tokio::spawn(async move {
+                tokio::time::sleep(REFILL_LATE).await;
+                if let Some(pool) = pool.upgrade() {
+                    pool.wake.notify_one();
+                }
+            });
+        }
 
         // Limits first: a worker that cannot take them is replaced before any sink is opened
         // (a fallback after opening a FIFO would show logmon an EOF).
