@@ -97,7 +97,7 @@ pub fn baseline_command(program: &Path) -> Command {
 }
 
 /// The variables a cold baseline keeps from this process's environment.
-pub const BASELINE_ENV: [&str; 2] = ["PATH", "HOME"];
+const BASELINE_ENV: [&str; 2] = ["PATH", "HOME"];
 
 /// Cold spawn → exit of `program args`, output to /dev/null, in ms (3 warm-up runs dropped).
 pub fn cold_spawn(program: &Path, args: &[&str], n: usize) -> Stats {

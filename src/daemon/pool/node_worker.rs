@@ -54,7 +54,7 @@ pub const WORKER_SOURCE: &str = include_str!("worker.js");
 const DRAIN_GRACE: Duration = Duration::from_secs(5);
 
 /// How long a taken worker's replacement waits while the pool has idle workers to spare (see
-/// [`NodePool::launch`]): a short snippet is done well before it.
+/// [`NodePool::run`]): a short snippet is done well before it.
 const REFILL_LATE: Duration = Duration::from_millis(50);
 
 /// Jobs up to this size fit an idle Unix socket's send buffer (≈ 200 KiB by default), so writing
@@ -225,6 +225,8 @@ impl NodePool {
     /// Keeps `size` workers idle until `closed`, then kills and reaps them.
     pub async fn run(self: Arc<Self>, spawner: Spawner, closed: CancellationToken) {
         let mut backoff = Duration::from_millis(100);
+        // When the replacement of a taken worker is due (see below).
+        let mut refill_due: Option<tokio::time::Instant> = None;
         loop {
             if closed.is_cancelled() {
                 break;
@@ -245,7 +247,27 @@ impl NodePool {
                 dead
             };
             dead.into_iter().for_each(Worker::discard);
-            if lock(&self.idle).len() < self.size as usize {
+            let idle = lock(&self.idle).len();
+            if idle < self.size as usize {
+                // A replacement boots a whole node (tens of ms of CPU on several threads), which
+                // would share the cores with the execution that took the worker. While more
+                // than half the pool is still idle it waits REFILL_LATE; below that a burst is
+                // under way (or the pool is starting) and it boots at once. (Booting it at the
+                // execution's end instead put it on the exit's path: slower in alternating runs.)
+                if 2 * idle > self.size as usize {
+                    let due = *refill_due
+                        .get_or_insert_with(|| tokio::time::Instant::now() + REFILL_LATE);
+                    if tokio::time::Instant::now() < due {
+                        tokio::select! {
+                            _ = tokio::time::sleep_until(due) => {}
+                            // Another take: look again, the pool may be down to half.
+                            _ = self.wake.notified() => {}
+                            _ = closed.cancelled() => break,
+                        }
+                        continue;
+                    }
+                }
+                refill_due = None;
                 match self.spawn_worker(&spawner).await {
                     Ok(w) => {
                         lock(&self.idle).push_back(w);
@@ -307,37 +329,18 @@ impl NodePool {
         preparer: &Arc<Preparer>,
     ) -> Result<Launched, NotPooled> {
         Self::eligible(plan).map_err(NotPooled::Fallback)?;
-        let (worker, idle_left) = loop {
-            let (taken, left) = {
-                let mut idle = lock(&self.idle);
-                (idle.pop_front(), idle.len())
-            };
-            let Some(mut w) = taken else {
+        let worker = loop {
+            let Some(mut w) = lock(&self.idle).pop_front() else {
                 self.wake.notify_one();
                 return Err(NotPooled::Fallback(NO_IDLE_WORKER.into()));
             };
             if matches!(w.try_alive(), Ok(true)) {
-                break (w, left);
+                break w;
             }
             w.discard();
         };
-        // A replacement boots a whole node (tens of ms of CPU on several threads), which would
-        // share the cores with this execution's start and snippet. While more than half the
-        // pool is still idle it starts REFILL_LATE later; below that, a burst is under way and
-        // it starts at once. (Starting it at the execution's end instead put it on the exit's
-        // path: slower in alternating runs.)
-        let refill_now = 2 * idle_left <= self.size as usize;
-        if refill_now {
-            self.wake.notify_one();
-        } else {
-            let pool = Arc::downgrade(self);
-            tokio::spawn(async move {
-                tokio::time::sleep(REFILL_LATE).await;
-                if let Some(pool) = pool.upgrade() {
-                    pool.wake.notify_one();
-                }
-            });
-        }
+        // The refill loop (`run`) decides when the replacement boots.
+        self.wake.notify_one();
 
         // Limits first: a worker that cannot take them is replaced before any sink is opened
         // (a fallback after opening a FIFO would show logmon an EOF).
