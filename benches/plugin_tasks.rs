@@ -6,9 +6,9 @@
 //! `cargo bench --bench plugin_tasks`; `BENCH_N` samples (default 100); with
 //! `BENCH_WRITE=path` replaces this benchmark's section in that file. For profiling, one
 //! measurement alone (writes nothing): `BENCH_QUICK=1` python latency through a pooled plugin,
-//! `BENCH_QUICK=throughput` the sustained python throughput, `BENCH_QUICK=memory` the idle
-//! python snippets' memory in a python-only session, with where it lies (plugin, daemon,
-//! zygote, its children).
+//! `BENCH_QUICK=js` the same for javascript and typescript, `BENCH_QUICK=throughput` the
+//! sustained python throughput, `BENCH_QUICK=memory` the idle python snippets' memory in a
+//! python-only session, with where it lies (plugin, daemon, zygote, its children).
 
 #[path = "common/mod.rs"]
 mod common;
@@ -250,6 +250,8 @@ fn main() {
 enum Quick {
     Off,
     Latency,
+    /// Javascript and typescript latency.
+    LatencyNode,
     Throughput,
     Memory,
 }
@@ -259,6 +261,7 @@ fn quick() -> Quick {
         Err(_) => Quick::Off,
         Ok("throughput") => Quick::Throughput,
         Ok("memory") => Quick::Memory,
+        Ok("js") => Quick::LatencyNode,
         Ok(_) => Quick::Latency,
     }
 }
@@ -282,7 +285,7 @@ async fn run(n: usize) -> String {
     let pools: &[u32] = match quick {
         Quick::Off => &[4, 0],
         Quick::Memory => &[],
-        Quick::Latency | Quick::Throughput => &[4],
+        Quick::Latency | Quick::LatencyNode | Quick::Throughput => &[4],
     };
     for &pool in pools {
         let mut cfg = plugin_config(&daemon.socket, None);
@@ -298,7 +301,10 @@ async fn run(n: usize) -> String {
                 node_cold,
             ),
         ] {
-            if quick == Quick::Throughput || (quick == Quick::Latency && lang != "python") {
+            if quick == Quick::Throughput
+                || (quick == Quick::Latency && lang != "python")
+                || (quick == Quick::LatencyNode && lang == "python")
+            {
                 continue;
             }
             eprintln!("plugin {lang} pool {pool}");
@@ -346,7 +352,7 @@ async fn run(n: usize) -> String {
                 ));
             }
         }
-        if pool > 0 && quick != Quick::Latency {
+        if pool > 0 && !matches!(quick, Quick::Latency | Quick::LatencyNode) {
             // Sustained short python tasks: 4 concurrent Nomad-like callers for 5 s, with the
             // stand-in's alloc dir on disk and on tmpfs (see the section's text for why both).
             let plugin = &plugin;

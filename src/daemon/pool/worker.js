@@ -36,48 +36,55 @@ try {
   // Only a warm-up: the job runs the same code path regardless.
 }
 
-let job;
-try {
-  job = JSON.parse(fs.readFileSync(0, 'utf8'));
-} catch (e) {
-  // The daemon closed the pool (EOF without a job) or sent garbage: nothing to run.
-  process.exit(0);
-}
-delete process._eval;
-try {
-  if (job.user) {
-    process.setgroups(job.user.groups);
-    process.setgid(job.user.gid);
-    process.setuid(job.user.uid);
-  }
-  process.chdir(job.cwd);
-} catch (e) {
-  process.stderr.write('elide-worker: isolation step failed: ' + e.message + '\n');
-  process.exit(127);
-}
-for (const k of Object.keys(process.env)) delete process.env[k];
-for (const [k, v] of job.env) process.env[k] = v;
-process.argv = [process.execPath].concat(job.argv.slice(1));
+// The job is awaited from a callback of the event loop, not from this main script: node
+// drains its tick queue and runs its first loop turn only after the main script ends, and
+// doing that for the first time cost ≈ 1 ms here. This way it happens before the job comes.
+setImmediate(runJob);
 
-// Report the exit code as soon as it is final, ahead of node's own teardown (several ms):
-// every JavaScript exit ends in process.reallyExit, after the 'exit' listeners ran. The
-// standard streams are synchronous for pipes, so closing them here hands the daemon an EOF
-// after the last byte. A fatal error or a signal never gets here; the daemon then waits for
-// the process itself.
-const reallyExit = process.reallyExit;
-process.reallyExit = (code) => {
+function runJob() {
+  let job;
   try {
-    fs.closeSync(1);
-    fs.closeSync(2);
-    fs.writeSync(0, String(code === undefined ? 0 : code) + '\n');
+    job = JSON.parse(fs.readFileSync(0, 'utf8'));
   } catch (e) {
-    // The daemon sees the process end instead.
+    // The daemon closed the pool (EOF without a job) or sent garbage: nothing to run.
+    process.exit(0);
   }
-  reallyExit(code);
-};
-// A natural end (empty event loop) takes the same path, unless the snippet listens for
-// 'beforeExit' itself (it may schedule more work, so node's own sequence must run).
-process.on('beforeExit', () => {
-  if (process.listenerCount('beforeExit') === 1) process.exit();
-});
-Module.runMain(job.argv[1]);
+  delete process._eval;
+  try {
+    if (job.user) {
+      process.setgroups(job.user.groups);
+      process.setgid(job.user.gid);
+      process.setuid(job.user.uid);
+    }
+    process.chdir(job.cwd);
+  } catch (e) {
+    process.stderr.write('elide-worker: isolation step failed: ' + e.message + '\n');
+    process.exit(127);
+  }
+  for (const k of Object.keys(process.env)) delete process.env[k];
+  for (const [k, v] of job.env) process.env[k] = v;
+  process.argv = [process.execPath].concat(job.argv.slice(1));
+
+  // Report the exit code as soon as it is final, ahead of node's own teardown (several ms):
+  // every JavaScript exit ends in process.reallyExit, after the 'exit' listeners ran. The
+  // standard streams are synchronous for pipes, so closing them here hands the daemon an EOF
+  // after the last byte. A fatal error or a signal never gets here; the daemon then waits for
+  // the process itself.
+  const reallyExit = process.reallyExit;
+  process.reallyExit = (code) => {
+    try {
+      fs.closeSync(1);
+      fs.closeSync(2);
+      fs.writeSync(0, String(code === undefined ? 0 : code) + '\n');
+    } catch (e) {
+      // The daemon sees the process end instead.
+    }
+    reallyExit(code);
+  };
+  // A natural end (empty event loop) takes the same path, unless the snippet listens for
+  // 'beforeExit' itself (it may schedule more work, so node's own sequence must run).
+  process.on('beforeExit', () => {
+    if (process.listenerCount('beforeExit') === 1) process.exit();
+  });
+  Module.runMain(job.argv[1]);
+}
