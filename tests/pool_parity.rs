@@ -317,6 +317,15 @@ async fn exit_semantics_and_stream_separation_match_cold() {
             "",
         ),
         ("js", "process.exit(258)", 2, 0, "", ""),
+        // An 'exit' listener may still change the code of a natural end; a string code counts.
+        (
+            "js",
+            "process.exitCode = '5'; process.on('exit', (c) => { console.log('exit', c); process.exitCode = 6 })",
+            6,
+            0,
+            "exit 5\n",
+            "",
+        ),
         (
             "js",
             "function f() { throw new Error('boom') }\nf()",
