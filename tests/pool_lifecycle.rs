@@ -1212,3 +1212,93 @@ async fn an_environment_too_big_for_the_zygote_starts_cold_whole_with_an_event()
         (true, expect(12))
     );
 }
+
+/// Where a pooled execution's stdout goes in [`pooled_node_output_reaches_every_sink_whole`].
+enum Sink {
+    /// A FIFO whose reader takes 64 KiB, then pauses: slower than the snippet writes.
+    SlowFifo,
+    /// A FIFO whose reader leaves after the first bytes.
+    BrokenFifo,
+    File,
+    DevNull,
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pooled_node_output_reaches_every_sink_whole() {
+    use std::io::Read;
+    let d = TestDaemon::start().await;
+    let mut c = d.client().await;
+    let s = pooled_session(&mut c, 1).await;
+    // 4 MiB in 64 KiB writes, each write of one digit, then a line on stderr.
+    let code = "for (let i = 0; i < 64; i++) process.stdout.write(String(i % 10).repeat(65536)); console.error('done')";
+    let want: Vec<u8> = (0..64u8)
+        .flat_map(|i| std::iter::repeat_n(b'0' + i % 10, 65536))
+        .collect();
+    for (n, sink) in [Sink::SlowFifo, Sink::File, Sink::BrokenFifo, Sink::DevNull]
+        .into_iter()
+        .enumerate()
+    {
+        let deadline = std::time::Instant::now() + DEADLINE;
+        loop {
+            let path = d.dir.path().join(format!("out-{n}"));
+            let _ = std::fs::remove_file(&path);
+            let reader = match sink {
+                Sink::SlowFifo | Sink::BrokenFifo => {
+                    nix::unistd::mkfifo(&path, nix::sys::stat::Mode::from_bits_truncate(0o600))
+                        .unwrap();
+                    let (p, slow) = (path.clone(), matches!(sink, Sink::SlowFifo));
+                    Some(std::thread::spawn(move || {
+                        let mut f = std::fs::File::open(&p).unwrap();
+                        let mut out = Vec::new();
+                        let mut chunk = vec![0u8; 64 << 10];
+                        loop {
+                            let k = f.read(&mut chunk).unwrap();
+                            if k == 0 || !slow {
+                                // The broken reader leaves here, with its first bytes.
+                                out.extend_from_slice(&chunk[..k]);
+                                return out;
+                            }
+                            out.extend_from_slice(&chunk[..k]);
+                            std::thread::sleep(std::time::Duration::from_millis(2));
+                        }
+                    }))
+                }
+                Sink::File | Sink::DevNull => None,
+            };
+            let mut req = code_req(&s, "js", code);
+            req.stdout = match sink {
+                Sink::DevNull => path_sink(std::path::Path::new("/dev/null")),
+                _ => path_sink(&path),
+            };
+            let e = c.start_execution(req).await.unwrap().into_inner();
+            let err = output(&mut c, &e.id, pb::OutputStream::Stderr).await;
+            let r = wait(&mut c, &e.id).await;
+            let what = format!("sink {n}, pooled {}", e.pooled);
+            assert_eq!(r.exit_code, 0, "{what}");
+            assert_eq!(String::from_utf8_lossy(&err), "done\n", "{what}");
+            let got = match reader {
+                Some(r) => tokio::task::spawn_blocking(move || r.join().unwrap())
+                    .await
+                    .unwrap(),
+                None if matches!(sink, Sink::File) => std::fs::read(&path).unwrap(),
+                None => Vec::new(),
+            };
+            match sink {
+                Sink::SlowFifo | Sink::File => {
+                    assert!(got == want, "{what}: {} of {} bytes", got.len(), want.len())
+                }
+                Sink::BrokenFifo => assert!(
+                    !got.is_empty() && want.starts_with(&got),
+                    "{what}: {} bytes",
+                    got.len()
+                ),
+                Sink::DevNull => {}
+            }
+            if e.pooled {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "{what}: never pooled");
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
+}

@@ -17,6 +17,7 @@
 
 pub mod exit_notes;
 pub mod node_worker;
+mod pipe_copy;
 pub mod python_zygote;
 
 use std::collections::HashMap;

@@ -20,9 +20,9 @@
 //!   ends without a report (fatal error, signal) is judged by its wait status.
 //! - output: node cannot receive fds, so the worker's fds 1/2 are pipes created at spawn; the
 //!   daemon `splice(2)`s each into the execution's sink (FIFO, file, /dev/null or capture pipe)
-//!   on a small thread until EOF. Nothing is lost: the copy ends only at EOF (every writer gone),
-//!   and the execution's exit is reported once both copies drained (bounded wait, in case a
-//!   descendant keeps the pipe open). splice moves pages without copying them to user space.
+//!   until EOF ([`pipe_copy`]: on the async workers, a thread for a regular file). Nothing is
+//!   lost: the copy ends only at EOF (every writer gone), and the execution's exit is reported
+//!   once both copies drained (bounded wait, in case a descendant keeps the pipe open).
 //!
 //! Plans a warm worker cannot honour fall back to a cold start: without `io` (Landlock must be
 //! applied before node starts, with per-execution paths), joining a given network namespace,
@@ -30,7 +30,7 @@
 
 use std::collections::VecDeque;
 use std::io::Write;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -38,7 +38,7 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use super::{NotPooled, final_env, warmable};
+use super::{NotPooled, final_env, pipe_copy, warmable};
 use crate::daemon::blocking::offload;
 use crate::daemon::launcher::{
     LaunchError, Launched, Preparer, ProcessExit, Spawner, cgroup_limits, convert,
@@ -390,10 +390,6 @@ impl NodePool {
         })
         .to_string();
         let body_len = body.len();
-        let copies = [
-            spawn_splice(stdout, sink_out, "stdout"),
-            spawn_splice(stderr, sink_err, "stderr"),
-        ];
         // The worker reads the job only once it is all there: a job that fits the socket buffer
         // (the usual case) is written inline, a huge environment off the async workers.
         let send = move || {
@@ -420,6 +416,12 @@ impl NodePool {
                 "the node worker died before taking the job".into(),
             ));
         };
+        // The copies start once the job is out: what the worker writes first waits in its
+        // pipes meanwhile.
+        let copies = [
+            pipe_copy::start(stdout, sink_out, "stdout"),
+            pipe_copy::start(stderr, sink_err, "stderr"),
+        ];
         let (reaped_tx, reaped) = tokio::sync::oneshot::channel();
         tokio::spawn(async move {
             let _ = reaped_tx.send(child.wait().await);
@@ -475,91 +477,6 @@ async fn read_exit_code(mut sock: tokio::net::UnixStream) -> Option<i32> {
             Ok(0) | Err(_) => return None,
             Ok(n) if buf.len() < 64 => buf.extend_from_slice(&chunk[..n]),
             Ok(_) => return None,
-        }
-    }
-}
-
-/// Copies `from` (a pipe) into `to` until EOF on a small thread; resolves when done.
-fn spawn_splice(
-    from: OwnedFd,
-    to: OwnedFd,
-    name: &'static str,
-) -> Option<tokio::sync::oneshot::Receiver<()>> {
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    let spawned = std::thread::Builder::new()
-        .name(format!("elide-splice-{name}"))
-        .stack_size(64 * 1024)
-        .spawn(move || {
-            copy_until_eof(&from, &to);
-            let _ = tx.send(());
-        });
-    spawned.ok().map(|_| rx)
-}
-
-fn copy_until_eof(from: &OwnedFd, to: &OwnedFd) {
-    let (f, t) = (from.as_raw_fd(), to.as_raw_fd());
-    let mut use_splice = true;
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        if use_splice {
-            // SAFETY: splice on two fds we own, null offsets (pipes / FIFOs / append files).
-            let n = unsafe {
-                libc::splice(
-                    f,
-                    std::ptr::null_mut(),
-                    t,
-                    std::ptr::null_mut(),
-                    1 << 20,
-                    libc::SPLICE_F_MOVE,
-                )
-            };
-            match n {
-                0 => return,
-                n if n > 0 => continue,
-                _ => {
-                    let e = std::io::Error::last_os_error().raw_os_error();
-                    if e == Some(libc::EINTR) {
-                        continue;
-                    }
-                    if e == Some(libc::EINVAL) {
-                        // The sink does not support splice: copy through user space.
-                        use_splice = false;
-                        continue;
-                    }
-                    // The sink is gone (EPIPE...): keep draining so the writer never blocks.
-                    drain(f, &mut buf);
-                    return;
-                }
-            }
-        }
-        match nix::unistd::read(from, &mut buf) {
-            Ok(0) => return,
-            Ok(n) => {
-                let mut off = 0;
-                while off < n {
-                    match nix::unistd::write(to, &buf[off..n]) {
-                        Ok(w) => off += w,
-                        Err(nix::errno::Errno::EINTR) => {}
-                        Err(_) => {
-                            drain(f, &mut buf);
-                            return;
-                        }
-                    }
-                }
-            }
-            Err(nix::errno::Errno::EINTR) => {}
-            Err(_) => return,
-        }
-    }
-}
-
-fn drain(fd: std::os::fd::RawFd, buf: &mut [u8]) {
-    loop {
-        // SAFETY: read into a buffer we own.
-        let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
-        if n == 0 || (n < 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR))
-        {
-            return;
         }
     }
 }
