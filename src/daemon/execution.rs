@@ -412,19 +412,10 @@ impl Execution {
                 }
             },
         };
-        // The leader is gone; whatever it left in its process group goes now (one syscall). The
-        // cgroup (which also holds processes that left the group) is killed and removed after the
-        // waiters were told, off the critical path.
         let (pid, cgroup) = {
             let mut i = self.lock();
             (i.pid, i.cgroup.take())
         };
-        if pid != 0 {
-            let _ = ignore_esrch(nix::sys::signal::killpg(
-                Pid::from_raw(pid as i32),
-                Signal::SIGKILL,
-            ));
-        }
         let oom = match &cgroup {
             // One cgroupfs read: inline (see `blocking`).
             Some(cg) => cg.oom_killed(),
@@ -490,6 +481,17 @@ impl Execution {
             ann,
         );
         self.phase.send_replace(Phase::Exited);
+        // Whatever the leader left in its process group goes now (one syscall, but signalling
+        // a process of many threads takes a while: after the waiters were told). The leader
+        // itself may still be on its way out: a pooled runtime reports its exit code before
+        // its teardown. The cgroup (which also holds processes that left the group) is killed
+        // and removed below, off the critical path.
+        if pid != 0 {
+            let _ = ignore_esrch(nix::sys::signal::killpg(
+                Pid::from_raw(pid as i32),
+                Signal::SIGKILL,
+            ));
+        }
         // Cleanup after the waiters were told: kill and remove the cgroup, remove the
         // execution's directory, make the record durable (sharing its flush with executions
         // that end around the same time). Errors are logged, nothing is skipped.
