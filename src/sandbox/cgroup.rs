@@ -242,6 +242,15 @@ fn read_u64(path: &Path) -> Option<u64> {
 }
 
 /// Value of `key` in a flat-keyed file (`key value` per line).
+/// The whole content of a small cgroupfs file through an fd opened earlier (cgroupfs generates
+/// it afresh for a read at offset 0).
+fn read_at_start(f: &fs::File) -> Option<String> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = [0u8; 1024];
+    let n = f.read_at(&mut buf, 0).ok()?;
+    String::from_utf8(buf[..n].to_vec()).ok()
+}
+
 fn keyed(content: &str, key: &str) -> Option<u64> {
     content.lines().find_map(|l| {
         let mut it = l.split_whitespace();
@@ -542,10 +551,11 @@ impl CgroupManager {
                 .map(|(c, p)| (*c, p.join(name)))
                 .collect(),
         };
-        let cg = ExecutionCgroup {
+        let mut cg = ExecutionCgroup {
             mode: self.mode(),
             dirs,
             rel: format!("/{}/{}", self.parent_name, name),
+            oom_events: None,
         };
         let mut created: Vec<&Path> = Vec::new();
         let undo = |created: &[&Path]| {
@@ -564,6 +574,10 @@ impl CgroupManager {
             let _ = cg.remove_dirs();
             return Err(e);
         }
+        cg.oom_events = cg
+            .oom_events_path()
+            .and_then(|p| fs::File::open(p).ok())
+            .map(std::sync::Arc::new);
         Ok(cg)
     }
 
@@ -614,6 +628,7 @@ impl CgroupManager {
                 mode: self.mode(),
                 dirs,
                 rel: format!("/{}/{}", self.parent_name, name),
+                oom_events: None,
             };
             cg.remove()?;
             removed += 1;
@@ -629,6 +644,9 @@ pub struct ExecutionCgroup {
     dirs: Vec<(Option<V1Controller>, PathBuf)>,
     /// Path relative to the hierarchy root (`/<parent>/<name>`), as `/proc/<pid>/cgroup` shows it.
     rel: String,
+    /// The file that counts OOM kills, opened with the cgroup: the exit path reads it with one
+    /// `pread` instead of a path lookup in cgroupfs (0.1 ms there).
+    oom_events: Option<std::sync::Arc<fs::File>>,
 }
 
 impl ExecutionCgroup {
@@ -750,27 +768,39 @@ impl ExecutionCgroup {
     /// v2: `memory.events` `oom_kill` > 0. v1: `memory.oom_control` `oom_kill` > 0 (kernel ≥
     /// 4.13); on older kernels, `memory.failcnt` > 0 with peak usage at the limit.
     pub fn oom_killed(&self) -> bool {
+        let counted = match &self.oom_events {
+            Some(f) => read_at_start(f),
+            None => self
+                .oom_events_path()
+                .and_then(|p| fs::read_to_string(p).ok()),
+        };
+        if let Some(n) = counted.as_deref().and_then(|c| keyed(c, "oom_kill")) {
+            return n > 0;
+        }
         match self.mode {
-            CgroupMode::V2 => self
-                .file(V1Controller::Memory, "memory.events")
-                .and_then(|p| fs::read_to_string(p).ok())
-                .and_then(|c| keyed(&c, "oom_kill"))
-                .is_some_and(|n| n > 0),
+            CgroupMode::V2 => false,
             CgroupMode::V1 => {
+                // A kernel older than 4.13 does not count kills: judge by the memory counters.
                 let Some(dir) = self.v1_dir(V1Controller::Memory) else {
                     return false;
                 };
-                if let Some(c) = fs::read_to_string(dir.join("memory.oom_control")).ok()
-                    && let Some(n) = keyed(&c, "oom_kill")
-                {
-                    return n > 0;
-                }
                 let failcnt = read_u64(&dir.join("memory.failcnt")).unwrap_or(0);
                 let max = read_u64(&dir.join("memory.max_usage_in_bytes")).unwrap_or(0);
                 let limit = read_u64(&dir.join("memory.limit_in_bytes")).unwrap_or(u64::MAX);
                 failcnt > 0 && max.saturating_add(1 << 20) >= limit
             }
             CgroupMode::None => false,
+        }
+    }
+
+    /// The file whose `oom_kill` line counts the cgroup's OOM kills.
+    fn oom_events_path(&self) -> Option<PathBuf> {
+        match self.mode {
+            CgroupMode::V2 => self.file(V1Controller::Memory, "memory.events"),
+            CgroupMode::V1 => self
+                .v1_dir(V1Controller::Memory)
+                .map(|d| d.join("memory.oom_control")),
+            CgroupMode::None => None,
         }
     }
 
