@@ -317,6 +317,16 @@ async fn exit_semantics_and_stream_separation_match_cold() {
             "",
         ),
         ("js", "process.exit(258)", 2, 0, "", ""),
+        // Nothing of the worker's `node -e` shows: no builtin modules or module/require on the
+        // global object, none of its own declarations, no execArgv.
+        (
+            "js",
+            "const g = ['fs', 'http', 'require', 'module', 'exports', '__filename', 'runJob', 'job']; console.log(JSON.stringify([process.execArgv, g.filter((n) => n in globalThis), typeof fs, typeof Module, typeof path, typeof require]))",
+            0,
+            0,
+            "[[],[],\"undefined\",\"undefined\",\"undefined\",\"function\"]\n",
+            "",
+        ),
         // An 'exit' listener may still change the code of a natural end; a string code counts.
         (
             "js",
