@@ -90,20 +90,25 @@ impl Polled {
         };
         // Both fds are this copy's own open files (the sink was opened for this execution;
         // the worker writes through its own end of the pipe), so the flags change nothing
-        // for anyone else.
-        if set_nonblocking(&from).is_err() || set_nonblocking(&to).is_err() {
-            return Err((from, to));
+        // for anyone else. Whatever is handed back to the blocking copy is blocking again.
+        let give_back = |from: OwnedFd, to: OwnedFd| {
+            let _ = set_nonblocking(&from, false);
+            let _ = set_nonblocking(&to, false);
+            Err((from, to))
+        };
+        if set_nonblocking(&from, true).is_err() || set_nonblocking(&to, true).is_err() {
+            return give_back(from, to);
         }
         // SAFETY: an OwnedFd keeps its fd open and unchanged for as long as the AsyncFd owns it.
         let from = match unsafe { AsyncFd::register_with_interest(from, Interest::READABLE) } {
             Ok(afd) => afd,
-            Err(e) => return Err((e.into_parts().0, to)),
+            Err(e) => return give_back(e.into_parts().0, to),
         };
         let to = if watch {
             // SAFETY: as above.
             match unsafe { AsyncFd::register_with_interest(to, Interest::WRITABLE) } {
                 Ok(afd) => Sink::Watched(afd),
-                Err(e) => return Err((from.into_inner(), e.into_parts().0)),
+                Err(e) => return give_back(from.into_inner(), e.into_parts().0),
             }
         } else {
             Sink::DevNull(to)
@@ -224,9 +229,10 @@ fn sink_watched(fd: &OwnedFd) -> Option<bool> {
     }
 }
 
-fn set_nonblocking(fd: &OwnedFd) -> nix::Result<()> {
-    let flags = OFlag::from_bits_truncate(fcntl(fd, FcntlArg::F_GETFL)?);
-    fcntl(fd, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK)).map(|_| ())
+fn set_nonblocking(fd: &OwnedFd, on: bool) -> nix::Result<()> {
+    let mut flags = OFlag::from_bits_truncate(fcntl(fd, FcntlArg::F_GETFL)?);
+    flags.set(OFlag::O_NONBLOCK, on);
+    fcntl(fd, FcntlArg::F_SETFL(flags)).map(|_| ())
 }
 
 /// Copies `from` into `to` until EOF on the calling thread (any sink).

@@ -57,7 +57,7 @@
 
   function runJob() {
     // `node -e` gives the global object what `node main.js` does not: a getter for each builtin
-    // module under its name (the one behind `fs` is the same function for all of them), and
+    // module under its name (each with the source of the one behind `fs`), and
     // module, exports, require, __filename, __dirname; and its flags show in process.execArgv.
     // (Here, not in the main script: node puts `module` back when the main script ends.)
     {
