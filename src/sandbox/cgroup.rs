@@ -241,7 +241,6 @@ fn read_u64(path: &Path) -> Option<u64> {
     read_trimmed(path)?.parse().ok()
 }
 
-/// Value of `key` in a flat-keyed file (`key value` per line).
 /// The whole content of a small cgroupfs file through an fd opened earlier (cgroupfs generates
 /// it afresh for a read at offset 0).
 fn read_at_start(f: &fs::File) -> Option<String> {
@@ -251,6 +250,7 @@ fn read_at_start(f: &fs::File) -> Option<String> {
     String::from_utf8(buf[..n].to_vec()).ok()
 }
 
+/// Value of `key` in a flat-keyed file (`key value` per line).
 fn keyed(content: &str, key: &str) -> Option<u64> {
     content.lines().find_map(|l| {
         let mut it = l.split_whitespace();

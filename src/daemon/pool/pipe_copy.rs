@@ -158,22 +158,16 @@ impl Polled {
 
     /// Reads and drops everything left until EOF, so no writer blocks on a broken sink.
     async fn drain(&self) {
-        let fd = self.from.get_ref().as_raw_fd();
         let mut buf = vec![0u8; 64 * 1024];
         loop {
             let Ok(mut readable) = self.from.readable().await else {
                 return;
             };
-            // SAFETY: read into a buffer we own from an fd we own.
-            let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
-            match n {
-                0 => return,
-                n if n > 0 => {}
-                _ => match Errno::last() {
-                    Errno::EAGAIN => readable.clear_ready(),
-                    Errno::EINTR => {}
-                    _ => return,
-                },
+            match nix::unistd::read(self.from.get_ref(), &mut buf) {
+                Ok(0) => return,
+                Ok(_) | Err(Errno::EINTR) => {}
+                Err(Errno::EAGAIN) => readable.clear_ready(),
+                Err(_) => return,
             }
         }
     }
@@ -182,26 +176,33 @@ impl Polled {
 /// Splices until the pipe is empty, the sink full, EOF or an error.
 fn pump(from: RawFd, to: RawFd) -> Pump {
     loop {
-        // SAFETY: splice between two fds we own, null offsets (both are pipes or /dev/null).
-        let n = unsafe {
-            libc::splice(
-                from,
-                std::ptr::null_mut(),
-                to,
-                std::ptr::null_mut(),
-                SPLICE_CHUNK,
-                libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
-            )
-        };
-        match n {
-            0 => return Pump::Eof,
-            n if n > 0 => continue,
-            _ => match Errno::last() {
-                Errno::EINTR => continue,
-                Errno::EAGAIN => return Pump::Blocked,
-                _ => return Pump::Broken,
-            },
+        match splice(from, to, libc::SPLICE_F_NONBLOCK) {
+            Ok(0) => return Pump::Eof,
+            Ok(_) | Err(Errno::EINTR) => continue,
+            Err(Errno::EAGAIN) => return Pump::Blocked,
+            Err(_) => return Pump::Broken,
         }
+    }
+}
+
+/// One `splice` of up to [`SPLICE_CHUNK`] bytes from `from` to `to` (null offsets: pipes,
+/// FIFOs, `/dev/null` and append-only files have none), with `SPLICE_F_MOVE` and `flags`.
+fn splice(from: RawFd, to: RawFd, flags: libc::c_uint) -> Result<usize, Errno> {
+    // SAFETY: splice between two fds the caller owns, with null offset pointers.
+    let n = unsafe {
+        libc::splice(
+            from,
+            std::ptr::null_mut(),
+            to,
+            std::ptr::null_mut(),
+            SPLICE_CHUNK,
+            libc::SPLICE_F_MOVE | flags,
+        )
+    };
+    if n < 0 {
+        Err(Errno::last())
+    } else {
+        Ok(n as usize)
     }
 }
 
@@ -242,30 +243,16 @@ fn copy_blocking(from: &OwnedFd, to: &OwnedFd) {
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         if use_splice {
-            // SAFETY: splice on two fds we own, null offsets (pipes / FIFOs / append files).
-            let n = unsafe {
-                libc::splice(
-                    f,
-                    std::ptr::null_mut(),
-                    t,
-                    std::ptr::null_mut(),
-                    SPLICE_CHUNK,
-                    libc::SPLICE_F_MOVE,
-                )
-            };
-            match n {
-                0 => return,
-                n if n > 0 => continue,
-                _ => match Errno::last() {
-                    Errno::EINTR => continue,
-                    Errno::EINVAL => {
-                        // The sink does not support splice: copy through user space.
-                        use_splice = false;
-                        continue;
-                    }
-                    // The sink is gone (EPIPE...): keep draining so the writer never blocks.
-                    _ => return drain_blocking(f, &mut buf),
-                },
+            match splice(f, t, 0) {
+                Ok(0) => return,
+                Ok(_) | Err(Errno::EINTR) => continue,
+                Err(Errno::EINVAL) => {
+                    // The sink does not support splice: copy through user space.
+                    use_splice = false;
+                    continue;
+                }
+                // The sink is gone (EPIPE...): keep draining so the writer never blocks.
+                Err(_) => return drain_blocking(from, &mut buf),
             }
         }
         match nix::unistd::read(from, &mut buf) {
@@ -276,7 +263,7 @@ fn copy_blocking(from: &OwnedFd, to: &OwnedFd) {
                     match nix::unistd::write(to, &buf[off..n]) {
                         Ok(w) => off += w,
                         Err(Errno::EINTR) => {}
-                        Err(_) => return drain_blocking(f, &mut buf),
+                        Err(_) => return drain_blocking(from, &mut buf),
                     }
                 }
             }
@@ -286,12 +273,12 @@ fn copy_blocking(from: &OwnedFd, to: &OwnedFd) {
     }
 }
 
-fn drain_blocking(fd: RawFd, buf: &mut [u8]) {
+fn drain_blocking(fd: &OwnedFd, buf: &mut [u8]) {
     loop {
-        // SAFETY: read into a buffer we own.
-        let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
-        if n == 0 || (n < 0 && Errno::last() != Errno::EINTR) {
-            return;
+        match nix::unistd::read(fd, buf) {
+            Ok(0) => return,
+            Ok(_) | Err(Errno::EINTR) => {}
+            Err(_) => return,
         }
     }
 }
