@@ -327,6 +327,15 @@ async fn exit_semantics_and_stream_separation_match_cold() {
             "[[],[],\"undefined\",\"undefined\",\"undefined\",\"function\"]\n",
             "",
         ),
+        // The worker's warm-up of the streams' write path leaves no listener of its own.
+        (
+            "js",
+            "console.log('a'); console.error('b'); console.log(JSON.stringify([process.stdout.listenerCount('error'), process.stderr.listenerCount('error')]))",
+            0,
+            0,
+            "a\n[0,0]\n",
+            "b\n",
+        ),
         // An 'exit' listener may still change the code of a natural end; a string code counts.
         (
             "js",

@@ -24,6 +24,15 @@
     const { Writable } = require('stream');
     const discard = new Writable({ write(chunk, encoding, done) { done(); } });
     new (require('console').Console)({ stdout: discard, stderr: discard }).log('%s', 'warm');
+    // And what the global console does on a real stream around each write (an error
+    // listener added and removed, a write with a callback), empty: 0.15 ms of a job's first
+    // console.log here.
+    const noop = () => {};
+    for (const stream of [process.stdout, process.stderr]) {
+      stream.once('error', noop);
+      stream.write('', noop);
+      stream.removeListener('error', noop);
+    }
   }
   try {
     const warm = path.join(process.cwd(), `.elide-warmup-${process.pid}.js`);
