@@ -331,9 +331,6 @@ pub fn exit_of(r: &api::ExecutionResult, timeout: Option<Duration>) -> (pb::Exit
 /// execution means a blip (wait again); no daemon means the task is gone with it.
 pub fn spawn_waiter(state: Arc<PluginState>, entry: Arc<TaskEntry>, timeout: Option<Duration>) {
     tokio::spawn(async move {
-        // Spawned while StartTask answers: on this single-threaded runtime the waiter would
-        // run first and put its request's work ahead of the answer Nomad is waiting for.
-        tokio::task::yield_now().await;
         loop {
             let snapshot = state.snapshot();
             let client = match state.link.client(&snapshot).await {
