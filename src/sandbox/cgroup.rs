@@ -551,12 +551,7 @@ impl CgroupManager {
                 .map(|(c, p)| (*c, p.join(name)))
                 .collect(),
         };
-        let mut cg = ExecutionCgroup {
-            mode: self.mode(),
-            dirs,
-            rel: format!("/{}/{}", self.parent_name, name),
-            oom_events: None,
-        };
+        let mut cg = self.execution_cgroup(name, dirs);
         let mut created: Vec<&Path> = Vec::new();
         let undo = |created: &[&Path]| {
             for d in created {
@@ -579,6 +574,20 @@ impl CgroupManager {
             .and_then(|p| fs::File::open(p).ok())
             .map(std::sync::Arc::new);
         Ok(cg)
+    }
+
+    /// The handle of execution cgroup `name` at `dirs` (nothing opened yet).
+    fn execution_cgroup(
+        &self,
+        name: &str,
+        dirs: Vec<(Option<V1Controller>, PathBuf)>,
+    ) -> ExecutionCgroup {
+        ExecutionCgroup {
+            mode: self.mode(),
+            dirs,
+            rel: format!("/{}/{}", self.parent_name, name),
+            oom_events: None,
+        }
     }
 
     /// Removes the (empty) parent directories, e.g. at daemon shutdown after every execution
@@ -624,13 +633,7 @@ impl CgroupManager {
                 .map(|(c, p)| (*c, p.join(&name)))
                 .filter(|(_, d)| d.is_dir())
                 .collect();
-            let cg = ExecutionCgroup {
-                mode: self.mode(),
-                dirs,
-                rel: format!("/{}/{}", self.parent_name, name),
-                oom_events: None,
-            };
-            cg.remove()?;
+            self.execution_cgroup(&name, dirs).remove()?;
             removed += 1;
         }
         Ok(removed)
@@ -768,6 +771,7 @@ impl ExecutionCgroup {
     /// v2: `memory.events` `oom_kill` > 0. v1: `memory.oom_control` `oom_kill` > 0 (kernel ≥
     /// 4.13); on older kernels, `memory.failcnt` > 0 with peak usage at the limit.
     pub fn oom_killed(&self) -> bool {
+        // Opened with the cgroup (see `create`); a file that was not there then is looked up.
         let counted = match &self.oom_events {
             Some(f) => read_at_start(f),
             None => self
