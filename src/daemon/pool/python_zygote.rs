@@ -778,6 +778,81 @@ mod tests {
         (ours, zygote)
     }
 
+    /// The zygote's and its children's messages on `ours`, one at a time, until `wanted` says
+    /// yes: that one.
+    fn next_message(
+        ours: &OwnedFd,
+        wanted: &dyn Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            assert!(!left.is_zero(), "no such message from the zygote");
+            let mut p = libc::pollfd {
+                fd: ours.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one pollfd on the stack.
+            if unsafe { libc::poll(&mut p, 1, left.as_millis() as i32) } != 1 {
+                continue;
+            }
+            let mut buf = [0u8; 4096];
+            let n = nix::sys::socket::recv(ours.as_raw_fd(), &mut buf, MsgFlags::empty())
+                .expect("recv");
+            assert!(n > 0, "the zygote closed its socket");
+            let msg: serde_json::Value = serde_json::from_slice(&buf[..n]).expect("json");
+            if wanted(&msg) {
+                return msg;
+            }
+        }
+    }
+
+    /// A daemon that shuts the pool's socket while the zygote has a report on its way (here
+    /// a child's exit) ends the zygote quietly, as a hang-up does: exit status 0 and nothing
+    /// on its stderr, not a broken-pipe traceback. Shutting only our reading side stands in
+    /// for the daemon's shutdown landing between the zygote's poll and its send: the zygote
+    /// sees no hang-up, and its next send fails.
+    #[test]
+    fn a_report_to_a_shut_socket_ends_the_zygote_quietly() {
+        use std::io::Read;
+        let (ours, mut zygote) = zygote_on_socket_pair(std::process::Stdio::piped());
+        send(ours.as_raw_fd(), b"{}", &[]).expect("send the setup");
+        next_message(&ours, &|m| m.get("hello").is_some());
+        let dir = tempfile::tempdir().expect("tempdir");
+        let script = dir.path().join("main.py");
+        std::fs::write(&script, "import time\ntime.sleep(0.3)\n").expect("script");
+        let null = std::fs::File::options()
+            .write(true)
+            .open("/dev/null")
+            .expect("/dev/null");
+        let job = serde_json::json!({
+            "token": 5, "steps": [], "env": {}, "argv": ["main.py"], "script": script,
+        });
+        send(
+            ours.as_raw_fd(),
+            job.to_string().as_bytes(),
+            &[null.as_raw_fd(), null.as_raw_fd()],
+        )
+        .expect("send the job");
+        let ready = next_message(&ours, &|m| {
+            m.get("failed").is_some() || m.get("ready").is_some()
+        });
+        assert_eq!(ready["ready"], 5, "{ready}");
+        nix::sys::socket::shutdown(ours.as_raw_fd(), nix::sys::socket::Shutdown::Read)
+            .expect("shutdown");
+        let status = zygote.wait().expect("wait");
+        let mut stderr = String::new();
+        zygote
+            .stderr
+            .take()
+            .expect("piped")
+            .read_to_string(&mut stderr)
+            .expect("stderr");
+        assert!(status.success(), "{status}: {stderr}");
+        assert_eq!(stderr, "");
+    }
+
     /// A memfd of `bytes`, standing in for the daemon's exit-note region.
     fn note_region(bytes: usize) -> OwnedFd {
         let region =
@@ -859,31 +934,7 @@ mod tests {
             &[region.as_raw_fd()],
         )
         .expect("send the setup");
-        // The zygote's and its children's messages, one at a time, until `wanted` says yes.
-        let next_until = |wanted: &dyn Fn(&serde_json::Value) -> bool| -> serde_json::Value {
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-            loop {
-                let left = deadline.saturating_duration_since(std::time::Instant::now());
-                assert!(!left.is_zero(), "no such message from the zygote");
-                let mut p = libc::pollfd {
-                    fd: ours.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                };
-                // SAFETY: one pollfd on the stack.
-                if unsafe { libc::poll(&mut p, 1, left.as_millis() as i32) } != 1 {
-                    continue;
-                }
-                let mut buf = [0u8; 4096];
-                let n = nix::sys::socket::recv(ours.as_raw_fd(), &mut buf, MsgFlags::empty())
-                    .expect("recv");
-                assert!(n > 0, "the zygote closed its socket");
-                let msg: serde_json::Value = serde_json::from_slice(&buf[..n]).expect("json");
-                if wanted(&msg) {
-                    return msg;
-                }
-            }
-        };
+        let next_until = |wanted: &dyn Fn(&serde_json::Value) -> bool| next_message(&ours, wanted);
         next_until(&|m| m.get("hello").is_some());
         let dir = tempfile::tempdir().expect("tempdir");
         let script = dir.path().join("main.py");

@@ -97,6 +97,16 @@ def _recv_with_fds(sock):
     return msg, fds
 
 
+def _tell(sock, data):
+    """Sends the daemon one message from the zygote. The daemon shuts the socket when it closes
+    the pool; shut between our poll and this send, that is the same hang-up the poll would
+    have seen next: end quietly, as then (the children follow by PDEATHSIG)."""
+    try:
+        sock.send(data)
+    except ConnectionError:
+        os._exit(0)
+
+
 def _send_with_fd(sock, data, fd):
     sock.sendmsg([data], [(_SOL_SOCKET, _SCM_RIGHTS, struct.pack("i", fd))])
 
@@ -682,7 +692,7 @@ def _decline_queued(sock):
             token = json.loads(msg)["token"]
         except (ValueError, KeyError, TypeError):
             continue
-        sock.send(json.dumps({"declined": token}).encode())
+        _tell(sock, json.dumps({"declined": token}).encode())
 
 
 def _spare(sock, taken_w, zygote_pid):
@@ -811,13 +821,13 @@ def main():
             starved = False
         empty = not idle
         if empty != told_empty:
-            sock.send(json.dumps({"empty": empty}).encode())
+            _tell(sock, json.dumps({"empty": empty}).encode())
             told_empty = empty
         if empty:
             _decline_queued(sock)
 
     refill()
-    sock.send(json.dumps({"hello": zygote_pid}).encode())
+    _tell(sock, json.dumps({"hello": zygote_pid}).encode())
 
     # Everything this loop touches is copied again (copy-on-write) after each fork, so it keeps
     # to few objects: one read for a pipe poll found readable (no exception, as _drain raises
@@ -860,7 +870,7 @@ def main():
                 # Died idle (killed from outside): no job to report, only a spare to replace.
                 idle.discard(pid)
                 continue
-            sock.send(b'{"exit": %d, "status": %d}' % (pid, status))
+            _tell(sock, b'{"exit": %d, "status": %d}' % (pid, status))
         # The replacement's fork and preparation (about 1.5 ms of CPU here) would run beside
         # the job that just took a spare, on the cores its start needs. While more than half
         # the pool is idle, they wait for a child's end (its exit then travels through the
