@@ -808,6 +808,19 @@ mod tests {
         }
     }
 
+    /// A job's script of `source` in a fresh directory (kept while the guard lives), and
+    /// /dev/null opened for writing, to pass as its stdout and stderr.
+    fn script_and_null(source: &str) -> (tempfile::TempDir, std::path::PathBuf, std::fs::File) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let script = dir.path().join("main.py");
+        std::fs::write(&script, source).expect("script");
+        let null = std::fs::File::options()
+            .write(true)
+            .open("/dev/null")
+            .expect("/dev/null");
+        (dir, script, null)
+    }
+
     /// A daemon that shuts the pool's socket while the zygote has a report on its way (here
     /// a child's exit) ends the zygote quietly, as a hang-up does: exit status 0 and nothing
     /// on its stderr, not a broken-pipe traceback. Shutting only our reading side stands in
@@ -819,13 +832,7 @@ mod tests {
         let (ours, mut zygote) = zygote_on_socket_pair(std::process::Stdio::piped());
         send(ours.as_raw_fd(), b"{}", &[]).expect("send the setup");
         next_message(&ours, &|m| m.get("hello").is_some());
-        let dir = tempfile::tempdir().expect("tempdir");
-        let script = dir.path().join("main.py");
-        std::fs::write(&script, "import time\ntime.sleep(0.3)\n").expect("script");
-        let null = std::fs::File::options()
-            .write(true)
-            .open("/dev/null")
-            .expect("/dev/null");
+        let (_dir, script, null) = script_and_null("import time\ntime.sleep(0.3)\n");
         let job = serde_json::json!({
             "token": 5, "steps": [], "env": {}, "argv": ["main.py"], "script": script,
         });
@@ -936,13 +943,7 @@ mod tests {
         .expect("send the setup");
         let next_until = |wanted: &dyn Fn(&serde_json::Value) -> bool| next_message(&ours, wanted);
         next_until(&|m| m.get("hello").is_some());
-        let dir = tempfile::tempdir().expect("tempdir");
-        let script = dir.path().join("main.py");
-        std::fs::write(&script, "import sys\nsys.exit(3)\n").expect("script");
-        let null = std::fs::File::options()
-            .write(true)
-            .open("/dev/null")
-            .expect("/dev/null");
+        let (_dir, script, null) = script_and_null("import sys\nsys.exit(3)\n");
         let job = |token: u64, slot: i64| {
             serde_json::json!({
                 "token": token, "steps": [], "env": {}, "argv": ["main.py"],
