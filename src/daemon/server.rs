@@ -381,8 +381,35 @@ pub fn bind_socket(cfg: &DaemonConfig) -> Result<tokio::net::UnixListener, Socke
     Ok(listener)
 }
 
+/// Raises the daemon's open-file limit before it starts any process (see `open_files`), and
+/// says what it found: a hard limit this low is the operator's to raise.
+fn raise_open_file_limit() {
+    use crate::sandbox::open_files::{self, Raised};
+    // About what a running execution holds here: its pidfd, two output descriptors, its
+    // cgroup's event file.
+    const PER_EXECUTION: u64 = 4;
+    const FEW: u64 = 4096;
+    match open_files::raise() {
+        Ok(Raised::Raised { was, to }) => tracing::info!(
+            from = was.soft,
+            to,
+            "raised the open-file limit to the hard limit; processes the daemon starts get {} back",
+            was.soft
+        ),
+        Ok(Raised::AlreadyAtHard(l)) if l.soft < FEW => tracing::warn!(
+            limit = l.soft,
+            "the open-file limit allows about {} concurrent executions; raise the hard limit \
+             (systemd: LimitNOFILE=) for more",
+            l.soft / PER_EXECUTION
+        ),
+        Ok(Raised::AlreadyAtHard(_)) => {}
+        Err(e) => tracing::warn!(error = %e, "could not raise the open-file limit"),
+    }
+}
+
 /// Runs the daemon until SIGTERM/SIGINT: binds the socket, serves, then stops every execution.
 pub async fn serve(cfg: DaemonConfig) -> anyhow::Result<()> {
+    raise_open_file_limit();
     let handle = tokio::runtime::Handle::current();
     let daemon = {
         let cfg = cfg.clone();

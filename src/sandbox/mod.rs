@@ -44,6 +44,7 @@ pub mod caps;
 pub mod cgroup;
 pub mod landlock_rules;
 pub mod netns;
+pub mod open_files;
 pub mod page_merge;
 pub mod probe;
 pub mod signal;

@@ -14,6 +14,7 @@ use super::SandboxError;
 use super::caps;
 use super::landlock_rules::{self, FsPolicy};
 use super::netns;
+use super::open_files;
 use super::page_merge;
 use super::user::ResolvedUser;
 use serde::{Deserialize, Serialize};
@@ -326,6 +327,13 @@ impl IsolationSpec {
             steps.push(PlanStep::LandlockDomain);
         }
         steps.push(PlanStep::CloseFdsFrom { from: 3 });
+        if let Some(l) = open_files::for_children() {
+            steps.push(PlanStep::SetRlimit {
+                resource: "nofile".to_string(),
+                soft: l.soft,
+                hard: l.hard,
+            });
+        }
         IsolationPlan {
             steps,
             base_env: self.base_env(),
@@ -391,6 +399,7 @@ impl IsolationSpec {
             new_netns: !self.intrinsics.net,
             netns_fd: netns_fd.as_ref().map(AsRawFd::as_raw_fd),
             parent_pid: std::process::id() as libc::pid_t,
+            open_files: open_files::for_children(),
             merge_pages: self.merge_pages,
             reset_oom_score: self.role.resets_oom_score(),
             // Read here, before the fork: the child must not allocate.
@@ -473,6 +482,8 @@ struct ChildSteps {
     new_netns: bool,
     netns_fd: Option<RawFd>,
     parent_pid: libc::pid_t,
+    /// The open-file limits the daemon was started with, when it raised its own.
+    open_files: Option<open_files::Limits>,
     merge_pages: bool,
     reset_oom_score: bool,
     /// Keep only these capabilities, dropping these from the bounding set ([`caps::limit`]).
@@ -699,6 +710,17 @@ impl ChildSteps {
                     if flags >= 0 {
                         libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC);
                     }
+                }
+            }
+            // Last: until exec the child holds the daemon's fds, perhaps up to the daemon's
+            // raised limit; under the lower one, a step that opens a file could get EMFILE.
+            if let Some(l) = self.open_files {
+                let started_with = libc::rlimit {
+                    rlim_cur: l.soft,
+                    rlim_max: l.hard,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &started_with) != 0 {
+                    return Err(fail(b"setrlimit nofile", errno()));
                 }
             }
         }

@@ -27,6 +27,8 @@ pub struct TestDaemon {
     pub run_dir: PathBuf,
     pub cgroup_parent: String,
     pub extra_args: Vec<String>,
+    /// The soft open-file limit the daemon is started with, when not the harness's own.
+    pub open_file_limit: Option<u64>,
     /// A tmpfs dir of this daemon's (`/dev/shm/<name>`: its run dir and a second output root;
     /// removed on drop).
     tmpfs: Option<PathBuf>,
@@ -66,6 +68,15 @@ impl TestDaemon {
         Self::start_with(&["--config", config.to_str().unwrap()]).await
     }
 
+    /// Starts a daemon whose soft open-file limit is `soft` (the hard limit stays), as a
+    /// service manager starts one (systemd: a soft limit of 1,024).
+    pub async fn start_with_open_file_limit(soft: u64) -> Self {
+        let mut d = Self::configure(&[]);
+        d.open_file_limit = Some(soft);
+        d.spawn().await;
+        d
+    }
+
     /// Starts a daemon with extra command-line flags.
     pub async fn start_with(extra: &[&str]) -> Self {
         let mut d = Self::configure(extra);
@@ -96,6 +107,7 @@ impl TestDaemon {
             run_dir,
             cgroup_parent: format!("elide-test-{name}"),
             extra_args: extra.iter().map(|s| s.to_string()).collect(),
+            open_file_limit: None,
             tmpfs: None,
             dir,
         }
@@ -123,11 +135,26 @@ impl TestDaemon {
         // A harness ended by a signal (an interrupted `cargo bench`, a CI timeout) never runs
         // Drop: the kernel then sends the daemon SIGTERM when the thread that started it ends,
         // and it shuts down as usual, its zygotes, workers and cgroups with it.
-        // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+        let open_files = self.open_file_limit;
+        // SAFETY: prctl, getrlimit and setrlimit are async-signal-safe and touch no memory of
+        // the parent.
         unsafe {
-            cmd.pre_exec(|| {
+            cmd.pre_exec(move || {
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
                     return Err(std::io::Error::last_os_error());
+                }
+                if let Some(soft) = open_files {
+                    let mut l = libc::rlimit {
+                        rlim_cur: 0,
+                        rlim_max: 0,
+                    };
+                    if libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    l.rlim_cur = soft;
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &l) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
                 }
                 Ok(())
             });

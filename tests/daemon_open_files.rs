@@ -1,0 +1,153 @@
+//! The daemon's open-file limit: started with a low soft limit (a service manager's default,
+//! systemd's 1,024, here scaled down), the daemon raises its own to the hard limit, so more
+//! executions run at once than the low limit has descriptors for, while every snippet, pooled
+//! or cold, starts with the soft limit the daemon was started with (node then raises its own to
+//! the hard limit, as a cold `node` does).
+
+#[path = "daemon_support/mod.rs"]
+mod daemon_support;
+
+use std::time::{Duration, Instant};
+
+use daemon_support::*;
+use elide_task_driver::proto::elide::daemon::v1alpha1 as pb;
+
+const SOFT: u64 = 128;
+/// Pooled python executions held running at once: each holds a few of the daemon's
+/// descriptors (pidfd, output pipes, cgroup event file), well past `SOFT` in all.
+const PYTHON_AT_ONCE: usize = 60;
+
+/// `Max open files` of `pid`, soft and hard.
+fn open_file_limits(pid: u32) -> (u64, u64) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).expect("limits");
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("Max open files");
+    let n: Vec<u64> = line
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    (n[0], n[1])
+}
+
+fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("fd dir")
+        .count()
+}
+
+/// A snippet that waits for `go` to exist, then prints its own soft open-file limit.
+fn snippet(language: &str, go: &std::path::Path) -> String {
+    let go = go.display();
+    match language {
+        "python" => format!(
+            "import os, time\n\
+             while not os.path.exists({go:?}):\n    time.sleep(0.02)\n\
+             print([l.split()[3] for l in open('/proc/self/limits') if l.startswith('Max open files')][0])\n"
+        ),
+        _ => format!(
+            "const fs = require('fs');\n\
+             const t = setInterval(() => {{\n\
+               if (!fs.existsSync({go:?})) return;\n\
+               clearInterval(t);\n\
+               const line = fs.readFileSync('/proc/self/limits', 'utf8').split('\\n')\n\
+                 .find((l) => l.startsWith('Max open files'));\n\
+               console.log(line.split(/\\s+/)[3]);\n\
+             }}, 20);\n"
+        ),
+    }
+}
+
+/// Starts `code` in `session` until one start ran pooled (a new session's pool warms up in the
+/// background) or, for a session without a pool, once; every execution started, in `started`.
+async fn start_until_pooled(
+    c: &mut Client,
+    session: &str,
+    language: &'static str,
+    code: &str,
+    want_pooled: bool,
+    started: &mut Vec<(&'static str, String, bool)>,
+) {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let e = c
+            .start_execution(code_req(session, language, code))
+            .await
+            .unwrap_or_else(|s| panic!("{language} start: {s}"))
+            .into_inner();
+        started.push((language, e.id.clone(), e.pooled));
+        if e.pooled || !want_pooled {
+            assert_eq!(e.pooled, want_pooled, "{language}: {e:?}");
+            return;
+        }
+        assert!(Instant::now() < deadline, "{language}: no start ran pooled");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_low_soft_limit_is_raised_for_the_daemon_and_kept_for_its_snippets() {
+    let (_, hard) = open_file_limits(std::process::id());
+    assert!(
+        hard >= 8 * SOFT,
+        "this test needs a hard open-file limit of at least {}, found {hard}",
+        8 * SOFT
+    );
+    let d = TestDaemon::start_with_open_file_limit(SOFT).await;
+    let (soft_now, hard_now) = open_file_limits(d.pid());
+    assert_eq!(hard_now, hard);
+    assert!(
+        soft_now > SOFT && soft_now <= hard_now,
+        "the daemon's soft limit is {soft_now} (started with {SOFT}, hard {hard_now})"
+    );
+    let log = d.log();
+    assert!(
+        log.contains("raised the open-file limit") && log.contains(&format!("get {SOFT} back")),
+        "{log}"
+    );
+
+    let mut c = d.client().await;
+    let intrinsics = ["env", "io", "net"];
+    let pooled = session_with_pool(&mut c, &intrinsics, 4).await;
+    let cold = session(&mut c, &intrinsics).await;
+    let go = d.path("go");
+    let mut started = Vec::new();
+    for language in ["python", "javascript"] {
+        let code = snippet(language, &go);
+        start_until_pooled(&mut c, &pooled, language, &code, true, &mut started).await;
+        start_until_pooled(&mut c, &cold, language, &code, false, &mut started).await;
+    }
+    let code = snippet("python", &go);
+    for _ in 0..PYTHON_AT_ONCE {
+        let e = c
+            .start_execution(code_req(&pooled, "python", &code))
+            .await
+            .unwrap_or_else(|s| panic!("python start: {s}"))
+            .into_inner();
+        started.push(("python", e.id, e.pooled));
+    }
+    // Every execution is running, waiting for `go`: the daemon holds more descriptors than
+    // the limit it was started with would have let it open.
+    let held = fd_count(d.pid());
+    assert!(held > SOFT as usize, "the daemon holds only {held} fds");
+
+    std::fs::write(&go, b"").expect("go");
+    for (language, id, was_pooled) in &started {
+        let result = wait(&mut c, id).await;
+        let out = output(&mut c, id, pb::OutputStream::Stdout).await;
+        let err = output(&mut c, id, pb::OutputStream::Stderr).await;
+        assert_eq!(
+            (result.exit_code, String::from_utf8_lossy(&err).as_ref()),
+            (0, ""),
+            "{language} {id} (pooled: {was_pooled})"
+        );
+        // Node raises its own soft limit to the hard one at start, cold or pooled alike.
+        let expected = if *language == "python" { SOFT } else { hard };
+        assert_eq!(
+            String::from_utf8_lossy(&out),
+            format!("{expected}\n"),
+            "{language} {id} (pooled: {was_pooled})"
+        );
+    }
+}
