@@ -410,14 +410,16 @@ async fn run(n: usize) -> String {
         }
         if lang == "python" {
             budget_rows.push_str(&format!(
-                "| python `print(\"hi\")` StartExecution→WaitExecution median ≤ 5 ms | {:.2} ms | {} |\n| python ≥ 10× faster than cold `python3 -c` | {ratio:.1}× | {} |\n",
-                pooled.median,
+                "| python `print(\"hi\")` StartExecution→WaitExecution median ≤ 5 ms | {} ms | {} |\n| python ≥ 10× faster than cold `python3 -c` | {}× | {} |\n",
+                common::against(pooled.median, 5.0, 2),
                 verdict(pooled.median <= 5.0),
+                common::against(ratio, 10.0, 1),
                 verdict(ratio >= 10.0)
             ));
         } else {
             budget_rows.push_str(&format!(
-                "| {lang} ≥ 10× faster than cold `node -e` | {ratio:.1}× | {} |\n",
+                "| {lang} ≥ 10× faster than cold `node -e` | {}× | {} |\n",
+                common::against(ratio, 10.0, 1),
                 verdict(ratio >= 10.0)
             ));
         }

@@ -347,7 +347,9 @@ async fn run(n: usize) -> String {
                     ("≥ 10×", ratio >= 10.0)
                 };
                 budgets.push_str(&format!(
-                    "| {lang} StartTask→WaitTask {want} | {med:.2} ms, {ratio:.1}× | {} |\n",
+                    "| {lang} StartTask→WaitTask {want} | {} ms, {}× | {} |\n",
+                    common::against(med, 5.0, 2),
+                    common::against(ratio, 10.0, 1),
                     if verdict { "reached" } else { "MISSED" }
                 ));
             }

@@ -32,6 +32,19 @@ pub fn stats(mut v: Vec<f64>) -> Stats {
     }
 }
 
+/// `value` with `decimals` decimals, or more where that many would print a value beside `line`
+/// as the line itself: a budget missed by 0.004 must not read "10.0×, MISSED".
+pub fn against(value: f64, line: f64, decimals: usize) -> String {
+    let mut d = decimals;
+    loop {
+        let shown = format!("{value:.d$}");
+        if d >= decimals + 3 || value == line || shown.parse::<f64>() != Ok(line) {
+            return shown;
+        }
+        d += 1;
+    }
+}
+
 /// CPU, cores, kernel, memory and the load at the start of the run (the machine is shared: the
 /// load says how noisy the numbers are).
 pub fn machine() -> String {
