@@ -385,8 +385,8 @@ pub fn bind_socket(cfg: &DaemonConfig) -> Result<tokio::net::UnixListener, Socke
 /// says what it found: a hard limit this low is the operator's to raise.
 fn raise_open_file_limit() {
     use crate::sandbox::open_files::{self, Raised};
-    // About what a running execution holds here: its pidfd, two output descriptors, its
-    // cgroup's event file.
+    // What a running execution holds here, about: 2 for python writing into Nomad's FIFOs (its
+    // pidfd, its cgroup's event file), 5-6 for node, whose output the daemon copies (measured).
     const PER_EXECUTION: u64 = 4;
     const FEW: u64 = 4096;
     match open_files::raise() {
