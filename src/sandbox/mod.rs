@@ -29,7 +29,8 @@
 //! Own session and process group; the execution cgroup(s) joined before anything else runs;
 //! signal dispositions reset; core dumps off; `oom_score_adj` 0; SIGKILL when the spawning
 //! thread dies; `no_new_privs`; the requested user, group and supplementary groups; stdin from
-//! /dev/null; stdout/stderr on the sinks; no other inherited fd; a Landlock domain of its own
+//! /dev/null; stdout/stderr on the sinks; no other inherited fd; the open-file limit the
+//! daemon was started with (it raises its own: [`open_files`]); a Landlock domain of its own
 //! (ABI ≥ 6; with `io` on it confines nothing on the filesystem), so the execution cannot
 //! signal or ptrace the daemon or another execution, nor open their `/proc/<pid>/mem`, even
 //! as the same user (see [`landlock_rules`] for what `/proc` still shows with `io` on).
