@@ -120,7 +120,7 @@ impl Spawner {
     }
 }
 
-/// Process start time (field 22 of /proc/<pid>/stat), 0 when unreadable.
+/// Process start time (field 22 of `/proc/<pid>/stat`), 0 when unreadable.
 pub fn start_ticks(pid: u32) -> u64 {
     procfs::process::Process::new(pid as i32)
         .and_then(|p| p.stat())

@@ -350,7 +350,7 @@ impl Daemon {
 
     /// CloseSession: stops every execution (grace, then SIGKILL), then forgets the session and
     /// its executions.
-    /// (Runs to its end even when the caller goes away: see [`detached`].)
+    /// (Runs to its end even when the caller goes away: see `detached`.)
     pub async fn close_session(
         self: &Arc<Self>,
         id: &str,

@@ -19,7 +19,7 @@
 //!
 //! Layout: page 0 holds the note threads' control words (one `u32` each); page `1 + i` is slot
 //! `i`: a `u32` note word at offset 0 (0 = nothing yet, `0x100 | code` = noted) and the job's
-//! `u64` nonce at offset 8. A thread waits on one bank of [`BANK`] slots (`futex_waitv` takes
+//! `u64` nonce at offset 8. A thread waits on one bank of `BANK` slots (`futex_waitv` takes
 //! at most 128 words, its control word among them); a bank's thread starts when the bank is
 //! first used, so a daemon with few executions runs one.
 

@@ -20,7 +20,7 @@
 //!   ends without a report (fatal error, signal) is judged by its wait status.
 //! - output: node cannot receive fds, so the worker's fds 1/2 are pipes created at spawn; the
 //!   daemon `splice(2)`s each into the execution's sink (FIFO, file, /dev/null or capture pipe)
-//!   until EOF ([`pipe_copy`]: on the async workers, a thread for a regular file). Nothing is
+//!   until EOF (`pipe_copy`: on the async workers, a thread for a regular file). Nothing is
 //!   lost: the copy ends only at EOF (every writer gone), and the execution's exit is reported
 //!   once both copies drained (bounded wait, in case a descendant keeps the pipe open).
 //!
