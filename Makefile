@@ -26,6 +26,7 @@ test: lint unit gotest
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --all-targets -- -D warnings
+	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --no-deps --quiet
 
 unit:
 	$(CARGO) test --all-targets
