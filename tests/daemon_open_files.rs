@@ -151,3 +151,60 @@ async fn a_low_soft_limit_is_raised_for_the_daemon_and_kept_for_its_snippets() {
         );
     }
 }
+
+/// A daemon whose hard open-file limit is too low for the executions asked of it refuses the
+/// start it has no descriptors for as retryable (`UNAVAILABLE`, naming the cause), not as an
+/// internal error or a bad request, and serves again once executions end: no panic, no hung
+/// call, and the executions that did start run to their end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cold_start_out_of_descriptors_is_refused_as_retryable_and_the_daemon_recovers() {
+    out_of_descriptors_and_back(0).await;
+}
+
+/// The same with warm pools (python zygote, node workers) in the session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pooled_start_out_of_descriptors_is_refused_as_retryable_and_the_daemon_recovers() {
+    out_of_descriptors_and_back(4).await;
+}
+
+async fn out_of_descriptors_and_back(pool: u32) {
+    const LIMIT: u64 = 64;
+    let d = TestDaemon::start_with_open_file_limits(LIMIT, Some(LIMIT)).await;
+    assert_eq!(open_file_limits(d.pid()), (LIMIT, LIMIT));
+    let mut c = d.client().await;
+    let session = session_with_pool(&mut c, &["env", "io", "net"], pool).await;
+    let go = d.path("go");
+    let code = snippet("python", &go);
+    let mut started = Vec::new();
+    let refused = loop {
+        assert!(
+            started.len() < LIMIT as usize,
+            "{} executions started under an open-file limit of {LIMIT}",
+            started.len()
+        );
+        match c.start_execution(code_req(&session, "python", &code)).await {
+            Ok(e) => started.push(e.into_inner().id),
+            Err(status) => break status,
+        }
+    };
+    assert!(!started.is_empty(), "not one execution started");
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    assert!(
+        refused.message().contains("Too many open files")
+            && refused.message().contains("can be retried"),
+        "{refused:?}"
+    );
+
+    std::fs::write(&go, b"").expect("go");
+    for id in &started {
+        assert_eq!(wait(&mut c, id).await.exit_code, 0, "{id}");
+        let out = output(&mut c, id, pb::OutputStream::Stdout).await;
+        assert_eq!(String::from_utf8_lossy(&out), format!("{LIMIT}\n"), "{id}");
+    }
+    // The descriptors of ended executions are given back: the same start works again.
+    let (result, out, err) = run(&mut c, code_req(&session, "python", &code)).await;
+    assert_eq!(
+        (result.exit_code, out, err),
+        (0, format!("{LIMIT}\n"), String::new())
+    );
+}

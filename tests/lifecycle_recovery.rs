@@ -1,5 +1,6 @@
 //! Faults: the plugin SIGKILLed under running tasks (recovery from the handle alone), the
-//! daemon SIGKILLed under running tasks, and a daemon that cannot be auto-started.
+//! daemon SIGKILLed under running tasks, a daemon that cannot be auto-started, and a daemon
+//! out of descriptors.
 
 #[path = "daemon_support/mod.rs"]
 mod daemon_support;
@@ -494,4 +495,61 @@ async fn daemon_that_cannot_be_started_is_reported_and_start_task_is_retryable()
     assert_eq!(recoverable_detail(&e), Some(true), "{e:?}");
     assert!(e.message().contains("auto-start failed"), "{e:?}");
     plugin.alive().await;
+}
+
+/// A daemon out of descriptors (its hard open-file limit set far too low) fails the StartTask
+/// it cannot serve with an error Nomad retries (RecoverableError detail) naming the cause; the
+/// tasks that started run to their end, and once they are gone a start works again.
+#[tokio::test]
+async fn a_daemon_out_of_descriptors_fails_starts_as_recoverable_and_recovers() {
+    const LIMIT: u64 = 64;
+    let daemon = TestDaemon::start_with_open_file_limits(LIMIT, Some(LIMIT)).await;
+    let plugin = Plugin::launch(&plugin_config(&daemon.socket, None)).await;
+    let alloc = Alloc::new(&daemon.path("nomad"));
+    let go = daemon.path("go");
+    let code = format!(
+        "import os, time\nwhile not os.path.exists({:?}):\n    time.sleep(0.02)\nprint('done')\n",
+        go.display()
+    );
+    let mut started = Vec::new();
+    let refused = loop {
+        assert!(
+            started.len() < LIMIT as usize,
+            "{} tasks started under an open-file limit of {LIMIT}",
+            started.len()
+        );
+        let t = alloc.task(&format!("t{}", started.len()));
+        match plugin
+            .start_json(&t, json!({"language": "python", "code": code}))
+            .await
+        {
+            Ok(_) => started.push(t),
+            Err(e) => break e,
+        }
+    };
+    assert!(!started.is_empty(), "not one task started");
+    assert_eq!(recoverable_detail(&refused), Some(true), "{refused:?}");
+    assert!(
+        refused.message().contains("Too many open files"),
+        "{refused:?}"
+    );
+    plugin.alive().await;
+
+    std::fs::write(&go, b"").expect("go");
+    for t in &started {
+        let w = plugin.wait(&t.id).await;
+        assert_eq!(w.result.expect("result").exit_code, 0, "{}", t.id);
+        assert_eq!(t.stdout.wait_eof().await, "done\n");
+        plugin.destroy(&t.id, true).await.expect("destroy");
+    }
+    let t = alloc.task("after");
+    plugin
+        .start_json(&t, json!({"language": "python", "code": code}))
+        .await
+        .expect("a start once descriptors are free again");
+    assert_eq!(
+        plugin.wait(&t.id).await.result.expect("result").exit_code,
+        0
+    );
+    assert_eq!(t.stdout.wait_eof().await, "done\n");
 }

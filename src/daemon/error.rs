@@ -43,6 +43,10 @@ pub enum DaemonError {
     /// The caller is not allowed to use the daemon.
     #[error("{0}")]
     PermissionDenied(String),
+    /// The node is out of something for now (descriptors, processes, memory): the same call
+    /// may work later.
+    #[error("{0}")]
+    Unavailable(String),
     /// Something failed inside the daemon or the machine.
     #[error("{0}")]
     Internal(String),
@@ -83,6 +87,7 @@ impl From<DaemonError> for Status {
             DaemonError::ResourceExhausted { .. } => Code::ResourceExhausted,
             DaemonError::AlreadyExists { .. } => Code::AlreadyExists,
             DaemonError::PermissionDenied(_) => Code::PermissionDenied,
+            DaemonError::Unavailable(_) => Code::Unavailable,
             DaemonError::Internal(_) => Code::Internal,
         };
         Status::new(code, e.to_string())

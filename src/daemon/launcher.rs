@@ -63,6 +63,18 @@ pub enum LaunchError {
     /// The isolation could not be prepared.
     #[error("preparing isolation: {0}")]
     Sandbox(String),
+    /// The isolation could not be prepared for want of descriptors, processes or memory
+    /// (see `isolation_failed`).
+    #[error("preparing isolation: {0}")]
+    Exhausted(String),
+    /// A descriptor the start needs could not be made.
+    #[error("preparing isolation: {what}: {source}")]
+    Descriptor {
+        /// What was being made ("pipe").
+        what: &'static str,
+        /// Why.
+        source: std::io::Error,
+    },
     /// fork/exec failed.
     #[error("starting {program}: {source}")]
     Spawn {
@@ -74,6 +86,47 @@ pub enum LaunchError {
     /// The spawner thread is gone (daemon shutting down).
     #[error("the daemon's spawner thread is not running")]
     SpawnerGone,
+}
+
+/// A failure to prepare an execution's isolation: [`LaunchError::Exhausted`] when its cause is
+/// a node out of descriptors, processes or memory, [`LaunchError::Sandbox`] otherwise.
+pub(crate) fn isolation_failed(e: &(dyn std::error::Error + 'static)) -> LaunchError {
+    let mut cause = Some(e);
+    while let Some(c) = cause {
+        let errno = c
+            .downcast_ref::<std::io::Error>()
+            .and_then(std::io::Error::raw_os_error)
+            .or_else(|| c.downcast_ref::<nix::errno::Errno>().map(|e| *e as i32));
+        if errno.is_some_and(is_exhaustion_errno) {
+            return LaunchError::Exhausted(e.to_string());
+        }
+        cause = c.source();
+    }
+    LaunchError::Sandbox(e.to_string())
+}
+
+/// Errors a node returns while it is out of descriptors (EMFILE, ENFILE), processes (EAGAIN
+/// from fork) or memory (ENOMEM).
+fn is_exhaustion_errno(errno: i32) -> bool {
+    matches!(
+        errno,
+        libc::EMFILE | libc::ENFILE | libc::EAGAIN | libc::ENOMEM
+    )
+}
+
+impl LaunchError {
+    /// Whether the start failed for want of something the node runs out of for a while
+    /// (descriptors, processes, memory), not for anything in the request: the same start may
+    /// work later, so Nomad should retry it rather than fail the task.
+    pub fn is_exhaustion(&self) -> bool {
+        match self {
+            LaunchError::Exhausted(_) => true,
+            LaunchError::Descriptor { source, .. } | LaunchError::Spawn { source, .. } => {
+                source.raw_os_error().is_some_and(is_exhaustion_errno)
+            }
+            _ => false,
+        }
+    }
 }
 
 /// Creates execution processes from plans.
@@ -215,8 +268,11 @@ pub(crate) struct Prepared {
 }
 
 fn capture_pipe() -> Result<(OwnedFd, OwnedFd), LaunchError> {
-    let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
-        .map_err(|e| LaunchError::Sandbox(format!("pipe: {e}")))?;
+    let (r, w) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| LaunchError::Descriptor {
+            what: "pipe",
+            source: e.into(),
+        })?;
     // Only the daemon's end is non-blocking; the child's stays an ordinary blocking pipe.
     let flags = nix::fcntl::fcntl(&r, nix::fcntl::FcntlArg::F_GETFL)
         .map_err(|e| LaunchError::Sandbox(format!("fcntl: {e}")))?;
@@ -277,6 +333,15 @@ impl Preparer {
             SinkTarget::Path(p) => match open_sink(p, &self.output_roots, deadline) {
                 Ok(fd) => Ok((fd, None)),
                 Err(SinkError::NoReader { .. }) if deadline.is_zero() => Err(SinkOpen::NoReaderYet),
+                // Out of descriptors is the node's state, not the sink's fault.
+                Err(SinkError::Io { source, .. })
+                    if matches!(source.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) =>
+                {
+                    Err(SinkOpen::Failed(LaunchError::Descriptor {
+                        what: field,
+                        source,
+                    }))
+                }
                 Err(e) => Err(SinkOpen::Failed(LaunchError::Sink {
                     field,
                     message: e.to_string(),
@@ -341,7 +406,7 @@ impl Preparer {
                     offload(move || me.cgroups.create(&id, &limits))
                         .await
                         .map_err(|e| LaunchError::Sandbox(format!("cgroup task failed: {e}")))?
-                        .map_err(|e| LaunchError::Sandbox(e.to_string()))?
+                        .map_err(|e| isolation_failed(&e))?
                 }
             };
             prepared.cgroup = Some(cgroup);
@@ -376,7 +441,7 @@ impl Preparer {
             Some(cg) => Ok(Some(cg)),
             None => unnamed_cgroup(&self.cgroups)
                 .map(Some)
-                .map_err(|e| LaunchError::Sandbox(e.to_string())),
+                .map_err(|e| isolation_failed(&e)),
         }
     }
 }
@@ -425,8 +490,7 @@ impl ColdLauncher {
         let spawned = self
             .spawner
             .run(move || {
-                spec.apply(&mut cmd)
-                    .map_err(|e| LaunchError::Sandbox(e.to_string()))?;
+                spec.apply(&mut cmd).map_err(|e| isolation_failed(&e))?;
                 let mut cmd = tokio::process::Command::from(cmd);
                 cmd.kill_on_drop(false);
                 cmd.spawn()

@@ -551,6 +551,11 @@ impl Daemon {
                     tokio::task::spawn_blocking(move || std::fs::remove_dir_all(exec_dir)).await;
                 Err(match e {
                     LaunchError::Sink { field, message } => DaemonError::invalid(field, message),
+                    e if e.is_exhaustion() => DaemonError::Unavailable(format!(
+                        "{e} (the node or the daemon is out of descriptors, processes or \
+                         memory for now: the start can be retried; for the daemon's open-file \
+                         limit, raise its hard limit, systemd: LimitNOFILE=)"
+                    )),
                     other => DaemonError::Internal(other.to_string()),
                 })
             }

@@ -34,7 +34,7 @@ pub enum LandlockError {
     )]
     Unsupported { abi: i32 },
     #[error("building the Landlock ruleset failed: {0}")]
-    Ruleset(String),
+    Ruleset(#[source] landlock::RulesetError),
     #[error("Landlock rule path {path:?}: {reason}")]
     Path { path: PathBuf, reason: String },
 }
@@ -198,7 +198,7 @@ pub fn build_ruleset(
             });
         }
     }
-    let rr = |e: landlock::RulesetError| LandlockError::Ruleset(e.to_string());
+    let rr = LandlockError::Ruleset;
     let created = Ruleset::default()
         .set_compatibility(CompatLevel::BestEffort)
         .handle_access(AccessFs::from_all(TARGET_ABI))
@@ -228,7 +228,7 @@ pub fn build_domain() -> Result<Option<OwnedFd>, LandlockError> {
     if !domains_available() {
         return Ok(None);
     }
-    let rr = |e: landlock::RulesetError| LandlockError::Ruleset(e.to_string());
+    let rr = LandlockError::Ruleset;
     let created = Ruleset::default()
         .set_compatibility(CompatLevel::HardRequirement)
         .scope(Scope::Signal)

@@ -27,8 +27,9 @@ pub struct TestDaemon {
     pub run_dir: PathBuf,
     pub cgroup_parent: String,
     pub extra_args: Vec<String>,
-    /// The soft open-file limit the daemon is started with, when not the harness's own.
-    pub open_file_limit: Option<u64>,
+    /// The open-file limits the daemon is started with, soft and (when given) hard, when not
+    /// the harness's own.
+    pub open_file_limit: Option<(u64, Option<u64>)>,
     /// A tmpfs dir of this daemon's (`/dev/shm/<name>`: its run dir and a second output root;
     /// removed on drop).
     tmpfs: Option<PathBuf>,
@@ -71,8 +72,13 @@ impl TestDaemon {
     /// Starts a daemon whose soft open-file limit is `soft` (the hard limit stays), as a
     /// service manager starts one (systemd: a soft limit of 1,024).
     pub async fn start_with_open_file_limit(soft: u64) -> Self {
+        Self::start_with_open_file_limits(soft, None).await
+    }
+
+    /// Starts a daemon with these open-file limits (`hard`: None keeps the harness's).
+    pub async fn start_with_open_file_limits(soft: u64, hard: Option<u64>) -> Self {
         let mut d = Self::configure(&[]);
-        d.open_file_limit = Some(soft);
+        d.open_file_limit = Some((soft, hard));
         d.spawn().await;
         d
     }
@@ -143,7 +149,7 @@ impl TestDaemon {
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
-                if let Some(soft) = open_files {
+                if let Some((soft, hard)) = open_files {
                     let mut l = libc::rlimit {
                         rlim_cur: 0,
                         rlim_max: 0,
@@ -152,6 +158,7 @@ impl TestDaemon {
                         return Err(std::io::Error::last_os_error());
                     }
                     l.rlim_cur = soft;
+                    l.rlim_max = hard.unwrap_or(l.rlim_max);
                     if libc::setrlimit(libc::RLIMIT_NOFILE, &l) != 0 {
                         return Err(std::io::Error::last_os_error());
                     }

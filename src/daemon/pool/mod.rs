@@ -365,7 +365,9 @@ impl PoolLauncher {
                 if let Some(cg) = cgroup {
                     let _ = offload(move || cg.remove()).await;
                 }
-                return Err(NotPooled::Fail(LaunchError::Sandbox(e.to_string())));
+                return Err(NotPooled::Fail(crate::daemon::launcher::isolation_failed(
+                    &e,
+                )));
             }
         };
         let isolation = spec.plan();

@@ -113,8 +113,10 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 fn pipe() -> Result<(OwnedFd, OwnedFd), LaunchError> {
-    nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
-        .map_err(|e| LaunchError::Sandbox(format!("pipe: {e}")))
+    nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| LaunchError::Descriptor {
+        what: "pipe",
+        source: e.into(),
+    })
 }
 
 impl NodePool {
@@ -208,7 +210,7 @@ impl NodePool {
             stderr: err_w,
         };
         spec.apply(&mut cmd)
-            .map_err(|e| LaunchError::Sandbox(e.to_string()))?;
+            .map_err(|e| crate::daemon::launcher::isolation_failed(&e))?;
         cmd.stdin(std::process::Stdio::from(OwnedFd::from(job_theirs)));
         let child = super::spawn_pool_process(spawner, cmd, &self.node).await?;
         let pid = child.id().unwrap_or(0);
