@@ -432,6 +432,13 @@ impl PoolLauncher {
                 opened.cgroup = cgroup;
                 return Err(NotPooled::FallbackOn(STARVED.into(), opened));
             }
+            Ok(Ok(Err(python_zygote::NotReady::NoPidfd))) => {
+                discard(cgroup).await;
+                return Err(NotPooled::Fail(LaunchError::Descriptor {
+                    what: "receiving the pooled python child's pidfd",
+                    source: std::io::Error::from_raw_os_error(libc::EMFILE),
+                }));
+            }
             Ok(Ok(Err(python_zygote::NotReady::Failed(msg)))) => {
                 discard(cgroup).await;
                 return Err(NotPooled::Fail(LaunchError::Spawn {

@@ -99,6 +99,10 @@ pub enum NotReady {
     /// The zygote handed the job back unrun: it found it queued while it had no spare and
     /// could not fork one. No process touched the job's cgroup or sinks.
     Declined,
+    /// The child reported ready, but its pidfd did not arrive with the report: the daemon had
+    /// no descriptor to receive it in (at its open-file limit, the kernel drops passed fds).
+    /// The daemon could not follow the child, so the child was killed before its snippet ran.
+    NoPidfd,
 }
 
 /// What the child reports once isolated.
@@ -386,8 +390,25 @@ fn handle(
             t.by_pid.insert(pid, ready);
             if let Some(p) = t.pending.get_mut(&ready) {
                 p.pid = Some(pid);
-                if let (Some(tx), Some(pidfd)) = (p.ready.take(), fds.into_iter().next()) {
-                    let _ = tx.send(Ok(Ready { pid, pidfd }));
+                match (p.ready.take(), fds.into_iter().next()) {
+                    (Some(tx), Some(pidfd)) => {
+                        let _ = tx.send(Ok(Ready { pid, pidfd }));
+                    }
+                    (Some(tx), None) => {
+                        // By pid, as the pidfd is what is missing; its own session by now (the
+                        // steps ran), so the group is the execution. Only a child already
+                        // ended, reaped and its pid reused within this moment could make
+                        // this reach another process.
+                        if let Ok(pid) = i32::try_from(pid) {
+                            // SAFETY: kill takes integers and touches no memory.
+                            unsafe {
+                                libc::kill(-pid, libc::SIGKILL);
+                                libc::kill(pid, libc::SIGKILL);
+                            }
+                        }
+                        let _ = tx.send(Err(NotReady::NoPidfd));
+                    }
+                    (None, _) => {}
                 }
             }
         }
@@ -806,6 +827,40 @@ mod tests {
                 return msg;
             }
         }
+    }
+
+    /// A child's ready report without its pidfd (a daemon at its open-file limit receives
+    /// none) fails its start as `NoPidfd` and kills the child, which the daemon could not
+    /// follow: played with a real process standing in for the child.
+    #[test]
+    fn a_ready_report_without_its_pidfd_fails_the_start_and_kills_the_child() {
+        use std::os::unix::process::{CommandExt, ExitStatusExt};
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .process_group(0)
+            .spawn()
+            .expect("sleep");
+        let table = Mutex::new(Table::default());
+        let (tx, mut rx) = oneshot::channel();
+        lock(&table).pending.insert(
+            9,
+            Pending {
+                ready: Some(tx),
+                exit: None,
+                pid: None,
+            },
+        );
+        let report = format!(r#"{{"ready": 9, "pid": {}}}"#, child.id());
+        handle(
+            report.as_bytes(),
+            Vec::new(),
+            &table,
+            &AtomicBool::new(false),
+            &mut None,
+        );
+        assert!(matches!(rx.try_recv(), Ok(Err(NotReady::NoPidfd))));
+        let status = child.wait().expect("wait");
+        assert_eq!(status.signal(), Some(libc::SIGKILL), "{status}");
     }
 
     /// A job's script of `source` in a fresh directory (kept while the guard lives), and
