@@ -520,3 +520,45 @@ impl ColdLauncher {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sandbox::SandboxError;
+
+    fn open_failed(errno: i32) -> SandboxError {
+        SandboxError::Open {
+            what: "cgroup membership file",
+            path: "/sys/fs/cgroup/x/cgroup.procs".into(),
+            source: std::io::Error::from_raw_os_error(errno),
+        }
+    }
+
+    /// The cause is found however deep the error wraps it, and only the node's exhaustion
+    /// makes a start retryable: a missing file is the request's or the host's problem.
+    #[test]
+    fn only_a_node_out_of_resources_makes_a_start_retryable() {
+        for errno in [libc::EMFILE, libc::ENFILE, libc::EAGAIN, libc::ENOMEM] {
+            let e = isolation_failed(&open_failed(errno));
+            assert!(matches!(e, LaunchError::Exhausted(_)), "{errno}: {e:?}");
+            assert!(e.is_exhaustion());
+            assert!(e.to_string().contains("cgroup.procs"), "{e}");
+        }
+        let e = isolation_failed(&open_failed(libc::ENOENT));
+        assert!(
+            matches!(e, LaunchError::Sandbox(_)) && !e.is_exhaustion(),
+            "{e:?}"
+        );
+        let spawn = |errno| LaunchError::Spawn {
+            program: "python3".into(),
+            source: std::io::Error::from_raw_os_error(errno),
+        };
+        assert!(spawn(libc::EAGAIN).is_exhaustion());
+        assert!(!spawn(libc::EACCES).is_exhaustion());
+        let other = LaunchError::Spawn {
+            program: "python3".into(),
+            source: std::io::Error::other("isolation step failed: too many open files"),
+        };
+        assert!(!other.is_exhaustion(), "a message is not a cause");
+    }
+}
