@@ -31,12 +31,6 @@ fn open_file_limits(pid: u32) -> (u64, u64) {
     (n[0], n[1])
 }
 
-fn fd_count(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .expect("fd dir")
-        .count()
-}
-
 /// A snippet that waits for `go` to exist, then prints its own soft open-file limit.
 fn snippet(language: &str, go: &std::path::Path) -> String {
     let go = go.display();
@@ -171,6 +165,14 @@ async fn out_of_descriptors_and_back(pool: u32) {
     const LIMIT: u64 = 64;
     let d = TestDaemon::start_with_open_file_limits(LIMIT, Some(LIMIT)).await;
     assert_eq!(open_file_limits(d.pid()), (LIMIT, LIMIT));
+    let log = d.log();
+    assert!(
+        log.contains(&format!(
+            "the open-file limit allows about {} concurrent executions",
+            LIMIT / 4
+        )) && log.contains("LimitNOFILE="),
+        "{log}"
+    );
     let mut c = d.client().await;
     let session = session_with_pool(&mut c, &["env", "io", "net"], pool).await;
     let go = d.path("go");

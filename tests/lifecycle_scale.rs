@@ -9,18 +9,12 @@ mod support;
 
 use std::time::Duration;
 
-use daemon_support::TestDaemon;
+use daemon_support::{TestDaemon, fd_count};
 use elide_task_driver::proto::hashicorp::nomad::plugins::drivers::proto as pb;
 use lifecycle_support::{Alloc, DEADLINE, Plugin, eventually, plugin_config};
 use serde_json::json;
 
 const TASKS: usize = 200;
-
-fn fd_count(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
-        .count()
-}
 
 /// Processes whose environment carries this marker (the snippets of this test).
 fn marked_processes(marker: &str) -> Vec<u32> {

@@ -63,8 +63,8 @@ pub enum LaunchError {
     /// The isolation could not be prepared.
     #[error("preparing isolation: {0}")]
     Sandbox(String),
-    /// The isolation could not be prepared for want of descriptors, processes or memory
-    /// (see `isolation_failed`).
+    /// The start could not be prepared for want of descriptors, processes or memory (found in
+    /// an error's causes by `isolation_failed`, or a pidfd that never arrived).
     #[error("preparing isolation: {0}")]
     Exhausted(String),
     /// A descriptor the start needs could not be made.

@@ -485,6 +485,13 @@ pub fn fifo_reader(path: &Path) -> std::thread::JoinHandle<Vec<u8>> {
     })
 }
 
+/// How many fds process `pid` holds.
+pub fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("fd dir")
+        .count()
+}
+
 /// Whether a process with this pid exists (and is not a zombie).
 pub fn alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {

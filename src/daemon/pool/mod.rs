@@ -434,10 +434,11 @@ impl PoolLauncher {
             }
             Ok(Ok(Err(python_zygote::NotReady::NoPidfd))) => {
                 discard(cgroup).await;
-                return Err(NotPooled::Fail(LaunchError::Descriptor {
-                    what: "receiving the pooled python child's pidfd",
-                    source: std::io::Error::from_raw_os_error(libc::EMFILE),
-                }));
+                return Err(NotPooled::Fail(LaunchError::Exhausted(
+                    "the pooled python child's pidfd did not come with its ready report: the \
+                     daemon had no descriptor to receive it in (its open-file limit)"
+                        .into(),
+                )));
             }
             Ok(Ok(Err(python_zygote::NotReady::Failed(msg)))) => {
                 discard(cgroup).await;
