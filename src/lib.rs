@@ -9,10 +9,13 @@
 //! - [`daemon_client`]: the plugin's typed client of the daemon's ExecutionAPI.
 //! - [`daemon`]: the node daemon serving the ExecutionAPI (sessions, executions, runtimes).
 //! - [`sandbox`]: isolation and limits of one execution (cgroups, Landlock, netns, user, sinks).
+//! - [`paced_accept`]: the listeners of both servers, which pause instead of spinning when
+//!   `accept` fails (out of descriptors).
 
 pub mod daemon;
 pub mod daemon_client;
 pub mod goplugin;
 pub mod nomad;
+pub mod paced_accept;
 pub mod proto;
 pub mod sandbox;

@@ -210,3 +210,65 @@ async fn out_of_descriptors_and_back(pool: u32) {
         (0, format!("{LIMIT}\n"), String::new())
     );
 }
+
+/// A client that connects while the daemon has no descriptor left to accept it with waits in
+/// the listen backlog, and is served once descriptors are free again. Meanwhile the daemon
+/// does not spin on the failing `accept` (which would take a core from the executions it
+/// runs) and tells the operator why new clients wait, and when they no longer do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_arriving_at_the_descriptor_limit_waits_without_spinning_the_daemon() {
+    const LIMIT: u64 = 64;
+    let d = TestDaemon::start_with_open_file_limits(LIMIT, Some(LIMIT)).await;
+    let mut c = d.client().await;
+    let _ = session(&mut c, &["env"]).await;
+
+    // Connections the daemon accepts but that never speak hold one descriptor each, until
+    // the daemon holds all it may.
+    let mut held = Vec::new();
+    while fd_count(d.pid()) < LIMIT as usize {
+        assert!(
+            held.len() < LIMIT as usize,
+            "the daemon never reached its limit"
+        );
+        held.push(std::os::unix::net::UnixStream::connect(d.path("d.sock")).expect("connect"));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // A few more wait in the listen backlog ahead of the client below, in case the daemon
+    // counted a descriptor it held only for a moment (reading a file in /proc).
+    for _ in 0..4 {
+        held.push(std::os::unix::net::UnixStream::connect(d.path("d.sock")).expect("connect"));
+    }
+    // This one stays in the listen backlog: connected, never accepted.
+    let mut late = d.client().await;
+    let late_call =
+        tokio::spawn(async move { late.list_sessions(pb::ListSessionsRequest {}).await });
+
+    let before = cpu_ticks(d.pid());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let spent = cpu_ticks(d.pid()) - before;
+    assert!(
+        spent < 20,
+        "the daemon used {spent} ticks of CPU in 1 s while it could accept no client"
+    );
+    assert!(
+        !late_call.is_finished(),
+        "a client was served past the limit"
+    );
+    let log = d.log();
+    assert!(
+        log.contains("cannot accept new clients") && log.contains("Too many open files"),
+        "{log}"
+    );
+
+    drop(held);
+    let listed = tokio::time::timeout(DEADLINE, late_call)
+        .await
+        .expect("the waiting client was never served")
+        .expect("join")
+        .expect("list sessions");
+    assert_eq!(listed.into_inner().sessions.len(), 1);
+    eventually("the daemon says it accepts clients again", || {
+        d.log().contains("accepting new clients again")
+    })
+    .await;
+}

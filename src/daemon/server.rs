@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::Stream;
-use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::UdsConnectInfo;
 use tonic::{Request, Response, Status};
 
@@ -17,6 +17,7 @@ use super::error::DaemonError;
 use super::execution::{Execution, result_to_proto};
 use super::output::CaptureBuffer;
 use super::service::{Caller, Daemon};
+use crate::paced_accept::PacedIncoming;
 use crate::proto::elide::daemon::v1alpha1 as pb;
 use crate::proto::elide::daemon::v1alpha1::execution_api_server::{
     ExecutionApi, ExecutionApiServer,
@@ -455,7 +456,7 @@ pub async fn serve(cfg: DaemonConfig) -> anyhow::Result<()> {
     let server = tonic::transport::Server::builder()
         .add_service(api)
         .serve_with_incoming_shutdown(
-            UnixListenerStream::new(listener),
+            PacedIncoming::new(listener),
             shutdown.clone().cancelled_owned(),
         );
     tokio::pin!(server);

@@ -166,7 +166,7 @@ pub async fn serve(
         .add_service(GrpcControllerServer::new(Controller::new(shutdown.clone())))
         .add_service(GrpcStdioServer::new(Stdio::new(shutdown.clone())))
         .add_service(GrpcBrokerServer::new(Broker::new(shutdown.clone())));
-    let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+    let incoming = crate::paced_accept::PacedIncoming::new(listener);
     let server = Server::builder()
         .max_concurrent_streams(Some(MAX_CONCURRENT_STREAMS))
         .add_routes(routes)

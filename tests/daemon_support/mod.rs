@@ -492,6 +492,19 @@ pub fn fd_count(pid: u32) -> usize {
         .count()
 }
 
+/// CPU time process `pid` has used so far (user + system), in clock ticks (100 per second).
+pub fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    // Fields after the command name: state is the first, utime and stime the 12th and 13th.
+    let after_comm = stat.rsplit(')').next().expect("stat fields");
+    after_comm
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .map(|f| f.parse::<u64>().expect("tick count"))
+        .sum()
+}
+
 /// Whether a process with this pid exists (and is not a zombie).
 pub fn alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
