@@ -39,6 +39,8 @@ plugin "elide" {
     # outlives agent and plugin restarts. Without `path`, the binary is looked up next to the
     # plugin's real path, then at <plugin_dir>/../bin/elide-daemon (here build/bin; Nomad 1.6
     # launches every executable in plugin_dir, so the daemon must not live there), then on PATH.
+    # In production, run the daemon as a service (deploy/systemd/elide-daemon.service) and set
+    # auto_start = false.
     daemon {
       auto_start    = true
       # path        = "/usr/local/bin/elide-daemon"

@@ -77,7 +77,16 @@ impl TestDaemon {
 
     /// Starts a daemon with these open-file limits (`hard`: None keeps the harness's).
     pub async fn start_with_open_file_limits(soft: u64, hard: Option<u64>) -> Self {
-        let mut d = Self::configure(&[]);
+        Self::start_with_args_and_open_file_limits(&[], soft, hard).await
+    }
+
+    /// Starts a daemon with extra command-line flags and these open-file limits.
+    pub async fn start_with_args_and_open_file_limits(
+        extra: &[&str],
+        soft: u64,
+        hard: Option<u64>,
+    ) -> Self {
+        let mut d = Self::configure(extra);
         d.open_file_limit = Some((soft, hard));
         d.spawn().await;
         d
