@@ -498,3 +498,74 @@ async fn language_disabled_on_the_node_is_refused_and_reported() {
         &["language", "javascript", "not available", "disabled"],
     );
 }
+
+/// Arguments and environment larger than the kernel lets a new process have are refused as
+/// bad input naming the argument, the variable or both, cold and pooled alike (a pooled start
+/// does not exec, and ran what a cold one failed with E2BIG in its child, as INTERNAL); what
+/// fits runs, pooled or not.
+#[tokio::test(flavor = "multi_thread")]
+async fn arguments_and_environment_beyond_the_kernels_limits_are_refused_cold_and_pooled() {
+    let d = TestDaemon::start().await;
+    let mut c = d.client().await;
+    let var = |key: &str, len: usize| pb::EnvVar {
+        key: key.as_bytes().to_vec(),
+        value: vec![b'v'; len],
+    };
+    // The variables the test set (python adds LC_CTYPE of its own).
+    let count = "import os, sys\nprint(len(sys.argv), sum(len(v) for k, v in os.environ.items() if k[0] == 'V'))";
+    for (pool, language) in [
+        (0, "python"),
+        (2, "python"),
+        (0, "javascript"),
+        (2, "javascript"),
+    ] {
+        let s = session_with_pool(&mut c, &["env", "io", "net"], pool).await;
+        let code = if language == "python" {
+            count.to_string()
+        } else {
+            "console.log(process.argv.length - 1, Object.entries(process.env)\n\
+               .filter(([k]) => k[0] === 'V').reduce((n, [, v]) => n + v.length, 0))"
+                .to_string()
+        };
+        let what = format!("{language}, pool {pool}");
+
+        let mut r = code_req(&s, language, &code);
+        r.env = vec![var("SMALL", 10), var("HUGE", 200_000)];
+        check(
+            c.start_execution(r).await,
+            Code::InvalidArgument,
+            &["env", "HUGE=... is 200006 bytes", "131072"],
+        );
+
+        let mut r = code_req(&s, language, &code);
+        r.args = vec!["ok".into(), "a".repeat(131_072)];
+        check(
+            c.start_execution(r).await,
+            Code::InvalidArgument,
+            &["args[1]", "131073 bytes"],
+        );
+
+        let mut r = code_req(&s, language, &code);
+        r.env = (0..20).map(|i| var(&format!("V{i}"), 120_000)).collect();
+        check(
+            c.start_execution(r).await,
+            Code::InvalidArgument,
+            &[
+                "args and env",
+                "environment variables (20)",
+                "the kernel allows a new process",
+            ],
+        );
+
+        // Large but within the limits: runs, and the snippet sees all of it.
+        let mut r = code_req(&s, language, &code);
+        r.args = vec!["a".repeat(100_000)];
+        r.env = (0..10).map(|i| var(&format!("V{i}"), 120_000)).collect();
+        let (result, out, err) = run(&mut c, r).await;
+        assert_eq!(
+            (result.exit_code, out.trim(), err.as_str()),
+            (0, "2 1200000", ""),
+            "{what}"
+        );
+    }
+}

@@ -4,7 +4,8 @@
 //! - [`config`]: TOML file + flags. [`cli`]: the binary's commands (serve, run, sessions, ...).
 //! - [`server`]: the gRPC edge and the socket. [`service`]: sessions and executions, no gRPC.
 //! - [`session`], [`execution`]: the two domain objects; [`plan`] validates a start request
-//!   into an [`plan::ExecutionPlan`]; [`launcher`] turns a plan into a process.
+//!   into an [`plan::ExecutionPlan`] ([`exec_limits`]: the sizes the kernel allows a new
+//!   process's arguments and environment); [`launcher`] turns a plan into a process.
 //! - [`runtime`]: python3/node/elide discovery; [`tsstrip`]: TypeScript type stripping.
 //! - [`blocking`]: which blocking work runs inline on the async workers and which is handed off.
 //! - [`state`]: exit statuses on disk; [`output`]: captured output; [`events`]: event fan-out;
@@ -25,6 +26,7 @@ pub mod config;
 pub mod error;
 pub mod events;
 pub mod exec;
+pub mod exec_limits;
 pub mod execution;
 pub mod journal;
 pub mod launcher;

@@ -15,6 +15,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::error::{DaemonError, DaemonResult};
+use super::exec_limits::ExecLimits;
 use super::runtime::{Backend, Language, RuntimeRegistry};
 use super::tsstrip::StripCache;
 use crate::proto::elide::daemon::v1alpha1 as pb;
@@ -528,12 +529,18 @@ pub fn plan_execution(
         ]
     };
 
+    let argv = runtime.argv(&script, &req.args);
+    // Pooled runtimes do not exec, but must refuse what a cold start's exec would.
+    ExecLimits::of_children()
+        .check(&argv, argv.len() - req.args.len(), &env)
+        .map_err(cleanup_on_err)?;
+
     Ok(ExecutionPlan {
         execution_id: execution_id.to_string(),
         session_id: req.session_id.clone(),
         language,
         backend: runtime.backend.clone(),
-        argv: runtime.argv(&script, &req.args),
+        argv,
         env,
         working_dir,
         exec_dir,
