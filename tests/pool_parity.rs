@@ -63,6 +63,17 @@ fn env_var(k: &str, v: &str) -> pb::EnvVar {
 
 const PY_REPORT: &str = r#"
 import os, sys, json, resource, threading
+
+def refused():
+    """The errno of io_uring_setup and keyctl, which the syscall filter refuses."""
+    import ctypes, platform
+    libc = ctypes.CDLL(None, use_errno=True)
+    keyctl = 250 if platform.machine() == "x86_64" else 219
+    out = []
+    for nr, args in ((425, (1, None)), (keyctl, (0, -4, 0))):
+        out.append(ctypes.get_errno() if libc.syscall(nr, *args) < 0 else 0)
+    return out
+
 # A thread, then a fork: the forked process must see only itself in the thread table.
 done = threading.Event()
 worker = threading.Thread(target=done.wait, daemon=True)
@@ -101,6 +112,8 @@ print(json.dumps({
     "nnp": [l for l in open("/proc/self/status") if l.startswith("NoNewPrivs")][0].split()[1],
     "caps": {l.split(":")[0]: l.split()[1] for l in open("/proc/self/status") if l.startswith("Cap")},
     "new_uts_ns": __import__("ctypes").CDLL(None, use_errno=True).unshare(0x04000000),
+    "seccomp": [l.split()[1] for l in open("/proc/self/status") if l.startswith("Seccomp")],
+    "refused": refused(),
 }, sort_keys=True))
 "#;
 
@@ -115,6 +128,8 @@ console.log(JSON.stringify({
   oom: fs.readFileSync('/proc/self/oom_score_adj', 'utf8').trim(),
   main: require.main === module,
   nnp: fs.readFileSync('/proc/self/status', 'utf8').split('\n').find(l => l.startsWith('NoNewPrivs')).split(/\s+/)[1],
+  seccomp: fs.readFileSync('/proc/self/status', 'utf8').split('\n')
+    .filter(l => l.startsWith('Seccomp')).map(l => l.split(/\s+/)[1]),
   caps: Object.fromEntries(fs.readFileSync('/proc/self/status', 'utf8').split('\n')
     .filter(l => l.startsWith('Cap')).map(l => l.split(/:\s+/))),
 }));
@@ -193,6 +208,16 @@ async fn environment_cwd_argv_user_and_process_state_match_cold() {
                 assert_eq!(v["cwd"], wd.display().to_string());
                 assert_eq!(v["oom"], "0");
                 assert_eq!(v["nnp"], "1");
+                // Filter mode, one filter: the syscall filter, in force for pooled and cold.
+                assert_eq!(
+                    v["seccomp"],
+                    serde_json::json!(["2", "1"]),
+                    "{kind:?} {lang}"
+                );
+                if lang == "py" {
+                    let eperm = libc::EPERM;
+                    assert_eq!(v["refused"], serde_json::json!([eperm, eperm]), "{kind:?}");
+                }
                 if lang == "py" {
                     assert_eq!(v["threads"], 1, "{kind:?}");
                     assert_eq!(v["threads_after_fork"], 1, "{kind:?}");

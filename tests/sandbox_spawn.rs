@@ -274,6 +274,7 @@ fn plan_lists_steps_in_order_as_json() {
             "set_uid",
             "no_new_privs",
             "landlock",
+            "syscall_filter",
             "close_fds_from"
         ]
     );

@@ -33,7 +33,8 @@
 //! daemon was started with (it raises its own: [`open_files`]); a Landlock domain of its own
 //! (ABI ≥ 6; with `io` on it confines nothing on the filesystem), so the execution cannot
 //! signal or ptrace the daemon or another execution, nor open their `/proc/<pid>/mem`, even
-//! as the same user (see [`landlock_rules`] for what `/proc` still shows with `io` on).
+//! as the same user (see [`landlock_rules`] for what `/proc` still shows with `io` on); the
+//! seccomp filter of [`syscall_filter`], where the machine takes one.
 //! An operator's exec session and the daemon's own helpers differ where [`Role`] says.
 //!
 //! # Machine support
@@ -51,6 +52,7 @@ pub mod probe;
 pub mod signal;
 pub mod sink;
 pub mod spawn;
+pub mod syscall_filter;
 pub mod user;
 
 pub use spawn::{Intrinsics, IsolationPlan, IsolationSpec, PlanStep, Role};

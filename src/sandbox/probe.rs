@@ -121,17 +121,10 @@ pub fn probe(cgroups: &CgroupManager) -> Vec<Feature> {
             format!("daemon runs as uid {euid}: executions keep that user"),
         )
     });
-    // SAFETY: PR_GET_SECCOMP only reads the caller's mode.
-    let seccomp = unsafe { libc::prctl(libc::PR_GET_SECCOMP, 0, 0, 0, 0) };
-    out.push(feature(
-        "seccomp",
-        false,
-        if seccomp >= 0 {
-            "available in the kernel, no filter installed yet"
-        } else {
-            "not available"
-        },
-    ));
+    out.push(match super::syscall_filter::filter() {
+        Ok(_) => feature("seccomp", true, super::syscall_filter::describe()),
+        Err(why) => feature("seccomp", false, why),
+    });
     out.push(feature("pidns", false, "not used yet"));
     out
 }
@@ -155,6 +148,13 @@ mod tests {
         if unsafe { libc::geteuid() } == 0 && m.mode() != crate::sandbox::cgroup::CgroupMode::None {
             assert!(f[0].enforced, "root can create cgroups: {:?}", f[0]);
         }
+        // This machine takes the syscall filter, and the report lists what it refuses.
+        assert!(f[5].enforced, "{:?}", f[5]);
+        assert!(
+            f[5].detail.contains("io_uring_setup, io_uring_enter"),
+            "{:?}",
+            f[5]
+        );
         let fake = tempfile::tempdir().expect("tempdir");
         let none = probe(&CgroupManager::detect_at(fake.path(), "elide"));
         assert!(!none[0].enforced);

@@ -16,6 +16,7 @@ use super::landlock_rules::{self, FsPolicy};
 use super::netns;
 use super::open_files;
 use super::page_merge;
+use super::syscall_filter;
 use super::user::ResolvedUser;
 use serde::{Deserialize, Serialize};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
@@ -197,6 +198,10 @@ pub enum PlanStep {
     /// own, out of which it cannot signal or trace the daemon or other executions, nor open
     /// their memory.
     LandlockDomain,
+    /// The seccomp filter of [`syscall_filter`] (after Landlock, which needs a syscall it
+    /// does not refuse, but kept last among the confining steps). The python zygote runs under
+    /// it already, so its children check it is in force rather than install it again.
+    SyscallFilter,
     /// Mark every fd >= `from` close-on-exec (`close_range(from, ~0, CLOSE_RANGE_CLOEXEC)`).
     CloseFdsFrom {
         from: i32,
@@ -326,6 +331,9 @@ impl IsolationSpec {
         } else if self.role.own_domain() && landlock_rules::domains_available() {
             steps.push(PlanStep::LandlockDomain);
         }
+        if syscall_filter::filter().is_ok() {
+            steps.push(PlanStep::SyscallFilter);
+        }
         steps.push(PlanStep::CloseFdsFrom { from: 3 });
         if let Some(l) = open_files::for_children() {
             steps.push(PlanStep::SetRlimit {
@@ -424,6 +432,7 @@ impl IsolationSpec {
                     .then(|| std::ffi::CString::new(program.as_os_str().as_encoded_bytes()).ok())
                     .flatten()
             }),
+            syscall_filter: syscall_filter::filter().ok(),
         };
         // The fds must stay open until the fork: the closure owns them.
         let keep_open = (cgroup_fds, netns_fd, landlock_fd);
@@ -496,6 +505,8 @@ struct ChildSteps {
     /// The program, checked for execute permission as the new user so the failure names
     /// itself instead of surfacing as a bare EACCES from exec.
     program_check: Option<std::ffi::CString>,
+    /// The seccomp filter, where this machine takes one.
+    syscall_filter: Option<&'static seccompiler::BpfProgram>,
 }
 
 fn errno() -> i32 {
@@ -693,6 +704,11 @@ impl ChildSteps {
                 if let Err(e) = landlock_rules::restrict_self(fd) {
                     return Err(fail(b"landlock restrict_self", e));
                 }
+            }
+            if let Some(filter) = self.syscall_filter
+                && let Err(e) = syscall_filter::install(filter)
+            {
+                return Err(fail(b"seccomp filter", e));
             }
             // Mark rather than close: std's exec-error pipe must survive until exec.
             if libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, CLOSE_RANGE_CLOEXEC) != 0 {

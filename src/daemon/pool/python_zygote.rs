@@ -915,6 +915,37 @@ mod tests {
         assert_eq!(stderr, "");
     }
 
+    /// A child whose plan has the syscall filter step checks the filter is in force (the
+    /// daemon starts the zygote under it) and fails the job, naming the step, where it is not,
+    /// rather than running the snippet unfiltered. This zygote is started without it.
+    #[test]
+    fn a_child_without_the_syscall_filter_refuses_its_job() {
+        let (ours, mut zygote) = zygote_on_socket_pair(std::process::Stdio::null());
+        send(ours.as_raw_fd(), b"{}", &[]).expect("send the setup");
+        next_message(&ours, &|m| m.get("hello").is_some());
+        let (_dir, script, null) = script_and_null("print('ran')\n");
+        let job = serde_json::json!({
+            "token": 9, "steps": [{"step": "syscall_filter"}], "env": {}, "argv": ["main.py"],
+            "script": script,
+        });
+        send(
+            ours.as_raw_fd(),
+            job.to_string().as_bytes(),
+            &[null.as_raw_fd(), null.as_raw_fd()],
+        )
+        .expect("send the job");
+        let failed = next_message(&ours, &|m| {
+            m.get("failed").is_some() || m.get("ready").is_some()
+        });
+        assert_eq!(failed["failed"], 9, "{failed}");
+        assert_eq!(
+            failed["error"], "syscall_filter: the zygote runs without the seccomp filter",
+            "{failed}"
+        );
+        drop(ours);
+        assert!(zygote.wait().expect("wait").success());
+    }
+
     /// A memfd of `bytes`, standing in for the daemon's exit-note region.
     fn note_region(bytes: usize) -> OwnedFd {
         let region =

@@ -27,6 +27,8 @@ import resource, fcntl, tokenize, linecache, codecs, encodings.idna, locale, _lo
 _libc = ctypes.CDLL(None, use_errno=True)
 _PR_SET_PDEATHSIG = 1
 _PR_SET_NO_NEW_PRIVS = 38
+_PR_GET_SECCOMP = 21
+_SECCOMP_MODE_FILTER = 2
 _PR_SET_MEMORY_MERGE = 67
 _CLONE_NEWNET = 0x40000000
 _SYS_LANDLOCK_ADD_RULE = 445
@@ -509,6 +511,11 @@ def _replay(job, fds, zygote_pid, done=frozenset()):
                     _landlock_allow(landlock_fd, path, step["masks"]["read_exec"])
                 rc = _libc.syscall(_SYS_LANDLOCK_RESTRICT_SELF, landlock_fd, 0)
                 _check(0 if rc == 0 else -1, "landlock_restrict_self")
+            elif kind == "syscall_filter":
+                # The daemon started the zygote under the same filter, which every fork
+                # inherits; a cold start installs it just before exec.
+                if _libc.prctl(_PR_GET_SECCOMP, 0, 0, 0, 0) != _SECCOMP_MODE_FILTER:
+                    raise StepError("the zygote runs without the seccomp filter")
             elif kind == "close_fds_from":
                 pass  # done last, after the report to the daemon
             else:
