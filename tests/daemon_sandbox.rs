@@ -276,3 +276,55 @@ async fn pids_limit_caps_process_creation() {
         }
     }
 }
+
+/// `syscall_filter = false` in the daemon's config: executions, cold and pooled, run without
+/// the seccomp filter; the daemon says so in its log and in its feature report. (With the
+/// default, `pool_parity` checks that both paths run under it.)
+#[tokio::test(flavor = "multi_thread")]
+async fn the_operator_can_switch_the_syscall_filter_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = TestDaemon::start_with_config(dir.path(), "syscall_filter = false\n").await;
+    let log = d.log();
+    assert!(
+        log.contains("executions run without the seccomp filter (syscall_filter = false)"),
+        "{log}"
+    );
+    let mut c = d.client().await;
+    let info = c
+        .get_daemon_info(pb::GetDaemonInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let seccomp = info
+        .isolation
+        .iter()
+        .find(|f| f.name == "seccomp")
+        .expect("a seccomp feature");
+    assert!(!seccomp.enforced, "{seccomp:?}");
+    assert!(
+        seccomp.detail.contains("syscall_filter = false"),
+        "{seccomp:?}"
+    );
+
+    let report =
+        "print([l.split()[1] for l in open('/proc/self/status') if l.startswith('Seccomp')])";
+    for pool in [0, 2] {
+        let s = session_with_pool(&mut c, &["env", "io", "net"], pool).await;
+        let deadline = std::time::Instant::now() + DEADLINE;
+        loop {
+            let e = c
+                .start_execution(code_req(&s, "python", report))
+                .await
+                .unwrap()
+                .into_inner();
+            let out = output(&mut c, &e.id, pb::OutputStream::Stdout).await;
+            assert_eq!(wait(&mut c, &e.id).await.exit_code, 0);
+            assert_eq!(String::from_utf8_lossy(&out), "['0', '0']\n", "pool {pool}");
+            if e.pooled == (pool > 0) {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "never ran pooled");
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
+}

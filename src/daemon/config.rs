@@ -14,6 +14,7 @@
 //! sink_open_timeout = "10s"
 //! cgroup_root = "/sys/fs/cgroup"
 //! cgroup_parent = "elide"
+//! syscall_filter = true         # false: executions run without the seccomp filter
 //! [runtimes.python]
 //! command = "/usr/bin/python3"
 //! [runtimes.typescript]
@@ -102,6 +103,7 @@ pub struct FileConfig {
     sink_open_timeout: Option<String>,
     cgroup_root: Option<PathBuf>,
     cgroup_parent: Option<String>,
+    syscall_filter: Option<bool>,
     #[serde(default)]
     runtimes: RuntimesConfig,
 }
@@ -137,6 +139,8 @@ pub struct DaemonConfig {
     pub cgroup_root: PathBuf,
     /// Name of the daemon's parent cgroup under each hierarchy.
     pub cgroup_parent: String,
+    /// Whether executions run under the seccomp filter ([`crate::sandbox::syscall_filter`]).
+    pub syscall_filter: bool,
     /// Runtime overrides.
     pub runtimes: RuntimesConfig,
 }
@@ -161,6 +165,7 @@ impl Default for DaemonConfig {
             sink_open_timeout: Duration::from_secs(10),
             cgroup_root: PathBuf::from("/sys/fs/cgroup"),
             cgroup_parent: "elide".to_string(),
+            syscall_filter: true,
             runtimes: RuntimesConfig::default(),
         }
     }
@@ -266,6 +271,9 @@ impl DaemonConfig {
         }
         if let Some(v) = file.cgroup_parent {
             c.cgroup_parent = v;
+        }
+        if let Some(v) = file.syscall_filter {
+            c.syscall_filter = v;
         }
         c.runtimes = file.runtimes;
 

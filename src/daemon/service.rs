@@ -107,6 +107,16 @@ impl Daemon {
         )?;
         let runtimes = RuntimeRegistry::discover(&config.runtimes);
         let cgroups = CgroupManager::detect_at(&config.cgroup_root, &config.cgroup_parent);
+        if !config.syscall_filter {
+            if crate::sandbox::syscall_filter::switch_off() {
+                tracing::warn!(
+                    "executions run without the seccomp filter (syscall_filter = false): they \
+                     may use io_uring, the kernel keyrings, bpf and the rest of its list"
+                );
+            } else {
+                anyhow::bail!("syscall_filter = false came after the filter was in use");
+            }
+        }
 
         // A previous daemon's executions: their processes normally died with it (PDEATHSIG),
         // but grandchildren may survive; kill whatever is left by process group and cgroup.
