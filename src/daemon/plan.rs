@@ -532,7 +532,11 @@ pub fn plan_execution(
     let argv = runtime.argv(&script, &req.args);
     // Pooled runtimes do not exec, but must refuse what a cold start's exec would.
     ExecLimits::of_children()
-        .check(&argv, argv.len() - req.args.len(), &env)
+        .check(
+            &argv,
+            argv.len() - req.args.len(),
+            &env_as_launched(&env, ctx.intrinsics, &working_dir),
+        )
         .map_err(cleanup_on_err)?;
 
     Ok(ExecutionPlan {
@@ -555,6 +559,22 @@ pub fn plan_execution(
         stderr,
         client_ref: req.client_ref.clone(),
     })
+}
+
+/// `env` with what the launchers add to it (`IsolationSpec::apply`, `pool::final_env`): TMPDIR
+/// in the working dir without `io`. (Without `env`, the launchers' other additions, USER and
+/// LOGNAME, come with a minimal environment that is far from any limit.)
+fn env_as_launched<'a>(
+    env: &'a [(String, OsString)],
+    intrinsics: IntrinsicSet,
+    working_dir: &Path,
+) -> std::borrow::Cow<'a, [(String, OsString)]> {
+    if intrinsics.io || env.iter().any(|(k, _)| k == "TMPDIR") {
+        return env.into();
+    }
+    let mut launched = env.to_vec();
+    launched.push(("TMPDIR".to_string(), working_dir.as_os_str().to_os_string()));
+    launched.into()
 }
 
 fn write_private(path: &Path, bytes: &[u8]) -> DaemonResult<()> {
@@ -627,6 +647,29 @@ mod tests {
         assert!(err.to_string().starts_with("env[0].key"), "{err}");
         let err = env_vars(&[e(b"K", b"a\0b")]).unwrap_err();
         assert!(err.to_string().starts_with("env[0].value"), "{err}");
+    }
+
+    /// What the size check counts is what a cold launcher execs: TMPDIR joins the variables
+    /// without `io`, unless the task sets its own.
+    #[test]
+    fn the_environment_checked_is_the_one_launched() {
+        let env = vec![("A".to_string(), OsString::from("1"))];
+        let wd = Path::new("/run/elide/exec/e-1");
+        let io_off = IntrinsicSet::default();
+        let io_on = IntrinsicSet {
+            io: true,
+            ..IntrinsicSet::default()
+        };
+        assert_eq!(
+            env_as_launched(&env, io_off, wd).as_ref(),
+            [
+                env[0].clone(),
+                ("TMPDIR".to_string(), wd.as_os_str().to_os_string())
+            ]
+        );
+        assert_eq!(env_as_launched(&env, io_on, wd).as_ref(), env.as_slice());
+        let own = vec![("TMPDIR".to_string(), OsString::from("/x"))];
+        assert_eq!(env_as_launched(&own, io_off, wd).as_ref(), own.as_slice());
     }
 
     #[test]
