@@ -181,8 +181,11 @@ impl NodePool {
         spawner: &Spawner,
         cgroup: Option<&ExecutionCgroup>,
     ) -> Result<Worker, LaunchError> {
-        let (job_ours, job_theirs) = std::os::unix::net::UnixStream::pair()
-            .map_err(|e| LaunchError::Sandbox(format!("socketpair: {e}")))?;
+        let (job_ours, job_theirs) =
+            std::os::unix::net::UnixStream::pair().map_err(|source| LaunchError::Descriptor {
+                what: "socketpair",
+                source,
+            })?;
         let (out_r, out_w) = pipe()?;
         let (err_r, err_w) = pipe()?;
         let mut cmd = std::process::Command::new(&self.node);

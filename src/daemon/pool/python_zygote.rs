@@ -663,16 +663,16 @@ pub struct Settings {
 
 pub async fn spawn(settings: &Settings, spawner: &Spawner) -> Result<Spawned, LaunchError> {
     let (python, workdir) = (settings.python.as_path(), settings.workdir.as_path());
-    let sandbox = |e: String| LaunchError::Sandbox(e);
-    let (ours, theirs) = socket_pair().map_err(|e| sandbox(format!("socketpair: {e}")))?;
+    let descriptor = |what: &'static str| move |source| LaunchError::Descriptor { what, source };
+    let (ours, theirs) = socket_pair().map_err(|e| descriptor("socketpair")(e.into()))?;
     let null = std::fs::OpenOptions::new()
         .write(true)
         .open("/dev/null")
-        .map_err(|e| sandbox(format!("/dev/null: {e}")))?;
+        .map_err(descriptor("/dev/null"))?;
     let stderr = std::io::stderr()
         .as_fd()
         .try_clone_to_owned()
-        .map_err(|e| sandbox(format!("dup stderr: {e}")))?;
+        .map_err(descriptor("dup stderr"))?;
     let mut cmd = std::process::Command::new(python);
     // The capabilities every child keeps (its `limit_capabilities` step): the zygote drops
     // the bounding part for all of them at once and prepares the rest (see zygote.py).
@@ -704,13 +704,14 @@ pub async fn spawn(settings: &Settings, spawner: &Spawner) -> Result<Spawned, La
         stdout: null.into(),
         stderr,
     };
-    spec.apply(&mut cmd).map_err(|e| sandbox(e.to_string()))?;
+    spec.apply(&mut cmd)
+        .map_err(|e| crate::daemon::launcher::isolation_failed(&e))?;
     // After apply: fd 0 of the zygote is its end of the socket pair.
     cmd.stdin(std::process::Stdio::from(theirs));
     let child = super::spawn_pool_process(spawner, cmd, python).await?;
     let pid = child.id().unwrap_or(0);
     send_notes(&ours, settings.notes.as_deref())
-        .map_err(|e| sandbox(format!("sending the exit-note region: {e}")))?;
+        .map_err(|e| LaunchError::Sandbox(format!("sending the exit-note region: {e}")))?;
     let sock = Arc::new(ours);
     let table = Arc::new(Mutex::new(Table::default()));
     let alive = Arc::new(AtomicBool::new(true));
