@@ -2,9 +2,9 @@
 //! the unit's comments promise when run the way the unit says: its command line, its open-file
 //! limits (snippets keep the soft one, the daemon raises its own), and on stop SIGTERM to the
 //! daemon alone (KillMode=process, so systemd kills nothing else), after which every process it
-//! started (executions, zygotes, node workers, its reaper) ends within TimeoutStopSec. (OOMScoreAdjust: lowering a score needs CAP_SYS_RESOURCE, which this
-//! harness lacks; `pool_lifecycle` tests that the zygote takes the daemon's score and
-//! executions do not.)
+//! started (executions, zygotes, its reaper) ends within TimeoutStopSec. (OOMScoreAdjust:
+//! lowering a score needs CAP_SYS_RESOURCE, which this harness lacks; `pool_lifecycle` tests
+//! that the zygote takes the daemon's score and executions do not.)
 
 #[path = "daemon_support/mod.rs"]
 mod daemon_support;
@@ -157,7 +157,7 @@ async fn the_daemon_run_as_the_unit_says_serves_and_ends_its_executions_on_stop(
     .await;
     assert!(alive(e.pid), "the stubborn snippet is not running");
 
-    // The reaper, the python zygote of the pooled session, node workers, the execution.
+    // The reaper, the python zygote of the pooled session and its spares, the execution.
     let daemon = d.pid();
     let started = descendants(daemon);
     assert!(

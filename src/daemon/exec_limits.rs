@@ -6,8 +6,8 @@
 //!
 //! The kernel (`fs/exec.c`) allows each string, its NUL included, at most 32 pages
 //! (`MAX_ARG_STRLEN`), and all of them together (the program's path, argv, envp) with a pointer
-//! each at most a quarter of the stack limit, but no more than 6 MiB and no less than 32 pages
-//! (`ARG_MAX`).
+//! each at most a quarter of the stack limit, but no more than 6 MiB and no less than
+//! `ARG_MAX` (128 KiB, whatever the page size).
 
 use std::ffi::{OsStr, OsString};
 use std::os::unix::ffi::OsStrExt;
@@ -17,6 +17,8 @@ use super::error::{DaemonError, DaemonResult};
 
 /// The kernel's `_STK_LIM`: three quarters of it cap the total whatever the stack limit.
 const KERNEL_STACK_LIMIT: u64 = 8 << 20;
+/// The kernel's `ARG_MAX` (`linux/limits.h`): the least total any stack limit allows.
+const ARG_MAX: u64 = 131_072;
 
 /// The limits a new process's strings must fit in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,9 +33,8 @@ impl ExecLimits {
     /// The limits for a process with this soft stack limit (`None`: unlimited) on a machine
     /// with pages of `page_size` bytes.
     pub fn for_stack(stack_soft_limit: Option<u64>, page_size: usize) -> Self {
-        let arg_max = 32 * page_size as u64;
         let quarter = stack_soft_limit.map_or(u64::MAX, |s| s / 4);
-        let total = (KERNEL_STACK_LIMIT / 4 * 3).min(quarter).max(arg_max);
+        let total = (KERNEL_STACK_LIMIT / 4 * 3).min(quarter).max(ARG_MAX);
         Self {
             one_string: 32 * page_size,
             total: usize::try_from(total).unwrap_or(usize::MAX),
@@ -150,12 +151,14 @@ mod tests {
     }
 
     #[test]
-    fn the_total_is_a_quarter_of_the_stack_between_32_pages_and_6_mib() {
+    fn the_total_is_a_quarter_of_the_stack_between_128_kib_and_6_mib() {
         assert_eq!(limits().total, 2 << 20);
         assert_eq!(limits().one_string, 131_072);
         assert_eq!(ExecLimits::for_stack(None, PAGE).total, 6 << 20);
         assert_eq!(ExecLimits::for_stack(Some(64 << 20), PAGE).total, 6 << 20);
-        assert_eq!(ExecLimits::for_stack(Some(64 << 10), PAGE).total, 32 * PAGE);
+        assert_eq!(ExecLimits::for_stack(Some(64 << 10), PAGE).total, 131_072);
+        // With 64 KiB pages one string may be longer than the least total.
+        assert_eq!(ExecLimits::for_stack(Some(256 << 10), 65536).total, 131_072);
         assert_eq!(
             ExecLimits::for_stack(Some(8 << 20), 65536).one_string,
             2 << 20

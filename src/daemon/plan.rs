@@ -535,7 +535,7 @@ pub fn plan_execution(
         .check(
             &argv,
             argv.len() - req.args.len(),
-            &env_as_launched(&env, ctx.intrinsics, &working_dir),
+            &env_as_launched(&env, ctx.intrinsics, &working_dir, user.as_ref()),
         )
         .map_err(cleanup_on_err)?;
 
@@ -561,19 +561,30 @@ pub fn plan_execution(
     })
 }
 
-/// `env` with what the launchers add to it (`IsolationSpec::apply`, `pool::final_env`): TMPDIR
-/// in the working dir without `io`. (Without `env`, the launchers' other additions, USER and
-/// LOGNAME, come with a minimal environment that is far from any limit.)
+/// `env` with what the launchers add to it (`IsolationSpec::apply`, `pool::final_env`): USER
+/// and LOGNAME for a named user without `env` (`IsolationSpec::base_env`, whose other
+/// variables `env` already holds then), and TMPDIR in the working dir without `io`.
 fn env_as_launched<'a>(
     env: &'a [(String, OsString)],
     intrinsics: IntrinsicSet,
     working_dir: &Path,
+    user: Option<&ResolvedUser>,
 ) -> std::borrow::Cow<'a, [(String, OsString)]> {
-    if intrinsics.io || env.iter().any(|(k, _)| k == "TMPDIR") {
+    let name = user
+        .and_then(|u| u.name.as_ref())
+        .filter(|_| !intrinsics.env);
+    let tmpdir = !intrinsics.io && env.iter().all(|(k, _)| k != "TMPDIR");
+    if name.is_none() && !tmpdir {
         return env.into();
     }
     let mut launched = env.to_vec();
-    launched.push(("TMPDIR".to_string(), working_dir.as_os_str().to_os_string()));
+    if let Some(name) = name {
+        launched.push(("USER".to_string(), name.into()));
+        launched.push(("LOGNAME".to_string(), name.into()));
+    }
+    if tmpdir {
+        launched.push(("TMPDIR".to_string(), working_dir.as_os_str().to_os_string()));
+    }
     launched.into()
 }
 
@@ -650,26 +661,47 @@ mod tests {
     }
 
     /// What the size check counts is what a cold launcher execs: TMPDIR joins the variables
-    /// without `io`, unless the task sets its own.
+    /// without `io`, unless the task sets its own; USER and LOGNAME without `env`, for a user
+    /// with a name (as `IsolationSpec::base_env` adds them).
     #[test]
     fn the_environment_checked_is_the_one_launched() {
         let env = vec![("A".to_string(), OsString::from("1"))];
         let wd = Path::new("/run/elide/exec/e-1");
-        let io_off = IntrinsicSet::default();
-        let io_on = IntrinsicSet {
-            io: true,
+        let none = IntrinsicSet::default();
+        let env_only = IntrinsicSet {
+            env: true,
             ..IntrinsicSet::default()
         };
+        let all = IntrinsicSet {
+            env: true,
+            io: true,
+            net: true,
+        };
+        let tmpdir = ("TMPDIR".to_string(), wd.as_os_str().to_os_string());
         assert_eq!(
-            env_as_launched(&env, io_off, wd).as_ref(),
-            [
-                env[0].clone(),
-                ("TMPDIR".to_string(), wd.as_os_str().to_os_string())
-            ]
+            env_as_launched(&env, env_only, wd, None).as_ref(),
+            [env[0].clone(), tmpdir.clone()]
         );
-        assert_eq!(env_as_launched(&env, io_on, wd).as_ref(), env.as_slice());
+        assert_eq!(
+            env_as_launched(&env, all, wd, None).as_ref(),
+            env.as_slice()
+        );
         let own = vec![("TMPDIR".to_string(), OsString::from("/x"))];
-        assert_eq!(env_as_launched(&own, io_off, wd).as_ref(), own.as_slice());
+        assert_eq!(
+            env_as_launched(&own, env_only, wd, None).as_ref(),
+            own.as_slice()
+        );
+
+        let nobody = resolve_user("nobody").expect("nobody");
+        let named = |v: &str| (v.to_string(), OsString::from("nobody"));
+        assert_eq!(
+            env_as_launched(&env, none, wd, Some(&nobody)).as_ref(),
+            [env[0].clone(), named("USER"), named("LOGNAME"), tmpdir]
+        );
+        assert_eq!(
+            env_as_launched(&env, all, wd, Some(&nobody)).as_ref(),
+            env.as_slice()
+        );
     }
 
     #[test]

@@ -58,6 +58,11 @@ const SYS_KEXEC_FILE_LOAD: libc::c_long = libc::SYS_kexec_file_load;
 #[cfg(target_arch = "x86_64")]
 const X32_SYSCALL_BIT: libc::c_long = 0x4000_0000;
 
+/// The listed calls whose x32 number is not their x86_64 one (`arch/x86/entry/syscalls/
+/// syscall_64.tbl`, the `x32` rows from 512); every other listed call is `common` there.
+#[cfg(target_arch = "x86_64")]
+const X32_OWN_NUMBERS: &[(&str, libc::c_long)] = &[("kexec_load", 528)];
+
 /// Why executions run without the filter on this machine, or the filter.
 pub type Availability = Result<&'static BpfProgram, &'static str>;
 
@@ -68,9 +73,10 @@ pub const SWITCHED_OFF: &str = "switched off in the daemon's config (syscall_fil
 
 /// Runs every process started from now on without the filter (the daemon's
 /// `syscall_filter = false`, for nodes whose tasks need a refused call). Must come before the
-/// first start: returns false, changing nothing, once the filter is in use.
+/// first start: returns false, changing nothing, once the filter is in use (true where this
+/// machine had none to begin with).
 pub fn switch_off() -> bool {
-    FILTER.set(Err(SWITCHED_OFF.to_string())).is_ok() || matches!(filter(), Err(SWITCHED_OFF))
+    FILTER.set(Err(SWITCHED_OFF.to_string())).is_ok() || filter().is_err()
 }
 
 /// The filter for this machine, built on first use; `Err` says why there is none (an
@@ -105,10 +111,18 @@ fn build(arch: &str) -> Result<BpfProgram, String> {
     let target = TargetArch::try_from(arch)
         .map_err(|_| format!("no seccomp filter for the {arch} architecture"))?;
     let mut rules = BTreeMap::new();
-    for &(_, nr) in REFUSED {
+    for &(name, nr) in REFUSED {
         rules.insert(nr, Vec::new());
         #[cfg(target_arch = "x86_64")]
-        rules.insert(nr | X32_SYSCALL_BIT, Vec::new());
+        {
+            let x32 = X32_OWN_NUMBERS
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map_or(nr, |&(_, own)| own);
+            rules.insert(x32 | X32_SYSCALL_BIT, Vec::new());
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = name;
     }
     let filter = SeccompFilter::new(
         rules,
@@ -168,6 +182,21 @@ pub fn install(filter: &BpfProgram) -> Result<(), libc::c_int> {
     Err(errno())
 }
 
+/// What a process the daemon starts under the filter can check it runs under it: `Seccomp_filters`
+/// in its `/proc/self/status`, one more than the daemon's own (an outer sandbox may filter the
+/// daemon too), or `any` where the kernel does not count filters (before 5.9), meaning only
+/// that some filter is in force. None without a filter.
+pub fn filters_in_children() -> Option<String> {
+    filter().ok()?;
+    let status = std::fs::read_to_string("/proc/self/status").ok();
+    let own = status.as_deref().and_then(|s| {
+        s.lines()
+            .find_map(|l| l.strip_prefix("Seccomp_filters:"))
+            .and_then(|n| n.trim().parse::<u32>().ok())
+    });
+    Some(own.map_or_else(|| "any".to_string(), |n| (n + 1).to_string()))
+}
+
 /// One line for reports: what the filter refuses.
 pub fn describe() -> String {
     let names: Vec<&str> = REFUSED.iter().map(|(n, _)| *n).collect();
@@ -184,7 +213,7 @@ mod tests {
 
     /// Forks a child that installs the filter and reports, through its exit status, the errno
     /// of each call (0 for success): io_uring_setup, keyctl, getppid, and on x86_64 the x32
-    /// number of keyctl.
+    /// numbers of keyctl (common with x86_64) and kexec_load (x32's own).
     fn errnos_under_filter(filter: &BpfProgram) -> Vec<i32> {
         // SAFETY: the child makes async-signal-safe calls only, then _exits.
         unsafe {
@@ -197,7 +226,7 @@ mod tests {
             assert!(pid >= 0, "fork");
             if pid == 0 {
                 libc::close(r);
-                let mut out = [0i32; 4];
+                let mut out = [0i32; 5];
                 if install(filter).is_err() {
                     libc::_exit(99);
                 }
@@ -215,12 +244,14 @@ mod tests {
                 #[cfg(target_arch = "x86_64")]
                 {
                     out[3] = errno(libc::syscall(libc::SYS_keyctl | X32_SYSCALL_BIT, 0, -4, 0));
+                    // Were it let through: no segments, so at most it unloads a staged kexec kernel.
+                    out[4] = errno(libc::syscall(528 | X32_SYSCALL_BIT, 0, 0, 0, 0));
                 }
                 libc::write(w, out.as_ptr().cast(), size_of_val(&out));
                 libc::_exit(0);
             }
             libc::close(w);
-            let mut out = [0i32; 4];
+            let mut out = [0i32; 5];
             let n = libc::read(r, out.as_mut_ptr().cast(), size_of_val(&out));
             libc::close(r);
             let mut status = 0;
@@ -244,7 +275,11 @@ mod tests {
             "io_uring_setup, keyctl, getppid"
         );
         if cfg!(target_arch = "x86_64") {
-            assert_eq!(got[3], libc::EPERM, "keyctl through x32");
+            assert_eq!(
+                got[3..],
+                [libc::EPERM, libc::EPERM],
+                "keyctl, kexec_load through x32"
+            );
         }
     }
 

@@ -514,6 +514,23 @@ pub fn cpu_ticks(pid: u32) -> u64 {
         .sum()
 }
 
+/// This test process's seccomp mode and number of filters (`Seccomp`, `Seccomp_filters` in
+/// /proc/self/status): a container may run the tests under a filter of its own.
+pub fn own_seccomp() -> (String, u32) {
+    let status = std::fs::read_to_string("/proc/self/status").expect("status");
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.trim().to_string())
+            .unwrap_or_else(|| panic!("no {name} in /proc/self/status"))
+    };
+    (
+        field("Seccomp:"),
+        field("Seccomp_filters:").parse().expect("a count"),
+    )
+}
+
 /// Whether a process with this pid exists (and is not a zombie).
 pub fn alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {

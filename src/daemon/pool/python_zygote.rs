@@ -684,6 +684,11 @@ pub async fn spawn(settings: &Settings, spawner: &Spawner) -> Result<Spawned, La
         .arg(ZYGOTE_SOURCE)
         .arg(settings.spares.to_string())
         .arg(caps.to_string());
+    // What the zygote must find in force, so that its children may say they run under the
+    // syscall filter: the daemon's own filters (an outer sandbox's) and this one.
+    if let Some(expected) = crate::sandbox::syscall_filter::filters_in_children() {
+        cmd.arg(expected);
+    }
     cmd.env_clear();
     cmd.env("PATH", crate::sandbox::spawn::MINIMAL_PATH);
     cmd.env("LANG", "C.UTF-8");
@@ -917,11 +922,23 @@ mod tests {
     }
 
     /// A child whose plan has the syscall filter step checks the filter is in force (the
-    /// daemon starts the zygote under it) and fails the job, naming the step, where it is not,
-    /// rather than running the snippet unfiltered. This zygote is started without it.
+    /// zygote compares the filters it runs under with what the daemon says at its start) and
+    /// fails the job, naming the step, where it is not, rather than running the snippet
+    /// unfiltered. This zygote is told to expect the filter but started without it; whatever
+    /// filters this test itself runs under (a container's) do not count.
     #[test]
     fn a_child_without_the_syscall_filter_refuses_its_job() {
-        let (ours, mut zygote) = zygote_on_socket_pair(std::process::Stdio::null());
+        let expected = crate::sandbox::syscall_filter::filters_in_children()
+            .expect("this machine takes the filter");
+        let (ours, theirs) = socket_pair().expect("socketpair");
+        let mut zygote = std::process::Command::new("python3")
+            .arg("-c")
+            .arg(ZYGOTE_SOURCE)
+            .args(["1", r#"{"keep": 0, "bounding": []}"#, &expected])
+            .stdin(std::process::Stdio::from(theirs))
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("python3");
         send(ours.as_raw_fd(), b"{}", &[]).expect("send the setup");
         next_message(&ours, &|m| m.get("hello").is_some());
         let (_dir, script, null) = script_and_null("print('ran')\n");

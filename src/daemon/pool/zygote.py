@@ -437,6 +437,23 @@ def _warm():
         b.close()
 
 
+# Whether this zygote runs under the daemon's syscall filter, which its children inherit.
+_under_filter = False
+
+
+def _filters_in_force(expected):
+    """Whether the seccomp filters in force are the ones the daemon says it started us under:
+    their count in /proc/self/status, or, given "any" (a kernel that does not count them),
+    whether any filter is."""
+    if expected == "any":
+        return _libc.prctl(_PR_GET_SECCOMP, 0, 0, 0, 0) == _SECCOMP_MODE_FILTER
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("Seccomp_filters:"):
+                return line.split()[1] == expected
+    return False
+
+
 def _replay(job, fds, zygote_pid, done=frozenset()):
     """Applies the isolation steps in the daemon's order. Raises StepError naming the step."""
     stdout_fd, stderr_fd = fds[0], fds[1]
@@ -513,8 +530,9 @@ def _replay(job, fds, zygote_pid, done=frozenset()):
                 _check(0 if rc == 0 else -1, "landlock_restrict_self")
             elif kind == "syscall_filter":
                 # The daemon started the zygote under the same filter, which every fork
-                # inherits; a cold start installs it just before exec.
-                if _libc.prctl(_PR_GET_SECCOMP, 0, 0, 0, 0) != _SECCOMP_MODE_FILTER:
+                # inherits (checked once, at the zygote's start); a cold start installs it
+                # just before exec.
+                if not _under_filter:
                     raise StepError("the zygote runs without the seccomp filter")
             elif kind == "close_fds_from":
                 pass  # done last, after the report to the daemon
@@ -756,6 +774,9 @@ def main():
     if len(sys.argv) > 2:
         caps = json.loads(sys.argv[2])
         _prepare_capabilities(caps["keep"], caps["bounding"])
+    if len(sys.argv) > 3:
+        global _under_filter
+        _under_filter = _filters_in_force(sys.argv[3])
     sig_r, sig_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     taken_r, taken_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.signal(signal.SIGCHLD, lambda *_: None)
