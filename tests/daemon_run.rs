@@ -161,12 +161,7 @@ async fn inline_code_larger_than_one_argv_string_runs() {
     let s = session(&mut c, &[]).await;
     // Just under the default 4 MiB maximum: far beyond the kernel's 128 KiB limit for one argv
     // string, and beyond gRPC's default 4 MiB message limit once wrapped in the request.
-    let max = c
-        .get_daemon_info(pb::GetDaemonInfoRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .max_code_bytes as usize;
+    let max = daemon_info(&mut c).await.max_code_bytes as usize;
     assert_eq!(max, 4 * 1024 * 1024);
     let mut code = String::from("total = 0\n");
     while code.len() < max - 200 {
@@ -228,11 +223,7 @@ async fn script_path_runs_and_regular_file_sink_under_root_is_written() {
 async fn daemon_info_lists_runtimes_with_versions() {
     let d = TestDaemon::start().await;
     let mut c = d.client().await;
-    let info = c
-        .get_daemon_info(pb::GetDaemonInfoRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let info = daemon_info(&mut c).await;
     assert_eq!(info.api_version, "v1alpha1");
     assert_eq!(info.pid, d.pid());
     assert!(info.max_code_bytes >= 1024 * 1024);

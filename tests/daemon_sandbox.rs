@@ -116,11 +116,8 @@ async fn user_nobody_runs_the_snippet() {
     );
 
     // An interpreter the user cannot reach is a clear error, not an EACCES from exec.
-    let py = c
-        .get_daemon_info(pb::GetDaemonInfoRequest {})
+    let py = daemon_info(&mut c)
         .await
-        .unwrap()
-        .into_inner()
         .runtimes
         .into_iter()
         .find(|r| r.language == "python")
@@ -245,11 +242,7 @@ async fn io_off_blocks_reading_etc_hostname_and_writing_tmp() {
 async fn pids_limit_caps_process_creation() {
     let d = TestDaemon::start().await;
     let mut c = d.client().await;
-    let info = c
-        .get_daemon_info(pb::GetDaemonInfoRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let info = daemon_info(&mut c).await;
     let s = session(&mut c, &["env", "io", "net"]).await;
     let mut req = code_req(
         &s,
@@ -290,11 +283,7 @@ async fn the_operator_can_switch_the_syscall_filter_off() {
         "{log}"
     );
     let mut c = d.client().await;
-    let info = c
-        .get_daemon_info(pb::GetDaemonInfoRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let info = daemon_info(&mut c).await;
     let seccomp = info
         .isolation
         .iter()

@@ -318,14 +318,19 @@ pub fn write_script(path: &Path, text: &str) {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
 }
 
+/// The daemon's GetDaemonInfo answer.
+pub async fn daemon_info(c: &mut Client) -> pb::DaemonInfo {
+    c.get_daemon_info(pb::GetDaemonInfoRequest {})
+        .await
+        .expect("GetDaemonInfo")
+        .into_inner()
+}
+
 /// What the daemon reports of its runtime for `language`.
 pub async fn runtime_info(c: &mut Client, language: &str) -> pb::Runtime {
-    let info = c
-        .get_daemon_info(pb::GetDaemonInfoRequest {})
+    daemon_info(c)
         .await
-        .unwrap()
-        .into_inner();
-    info.runtimes
+        .runtimes
         .into_iter()
         .find(|r| r.language == language)
         .unwrap_or_else(|| panic!("no {language} runtime reported"))
