@@ -59,11 +59,11 @@ impl ExecLimits {
 
     /// Checks the strings `execve` would copy: `argv` (element 0 is the program, also copied
     /// as the path to run; user arguments begin at `first_arg`) and `env`.
-    pub fn check(
+    pub fn check<'a>(
         &self,
         argv: &[OsString],
         first_arg: usize,
-        env: &[(String, OsString)],
+        env: impl IntoIterator<Item = (&'a str, &'a OsStr)>,
     ) -> DaemonResult<()> {
         for (i, a) in argv.iter().enumerate() {
             let len = a.len() + 1;
@@ -83,8 +83,11 @@ impl ExecLimits {
                 ));
             }
         }
+        let (mut variables, mut env_bytes) = (0, 0);
         for (key, value) in env {
             let len = key.len() + 1 + value.len() + 1;
+            variables += 1;
+            env_bytes += len;
             if len > self.one_string {
                 return Err(DaemonError::invalid(
                     "env",
@@ -97,12 +100,8 @@ impl ExecLimits {
             }
         }
         let path = argv.first().map_or(0, |p| p.len() + 1);
-        let strings: usize = argv.iter().map(|a| a.len() + 1).sum::<usize>()
-            + env
-                .iter()
-                .map(|(k, v)| k.len() + v.len() + 2)
-                .sum::<usize>();
-        let pointers = (argv.len().max(1) + env.len()) * size_of::<usize>();
+        let strings = argv.iter().map(|a| a.len() + 1).sum::<usize>() + env_bytes;
+        let pointers = (argv.len().max(1) + variables) * size_of::<usize>();
         let total = path + strings + pointers;
         if total > self.total {
             return Err(DaemonError::invalid(
@@ -112,7 +111,7 @@ impl ExecLimits {
                      than the {} the kernel allows a new process (a quarter of its stack limit, \
                      at most 6 MiB)",
                     argv.len().saturating_sub(first_arg),
-                    env.len(),
+                    variables,
                     self.total
                 ),
             ));
@@ -135,6 +134,11 @@ fn shown(s: &OsStr) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The pairs `check` takes.
+    fn pairs(env: &[(String, OsString)]) -> impl Iterator<Item = (&str, &OsStr)> {
+        env.iter().map(|(k, v)| (k.as_str(), v.as_os_str()))
+    }
 
     const PAGE: usize = 4096;
 
@@ -173,19 +177,21 @@ mod tests {
             "K".to_string(),
             OsString::from("v".repeat(l.one_string - 3)),
         )];
-        l.check(&argv(&[]), 2, &fits)
+        l.check(&argv(&[]), 2, pairs(&fits))
             .expect("a variable of exactly the limit");
         let over = vec![(
             "K".to_string(),
             OsString::from("v".repeat(l.one_string - 2)),
         )];
-        let e = l.check(&argv(&[]), 2, &over).expect_err("one byte over");
+        let e = l
+            .check(&argv(&[]), 2, pairs(&over))
+            .expect_err("one byte over");
         assert!(matches!(&e, DaemonError::InvalidArgument { field, .. } if field == "env"));
         assert!(e.to_string().contains("K=... is 131073 bytes"), "{e}");
 
         let arg = "a".repeat(l.one_string);
         let e = l
-            .check(&argv(&["ok", &arg]), 2, &[])
+            .check(&argv(&["ok", &arg]), 2, [])
             .expect_err("an argument one byte over");
         assert!(matches!(&e, DaemonError::InvalidArgument { field, .. } if field == "args[1]"));
         assert!(
@@ -210,9 +216,10 @@ mod tests {
         };
         let one = |len: usize| vec![("K".to_string(), OsString::from("v".repeat(len - 3)))];
         let argv = vec![OsString::from("/bin/true")];
-        l.check(&argv, 1, &one(l.one_string)).expect("fits");
+        l.check(&argv, 1, pairs(&one(l.one_string))).expect("fits");
         assert_eq!(spawn(&one(l.one_string)), Ok(true));
-        l.check(&argv, 1, &one(l.one_string + 1)).expect_err("over");
+        l.check(&argv, 1, pairs(&one(l.one_string + 1)))
+            .expect_err("over");
         assert_eq!(spawn(&one(l.one_string + 1)), Err(Some(libc::E2BIG)));
 
         // Variables of 100,000 bytes each, then one that takes what is left.
@@ -239,9 +246,10 @@ mod tests {
             ));
             env
         };
-        l.check(&argv, 1, &filled(0)).expect("exactly the total");
+        l.check(&argv, 1, pairs(&filled(0)))
+            .expect("exactly the total");
         assert_eq!(spawn(&filled(0)), Ok(true));
-        l.check(&argv, 1, &filled(1))
+        l.check(&argv, 1, pairs(&filled(1)))
             .expect_err("one byte over the total");
         assert_eq!(spawn(&filled(1)), Err(Some(libc::E2BIG)));
     }
@@ -263,9 +271,10 @@ mod tests {
             + (4 + 1 + 1)
             + (argv.len() + 21) * 8;
         let room = l.total - fixed;
-        l.check(&argv, 2, &env_at(room)).expect("exactly the total");
+        l.check(&argv, 2, pairs(&env_at(room)))
+            .expect("exactly the total");
         let e = l
-            .check(&argv, 2, &env_at(room + 1))
+            .check(&argv, 2, pairs(&env_at(room + 1)))
             .expect_err("one byte over");
         assert!(
             matches!(&e, DaemonError::InvalidArgument { field, .. } if field == "args and env")

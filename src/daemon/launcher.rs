@@ -91,6 +91,16 @@ pub enum LaunchError {
 /// A failure to prepare an execution's isolation: [`LaunchError::Exhausted`] when its cause is
 /// a node out of descriptors, processes or memory, [`LaunchError::Sandbox`] otherwise.
 pub(crate) fn isolation_failed(e: &(dyn std::error::Error + 'static)) -> LaunchError {
+    if caused_by_exhaustion(e) {
+        LaunchError::Exhausted(e.to_string())
+    } else {
+        LaunchError::Sandbox(e.to_string())
+    }
+}
+
+/// Whether `e`, or an error it wraps, is an errno of a node out of descriptors, processes or
+/// memory: the one test every start failure goes through.
+fn caused_by_exhaustion(e: &(dyn std::error::Error + 'static)) -> bool {
     let mut cause = Some(e);
     while let Some(c) = cause {
         let errno = c
@@ -98,11 +108,11 @@ pub(crate) fn isolation_failed(e: &(dyn std::error::Error + 'static)) -> LaunchE
             .and_then(std::io::Error::raw_os_error)
             .or_else(|| c.downcast_ref::<nix::errno::Errno>().map(|e| *e as i32));
         if errno.is_some_and(is_exhaustion_errno) {
-            return LaunchError::Exhausted(e.to_string());
+            return true;
         }
         cause = c.source();
     }
-    LaunchError::Sandbox(e.to_string())
+    false
 }
 
 /// Errors a node returns while it is out of descriptors (EMFILE, ENFILE), processes (EAGAIN
@@ -122,7 +132,7 @@ impl LaunchError {
         match self {
             LaunchError::Exhausted(_) => true,
             LaunchError::Descriptor { source, .. } | LaunchError::Spawn { source, .. } => {
-                source.raw_os_error().is_some_and(is_exhaustion_errno)
+                caused_by_exhaustion(source)
             }
             _ => false,
         }
@@ -333,15 +343,10 @@ impl Preparer {
             SinkTarget::Path(p) => match open_sink(p, &self.output_roots, deadline) {
                 Ok(fd) => Ok((fd, None)),
                 Err(SinkError::NoReader { .. }) if deadline.is_zero() => Err(SinkOpen::NoReaderYet),
-                // Out of descriptors is the node's state, not the sink's fault.
-                Err(SinkError::Io { source, .. })
-                    if matches!(source.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) =>
-                {
-                    Err(SinkOpen::Failed(LaunchError::Descriptor {
-                        what: field,
-                        source,
-                    }))
-                }
+                // A node out of descriptors or memory is not the sink's fault.
+                Err(e) if caused_by_exhaustion(&e) => Err(SinkOpen::Failed(
+                    LaunchError::Exhausted(format!("{field}: {e}")),
+                )),
                 Err(e) => Err(SinkOpen::Failed(LaunchError::Sink {
                     field,
                     message: e.to_string(),

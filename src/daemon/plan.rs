@@ -6,7 +6,7 @@
 //! Inline code is written to a file rather than passed with `-c`/`-e`: the kernel caps one argv
 //! string at 128 KiB (MAX_ARG_STRLEN) and code may be up to `max_code_bytes`.
 
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
 use std::os::unix::ffi::OsStringExt;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
@@ -531,12 +531,13 @@ pub fn plan_execution(
 
     let argv = runtime.argv(&script, &req.args);
     // Pooled runtimes do not exec, but must refuse what a cold start's exec would.
+    let added = launcher_additions(&env, ctx.intrinsics, &working_dir, user.as_ref());
+    let launched = env
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_os_str()))
+        .chain(added.iter().copied());
     ExecLimits::of_children()
-        .check(
-            &argv,
-            argv.len() - req.args.len(),
-            &env_as_launched(&env, ctx.intrinsics, &working_dir, user.as_ref()),
-        )
+        .check(&argv, argv.len() - req.args.len(), launched)
         .map_err(cleanup_on_err)?;
 
     Ok(ExecutionPlan {
@@ -561,31 +562,27 @@ pub fn plan_execution(
     })
 }
 
-/// `env` with what the launchers add to it (`IsolationSpec::apply`, `pool::final_env`): USER
-/// and LOGNAME for a named user without `env` (`IsolationSpec::base_env`, whose other
-/// variables `env` already holds then), and TMPDIR in the working dir without `io`.
-fn env_as_launched<'a>(
-    env: &'a [(String, OsString)],
+/// What the launchers add to `env` (`IsolationSpec::apply`, `pool::final_env`): USER and
+/// LOGNAME for a named user without `env` (`IsolationSpec::base_env`, whose other variables
+/// `env` already holds then), and TMPDIR in the working dir without `io`.
+fn launcher_additions<'a>(
+    env: &[(String, OsString)],
     intrinsics: IntrinsicSet,
-    working_dir: &Path,
-    user: Option<&ResolvedUser>,
-) -> std::borrow::Cow<'a, [(String, OsString)]> {
-    let name = user
-        .and_then(|u| u.name.as_ref())
-        .filter(|_| !intrinsics.env);
-    let tmpdir = !intrinsics.io && env.iter().all(|(k, _)| k != "TMPDIR");
-    if name.is_none() && !tmpdir {
-        return env.into();
+    working_dir: &'a Path,
+    user: Option<&'a ResolvedUser>,
+) -> Vec<(&'static str, &'a OsStr)> {
+    let mut added = Vec::new();
+    if let Some(name) = user
+        .and_then(|u| u.name.as_deref())
+        .filter(|_| !intrinsics.env)
+    {
+        added.push(("USER", OsStr::new(name)));
+        added.push(("LOGNAME", OsStr::new(name)));
     }
-    let mut launched = env.to_vec();
-    if let Some(name) = name {
-        launched.push(("USER".to_string(), name.into()));
-        launched.push(("LOGNAME".to_string(), name.into()));
+    if !intrinsics.io && env.iter().all(|(k, _)| k != "TMPDIR") {
+        added.push(("TMPDIR", working_dir.as_os_str()));
     }
-    if tmpdir {
-        launched.push(("TMPDIR".to_string(), working_dir.as_os_str().to_os_string()));
-    }
-    launched.into()
+    added
 }
 
 fn write_private(path: &Path, bytes: &[u8]) -> DaemonResult<()> {
@@ -665,6 +662,15 @@ mod tests {
     /// with a name (as `IsolationSpec::base_env` adds them).
     #[test]
     fn the_environment_checked_is_the_one_launched() {
+        let env_as_launched = |env: &[(String, OsString)], i, wd, user| {
+            let mut launched = env.to_vec();
+            launched.extend(
+                launcher_additions(env, i, wd, user)
+                    .into_iter()
+                    .map(|(k, v)| (k.to_string(), v.to_os_string())),
+            );
+            launched
+        };
         let env = vec![("A".to_string(), OsString::from("1"))];
         let wd = Path::new("/run/elide/exec/e-1");
         let none = IntrinsicSet::default();
@@ -679,27 +685,21 @@ mod tests {
         };
         let tmpdir = ("TMPDIR".to_string(), wd.as_os_str().to_os_string());
         assert_eq!(
-            env_as_launched(&env, env_only, wd, None).as_ref(),
+            env_as_launched(&env, env_only, wd, None),
             [env[0].clone(), tmpdir.clone()]
         );
-        assert_eq!(
-            env_as_launched(&env, all, wd, None).as_ref(),
-            env.as_slice()
-        );
+        assert_eq!(env_as_launched(&env, all, wd, None), env.as_slice());
         let own = vec![("TMPDIR".to_string(), OsString::from("/x"))];
-        assert_eq!(
-            env_as_launched(&own, env_only, wd, None).as_ref(),
-            own.as_slice()
-        );
+        assert_eq!(env_as_launched(&own, env_only, wd, None), own.as_slice());
 
         let nobody = resolve_user("nobody").expect("nobody");
         let named = |v: &str| (v.to_string(), OsString::from("nobody"));
         assert_eq!(
-            env_as_launched(&env, none, wd, Some(&nobody)).as_ref(),
+            env_as_launched(&env, none, wd, Some(&nobody)),
             [env[0].clone(), named("USER"), named("LOGNAME"), tmpdir]
         );
         assert_eq!(
-            env_as_launched(&env, all, wd, Some(&nobody)).as_ref(),
+            env_as_launched(&env, all, wd, Some(&nobody)),
             env.as_slice()
         );
     }

@@ -186,15 +186,20 @@ pub fn install(filter: &BpfProgram) -> Result<(), libc::c_int> {
 /// in its `/proc/self/status`, one more than the daemon's own (an outer sandbox may filter the
 /// daemon too), or `any` where the kernel does not count filters (before 5.9), meaning only
 /// that some filter is in force. None without a filter.
-pub fn filters_in_children() -> Option<String> {
+pub fn filters_in_children() -> Option<&'static str> {
     filter().ok()?;
-    let status = std::fs::read_to_string("/proc/self/status").ok();
-    let own = status.as_deref().and_then(|s| {
-        s.lines()
-            .find_map(|l| l.strip_prefix("Seccomp_filters:"))
-            .and_then(|n| n.trim().parse::<u32>().ok())
+    // The daemon never filters itself: its own count is read once, for every zygote.
+    static EXPECTED: OnceLock<String> = OnceLock::new();
+    let expected = EXPECTED.get_or_init(|| {
+        let status = std::fs::read_to_string("/proc/self/status").ok();
+        let own = status.as_deref().and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Seccomp_filters:"))
+                .and_then(|n| n.trim().parse::<u32>().ok())
+        });
+        own.map_or_else(|| "any".to_string(), |n| (n + 1).to_string())
     });
-    Some(own.map_or_else(|| "any".to_string(), |n| (n + 1).to_string()))
+    Some(expected)
 }
 
 /// One line for reports: what the filter refuses.

@@ -934,7 +934,7 @@ mod tests {
         let mut zygote = std::process::Command::new("python3")
             .arg("-c")
             .arg(ZYGOTE_SOURCE)
-            .args(["1", r#"{"keep": 0, "bounding": []}"#, &expected])
+            .args(["1", r#"{"keep": 0, "bounding": []}"#, expected])
             .stdin(std::process::Stdio::from(theirs))
             .stderr(std::process::Stdio::null())
             .spawn()
