@@ -191,12 +191,8 @@ async fn out_of_descriptors_and_back(pool: u32) {
     };
     assert!(!started.is_empty(), "not one execution started");
     assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
-    // Which descriptor runs out first is a race: one the daemon opens (EMFILE), or a pooled
-    // child's pidfd it receives (dropped by the kernel, named as the open-file limit).
-    let m = refused.message();
     assert!(
-        (m.contains("Too many open files") || m.contains("its open-file limit"))
-            && m.contains("can be retried"),
+        daemon_support::refused_for_want_of_descriptors(refused.message()),
         "{refused:?}"
     );
 

@@ -299,27 +299,10 @@ async fn the_operator_can_switch_the_syscall_filter_off() {
         "print([l.split()[1] for l in open('/proc/self/status') if l.startswith('Seccomp')])";
     for pool in [0, 2] {
         let s = session_with_pool(&mut c, &["env", "io", "net"], pool).await;
-        let deadline = std::time::Instant::now() + DEADLINE;
-        loop {
-            let e = c
-                .start_execution(code_req(&s, "python", report))
-                .await
-                .unwrap()
-                .into_inner();
-            let out = output(&mut c, &e.id, pb::OutputStream::Stdout).await;
-            assert_eq!(wait(&mut c, &e.id).await.exit_code, 0);
-            // What this test itself runs under, nothing more.
-            let (mode, filters) = own_seccomp();
-            assert_eq!(
-                String::from_utf8_lossy(&out),
-                format!("['{mode}', '{filters}']\n"),
-                "pool {pool}"
-            );
-            if e.pooled == (pool > 0) {
-                break;
-            }
-            assert!(std::time::Instant::now() < deadline, "never ran pooled");
-            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        }
+        let (_, r, out, _) = run_on_path(&mut c, code_req(&s, "python", report), pool > 0).await;
+        assert_eq!(r.exit_code, 0);
+        // What this test itself runs under, nothing more.
+        let (mode, filters) = own_seccomp();
+        assert_eq!(out, format!("['{mode}', '{filters}']\n"), "pool {pool}");
     }
 }

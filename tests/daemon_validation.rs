@@ -569,33 +569,11 @@ async fn arguments_and_environment_beyond_the_kernels_limits_are_refused_cold_an
         r.args = vec!["a".repeat(100_000)];
         r.env = vec![var("V0", 100_000)];
         let seen = 100_000;
-        let deadline = std::time::Instant::now() + DEADLINE;
-        loop {
-            let e = c
-                .start_execution(r.clone())
-                .await
-                .expect(&what)
-                .into_inner();
-            let out = output(&mut c, &e.id, pb::OutputStream::Stdout).await;
-            let err = output(&mut c, &e.id, pb::OutputStream::Stderr).await;
-            assert_eq!(
-                (
-                    wait(&mut c, &e.id).await.exit_code,
-                    String::from_utf8_lossy(&out).trim(),
-                    String::from_utf8_lossy(&err).as_ref()
-                ),
-                (0, format!("2 {seen}").as_str(), ""),
-                "{what}"
-            );
-            if e.pooled == (pool > 0) {
-                break;
-            }
-            // A new session's pool warms up in the background.
-            assert!(
-                std::time::Instant::now() < deadline,
-                "{what}: never ran pooled"
-            );
-            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        }
+        let (_, result, out, err) = run_on_path(&mut c, r, pool > 0).await;
+        assert_eq!(
+            (result.exit_code, out.trim(), err.as_str()),
+            (0, format!("2 {seen}").as_str(), ""),
+            "{what}"
+        );
     }
 }

@@ -46,35 +46,6 @@ fn unit_for_this_build() -> String {
     UNIT.replace(INSTALLED_AT, env!("CARGO_BIN_EXE_elide-daemon"))
 }
 
-/// Every process below `pid`, children first.
-fn descendants(pid: u32) -> Vec<u32> {
-    let mut found = Vec::new();
-    let mut parents = vec![pid];
-    while let Some(parent) = parents.pop() {
-        let Ok(entries) = std::fs::read_dir("/proc") else {
-            break;
-        };
-        for p in entries
-            .flatten()
-            .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        {
-            let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) else {
-                continue;
-            };
-            // After the command name: state, then the parent's pid.
-            let ppid = stat
-                .rsplit(')')
-                .next()
-                .and_then(|r| r.split_whitespace().nth(1));
-            if ppid == Some(parent.to_string().as_str()) {
-                found.push(p);
-                parents.push(p);
-            }
-        }
-    }
-    found
-}
-
 #[test]
 fn systemd_accepts_the_unit_without_a_warning() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -159,7 +130,10 @@ async fn the_daemon_run_as_the_unit_says_serves_and_ends_its_executions_on_stop(
 
     // The reaper, the python zygote of the pooled session and its spares, the execution.
     let daemon = d.pid();
-    let started = descendants(daemon);
+    let started: Vec<u32> = all_descendants(daemon)
+        .into_iter()
+        .map(|(p, _, _)| p)
+        .collect();
     assert!(
         started.contains(&e.pid) && started.len() >= 3,
         "{started:?}"

@@ -6,34 +6,6 @@ mod daemon_support;
 
 use daemon_support::*;
 use elide_task_driver::proto::elide::daemon::v1alpha1 as pb;
-use std::collections::HashMap;
-
-/// (pid, ppid, state, cmdline) of every process.
-fn processes() -> Vec<(u32, u32, char, String)> {
-    let mut v = Vec::new();
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return v;
-    };
-    for e in dir.flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r.to_string()) else {
-            continue;
-        };
-        let mut f = rest.split_whitespace();
-        let state = f.next().and_then(|s| s.chars().next()).unwrap_or('?');
-        let ppid = f.next().and_then(|s| s.parse().ok()).unwrap_or(0);
-        let cmd = std::fs::read(format!("/proc/{pid}/cmdline"))
-            .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
-            .unwrap_or_default();
-        v.push((pid, ppid, state, cmd));
-    }
-    v
-}
 
 /// Every descendant of `root` except the daemon's reaper companion: (pid, state, cmdline).
 fn descendants(root: u32) -> Vec<(u32, char, String)> {
@@ -41,24 +13,6 @@ fn descendants(root: u32) -> Vec<(u32, char, String)> {
         .into_iter()
         .filter(|(_, _, c)| !c.contains("__reaper"))
         .collect()
-}
-
-fn all_descendants(root: u32) -> Vec<(u32, char, String)> {
-    let procs = processes();
-    let mut children: HashMap<u32, Vec<usize>> = HashMap::new();
-    for (i, p) in procs.iter().enumerate() {
-        children.entry(p.1).or_default().push(i);
-    }
-    let mut out = Vec::new();
-    let mut stack = vec![root];
-    while let Some(p) = stack.pop() {
-        for &i in children.get(&p).map(Vec::as_slice).unwrap_or(&[]) {
-            let (pid, _, state, cmd) = &procs[i];
-            out.push((*pid, *state, cmd.clone()));
-            stack.push(*pid);
-        }
-    }
-    out
 }
 
 /// The daemon's zygotes (its own children running zygote.py, not their forks).
@@ -121,23 +75,9 @@ async fn pooled_session(c: &mut Client, size: u32) -> String {
 
 /// Runs `code` until an execution of it is pooled; returns its stdout.
 async fn run_pooled(c: &mut Client, s: &str, lang: &str, code: &str) -> String {
-    let deadline = std::time::Instant::now() + DEADLINE;
-    loop {
-        let e = c
-            .start_execution(code_req(s, lang, code))
-            .await
-            .unwrap()
-            .into_inner();
-        let out = output(c, &e.id, pb::OutputStream::Stdout).await;
-        let err = output(c, &e.id, pb::OutputStream::Stderr).await;
-        let r = wait(c, &e.id).await;
-        if e.pooled {
-            assert_eq!(r.exit_code, 0, "{}", String::from_utf8_lossy(&err));
-            return String::from_utf8_lossy(&out).into_owned();
-        }
-        assert!(std::time::Instant::now() < deadline, "never pooled");
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    let (_, r, out, err) = run_on_path(c, code_req(s, lang, code), true).await;
+    assert_eq!(r.exit_code, 0, "{err}");
+    out
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -6,7 +6,6 @@ mod daemon_support;
 
 use daemon_support::*;
 use elide_task_driver::proto::elide::daemon::v1alpha1 as pb;
-use std::time::Instant;
 
 /// Which launch path a session exercises.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -22,36 +21,14 @@ async fn session_of(c: &mut Client, kind: Kind, intrinsics: &[&str]) -> String {
     session_with_pool(c, intrinsics, pool).await
 }
 
-/// Runs `req`; asserts it took the expected path. Pooled starts may fall back while the pool
-/// warms up: retry until a pooled start happens (or the deadline passes).
+/// Runs `req` on the path `kind` names (see `run_on_path`).
 async fn run_on(
     c: &mut Client,
     kind: Kind,
     req: pb::StartExecutionRequest,
 ) -> (pb::ExecutionResult, String, String) {
-    let deadline = Instant::now() + DEADLINE;
-    loop {
-        let e = c.start_execution(req.clone()).await.unwrap().into_inner();
-        let out = output(c, &e.id, pb::OutputStream::Stdout).await;
-        let err = output(c, &e.id, pb::OutputStream::Stderr).await;
-        let r = wait(c, &e.id).await;
-        let got = (
-            r,
-            String::from_utf8_lossy(&out).into_owned(),
-            String::from_utf8_lossy(&err).into_owned(),
-        );
-        match kind {
-            Kind::Cold => {
-                assert!(!e.pooled, "a session without a pool ran pooled");
-                return got;
-            }
-            Kind::Pooled if e.pooled => return got,
-            Kind::Pooled => {
-                assert!(Instant::now() < deadline, "never ran pooled: {req:?}");
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-            }
-        }
-    }
+    let (_, r, out, err) = run_on_path(c, req, kind == Kind::Pooled).await;
+    (r, out, err)
 }
 
 fn env_var(k: &str, v: &str) -> pb::EnvVar {

@@ -536,6 +536,60 @@ pub fn own_seccomp() -> (String, u32) {
     )
 }
 
+/// (pid, ppid, state, cmdline) of every process.
+pub fn processes() -> Vec<(u32, u32, char, String)> {
+    let mut v = Vec::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return v;
+    };
+    for e in dir.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r.to_string()) else {
+            continue;
+        };
+        let mut f = rest.split_whitespace();
+        let state = f.next().and_then(|s| s.chars().next()).unwrap_or('?');
+        let ppid = f.next().and_then(|s| s.parse().ok()).unwrap_or(0);
+        let cmd = std::fs::read(format!("/proc/{pid}/cmdline"))
+            .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
+            .unwrap_or_default();
+        v.push((pid, ppid, state, cmd));
+    }
+    v
+}
+
+/// Every descendant of `root`, children first: (pid, state, cmdline).
+pub fn all_descendants(root: u32) -> Vec<(u32, char, String)> {
+    let procs = processes();
+    let mut children: std::collections::HashMap<u32, Vec<usize>> = Default::default();
+    for (i, p) in procs.iter().enumerate() {
+        children.entry(p.1).or_default().push(i);
+    }
+    let mut out = Vec::new();
+    let mut stack = vec![root];
+    while let Some(p) = stack.pop() {
+        for &i in children.get(&p).map(Vec::as_slice).unwrap_or(&[]) {
+            let (pid, _, state, cmd) = &procs[i];
+            out.push((*pid, *state, cmd.clone()));
+            stack.push(*pid);
+        }
+    }
+    out
+}
+
+/// Whether a start's refusal says the daemon ran out of descriptors and that it can be
+/// retried. Which descriptor runs out first is a race: one the daemon opens (EMFILE), or a
+/// pooled child's pidfd it receives (dropped by the kernel, named as the open-file limit).
+pub fn refused_for_want_of_descriptors(message: &str) -> bool {
+    (message.contains("Too many open files") || message.contains("its open-file limit"))
+        && message.contains("can be retried")
+}
+
 /// Whether a process with this pid exists (and is not a zombie).
 pub fn alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
@@ -547,6 +601,34 @@ pub fn alive(pid: u32) -> bool {
             state != Some("Z")
         }
         Err(_) => false,
+    }
+}
+
+/// Runs `req` until an execution of it takes the path asked for (a new session's pool warms up
+/// in the background, so its first starts may run cold); a session without a pool must never
+/// run pooled. The execution, its result, its stdout and its stderr.
+pub async fn run_on_path(
+    c: &mut Client,
+    req: pb::StartExecutionRequest,
+    pooled: bool,
+) -> (pb::Execution, pb::ExecutionResult, String, String) {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let e = c
+            .start_execution(req.clone())
+            .await
+            .unwrap_or_else(|s| panic!("start: {s}"))
+            .into_inner();
+        let out = output(c, &e.id, pb::OutputStream::Stdout).await;
+        let err = output(c, &e.id, pb::OutputStream::Stderr).await;
+        let r = wait(c, &e.id).await;
+        assert!(pooled || !e.pooled, "a session without a pool ran pooled");
+        if e.pooled == pooled {
+            let text = |b: Vec<u8>| String::from_utf8_lossy(&b).into_owned();
+            return (e, r, text(out), text(err));
+        }
+        assert!(Instant::now() < deadline, "never ran pooled: {req:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
