@@ -422,7 +422,7 @@ mod tests {
         let f = dir.path().join("d.toml");
         std::fs::write(&f, "sockett = \"/x\"\n").unwrap();
         let o = Overrides {
-            config_file: Some(f),
+            config_file: Some(f.clone()),
             ..Default::default()
         };
         assert!(
@@ -430,6 +430,20 @@ mod tests {
                 .unwrap_err()
                 .to_string()
                 .contains("sockett")
+        );
+        std::fs::write(&f, "syscall_filter = \"off\"\n").unwrap();
+        let o = Overrides {
+            config_file: Some(f.clone()),
+            ..Default::default()
+        };
+        let e = DaemonConfig::load(&o).unwrap_err().to_string();
+        assert!(e.contains("syscall_filter") && e.contains("bool"), "{e}");
+        std::fs::write(&f, "syscall_filter = false\n").unwrap();
+        assert!(!DaemonConfig::load(&o).unwrap().syscall_filter);
+        assert!(
+            DaemonConfig::load(&Overrides::default())
+                .unwrap()
+                .syscall_filter
         );
     }
 }
