@@ -125,9 +125,10 @@ struct Table {
     by_pid: HashMap<u32, u64>,
 }
 
-/// The largest job the zygote reads whole (`_MAX_MESSAGE` in zygote.py). The socket
-/// bounds a message by its send buffer, ≈ 208 KiB with Linux's defaults but up to
-/// `net.core.wmem_default` on a tuned host: a larger job would reach the zygote cut short.
+/// The largest job the zygote reads whole (`_MAX_MESSAGE` in zygote.py): a larger one would
+/// reach it cut short. The daemon's end of the socket is sized to carry it (see
+/// [`fit_send_buffer`]); jobs are JSON, so about as large as their arguments, environment and
+/// inline code.
 const MAX_JOB_BYTES: usize = 1 << 20;
 
 /// A running zygote.
@@ -172,8 +173,9 @@ pub enum SendError {
     /// The zygote has exited.
     #[error("the python zygote is not running")]
     Dead,
-    /// The job does not fit in one message on the zygote's socket (its size is bounded by
-    /// the socket's send buffer): a very large environment or argument list.
+    /// The job is larger than the zygote reads in one message ([`MAX_JOB_BYTES`]), or than
+    /// the socket's send buffer where the daemon could not raise it: a very large inline
+    /// snippet, environment or argument list.
     #[error(
         "the job is {bytes} bytes (its environment and arguments, mostly), more than one \
          message to the python zygote carries"
@@ -271,6 +273,24 @@ fn socket_pair() -> nix::Result<(OwnedFd, OwnedFd)> {
         None,
         SockFlag::SOCK_CLOEXEC,
     )
+}
+
+/// Lets the daemon's end of the zygote's socket carry a job of [`MAX_JOB_BYTES`] in one
+/// message. A message on it is bounded by the send buffer, ≈ 208 KiB by Linux's default
+/// (`net.core.wmem_default`), and a larger job would start cold. The buffer is only a bound:
+/// memory is charged for messages queued, which the zygote reads as they come.
+/// `SO_SNDBUFFORCE` (CAP_NET_ADMIN, which the daemon has as root) passes over
+/// `net.core.wmem_max`; without it the buffer grows as far as that allows. Returns the bytes
+/// one message may now hold.
+fn fit_send_buffer(sock: &OwnedFd) -> usize {
+    use nix::sys::socket::{getsockopt, setsockopt, sockopt};
+    // The kernel doubles the figure for its own bookkeeping, which leaves room for a message's.
+    let wanted = MAX_JOB_BYTES;
+    if setsockopt(sock, sockopt::SndBufForce, &wanted).is_err() {
+        let _ = setsockopt(sock, sockopt::SndBuf, &wanted);
+    }
+    // A datagram may take the buffer but for a small header (`unix_dgram_sendmsg`).
+    getsockopt(sock, sockopt::SndBuf).map_or(0, |b| b.saturating_sub(32))
 }
 
 /// One message to the zygote with `fds` (SCM_RIGHTS). Never blocks: a full socket means a
@@ -665,6 +685,17 @@ pub async fn spawn(settings: &Settings, spawner: &Spawner) -> Result<Spawned, La
     let (python, workdir) = (settings.python.as_path(), settings.workdir.as_path());
     let descriptor = |what: &'static str| move |source| LaunchError::Descriptor { what, source };
     let (ours, theirs) = socket_pair().map_err(|e| descriptor("socketpair")(e.into()))?;
+    let carries = fit_send_buffer(&ours);
+    static SAID: std::sync::Once = std::sync::Once::new();
+    if carries < MAX_JOB_BYTES {
+        SAID.call_once(|| {
+            tracing::info!(
+                bytes = carries,
+                "the python zygote's socket carries smaller jobs than the zygote reads (the daemon \
+             lacks CAP_NET_ADMIN and net.core.wmem_max is low): larger python jobs start cold"
+            )
+        });
+    }
     let null = std::fs::OpenOptions::new()
         .write(true)
         .open("/dev/null")
@@ -1077,15 +1108,15 @@ mod tests {
         assert!(zygote.wait().expect("wait").success());
     }
 
-    /// A job larger than the zygote reads whole is refused before it is sent, even where the
-    /// socket would carry it (a host with large socket buffers): the start falls back cold
-    /// instead of a spare reading it cut short.
+    /// A job larger than the zygote reads whole is refused before it is sent, although the
+    /// socket would carry it: the start falls back cold instead of a spare reading it cut short.
     #[test]
     fn a_job_larger_than_the_zygote_reads_is_not_sent() {
         let (ours, theirs) = socket_pair().expect("socketpair");
-        // As on a host whose net.core.wmem_default is 4 MiB (wmem_max bounds this).
-        nix::sys::socket::setsockopt(&ours, nix::sys::socket::sockopt::SndBuf, &(4 << 20))
-            .expect("SO_SNDBUF");
+        assert!(
+            fit_send_buffer(&ours) >= MAX_JOB_BYTES,
+            "the tests run as root"
+        );
         let zygote = Zygote {
             sock: Arc::new(ours),
             pid: 0,
@@ -1117,6 +1148,33 @@ mod tests {
         );
         // Only the first job waits for its child.
         assert_eq!(lock(&zygote.table).pending.len(), 1);
+    }
+
+    /// The socket as made refuses a job the zygote would read whole (Linux's default send
+    /// buffer, ≈ 208 KiB); once fitted it carries one of the largest such jobs in one message.
+    #[test]
+    fn the_sockets_send_buffer_is_fitted_to_the_largest_job() {
+        let (ours, theirs) = socket_pair().expect("socketpair");
+        let job = vec![b'x'; MAX_JOB_BYTES];
+        let fits = |buf: usize| buf.saturating_sub(32) >= MAX_JOB_BYTES;
+        let before = nix::sys::socket::getsockopt(&ours, nix::sys::socket::sockopt::SndBuf)
+            .expect("SO_SNDBUF");
+        if !fits(before) {
+            assert_eq!(
+                send(ours.as_raw_fd(), &job, &[]),
+                Err(nix::errno::Errno::EMSGSIZE),
+                "a {before}-byte send buffer"
+            );
+        }
+        assert!(
+            fit_send_buffer(&ours) >= MAX_JOB_BYTES,
+            "the tests run as root"
+        );
+        send(ours.as_raw_fd(), &job, &[]).expect("the largest job in one message");
+        let mut buf = vec![0u8; 2 * MAX_JOB_BYTES];
+        let n = nix::sys::socket::recv(theirs.as_raw_fd(), &mut buf, MsgFlags::MSG_DONTWAIT)
+            .expect("the job arrived");
+        assert_eq!(n, MAX_JOB_BYTES);
     }
 
     /// A noted exit is answered while the process still exists (the note is written just
