@@ -244,6 +244,58 @@ async fn disabled_language_and_bad_session_config_are_refused() {
         "{}",
         st.message()
     );
+    // Bounds the daemon holds whoever its client is: a pool that would start a process per
+    // unit, a limit whose bytes overflow (which wrapped to a small or zero cap).
+    let max_mb = elide_task_driver::daemon::session::MAX_MEMORY_LIMIT_MB;
+    for (config, needles) in [
+        (
+            pb::SessionConfig {
+                context_pool_size: 4_000_000_000,
+                ..Default::default()
+            },
+            vec![
+                "config.context_pool_size".to_string(),
+                "at most 256, got 4000000000".into(),
+            ],
+        ),
+        (
+            pb::SessionConfig {
+                memory_limit_mb: 1 << 44,
+                ..Default::default()
+            },
+            vec![
+                "config.memory_limit_mb".to_string(),
+                format!("at most {max_mb} (MiB), got {}", 1u64 << 44),
+            ],
+        ),
+    ] {
+        let st = c
+            .create_session(pb::CreateSessionRequest {
+                config: Some(config),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(st.code(), Code::InvalidArgument);
+        for n in needles {
+            assert!(st.message().contains(&n), "{n}: {}", st.message());
+        }
+    }
+    // The largest limit is no limit to speak of, and runs.
+    let big = c
+        .create_session(pb::CreateSessionRequest {
+            config: Some(pb::SessionConfig {
+                memory_limit_mb: max_mb,
+                enabled_languages: vec!["python".into()],
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let r = run(&mut c, code_req(&big.id, "python", "print(6 * 7)")).await;
+    assert_eq!((r.0.exit_code, r.1.trim()), (0, "42"), "{r:?}");
     let st = c
         .create_session(pb::CreateSessionRequest {
             session_id: "../escape".into(),

@@ -14,6 +14,13 @@ use super::state::SessionRecord;
 use crate::proto::elide::daemon::v1alpha1 as pb;
 use crate::sandbox::page_merge;
 
+/// The largest `context_pool_size` a session takes: warm runtimes per language, each a process
+/// (a typo guard before it is a resource decision: 10,000 would start 10,000 node processes).
+pub const MAX_CONTEXT_POOL_SIZE: u32 = 256;
+
+/// The largest `memory_limit_mb`: the most MiB whose bytes a u64 holds.
+pub const MAX_MEMORY_LIMIT_MB: u64 = u64::MAX >> 20;
+
 /// A session.
 pub struct Session {
     /// Unique id.
@@ -74,7 +81,25 @@ impl Session {
         }
         let intrinsics =
             IntrinsicSet::parse(&config.enabled_intrinsics, "config.enabled_intrinsics")?;
-        let memory_cap = (config.memory_limit_mb > 0).then(|| config.memory_limit_mb * 1024 * 1024);
+        if config.context_pool_size > MAX_CONTEXT_POOL_SIZE {
+            return Err(DaemonError::invalid(
+                "config.context_pool_size",
+                format!(
+                    "must be at most {MAX_CONTEXT_POOL_SIZE}, got {}",
+                    config.context_pool_size
+                ),
+            ));
+        }
+        if config.memory_limit_mb > MAX_MEMORY_LIMIT_MB {
+            return Err(DaemonError::invalid(
+                "config.memory_limit_mb",
+                format!(
+                    "must be at most {MAX_MEMORY_LIMIT_MB} (MiB), got {}",
+                    config.memory_limit_mb
+                ),
+            ));
+        }
+        let memory_cap = (config.memory_limit_mb > 0).then_some(config.memory_limit_mb << 20);
         let merge_pages = config.merge_identical_pages && page_merge::available();
         if config.merge_identical_pages && !merge_pages {
             tracing::warn!(

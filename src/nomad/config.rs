@@ -17,8 +17,8 @@ use crate::proto::hashicorp::nomad::plugins::shared::hclspec::Spec;
 pub const DEFAULT_DAEMON_SOCKET: &str = "/run/elide/daemon.sock";
 /// Default warm workers per language.
 pub const DEFAULT_POOL_SIZE: u32 = 2;
-/// Largest accepted pool size (a typo guard, not a resource decision).
-pub const MAX_POOL_SIZE: u32 = 256;
+/// Largest accepted pool size: the daemon's bound, checked here so SetConfig names it.
+pub const MAX_POOL_SIZE: u32 = crate::daemon::session::MAX_CONTEXT_POOL_SIZE;
 /// Default fingerprint period (Nomad's raw_exec uses the same).
 pub const DEFAULT_FINGERPRINT_PERIOD: Duration = Duration::from_secs(30);
 /// Shortest accepted fingerprint period.
@@ -406,7 +406,14 @@ fn session_settings(f: &Fields<'_>) -> Result<SessionSettings, ConfigError> {
                 format!("must be 0 (no limit) or a positive number of MiB, got {mb}"),
             ));
         }
-        s.memory_limit_mb = u64::try_from(mb).map_err(|_| invalid(&field, "too large"))?;
+        let max = crate::daemon::session::MAX_MEMORY_LIMIT_MB;
+        if mb > i128::from(max) {
+            return Err(invalid(
+                &field,
+                format!("must be at most {max} (MiB), got {mb}"),
+            ));
+        }
+        s.memory_limit_mb = u64::try_from(mb).map_err(|_| invalid(&field, "out of range"))?;
     }
     if let Some(b) = f.bool("enable_ai")? {
         s.enable_ai = b;
@@ -720,6 +727,23 @@ mod tests {
         );
         let e = err_text(session(vec![("context_pool_size", V::from(100_000))]));
         assert!(e.contains("at most"), "{e}");
+    }
+
+    /// A limit whose bytes no u64 holds is refused at SetConfig, naming it, rather than
+    /// wrapping to a small cap in the daemon.
+    #[test]
+    fn memory_limit_must_fit_in_bytes() {
+        let max = crate::daemon::session::MAX_MEMORY_LIMIT_MB;
+        let e = err_text(session(vec![("memory_limit_mb", V::from(max + 1))]));
+        assert!(
+            e.contains(&format!(
+                "session_config.memory_limit_mb: must be at most {max} (MiB), got {}",
+                max + 1
+            )),
+            "{e}"
+        );
+        let cfg = session(vec![("memory_limit_mb", V::from(max))]).expect("the largest limit");
+        assert_eq!(cfg.session.memory_limit_mb, max);
     }
 
     #[test]
