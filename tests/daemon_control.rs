@@ -667,3 +667,67 @@ async fn exec_command_is_killed_when_its_client_goes_away() {
     assert!(alive(e.pid));
     kill_now(&mut c, &e.id).await;
 }
+
+/// A node without cgroups cannot hold an execution to its limits: the daemon says so when it
+/// starts, and a task that asks for limits is told in its Started event (which Nomad shows as
+/// a task event). With cgroups, neither.
+#[tokio::test(flavor = "multi_thread")]
+async fn limits_that_cannot_hold_are_said_so_at_start_and_in_the_started_event() {
+    let no_cgroups = tempfile::tempdir().unwrap();
+    let without =
+        TestDaemon::start_with(&["--cgroup-root", no_cgroups.path().to_str().unwrap()]).await;
+    let with = TestDaemon::start().await;
+    for (d, has_cgroups) in [(&without, false), (&with, true)] {
+        let mut c = d.client().await;
+        let mode = daemon_info(&mut c).await.cgroup_mode;
+        if has_cgroups && mode == "none" {
+            eprintln!(
+                "this machine has no usable cgroups: only the daemon without them is checked"
+            );
+            continue;
+        }
+        assert_eq!(mode == "none", !has_cgroups, "{mode}");
+        let s = session(&mut c, &[]).await;
+        let mut events = c
+            .watch_events(pb::WatchEventsRequest {
+                session_id: s.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let mut started = Vec::new();
+        for memory_bytes in [64 << 20, 0] {
+            let mut req = code_req(&s, "py", "pass");
+            req.limits = Some(pb::Limits {
+                memory_bytes,
+                ..Default::default()
+            });
+            let e = c.start_execution(req).await.unwrap().into_inner();
+            assert_eq!(wait(&mut c, &e.id).await.exit_code, 0);
+            let ev = loop {
+                let ev = tokio::time::timeout(DEADLINE, events.message())
+                    .await
+                    .expect("an event")
+                    .unwrap()
+                    .expect("the stream goes on");
+                if ev.kind() == pb::EventKind::Started && ev.execution_id == e.id {
+                    break ev;
+                }
+            };
+            started.push(ev);
+        }
+        let told = |ev: &pb::ExecutionEvent| {
+            ev.message
+                .contains("limits are not enforced: this node has no usable cgroups")
+                && ev.annotations.get("limits").map(String::as_str) == Some("not enforced")
+        };
+        assert_eq!(told(&started[0]), !has_cgroups, "{:?}", started[0]);
+        assert!(!told(&started[1]), "no limits asked for: {:?}", started[1]);
+        assert_eq!(
+            d.log().contains("no usable cgroups"),
+            !has_cgroups,
+            "{}",
+            d.log()
+        );
+    }
+}

@@ -334,6 +334,27 @@ async fn fingerprint_says_whether_snippet_memory_is_merged_here() {
     );
 }
 
+/// Runtimes the session does not enable are not advertised, even when the daemon has them:
+/// a job constraining on `${attr.driver.elide.runtime.javascript}` must not be placed on a
+/// node that would refuse it at StartTask.
+#[tokio::test]
+async fn fingerprint_advertises_only_the_runtimes_the_session_enables() {
+    let (_dir, _socket, daemon, c) =
+        plugin_on_fake_daemon(json!({"session_config": {"enabled_languages": ["python"]}})).await;
+    let mut fp = c.fingerprint().await;
+    let m = fingerprint_until(&mut fp, DEADLINE, healthy).await;
+    assert_eq!(
+        attr_str(&m, "driver.elide.runtime.python").as_deref(),
+        Some("3.11.7")
+    );
+    assert!(
+        !m.attributes.contains_key("driver.elide.runtime.javascript"),
+        "a runtime the session leaves out is advertised: {:?}",
+        m.attributes.keys().collect::<Vec<_>>()
+    );
+    daemon.stop().await;
+}
+
 #[tokio::test]
 async fn fingerprint_follows_the_daemon_healthy_unhealthy_healthy() {
     let (_dir, socket, daemon, c) =
@@ -350,6 +371,7 @@ async fn fingerprint_follows_the_daemon_healthy_unhealthy_healthy() {
         attr_str(&m, "driver.elide.daemon_version").as_deref(),
         Some("9.9.9-fake")
     );
+    assert_eq!(attr_str(&m, "driver.elide.cgroups").as_deref(), Some("v1"));
     assert_eq!(
         attr_str(&m, "driver.elide.runtime.python").as_deref(),
         Some("3.11.7")
@@ -378,6 +400,7 @@ async fn fingerprint_follows_the_daemon_healthy_unhealthy_healthy() {
     // Attributes that no longer hold are cleared with empty values.
     assert!(m.attributes["driver.elide.runtime.python"].value.is_none());
     assert!(m.attributes["driver.elide.daemon_version"].value.is_none());
+    assert!(m.attributes["driver.elide.cgroups"].value.is_none());
 
     // A restarted daemon has lost our session: the plugin re-creates it and is healthy again.
     let daemon = FakeDaemon::start(&socket).await;

@@ -357,10 +357,20 @@ impl DaemonConfig {
                 message: "must be greater than 0".into(),
             });
         }
-        if self.cgroup_parent.is_empty() || self.cgroup_parent.contains("..") {
+        // Joined onto each hierarchy's root: an absolute path would replace the root and put
+        // the daemon's cgroups on the host's filesystem, `..` would leave the hierarchy.
+        let parent = Path::new(&self.cgroup_parent);
+        let plain = parent
+            .components()
+            .all(|c| matches!(c, std::path::Component::Normal(_)));
+        if self.cgroup_parent.is_empty() || !plain {
             return Err(ConfigError::Invalid {
                 field: "cgroup_parent",
-                message: format!("{:?} must be a plain relative name", self.cgroup_parent),
+                message: format!(
+                    "{:?} must be a relative name under each cgroup hierarchy (\"elide\", \
+                     \"system.slice/elide\"), without \"/\" at the start or \"..\"",
+                    self.cgroup_parent
+                ),
             });
         }
         Ok(())
@@ -438,6 +448,18 @@ mod tests {
         };
         let e = DaemonConfig::load(&o).unwrap_err().to_string();
         assert!(e.contains("syscall_filter") && e.contains("bool"), "{e}");
+        for bad in ["/elide", "", "../elide", "elide/../..", "./elide"] {
+            std::fs::write(&f, format!("cgroup_parent = {bad:?}\n")).unwrap();
+            let e = DaemonConfig::load(&o).unwrap_err().to_string();
+            assert!(
+                e.contains("cgroup_parent") && e.contains(&format!("{bad:?}")),
+                "{bad}: {e}"
+            );
+        }
+        for good in ["elide", "system.slice/elide"] {
+            std::fs::write(&f, format!("cgroup_parent = {good:?}\n")).unwrap();
+            assert_eq!(DaemonConfig::load(&o).unwrap().cgroup_parent, good);
+        }
         std::fs::write(&f, "syscall_filter = false\n").unwrap();
         assert!(!DaemonConfig::load(&o).unwrap().syscall_filter);
         assert!(

@@ -336,6 +336,7 @@ impl Execution {
             pooled,
         } = launched;
         let cgroup = cgroup.map(Arc::new);
+        let unconfined = cgroup.is_none();
         for (fd, slot) in [
             (captures.stdout, &self.stdout),
             (captures.stderr, &self.stderr),
@@ -373,12 +374,21 @@ impl Execution {
         let mut ann = HashMap::new();
         ann.insert("pid".to_string(), pid.to_string());
         ann.insert("language".to_string(), self.language.name().to_string());
-        ctx.events.emit(
-            pb::EventKind::Started,
-            &self.subject(),
-            format!("started as pid {pid}"),
-            ann,
-        );
+        let mut message = format!("started as pid {pid}");
+        // Every launcher gives an execution a cgroup when the node has them: without one, the
+        // limits asked for hold nowhere, and the task's events are where its owner looks.
+        let limited = self.plan.as_ref().is_some_and(|p| {
+            let l = &p.limits;
+            l.memory_bytes.is_some() || l.cpu_shares.is_some() || l.pids.is_some()
+        });
+        if unconfined && limited {
+            ann.insert("limits".to_string(), "not enforced".to_string());
+            message.push_str(
+                "; its memory, CPU and pids limits are not enforced: this node has no usable cgroups",
+            );
+        }
+        ctx.events
+            .emit(pb::EventKind::Started, &self.subject(), message, ann);
         let timeout = self.plan.as_ref().and_then(|p| p.limits.timeout);
         let me = self.clone();
         tokio::spawn(async move { me.supervise(exit, gone, timeout, ctx).await });

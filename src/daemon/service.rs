@@ -21,7 +21,7 @@ use super::session::Session;
 use super::state::{ResultRecord, StateStore};
 use super::tsstrip::StripCache;
 use crate::proto::elide::daemon::v1alpha1 as pb;
-use crate::sandbox::cgroup::CgroupManager;
+use crate::sandbox::cgroup::{CgroupManager, CgroupMode};
 use crate::sandbox::probe::Feature;
 use crate::sandbox::signal::parse_signal;
 
@@ -107,6 +107,14 @@ impl Daemon {
         )?;
         let runtimes = RuntimeRegistry::discover(&config.runtimes);
         let cgroups = CgroupManager::detect_at(&config.cgroup_root, &config.cgroup_parent);
+        if cgroups.mode() == CgroupMode::None {
+            tracing::warn!(
+                cgroup_root = %config.cgroup_root.display(),
+                "no usable cgroups (neither v2 with the memory, cpu and pids controllers nor a \
+                 v1 hierarchy of them): executions run without memory, CPU and \
+                 pids limits, and an out-of-memory kill is reported as a plain SIGKILL"
+            );
+        }
         if !config.syscall_filter {
             if crate::sandbox::syscall_filter::switch_off() {
                 tracing::warn!(

@@ -38,7 +38,10 @@ pub const ATTR_AI: &str = "driver.elide.ai";
 /// merge_identical_pages`): "off", "on", "ksmd off" (asked, but the host's ksmd does not run)
 /// or "unsupported" (asked, but this kernel cannot).
 pub const ATTR_PAGE_MERGING: &str = "driver.elide.page_merging";
-/// Attribute prefix: one per available runtime, value = its version.
+/// Attribute: the daemon's cgroups, "v2", "v1" or "none" (tasks' memory, CPU and pids limits
+/// hold only with cgroups: a job that needs them constrains on this).
+pub const ATTR_CGROUPS: &str = "driver.elide.cgroups";
+/// Attribute prefix: one per runtime available and enabled in the session, value = its version.
 pub const ATTR_RUNTIME_PREFIX: &str = "driver.elide.runtime.";
 /// Nomad's own wording for a healthy driver.
 pub const HEALTHY_DESCRIPTION: &str = "Healthy";
@@ -128,8 +131,13 @@ pub async fn probe(link: &DaemonLink, snapshot: &Snapshot) -> FingerprintRespons
         }
     };
     attrs.insert(ATTR_DAEMON_VERSION.into(), string_attr(&info.version));
+    attrs.insert(ATTR_CGROUPS.into(), string_attr(&info.cgroup_mode));
+    // A runtime the node has but the session leaves out is not advertised: a job that
+    // constrains on it would be placed here and then refused at StartTask.
     for rt in info.runtimes.iter().filter(|r| r.available) {
-        if let Some(lang) = Language::parse(&rt.language) {
+        if let Some(lang) =
+            Language::parse(&rt.language).filter(|l| config.session.enabled_languages.contains(l))
+        {
             attrs.insert(
                 format!("{ATTR_RUNTIME_PREFIX}{}", lang.as_str()),
                 string_attr(&rt.version),
