@@ -731,3 +731,106 @@ async fn limits_that_cannot_hold_are_said_so_at_start_and_in_the_started_event()
         );
     }
 }
+
+/// Reads one captured stream to its end without following.
+async fn output_now(c: &mut Client, id: &str) -> Vec<u8> {
+    let mut s = c
+        .stream_output(pb::StreamOutputRequest {
+            execution_id: id.into(),
+            streams: vec![pb::OutputStream::Stdout as i32],
+            offset: 0,
+            follow: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut out = Vec::new();
+    while let Some(chunk) = tokio::time::timeout(DEADLINE, s.message())
+        .await
+        .expect("a stream without follow ends")
+        .unwrap()
+    {
+        assert_eq!(chunk.offset as usize, out.len());
+        out.extend_from_slice(&chunk.data);
+    }
+    out
+}
+
+/// Once WaitExecution has answered, StreamOutput without follow returns all of an execution's
+/// captured output, including what was still in the pipe when the process exited (a pooled
+/// runtime reports its exit before the kernel closes its end).
+#[tokio::test(flavor = "multi_thread")]
+async fn an_ended_executions_output_is_whole_without_follow() {
+    let d = TestDaemon::start().await;
+    let mut c = d.client().await;
+    for pool in [2, 0] {
+        let s = session_with_pool(&mut c, &[], pool).await;
+        for lang in ["py", "js"] {
+            let code = if lang == "py" {
+                "import sys\nsys.stdout.write('x' * 1000000 + 'end')"
+            } else {
+                "process.stdout.write('x'.repeat(1000000) + 'end')"
+            };
+            for _ in 0..3 {
+                let e = c
+                    .start_execution(code_req(&s, lang, code))
+                    .await
+                    .unwrap()
+                    .into_inner();
+                assert_eq!(wait(&mut c, &e.id).await.exit_code, 0);
+                let out = output_now(&mut c, &e.id).await;
+                assert_eq!(
+                    (out.len(), out.ends_with(b"end")),
+                    (1_000_003, true),
+                    "{lang}, pool {pool}, pooled: {}",
+                    e.pooled
+                );
+            }
+        }
+    }
+}
+
+/// A child that leaves the snippet's process group and keeps its stdout (possible where no
+/// cgroup sweeps up after an execution) does not hold a stream open once the execution has
+/// ended, following or not; what it writes shortly after the end is still part of the output.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_daemonized_child_does_not_hold_the_output_open() {
+    let no_cgroups = tempfile::tempdir().unwrap();
+    let d = TestDaemon::start_with(&["--cgroup-root", no_cgroups.path().to_str().unwrap()]).await;
+    let mut c = d.client().await;
+    let s = session(&mut c, &[]).await;
+    let code = "import os, sys, time\n\
+                pid = os.fork()\n\
+                if pid == 0:\n    os.setsid()\n    time.sleep(0.3)\n    print('late', flush=True)\n    \
+                time.sleep(600)\n    os._exit(0)\n\
+                print(pid, flush=True)";
+    let e = c
+        .start_execution(code_req(&s, "py", code))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(wait(&mut c, &e.id).await.exit_code, 0);
+    let started = std::time::Instant::now();
+    let now = String::from_utf8(output_now(&mut c, &e.id).await).unwrap();
+    let followed =
+        String::from_utf8(output(&mut c, &e.id, pb::OutputStream::Stdout).await).unwrap();
+    let waited = started.elapsed();
+    let child: i32 = now
+        .lines()
+        .next()
+        .unwrap_or("")
+        .parse()
+        .expect("the child's pid");
+    let alive_then = alive(child as u32);
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    assert!(alive_then, "the daemonized child outlived the execution");
+    assert_eq!(now, format!("{child}\nlate\n"));
+    assert_eq!(followed, now);
+    assert!(
+        waited < Duration::from_secs(20),
+        "the streams stayed open {waited:?}"
+    );
+}

@@ -180,6 +180,11 @@ impl Execution {
         self.result().unwrap_or_default()
     }
 
+    /// Watches the phase.
+    pub fn watch_phase(&self) -> watch::Receiver<Phase> {
+        self.phase.subscribe()
+    }
+
     /// Waits until the phase is no longer Starting.
     pub async fn wait_started(&self) {
         let mut rx = self.phase.subscribe();

@@ -14,7 +14,7 @@ use tonic::{Request, Response, Status};
 
 use super::config::DaemonConfig;
 use super::error::DaemonError;
-use super::execution::{Execution, result_to_proto};
+use super::execution::{Execution, Phase, result_to_proto};
 use super::output::CaptureBuffer;
 use super::service::{Caller, Daemon};
 use crate::paced_accept::PacedIncoming;
@@ -43,14 +43,27 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'stati
 
 const CHUNK: usize = 64 * 1024;
 
+/// How long captured output may still arrive once its execution has ended: what the pipe held
+/// when the process exited (a pooled runtime reports its exit before the kernel has torn it
+/// down and closed its end), and what its process group wrote before the kill at its exit. A
+/// writer that outlives that, such as a daemonized child on a node without cgroups, does not
+/// hold a stream open.
+const SETTLE: Duration = Duration::from_secs(2);
+
+/// Sends `buf` from `offset`. Without `follow`, what a running execution has written so far,
+/// or all an ended one wrote; with it, until the execution's output ends.
 async fn follow_stream(
     buf: Arc<CaptureBuffer>,
     stream: pb::OutputStream,
     mut offset: u64,
     follow: bool,
+    mut phase: tokio::sync::watch::Receiver<Phase>,
     tx: tokio::sync::mpsc::Sender<Result<pb::OutputChunk, Status>>,
 ) {
     let mut progress = buf.watch();
+    let mut settled_by: Option<tokio::time::Instant> = None;
+    // The execution was dropped (its phase sender with it): it has ended.
+    let mut phase_gone = false;
     loop {
         let chunk = buf.read_from(offset, CHUNK);
         if !chunk.data.is_empty() {
@@ -66,14 +79,29 @@ async fn follow_stream(
             continue;
         }
         let (end, closed) = *progress.borrow_and_update();
-        if !follow || (closed && end <= offset) {
+        if closed && end <= offset {
             return;
         }
         if end > offset {
             continue;
         }
-        if progress.changed().await.is_err() {
+        let ended = phase_gone || *phase.borrow_and_update() == Phase::Exited;
+        if !follow && !ended {
             return;
+        }
+        if ended && settled_by.is_none() {
+            settled_by = Some(tokio::time::Instant::now() + SETTLE);
+        }
+        let settle = async {
+            match settled_by {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            changed = progress.changed() => if changed.is_err() { return },
+            changed = phase.changed(), if !ended => phase_gone = changed.is_err(),
+            () = settle => return,
         }
     }
 }
@@ -222,7 +250,14 @@ impl ExecutionApi for ApiService {
         }
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         for (s, b) in buffers {
-            tokio::spawn(follow_stream(b, s, r.offset, r.follow, tx.clone()));
+            tokio::spawn(follow_stream(
+                b,
+                s,
+                r.offset,
+                r.follow,
+                e.watch_phase(),
+                tx.clone(),
+            ));
         }
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
