@@ -43,9 +43,9 @@ plugin "elide" {
     # auto_start = false.
     daemon {
       auto_start    = true
-      # path        = "/usr/local/bin/elide-daemon"
+      # path        = "/usr/local/bin/elide-daemon"   # default: looked up as said above
       args          = []
-      log_file      = "/tmp/nomad-elide/elide-daemon.log"
+      log_file      = "/tmp/nomad-elide/elide-daemon.log" # default: elide-daemon.log next to daemon_socket
       start_timeout = "10s"
     }
   }

@@ -8,6 +8,7 @@
 //! state_dir = "/var/lib/elide"
 //! run_dir = "/run/elide/exec"
 //! max_code_bytes = 4194304
+//! max_capture_bytes = 67108864  # output kept per captured stream
 //! session_idle_ttl = "1h"
 //! ended_retention = "24h"
 //! output_roots = ["/var/lib/nomad/alloc"]
@@ -17,6 +18,8 @@
 //! syscall_filter = true         # false: executions run without the seccomp filter
 //! [runtimes.python]
 //! command = "/usr/bin/python3"
+//! [runtimes.javascript]
+//! enabled = false               # the language is unavailable on this node
 //! [runtimes.typescript]
 //! backend = "elide"             # "native" (default) or "elide"
 //! elide = "/usr/local/bin/elide"
@@ -351,6 +354,35 @@ impl DaemonConfig {
                 ),
             });
         }
+        // Zero would close every session the moment it idles, forget an exit before its
+        // waiter asks, or fail every start whose log FIFO's reader is a moment late.
+        for (field, d) in [
+            ("session_idle_ttl", self.session_idle_ttl),
+            ("ended_retention", self.ended_retention),
+            ("sink_open_timeout", self.sink_open_timeout),
+        ] {
+            if d.is_zero() {
+                return Err(ConfigError::Invalid {
+                    field,
+                    message: "must be longer than 0s".into(),
+                });
+            }
+        }
+        for (field, rc) in [
+            ("runtimes.python.backend", &self.runtimes.python),
+            ("runtimes.javascript.backend", &self.runtimes.javascript),
+            ("runtimes.typescript.backend", &self.runtimes.typescript),
+        ] {
+            if let Some(b) = rc.backend.as_deref()
+                && b != "native"
+                && b != "elide"
+            {
+                return Err(ConfigError::Invalid {
+                    field,
+                    message: format!("{b:?} is not \"native\" or \"elide\""),
+                });
+            }
+        }
         if self.max_code_bytes == 0 {
             return Err(ConfigError::Invalid {
                 field: "max_code_bytes",
@@ -448,6 +480,17 @@ mod tests {
         };
         let e = DaemonConfig::load(&o).unwrap_err().to_string();
         assert!(e.contains("syscall_filter") && e.contains("bool"), "{e}");
+        std::fs::write(&f, "[runtimes.typescript]\nbackend = \"deno\"\n").unwrap();
+        let e = DaemonConfig::load(&o).unwrap_err().to_string();
+        assert!(
+            e.contains("runtimes.typescript.backend") && e.contains("\"deno\""),
+            "{e}"
+        );
+        for key in ["session_idle_ttl", "ended_retention", "sink_open_timeout"] {
+            std::fs::write(&f, format!("{key} = \"0s\"\n")).unwrap();
+            let e = DaemonConfig::load(&o).unwrap_err().to_string();
+            assert!(e.contains(key) && e.contains("longer than 0s"), "{e}");
+        }
         for bad in ["/elide", "", "../elide", "elide/../..", "./elide"] {
             std::fs::write(&f, format!("cgroup_parent = {bad:?}\n")).unwrap();
             let e = DaemonConfig::load(&o).unwrap_err().to_string();
