@@ -1242,3 +1242,72 @@ async fn pooled_node_output_reaches_every_sink_whole() {
         }
     }
 }
+
+/// A node worker lost at the hand-over (here a stand-in for node whose worker closes its job
+/// socket and lives on) sends the start cold on the output it had already opened: Nomad's
+/// logmon, reading the FIFO until EOF, sees the one stream with all the output, not an EOF
+/// and then a FIFO nobody reads.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_worker_lost_at_the_hand_over_falls_back_cold_on_the_same_fifos() {
+    let dir = tempfile::tempdir().unwrap();
+    let real = std::process::Command::new("node")
+        .args(["-e", "console.log(process.execPath)"])
+        .output()
+        .expect("node");
+    let real = String::from_utf8_lossy(&real.stdout).trim().to_string();
+    let fake = dir.path().join("fake-node");
+    // Discovery asks for execPath (which becomes the runtime's command: this script's path);
+    // a worker is `-e` with the worker's source; a cold start runs a script file.
+    write_script(
+        &fake,
+        &format!(
+            "#!/bin/sh\n\
+             if [ \"$2\" = 'console.log(process.execPath);console.log(process.version)' ]; then\n\
+               echo \"$0\"; exec {real} -e 'console.log(process.version)'; fi\n\
+             if [ \"$1\" = \"-e\" ]; then exec 0<&-; exec sleep 600; fi\n\
+             exec {real} \"$@\"\n"
+        ),
+    );
+    let d = TestDaemon::start_with_config(
+        dir.path(),
+        &format!(
+            "[runtimes.javascript]\ncommand = {:?}\n",
+            fake.to_str().unwrap()
+        ),
+    )
+    .await;
+    let mut c = d.client().await;
+    let s = pooled_session(&mut c, 1).await;
+    let mut events = c
+        .watch_events(pb::WatchEventsRequest {
+            session_id: s.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // The warm worker is up once its process runs (it is idle from its start on).
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let out = d.path("out.fifo");
+    let reader = fifo_reader(&out);
+    let mut r = code_req(&s, "js", "console.log('hi')");
+    r.stdout = path_sink(&out);
+    let e = c.start_execution(r).await.unwrap().into_inner();
+    let result = wait(&mut c, &e.id).await;
+    assert_eq!(result.exit_code, 0, "{result:?}");
+    assert!(!e.pooled, "the stand-in's worker ran a job");
+    let fallback = loop {
+        let ev = tokio::time::timeout(DEADLINE, events.message())
+            .await
+            .expect("a pool fallback event")
+            .unwrap()
+            .unwrap();
+        if ev.kind() == pb::EventKind::PoolFallback && ev.execution_id == e.id {
+            break ev;
+        }
+    };
+    assert!(
+        fallback.message.contains("died before taking the job"),
+        "{fallback:?}"
+    );
+    assert_eq!(String::from_utf8(reader.join().unwrap()).unwrap(), "hi\n");
+}

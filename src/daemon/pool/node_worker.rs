@@ -41,7 +41,7 @@ use tokio_util::sync::CancellationToken;
 use super::{NotPooled, final_env, pipe_copy, warmable};
 use crate::daemon::blocking::offload;
 use crate::daemon::launcher::{
-    LaunchError, Launched, Preparer, ProcessExit, Spawner, cgroup_limits, convert,
+    LaunchError, Launched, Prepared, Preparer, ProcessExit, Sinks, Spawner, cgroup_limits, convert,
 };
 use crate::daemon::plan::{ExecutionPlan, IntrinsicSet};
 use crate::sandbox::cgroup::ExecutionCgroup;
@@ -417,8 +417,19 @@ impl NodePool {
             if let Some(cg) = cgroup {
                 let _ = offload(move || cg.remove()).await;
             }
-            return Err(NotPooled::Fallback(
+            // The cold start takes the sinks as they are: a FIFO closed and opened again would
+            // show Nomad's logmon an EOF in between.
+            let opened = Prepared {
+                sinks: Sinks {
+                    stdout: sink_out,
+                    stderr: sink_err,
+                    captures,
+                },
+                cgroup: None,
+            };
+            return Err(NotPooled::FallbackOn(
                 "the node worker died before taking the job".into(),
+                opened,
             ));
         };
         // The copies start once the job is out: what the worker writes first waits in its

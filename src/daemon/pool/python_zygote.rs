@@ -412,7 +412,15 @@ fn handle(
                 p.pid = Some(pid);
                 match (p.ready.take(), fds.into_iter().next()) {
                     (Some(tx), Some(pidfd)) => {
-                        let _ = tx.send(Ok(Ready { pid, pidfd }));
+                        // The start gave up waiting for this report (its timeout) and failed:
+                        // nobody would supervise the snippet the child is about to run.
+                        if let Err(Ok(late)) = tx.send(Ok(Ready { pid, pidfd })) {
+                            tracing::warn!(
+                                pid,
+                                "a pooled python child reported after its start gave up; killed"
+                            );
+                            kill_unsupervised(&late);
+                        }
                     }
                     (Some(tx), None) => {
                         // By pid, as the pidfd is what is missing; its own session by now (the
@@ -457,6 +465,30 @@ fn handle(
                 }
             }
         }
+    }
+}
+
+/// Kills a child whose start was abandoned, and its process group (the child's own session by
+/// the time it reports). The pidfd pins the child: its pid is not another process's while the
+/// pidfd's signal reaches it.
+fn kill_unsupervised(child: &Ready) {
+    // SAFETY: pidfd_send_signal with a pidfd we own and no siginfo.
+    let sent = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            child.pidfd.as_raw_fd(),
+            libc::SIGKILL,
+            std::ptr::null::<libc::siginfo_t>(),
+            0u32,
+        )
+    };
+    if sent == 0
+        && let Ok(pid) = i32::try_from(child.pid)
+    {
+        let _ = nix::sys::signal::killpg(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
     }
 }
 
@@ -1175,6 +1207,45 @@ mod tests {
         let n = nix::sys::socket::recv(theirs.as_raw_fd(), &mut buf, MsgFlags::MSG_DONTWAIT)
             .expect("the job arrived");
         assert_eq!(n, MAX_JOB_BYTES);
+    }
+
+    /// A child that reports ready after its start gave up (the launcher dropped the waiter at
+    /// its timeout) is killed with its process group, not left to run a snippet nobody
+    /// supervises.
+    #[test]
+    fn a_child_that_reports_after_its_start_gave_up_is_killed() {
+        use std::os::unix::process::CommandExt;
+        let mut child = std::process::Command::new("sleep")
+            .arg("60")
+            .process_group(0)
+            .spawn()
+            .expect("sleep");
+        let pid = child.id();
+        let pidfd = crate::sandbox::pidfd_open(pid).expect("pidfd_open");
+        let table = Mutex::new(Table::default());
+        let (tx, rx) = oneshot::channel();
+        lock(&table).pending.insert(
+            5,
+            Pending {
+                ready: Some(tx),
+                exit: None,
+                pid: None,
+            },
+        );
+        drop(rx);
+        let report = format!(r#"{{"ready": 5, "pid": {pid}}}"#);
+        handle(
+            report.as_bytes(),
+            vec![pidfd],
+            &table,
+            &AtomicBool::new(false),
+            &mut None,
+        );
+        let status = child.wait().expect("wait");
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&status),
+            Some(libc::SIGKILL)
+        );
     }
 
     /// A noted exit is answered while the process still exists (the note is written just
