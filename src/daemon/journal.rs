@@ -139,6 +139,31 @@ struct Shared {
     hold_compaction: Mutex<Option<std::sync::mpsc::Receiver<()>>>,
 }
 
+/// Appends `line` whole or not at all. A disk that fills up mid-line (ENOSPC, EDQUOT) takes
+/// part of it: the part is cut off again, or the next line would be glued onto it, and a reload
+/// would skip both as one corrupt line.
+fn append_whole(file: &mut File, line: &[u8]) -> std::io::Result<()> {
+    let mut written = 0;
+    while written < line.len() {
+        let failed = match file.write(&line[written..]) {
+            Ok(0) => std::io::Error::from(std::io::ErrorKind::WriteZero),
+            Ok(n) => {
+                written += n;
+                continue;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => e,
+        };
+        if written > 0 {
+            // Under the journal's lock nobody else appends: the file ends with our part.
+            let len = file.metadata()?.len();
+            file.set_len(len.saturating_sub(written as u64))?;
+        }
+        return Err(failed);
+    }
+    Ok(())
+}
+
 fn open_append(path: &Path) -> Result<File, StateError> {
     OpenOptions::new()
         .create(true)
@@ -305,7 +330,7 @@ impl Shared {
         })?;
         line.push(b'\n');
         let mut g = self.lock();
-        g.file.write_all(&line).map_err(io(&self.path))?;
+        append_whole(&mut g.file, &line).map_err(io(&self.path))?;
         if let Some(tail) = &mut g.compacting {
             tail.extend_from_slice(&line);
         }
@@ -550,6 +575,58 @@ mod tests {
             ids(load(&path).unwrap()),
             vec![("a".into(), Some(0)), ("c".into(), Some(1))]
         );
+    }
+
+    /// A line the disk has room for only part of is refused whole: the part is cut off, so
+    /// the lines before it and the lines appended once there is room again all load. Needs a
+    /// small filesystem to fill: a tmpfs of 16 KiB (root; skipped where mounting is refused).
+    #[test]
+    fn a_line_the_disk_has_no_room_for_leaves_no_part_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let mounted = nix::mount::mount(
+            Some("tmpfs"),
+            dir.path(),
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            Some("size=16k"),
+        );
+        if let Err(e) = mounted {
+            eprintln!("cannot mount a small tmpfs here ({e}): skipped");
+            return;
+        }
+        struct Unmount<'a>(&'a Path);
+        impl Drop for Unmount<'_> {
+            fn drop(&mut self) {
+                let _ = nix::mount::umount2(self.0, nix::mount::MntFlags::MNT_DETACH);
+            }
+        }
+        let _unmount = Unmount(dir.path());
+        let path = dir.path().join("executions.journal");
+        let j = Journal::open(&path).unwrap();
+        // Most of the space, so that a line soon finds only part of one left.
+        std::fs::write(dir.path().join("filler"), vec![0u8; 12 * 1024]).unwrap();
+        let mut kept = Vec::new();
+        let refused = (0..100).find(|i| {
+            let id = format!("e{i:03}-{}", "x".repeat(200));
+            match j.put(&rec(&id, Some(0))) {
+                Ok(_) => {
+                    kept.push((id, Some(0)));
+                    false
+                }
+                Err(_) => true,
+            }
+        });
+        assert!(refused.is_some(), "the disk never filled");
+        let text = std::fs::read(&path).unwrap();
+        assert_eq!(text.last(), Some(&b'\n'), "a part of a line was left");
+        std::fs::remove_file(dir.path().join("filler")).unwrap();
+        j.put(&rec("after", Some(1))).unwrap();
+        drop(j);
+        kept.push(("after".into(), Some(1)));
+        kept.sort();
+        let mut loaded = ids(load(&path).unwrap());
+        loaded.sort();
+        assert_eq!(loaded, kept);
     }
 
     /// The append that sets off a compaction returns before the compaction touches the disk,

@@ -333,8 +333,12 @@ impl Daemon {
         let state = self.state.clone();
         let rec = session.record();
         let saved = tokio::task::spawn_blocking(move || state.save_session(&rec)).await;
-        if !matches!(saved, Ok(Ok(()))) {
-            tracing::warn!(session = %id, "cannot persist session");
+        // The session serves either way; a daemon restarted before it is saved forgets it, and
+        // the plugin's next fingerprint creates it again.
+        match saved {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(session = %id, error = %e, "cannot persist session"),
+            Err(e) => tracing::warn!(session = %id, error = %e, "cannot persist session"),
         }
         Ok(self.session_proto(&session))
     }

@@ -363,7 +363,13 @@ impl StateStore {
     /// Deletes a session record.
     pub fn remove_session(&self, id: &str) {
         if Self::safe_name(id) {
-            let _ = fs::remove_file(self.root.join("sessions").join(format!("{id}.json")));
+            let path = self.root.join("sessions").join(format!("{id}.json"));
+            // Left behind, the closed session would come back, pool and all, at the next start.
+            if let Err(e) = fs::remove_file(&path)
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                tracing::warn!(session = %id, path = %path.display(), error = %e, "cannot forget a closed session");
+            }
         }
     }
 

@@ -45,7 +45,20 @@ pub(super) fn start(
                     copy_blocking(&from, &to);
                     let _ = tx.send(());
                 });
-            spawned.ok().map(|_| rx)
+            match spawned {
+                Ok(_) => Some(rx),
+                Err(e) => {
+                    // Out of threads or memory: the writers get EPIPE (or SIGPIPE) on this
+                    // stream, which the operator can only place with this line.
+                    tracing::warn!(
+                        stream = name,
+                        error = %e,
+                        "cannot start copying a node worker's output to its file sink; the \
+                         snippet's writes to it fail"
+                    );
+                    None
+                }
+            }
         }
     }
 }
