@@ -130,6 +130,32 @@ async fn start_execution_rejects_bad_input_naming_the_field() {
         Code::InvalidArgument,
         &["limits.timeout"],
     );
+    // Reserved cores: a list the kernel cannot take, or a core the daemon may not run on.
+    for (cores, needles) in [
+        (
+            "1,x",
+            vec![
+                "limits.cpuset_cpus",
+                "\"1,x\"",
+                "\"x\" is not a core number",
+            ],
+        ),
+        ("3-1", vec!["limits.cpuset_cpus", "runs backwards"]),
+        (
+            "1023",
+            vec![
+                "limits.cpuset_cpus",
+                "core 1023 is not one this daemon may run on",
+            ],
+        ),
+    ] {
+        let mut r = ok();
+        r.limits = Some(pb::Limits {
+            cpuset_cpus: cores.into(),
+            ..Default::default()
+        });
+        check(c.start_execution(r).await, Code::InvalidArgument, &needles);
+    }
 
     let mut r = ok();
     r.env = vec![pb::EnvVar {

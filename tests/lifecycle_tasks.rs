@@ -834,6 +834,35 @@ async fn elide_opts_memory_limit_tightens_the_task_memory_and_oom_is_reported() 
     assert!(!task.stdout.wait_eof().await.contains("survived"));
 }
 
+/// A task with reserved cores (`resources { cores = 1 }`: Nomad sends them as `cpuset_cpus`)
+/// runs pinned to them.
+#[tokio::test]
+async fn reserved_cores_pin_the_task() {
+    let (_daemon, plugin, root) = setup().await;
+    let alloc = Alloc::new(root.path());
+    let mut task = alloc.task("pinned");
+    let core = elide_task_driver::sandbox::cpus::Cpus::of_this_process()
+        .expect("sched_getaffinity")
+        .cores()
+        .last()
+        .copied()
+        .expect("a core");
+    task.cpuset_cpus = core.to_string();
+    plugin
+        .start_json(
+            &task,
+            json!({
+                "language": "python",
+                "code": "import os\nprint(sorted(os.sched_getaffinity(0)))",
+            }),
+        )
+        .await
+        .unwrap();
+    let r = plugin.wait(&task.id).await.result.unwrap();
+    assert_eq!(r.exit_code, 0, "{}", task.stderr.text());
+    assert_eq!(task.stdout.wait_eof().await.trim(), format!("[{core}]"));
+}
+
 /// The `config {}` blocks of `examples/*.nomad`: top-level keys (with whether they were written
 /// as a block) and the keys of nested blocks. Heredoc bodies are skipped.
 fn example_configs(text: &str) -> Vec<Vec<(String, bool, Vec<String>)>> {

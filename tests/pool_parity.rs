@@ -711,3 +711,44 @@ async fn a_session_that_merges_pages_offers_every_execution_and_others_none() {
         }
     }
 }
+
+/// Nomad's reserved cores (`resources { cores }`, passed as `cpuset_cpus`) pin every thread of
+/// an execution the same way pooled and cold, python and node; without them an execution keeps
+/// every core the daemon has.
+#[tokio::test(flavor = "multi_thread")]
+async fn reserved_cores_pin_every_thread_pooled_and_cold_alike() {
+    use elide_task_driver::sandbox::cpus::Cpus;
+    let d = TestDaemon::start().await;
+    let mut c = d.client().await;
+    let all = Cpus::of_this_process().expect("sched_getaffinity");
+    let core = all.cores().last().copied().expect("a core");
+    // The distinct Cpus_allowed_list of the process's threads.
+    let py = "import glob\n\
+              print(' '.join(sorted({l.split()[1] for f in glob.glob('/proc/self/task/*/status') \
+              for l in open(f) if l.startswith('Cpus_allowed_list')})))";
+    let js = "const fs = require('fs');\n\
+              const lists = fs.readdirSync('/proc/self/task').map(t => fs.readFileSync(\
+              `/proc/self/task/${t}/status`, 'utf8').match(/Cpus_allowed_list:\\s*(\\S+)/)[1]);\n\
+              console.log([...new Set(lists)].sort().join(' '))";
+    for kind in KINDS {
+        let s = session_of(&mut c, kind, &["env", "io", "net"]).await;
+        for (lang, code) in [("py", py), ("js", js)] {
+            for (reserved, want) in [
+                (core.to_string(), core.to_string()),
+                (String::new(), all.to_string()),
+            ] {
+                let mut req = code_req(&s, lang, code);
+                req.limits = Some(pb::Limits {
+                    cpuset_cpus: reserved.clone(),
+                    ..Default::default()
+                });
+                let (r, out, err) = run_on(&mut c, kind, req).await;
+                assert_eq!(
+                    (r.exit_code, out.trim()),
+                    (0, want.as_str()),
+                    "{kind:?} {lang}, cores {reserved:?}: {err}"
+                );
+            }
+        }
+    }
+}

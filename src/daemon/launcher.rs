@@ -265,6 +265,7 @@ pub(crate) fn plan_isolation(
         write_paths: plan.write_paths.clone(),
         network_namespace: plan.network_namespace.clone(),
         cgroup_procs,
+        cpus: plan.limits.cpus.clone(),
         merge_pages: plan.merge_pages,
         stdout,
         stderr,

@@ -20,6 +20,7 @@ use super::runtime::{Backend, Language, RuntimeRegistry};
 use super::tsstrip::StripCache;
 use crate::proto::elide::daemon::v1alpha1 as pb;
 use crate::sandbox::cgroup::MIN_MEMORY_BYTES;
+use crate::sandbox::cpus::Cpus;
 use crate::sandbox::user::{ResolvedUser, resolve_user};
 
 /// The kernel-enforced capabilities of a session.
@@ -87,6 +88,8 @@ pub struct PlanLimits {
     pub cpu_shares: Option<u64>,
     /// Max pids.
     pub pids: Option<u64>,
+    /// The cores Nomad reserved for the task, which the execution is pinned to.
+    pub cpus: Option<Cpus>,
     /// Wall-clock timeout.
     pub timeout: Option<Duration>,
 }
@@ -384,11 +387,20 @@ pub fn plan_execution(
     };
 
     // Limits.
-    let l = req.limits.unwrap_or_default();
+    let l = req.limits.clone().unwrap_or_default();
     let mut limits = PlanLimits {
         memory_bytes: non_negative("limits.memory_bytes", l.memory_bytes)?,
         cpu_shares: non_negative("limits.cpu_shares", l.cpu_shares)?,
         pids: non_negative("limits.pids", l.pids)?,
+        cpus: match Cpus::parse(&l.cpuset_cpus) {
+            Ok(Some(c)) => {
+                c.check_allowed()
+                    .map_err(|e| DaemonError::invalid("limits.cpuset_cpus", e.to_string()))?;
+                Some(c)
+            }
+            Ok(None) => None,
+            Err(e) => return Err(DaemonError::invalid("limits.cpuset_cpus", e.to_string())),
+        },
         timeout: match &l.timeout {
             Some(d) => Some(duration("limits.timeout", d)?).filter(|d| !d.is_zero()),
             None => None,

@@ -187,6 +187,16 @@ pub fn memory_limit_bytes(cfg: &pb::TaskConfig, spec: &TaskSpec, session_cap_mb:
         .unwrap_or(0)
 }
 
+/// The cores Nomad reserved for the task (`resources { cores = N }`), comma-joined; empty
+/// when none.
+pub fn reserved_cores(cfg: &pb::TaskConfig) -> String {
+    cfg.resources
+        .as_ref()
+        .and_then(|r| r.linux_resources.as_ref())
+        .map(|l| l.cpuset_cpus.clone())
+        .unwrap_or_default()
+}
+
 /// CPU shares (Nomad MHz) from the task's resources; 0 = none.
 pub fn cpu_shares(cfg: &pb::TaskConfig) -> i64 {
     let res = cfg.resources.as_ref();
@@ -291,6 +301,7 @@ pub fn execution_request(
             cpu_shares: cpu_shares(cfg),
             pids: 0,
             timeout: spec.timeout.map(duration_proto),
+            cpuset_cpus: reserved_cores(cfg),
         }),
         stdout: sink(&cfg.stdout_path),
         stderr: sink(&cfg.stderr_path),

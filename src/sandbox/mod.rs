@@ -44,6 +44,7 @@
 
 pub mod caps;
 pub mod cgroup;
+pub mod cpus;
 pub mod landlock_rules;
 pub mod netns;
 pub mod open_files;

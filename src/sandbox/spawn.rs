@@ -12,6 +12,7 @@
 
 use super::SandboxError;
 use super::caps;
+use super::cpus::{self, Cpus};
 use super::landlock_rules::{self, FsPolicy};
 use super::netns;
 use super::open_files;
@@ -114,6 +115,9 @@ pub struct IsolationSpec {
     /// Files the child writes `0` to, to join its cgroup (one on v2, one per hierarchy on v1;
     /// see `ExecutionCgroup::self_join_files`).
     pub cgroup_procs: Vec<PathBuf>,
+    /// The cores to pin the child to (Nomad's reserved cores, [`cpus`]); `None` leaves its
+    /// affinity as inherited.
+    pub cpus: Option<Cpus>,
     /// Offer the child's memory for merging with identical pages of other such processes
     /// ([`page_merge`]); the caller checks [`page_merge::available`].
     pub merge_pages: bool,
@@ -138,6 +142,10 @@ pub enum PlanStep {
     /// Write "0" to this cgroup.procs file.
     JoinCgroup {
         procs_file: PathBuf,
+    },
+    /// `sched_setaffinity(0, cores)`: pinned to the task's reserved cores.
+    PinCpus {
+        cores: Vec<u32>,
     },
     /// Every catchable signal back to its default action (ignored ones survive exec).
     ResetSignals,
@@ -284,6 +292,11 @@ impl IsolationSpec {
         steps.extend(self.cgroup_procs.iter().map(|p| PlanStep::JoinCgroup {
             procs_file: p.clone(),
         }));
+        if let Some(c) = &self.cpus {
+            steps.push(PlanStep::PinCpus {
+                cores: c.cores().to_vec(),
+            });
+        }
         steps.push(PlanStep::ResetSignals);
         steps.push(PlanStep::NewSession);
         match (self.intrinsics.net, &self.network_namespace) {
@@ -404,6 +417,7 @@ impl IsolationSpec {
 
         let child = ChildSteps {
             cgroup_fds: cgroup_fds.iter().map(AsRawFd::as_raw_fd).collect(),
+            cpus: self.cpus.as_ref().map(Cpus::to_set),
             new_netns: !self.intrinsics.net,
             netns_fd: netns_fd.as_ref().map(AsRawFd::as_raw_fd),
             parent_pid: std::process::id() as libc::pid_t,
@@ -488,6 +502,8 @@ fn open_for_write(path: &Path, what: &'static str) -> Result<OwnedFd, SandboxErr
 /// Everything the child needs, as plain integers and pre-allocated vectors.
 struct ChildSteps {
     cgroup_fds: Vec<RawFd>,
+    /// The affinity mask of the task's reserved cores.
+    cpus: Option<libc::cpu_set_t>,
     new_netns: bool,
     netns_fd: Option<RawFd>,
     parent_pid: libc::pid_t,
@@ -607,6 +623,14 @@ impl ChildSteps {
                 if libc::write(fd, zero.as_ptr().cast(), zero.len()) < 0 {
                     return Err(fail(b"join cgroup", errno()));
                 }
+            }
+            if let Some(set) = &self.cpus
+                && let Err(e) = cpus::pin(0, set)
+            {
+                return Err(fail(
+                    b"sched_setaffinity (reserved cores)",
+                    e.raw_os_error().unwrap_or(libc::EIO),
+                ));
             }
             reset_signal_dispositions();
             if libc::setsid() < 0 {

@@ -147,6 +147,7 @@ impl Alloc {
             stdout,
             stderr,
             memory_mb: 256,
+            cpuset_cpus: String::new(),
             extra_env: HashMap::new(),
         }
     }
@@ -164,6 +165,8 @@ pub struct Task {
     pub stdout: Collected,
     pub stderr: Collected,
     pub memory_mb: i64,
+    /// The cores Nomad reserved for it (`resources { cores }`), comma-joined.
+    pub cpuset_cpus: String,
     pub extra_env: HashMap<String, String>,
 }
 
@@ -227,6 +230,7 @@ impl Task {
                 linux_resources: Some(pb::LinuxResources {
                     cpu_shares: 100,
                     memory_limit_bytes: self.memory_mb * 1024 * 1024,
+                    cpuset_cpus: self.cpuset_cpus.clone(),
                     ..Default::default()
                 }),
                 ports: vec![],

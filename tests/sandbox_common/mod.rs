@@ -67,6 +67,7 @@ impl Scratch {
             write_paths: Vec::new(),
             network_namespace: None,
             cgroup_procs: Vec::new(),
+            cpus: None,
             merge_pages: false,
             stdout,
             stderr,

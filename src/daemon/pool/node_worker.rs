@@ -208,6 +208,8 @@ impl NodePool {
             write_paths: Vec::new(),
             network_namespace: None,
             cgroup_procs: cgroup.map(|c| c.self_join_files()).unwrap_or_default(),
+            // Pinned at the hand-over, once its execution's cores are known.
+            cpus: None,
             merge_pages: self.merge_pages,
             stdout: out_w,
             stderr: err_w,
@@ -356,6 +358,15 @@ impl NodePool {
             worker.discard();
             return Err(NotPooled::Fallback(format!(
                 "a warm node worker cannot take the execution's limits: {e}"
+            )));
+        }
+        // Node's threads are running: each is pinned (a few syscalls, inline).
+        if let Some(cpus) = &plan.limits.cpus
+            && let Err(e) = crate::sandbox::cpus::pin_process(worker.pid, cpus)
+        {
+            worker.discard();
+            return Err(NotPooled::Fallback(format!(
+                "a warm node worker cannot be pinned to cores {cpus}: {e}"
             )));
         }
         let sinks = match preparer.open_sinks(plan).await {

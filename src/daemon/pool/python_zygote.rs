@@ -767,6 +767,8 @@ pub async fn spawn(settings: &Settings, spawner: &Spawner) -> Result<Spawned, La
         write_paths: Vec::new(),
         network_namespace: None,
         cgroup_procs: Vec::new(),
+        // Each child pins itself to its execution's cores (a step of its plan).
+        cpus: None,
         // Children inherit it at fork: one step here covers every pooled execution.
         merge_pages: settings.merge_pages,
         stdout: null.into(),

@@ -477,6 +477,8 @@ def _replay(job, fds, zygote_pid, done=frozenset()):
                     os.write(fd, b"0")
                 finally:
                     os.close(fd)
+            elif kind == "pin_cpus":
+                os.sched_setaffinity(0, step["cores"])
             elif kind == "reset_signals":
                 _python_signal_defaults()
             elif kind == "new_session":
