@@ -688,13 +688,7 @@ async fn limits_that_cannot_hold_are_said_so_at_start_and_in_the_started_event()
         }
         assert_eq!(mode == "none", !has_cgroups, "{mode}");
         let s = session(&mut c, &[]).await;
-        let mut events = c
-            .watch_events(pb::WatchEventsRequest {
-                session_id: s.clone(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let mut events = events_of(&mut c, &s).await;
         let mut started = Vec::new();
         for memory_bytes in [64 << 20, 0] {
             let mut req = code_req(&s, "py", "pass");
@@ -704,17 +698,7 @@ async fn limits_that_cannot_hold_are_said_so_at_start_and_in_the_started_event()
             });
             let e = c.start_execution(req).await.unwrap().into_inner();
             assert_eq!(wait(&mut c, &e.id).await.exit_code, 0);
-            let ev = loop {
-                let ev = tokio::time::timeout(DEADLINE, events.message())
-                    .await
-                    .expect("an event")
-                    .unwrap()
-                    .expect("the stream goes on");
-                if ev.kind() == pb::EventKind::Started && ev.execution_id == e.id {
-                    break ev;
-                }
-            };
-            started.push(ev);
+            started.push(next_event(&mut events, pb::EventKind::Started, &e.id).await);
         }
         let told = |ev: &pb::ExecutionEvent| {
             ev.message
@@ -730,30 +714,6 @@ async fn limits_that_cannot_hold_are_said_so_at_start_and_in_the_started_event()
             d.log()
         );
     }
-}
-
-/// Reads one captured stream to its end without following.
-async fn output_now(c: &mut Client, id: &str) -> Vec<u8> {
-    let mut s = c
-        .stream_output(pb::StreamOutputRequest {
-            execution_id: id.into(),
-            streams: vec![pb::OutputStream::Stdout as i32],
-            offset: 0,
-            follow: false,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut out = Vec::new();
-    while let Some(chunk) = tokio::time::timeout(DEADLINE, s.message())
-        .await
-        .expect("a stream without follow ends")
-        .unwrap()
-    {
-        assert_eq!(chunk.offset as usize, out.len());
-        out.extend_from_slice(&chunk.data);
-    }
-    out
 }
 
 /// Once WaitExecution has answered, StreamOutput without follow returns all of an execution's
@@ -778,7 +738,7 @@ async fn an_ended_executions_output_is_whole_without_follow() {
                     .unwrap()
                     .into_inner();
                 assert_eq!(wait(&mut c, &e.id).await.exit_code, 0);
-                let out = output_now(&mut c, &e.id).await;
+                let out = output_read(&mut c, &e.id, pb::OutputStream::Stdout, false).await;
                 assert_eq!(
                     (out.len(), out.ends_with(b"end")),
                     (1_000_003, true),
@@ -811,7 +771,8 @@ async fn a_daemonized_child_does_not_hold_the_output_open() {
         .into_inner();
     assert_eq!(wait(&mut c, &e.id).await.exit_code, 0);
     let started = std::time::Instant::now();
-    let now = String::from_utf8(output_now(&mut c, &e.id).await).unwrap();
+    let now = String::from_utf8(output_read(&mut c, &e.id, pb::OutputStream::Stdout, false).await)
+        .unwrap();
     let followed =
         String::from_utf8(output(&mut c, &e.id, pb::OutputStream::Stdout).await).unwrap();
     let waited = started.elapsed();

@@ -1278,13 +1278,7 @@ async fn a_node_worker_lost_at_the_hand_over_falls_back_cold_on_the_same_fifos()
     .await;
     let mut c = d.client().await;
     let s = pooled_session(&mut c, 1).await;
-    let mut events = c
-        .watch_events(pb::WatchEventsRequest {
-            session_id: s.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut events = events_of(&mut c, &s).await;
     // The warm worker is up once its process runs (it is idle from its start on).
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     let out = d.path("out.fifo");
@@ -1295,16 +1289,7 @@ async fn a_node_worker_lost_at_the_hand_over_falls_back_cold_on_the_same_fifos()
     let result = wait(&mut c, &e.id).await;
     assert_eq!(result.exit_code, 0, "{result:?}");
     assert!(!e.pooled, "the stand-in's worker ran a job");
-    let fallback = loop {
-        let ev = tokio::time::timeout(DEADLINE, events.message())
-            .await
-            .expect("a pool fallback event")
-            .unwrap()
-            .unwrap();
-        if ev.kind() == pb::EventKind::PoolFallback && ev.execution_id == e.id {
-            break ev;
-        }
-    };
+    let fallback = next_event(&mut events, pb::EventKind::PoolFallback, &e.id).await;
     assert!(
         fallback.message.contains("died before taking the job"),
         "{fallback:?}"

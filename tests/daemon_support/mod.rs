@@ -395,12 +395,23 @@ pub fn code_req(session: &str, language: &str, code: &str) -> pb::StartExecution
 
 /// Everything captured of one stream, after the execution ended.
 pub async fn output(c: &mut Client, id: &str, stream: pb::OutputStream) -> Vec<u8> {
+    output_read(c, id, stream, true).await
+}
+
+/// One captured stream from its start until its stream ends: with `follow`, the execution's
+/// whole output; without, what it has written so far (all of it, once it has ended).
+pub async fn output_read(
+    c: &mut Client,
+    id: &str,
+    stream: pb::OutputStream,
+    follow: bool,
+) -> Vec<u8> {
     let mut s = c
         .stream_output(pb::StreamOutputRequest {
             execution_id: id.into(),
             streams: vec![stream as i32],
             offset: 0,
-            follow: true,
+            follow,
         })
         .await
         .unwrap()
@@ -468,6 +479,34 @@ pub async fn wait(c: &mut Client, id: &str) -> pb::ExecutionResult {
     .into_inner()
     .result
     .unwrap()
+}
+
+/// The events of session `s` from now on.
+pub async fn events_of(c: &mut Client, s: &str) -> tonic::Streaming<pb::ExecutionEvent> {
+    c.watch_events(pb::WatchEventsRequest {
+        session_id: s.to_string(),
+    })
+    .await
+    .unwrap()
+    .into_inner()
+}
+
+/// The next event of `kind` about execution `id`.
+pub async fn next_event(
+    events: &mut tonic::Streaming<pb::ExecutionEvent>,
+    kind: pb::EventKind,
+    id: &str,
+) -> pb::ExecutionEvent {
+    loop {
+        let ev = tokio::time::timeout(DEADLINE, events.message())
+            .await
+            .unwrap_or_else(|_| panic!("no {kind:?} event for {id}"))
+            .unwrap()
+            .expect("the event stream goes on");
+        if ev.kind() == kind && ev.execution_id == id {
+            return ev;
+        }
+    }
 }
 
 /// Runs code to completion: (result, stdout, stderr).

@@ -173,7 +173,7 @@ pub enum SendError {
     /// The zygote has exited.
     #[error("the python zygote is not running")]
     Dead,
-    /// The job is larger than the zygote reads in one message ([`MAX_JOB_BYTES`]), or than
+    /// The job is larger than the zygote reads in one message (1 MiB), or than
     /// the socket's send buffer where the daemon could not raise it: a very large inline
     /// snippet, environment or argument list.
     #[error(
