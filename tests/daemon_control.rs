@@ -759,10 +759,14 @@ async fn a_daemonized_child_does_not_hold_the_output_open() {
     let d = TestDaemon::start_with(&["--cgroup-root", no_cgroups.path().to_str().unwrap()]).await;
     let mut c = d.client().await;
     let s = session(&mut c, &[]).await;
+    // The snippet ends only once the child has left its process group (the group is killed
+    // when the snippet ends).
     let code = "import os, sys, time\n\
+                r, w = os.pipe()\n\
                 pid = os.fork()\n\
-                if pid == 0:\n    os.setsid()\n    time.sleep(0.3)\n    print('late', flush=True)\n    \
-                time.sleep(600)\n    os._exit(0)\n\
+                if pid == 0:\n    os.setsid()\n    os.write(w, b'x')\n    time.sleep(0.3)\n    \
+                print('late', flush=True)\n    time.sleep(600)\n    os._exit(0)\n\
+                os.read(r, 1)\n\
                 print(pid, flush=True)";
     let e = c
         .start_execution(code_req(&s, "py", code))

@@ -130,23 +130,27 @@ async fn start_execution_rejects_bad_input_naming_the_field() {
         Code::InvalidArgument,
         &["limits.timeout"],
     );
-    // Reserved cores: a list the kernel cannot take, or a core the daemon may not run on.
-    for (cores, needles) in [
+    // Reserved cores: a list the kernel cannot take (bad input), or a core this node does not
+    // have online (Nomad's list, of another moment: a precondition).
+    for (cores, code, needles) in [
         (
             "1,x",
+            Code::InvalidArgument,
             vec![
                 "limits.cpuset_cpus",
                 "\"1,x\"",
                 "\"x\" is not a core number",
             ],
         ),
-        ("3-1", vec!["limits.cpuset_cpus", "runs backwards"]),
+        (
+            "3-1",
+            Code::InvalidArgument,
+            vec!["limits.cpuset_cpus", "runs backwards"],
+        ),
         (
             "1023",
-            vec![
-                "limits.cpuset_cpus",
-                "core 1023 is not one this daemon may run on",
-            ],
+            Code::FailedPrecondition,
+            vec!["limits.cpuset_cpus", "core 1023 is not online on this node"],
         ),
     ] {
         let mut r = ok();
@@ -154,7 +158,7 @@ async fn start_execution_rejects_bad_input_naming_the_field() {
             cpuset_cpus: cores.into(),
             ..Default::default()
         });
-        check(c.start_execution(r).await, Code::InvalidArgument, &needles);
+        check(c.start_execution(r).await, code, &needles);
     }
 
     let mut r = ok();

@@ -904,15 +904,18 @@ async fn a_late_fallback_starts_cold_on_the_fifo_the_pooled_attempt_opened() {
     }
     let mut queued = Vec::new();
     let mut refused = false;
-    // Large jobs fill the socket's send buffer in a few messages.
-    let big = "x".repeat(48 << 10);
+    // Large jobs (480 KB) fill the socket's send buffer (2 MiB, sized for the zygote's
+    // largest job) in a few messages.
+    let big: Vec<pb::EnvVar> = (0..4)
+        .map(|i| pb::EnvVar {
+            key: format!("BIG{i}").into_bytes(),
+            value: vec![b'x'; 120_000],
+        })
+        .collect();
     for _ in 0..40 {
         let mut c2 = d.client().await;
         let mut req = code_req(&s, "py", "print('queued')");
-        req.env.push(pb::EnvVar {
-            key: b"BIG".to_vec(),
-            value: big.clone().into_bytes(),
-        });
+        req.env.extend(big.iter().cloned());
         let (tx, mut rx) = tokio::sync::oneshot::channel();
         queued.push(tokio::spawn(async move {
             let e = c2.start_execution(req).await.unwrap().into_inner();
@@ -931,10 +934,7 @@ async fn a_late_fallback_starts_cold_on_the_fifo_the_pooled_attempt_opened() {
     let fifo = d.dir.path().join("late.fifo");
     let reader = fifo_reader(&fifo);
     let mut req = code_req(&s, "py", "print('cold on the same fifo')");
-    req.env.push(pb::EnvVar {
-        key: b"BIG".to_vec(),
-        value: big.into_bytes(),
-    });
+    req.env.extend(big);
     req.stdout = path_sink(&fifo);
     let e = c.start_execution(req).await.unwrap().into_inner();
     assert!(!e.pooled);
@@ -1117,15 +1117,16 @@ async fn an_environment_too_big_for_the_zygote_starts_cold_whole_with_an_event()
             .collect::<Vec<_>>()
             .join(",")
     };
-    // 100 KB fits one message to the zygote; 300 KB does not (its socket's send buffer bounds
-    // a message), so that one starts cold, and its environment still arrives whole.
-    assert_eq!(
-        run_with_big_env(&mut c, &s, "py", py, 1).await,
-        (true, expect(1))
-    );
+    // 300 KB fits one message to the zygote (more than a Unix socket's default send buffer,
+    // which the daemon raises); 1.2 MB does not (the zygote reads at most 1 MiB), so that one
+    // starts cold, and its environment still arrives whole.
     assert_eq!(
         run_with_big_env(&mut c, &s, "py", py, 3).await,
-        (false, expect(3))
+        (true, expect(3))
+    );
+    assert_eq!(
+        run_with_big_env(&mut c, &s, "py", py, 12).await,
+        (false, expect(12))
     );
     let ev = loop {
         let ev = tokio::time::timeout(DEADLINE, events.message())
@@ -1279,8 +1280,14 @@ async fn a_node_worker_lost_at_the_hand_over_falls_back_cold_on_the_same_fifos()
     let mut c = d.client().await;
     let s = pooled_session(&mut c, 1).await;
     let mut events = events_of(&mut c, &s).await;
-    // The warm worker is up once its process runs (it is idle from its start on).
-    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    // The stand-in's worker is idle once it runs, and lost once its shell closed the job socket.
+    eventually("a stand-in worker with its job socket closed", || {
+        all_descendants(d.pid()).iter().any(|(pid, _, cmd)| {
+            cmd.contains("sleep 600")
+                && !std::path::Path::new(&format!("/proc/{pid}/fd/0")).exists()
+        })
+    })
+    .await;
     let out = d.path("out.fifo");
     let reader = fifo_reader(&out);
     let mut r = code_req(&s, "js", "console.log('hi')");

@@ -180,6 +180,11 @@ impl Execution {
         self.result().unwrap_or_default()
     }
 
+    /// When it ended (None while it runs).
+    pub fn ended_at(&self) -> Option<SystemTime> {
+        self.lock().ended_at
+    }
+
     /// Watches the phase.
     pub fn watch_phase(&self) -> watch::Receiver<Phase> {
         self.phase.subscribe()
@@ -478,6 +483,9 @@ impl Execution {
                 None
             }
         };
+        // Ended before any event says so: a client acting on the Exited event sees an ended
+        // execution (its output settled) in what it asks next.
+        self.phase.send_replace(Phase::Exited);
         if oom {
             ctx.events.emit(
                 pb::EventKind::OomKilled,
@@ -495,7 +503,6 @@ impl Execution {
             format!("exited with code {}", result.exit_code),
             ann,
         );
-        self.phase.send_replace(Phase::Exited);
         // Whatever the leader left in its process group goes now (one syscall, but signalling
         // a process of many threads takes a while: after the waiters were told). The leader
         // itself may still be on its way out: a pooled runtime reports its exit code before

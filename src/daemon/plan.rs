@@ -394,8 +394,10 @@ pub fn plan_execution(
         pids: non_negative("limits.pids", l.pids)?,
         cpus: match Cpus::parse(&l.cpuset_cpus) {
             Ok(Some(c)) => {
-                c.check_allowed()
-                    .map_err(|e| DaemonError::invalid("limits.cpuset_cpus", e.to_string()))?;
+                // Nomad's own list, of a core this node lacks now: not bad input.
+                c.check_online().map_err(|e| {
+                    DaemonError::FailedPrecondition(format!("limits.cpuset_cpus: {e}"))
+                })?;
                 Some(c)
             }
             Ok(None) => None,

@@ -43,7 +43,7 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'stati
 
 const CHUNK: usize = 64 * 1024;
 
-/// How long captured output may still arrive once its execution has ended: what the pipe held
+/// How long after its execution ended captured output may still arrive: what the pipe held
 /// when the process exited (a pooled runtime reports its exit before the kernel has torn it
 /// down and closed its end), and what its process group wrote before the kill at its exit. A
 /// writer that outlives that, such as a daemonized child on a node without cgroups, does not
@@ -57,9 +57,10 @@ async fn follow_stream(
     stream: pb::OutputStream,
     mut offset: u64,
     follow: bool,
-    mut phase: tokio::sync::watch::Receiver<Phase>,
+    execution: Arc<Execution>,
     tx: tokio::sync::mpsc::Sender<Result<pb::OutputChunk, Status>>,
 ) {
+    let mut phase = execution.watch_phase();
     let mut progress = buf.watch();
     let mut settled_by: Option<tokio::time::Instant> = None;
     // The execution was dropped (its phase sender with it): it has ended.
@@ -90,7 +91,13 @@ async fn follow_stream(
             return;
         }
         if ended && settled_by.is_none() {
-            settled_by = Some(tokio::time::Instant::now() + SETTLE);
+            // From the end, not from this call: a later read of a pipe a daemonized child
+            // holds open answers at once.
+            let since = execution
+                .ended_at()
+                .and_then(|t| t.elapsed().ok())
+                .unwrap_or_default();
+            settled_by = Some(tokio::time::Instant::now() + SETTLE.saturating_sub(since));
         }
         let settle = async {
             match settled_by {
@@ -255,7 +262,7 @@ impl ExecutionApi for ApiService {
                 s,
                 r.offset,
                 r.follow,
-                e.watch_phase(),
+                e.clone(),
                 tx.clone(),
             ));
         }

@@ -22,13 +22,13 @@ pub enum CpusError {
         /// What is wrong in it.
         reason: String,
     },
-    /// A core this daemon may not run on (absent, offline, or outside its own cpuset).
-    #[error("core {core} is not one this daemon may run on (it may: {allowed})")]
-    NotAllowed {
+    /// A core this node does not have online.
+    #[error("core {core} is not online on this node (online: {online})")]
+    Offline {
         /// The core.
         core: u32,
-        /// The cores it may run on.
-        allowed: Cpus,
+        /// The cores online.
+        online: Cpus,
     },
 }
 
@@ -46,10 +46,12 @@ impl Cpus {
             reason,
         };
         let core = |s: &str| -> Result<u32, CpusError> {
-            let n: u32 = s
-                .trim()
-                .parse()
-                .map_err(|_| syntax(format!("{:?} is not a core number", s.trim())))?;
+            let s = s.trim();
+            let not_a_number = || syntax(format!("{s:?} is not a core number"));
+            if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(not_a_number());
+            }
+            let n: u32 = s.parse().map_err(|_| not_a_number())?;
             if n >= MAX_CPUS {
                 return Err(syntax(format!(
                     "core {n} is beyond the {MAX_CPUS} a mask holds"
@@ -78,6 +80,15 @@ impl Cpus {
         Ok(Some(Self(cores)))
     }
 
+    /// The cores online on this node (`/sys/devices/system/cpu/online`, in the kernel's list
+    /// format).
+    pub fn online() -> std::io::Result<Self> {
+        let text = std::fs::read_to_string("/sys/devices/system/cpu/online")?;
+        Self::parse(&text)
+            .map_err(std::io::Error::other)?
+            .ok_or_else(|| std::io::Error::other("no core is online"))
+    }
+
     /// The cores this process may run on.
     pub fn of_this_process() -> std::io::Result<Self> {
         let mut set = empty_set();
@@ -95,14 +106,16 @@ impl Cpus {
         ))
     }
 
-    /// Checks that every core is one this daemon may run on: a process cannot be pinned to
-    /// another (`sched_setaffinity` fails, or quietly keeps only the allowed ones).
-    pub fn check_allowed(&self) -> Result<(), CpusError> {
-        let Ok(allowed) = Self::of_this_process() else {
+    /// Checks that every core is online: the kernel pins a process to online cores only
+    /// (`sched_setaffinity` drops the others, and fails when none is left). Whether the
+    /// execution's cgroup allows a core too (a cpuset) shows when it is pinned. A node whose
+    /// list cannot be read is not checked here.
+    pub fn check_online(&self) -> Result<(), CpusError> {
+        let Ok(online) = Self::online() else {
             return Ok(());
         };
-        match self.0.iter().find(|c| !allowed.0.contains(c)) {
-            Some(&core) => Err(CpusError::NotAllowed { core, allowed }),
+        match self.0.iter().find(|c| !online.0.contains(c)) {
+            Some(&core) => Err(CpusError::Offline { core, online }),
             None => Ok(()),
         }
     }
@@ -205,6 +218,7 @@ mod tests {
             ("1,,2", "\"\" is not a core number"),
             ("4-2", "runs backwards"),
             ("-1", "\"\" is not a core number"),
+            ("+1", "\"+1\" is not a core number"),
             ("1024", "beyond the 1024"),
         ] {
             let e = Cpus::parse(bad).unwrap_err().to_string();
@@ -216,21 +230,22 @@ mod tests {
     }
 
     #[test]
-    fn only_cores_this_process_may_use_are_allowed() {
+    fn only_online_cores_are_taken() {
+        let online = Cpus::online().expect("/sys/devices/system/cpu/online");
+        online.check_online().expect("the online cores");
         let mine = Cpus::of_this_process().expect("sched_getaffinity");
-        assert!(!mine.cores().is_empty());
-        mine.check_allowed().expect("its own cores");
+        assert!(mine.cores().iter().all(|c| online.cores().contains(c)));
         let beyond = MAX_CPUS - 1;
         let e = Cpus::parse(&beyond.to_string())
             .unwrap()
             .unwrap()
-            .check_allowed()
+            .check_online()
             .unwrap_err();
         assert_eq!(
             e,
-            CpusError::NotAllowed {
+            CpusError::Offline {
                 core: beyond,
-                allowed: mine
+                online
             }
         );
     }
