@@ -24,8 +24,8 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::{
-    PAGE_MERGING_SCAN, PageMerging, Stats, cold_idle_pss, cold_spawn, descendants, machine,
-    pss_kib, pss_settled, resolve_node, resolve_python, rss_kib, stats, write_section,
+    PAGE_MERGING_SCAN, PageMerging, Stats, cold_idle_pss, descendants, machine, pss_kib,
+    pss_settled, resolve_node, resolve_python, rss_kib, stats, write_section,
 };
 use daemon_support::{Client, TestDaemon, path_sink};
 use elide_task_driver::proto::elide::daemon::v1alpha1 as pb;
@@ -339,33 +339,31 @@ async fn run(n: usize) -> String {
     let idle_rss = rss_kib(d.pid());
     let idle_pss = pss_kib(d.pid());
 
-    eprintln!("latency: cold interpreters");
-    let cold_py = cold_spawn(&python, &["-c", "print(\"hi\")"], n.min(100));
-    let cold_node = cold_spawn(&node, &["-e", "console.log(\"hi\")"], n.min(100));
-
     let mut rows = String::new();
     let mut budget_rows = String::new();
     let pooled_s = new_session(&mut c, 4).await;
     let cold_s = new_session(&mut c, 0).await;
     // Let the pools warm before sampling.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    for (lang, code, baseline, base_name) in [
+    let cold_py = (python.as_path(), ["-c", "print(\"hi\")"]);
+    let cold_node = (node.as_path(), ["-e", "console.log(\"hi\")"]);
+    for (lang, code, cold_cmd, base_name) in [
         (
             "python",
             "print(\"hi\")",
-            &cold_py,
+            cold_py,
             format!("`{} -c`", python.display()),
         ),
         (
             "javascript",
             "console.log(\"hi\")",
-            &cold_node,
+            cold_node,
             format!("`{} -e`", node.display()),
         ),
         (
             "typescript",
             "const s: string = \"hi\";\nconsole.log(s)",
-            &cold_node,
+            cold_node,
             format!("`{} -e`", node.display()),
         ),
     ] {
@@ -376,6 +374,8 @@ async fn run(n: usize) -> String {
             Duration::from_millis(150)
         };
         let n_lang = if lang == "python" { n } else { (n / 2).max(20) };
+        let bracket = (std::env::var("BENCH_QUICK").is_err())
+            .then(|| common::Bracket::before(cold_cmd.0, &cold_cmd.1, n.min(100)));
         START_US.store(0, std::sync::atomic::Ordering::Relaxed);
         let (pooled, pooled_count) = latency(&mut c, &pooled_s, lang, code, n_lang, pace).await;
         let start_share =
@@ -384,9 +384,12 @@ async fn run(n: usize) -> String {
             "{lang}: pooled median {:.2} ms, mean StartExecution {start_share:.2} ms",
             pooled.median
         );
-        if std::env::var("BENCH_QUICK").is_ok() {
+        let Some(bracket) = bracket else {
             continue;
-        }
+        };
+        // Pools refilled before the baseline's second half (see plugin_tasks).
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let baseline = &bracket.after();
         let (cold, _) = latency(&mut c, &cold_s, lang, code, n_lang.min(60), Duration::ZERO).await;
         let ratio = baseline.median / pooled.median;
         rows.push_str(&format!(
@@ -511,7 +514,9 @@ Command: `make bench` (`cargo bench --bench daemon_pools`, release build). Machi
 Interpreters (resolved, the same binaries the daemon runs): `{}`, `{}`; the cold baselines \
 (spawns, idle interpreters, the plain pipe) run with the environment a task gets (`PATH` and \
 `HOME` only), not the bench's own, whose variables may change an interpreter's start-up (this \
-machine's `NODE_EXTRA_CA_CERTS` makes every node start parse a CA bundle). Daemon = the release \
+machine's `NODE_EXTRA_CA_CERTS` makes every node start parse a CA bundle); each language's spawn \
+baseline brackets its pooled samples, half just before and half just after, as this VM's speed \
+drifts by the minute. Daemon = the release \
 `elide-daemon`, one gRPC client over its Unix socket, sinks `/dev/null` (FIFO for the log test), \
 state dir on disk (ext4), run dir on tmpfs (`/dev/shm`, as `/run/elide/exec` is on a systemd host), \
 sessions with `env io net`, pooled sessions `context_pool_size = 4`. Node latency samples are \

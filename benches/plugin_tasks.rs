@@ -22,7 +22,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use common::{
-    PAGE_MERGING_SCAN, PageMerging, Stats, cold_idle_pss, cold_spawn, cpu_ms, descendants, pss_kib,
+    PAGE_MERGING_SCAN, PageMerging, Stats, cold_idle_pss, cpu_ms, descendants, pss_kib,
     pss_settled, resolve_node, resolve_python, stats, write_section,
 };
 use daemon_support::TestDaemon;
@@ -269,8 +269,8 @@ fn quick() -> Quick {
 async fn run(n: usize) -> String {
     let python = resolve_python();
     let node = resolve_node();
-    let py_cold = cold_spawn(&python, &["-c", "print(\"hi\")"], n.min(60)).median;
-    let node_cold = cold_spawn(&node, &["-e", "console.log(\"hi\")"], n.min(60)).median;
+    let py_cold = (python.as_path(), ["-c", "print(\"hi\")"]);
+    let node_cold = (node.as_path(), ["-e", "console.log(\"hi\")"]);
 
     let daemon = TestDaemon::start_with_tmpfs_run_dir().await;
     let mut rows = String::new();
@@ -315,6 +315,7 @@ async fn run(n: usize) -> String {
             } else {
                 n / 2
             };
+            let baseline = common::Bracket::before(base.0, &base.1, n.min(60));
             let mut v = Vec::new();
             START_US.store(0, std::sync::atomic::Ordering::Relaxed);
             for i in 0..samples + 5 {
@@ -329,6 +330,10 @@ async fn run(n: usize) -> String {
                     tokio::time::sleep(Duration::from_millis(150)).await;
                 }
             }
+            // Pools refilled before the baseline's second half (the node samples are paced for
+            // it anyway; python's spares are forked after each task).
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let base = baseline.after().median;
             let Stats {
                 median: med, p99, ..
             } = stats(v);
@@ -473,7 +478,9 @@ plugin binary as Nomad does (go-plugin handshake, SetConfig with `session_config
 task's logmon FIFOs (drained by reader threads) before timing, then times StartTask → WaitTask \
 (DestroyTask afterwards, untimed). Alloc dir and daemon state dir on disk (ext4), the daemon's \
 run dir on tmpfs (`/dev/shm`, as `/run/elide/exec` is on a systemd host). Cold baseline: `{}` / `{}` spawned directly, output to /dev/null, with the environment a task \
-gets (`PATH` and `HOME` only), not the bench's own (see the daemon section).\n\n\
+gets (`PATH` and `HOME` only), not the bench's own (see the daemon section); each row's \
+baseline is 60 spawns, half just before its samples and half just after (this VM's speed drifts \
+by the minute).\n\n\
 | budget | measured | verdict |\n|---|---|---|\n{budgets}\n\
 | language | context_pool_size | median | p99 | cold interpreter median | speed-up |\n|---|---|---|---|---|---|\n{rows}\n\
 ### Sustained short python tasks through plugin + daemon (`pass`, 4 concurrent callers, 5 s)\n\n\

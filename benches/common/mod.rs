@@ -112,8 +112,40 @@ pub fn baseline_command(program: &Path) -> Command {
 /// The variables a cold baseline keeps from this process's environment.
 const BASELINE_ENV: [&str; 2] = ["PATH", "HOME"];
 
-/// Cold spawn → exit of `program args`, output to /dev/null, in ms (3 warm-up runs dropped).
-pub fn cold_spawn(program: &Path, args: &[&str], n: usize) -> Stats {
+/// A cold baseline taken around a measurement of ours: half its spawns just before it, half
+/// just after. This VM's speed drifts by the minute: a baseline taken minutes away from the
+/// samples it is compared with moved a 10× ratio by a whole point, either way.
+pub struct Bracket {
+    program: std::path::PathBuf,
+    args: Vec<String>,
+    half: usize,
+    times: Vec<f64>,
+}
+
+impl Bracket {
+    /// Takes the first half (of `n` spawns) now.
+    pub fn before(program: &Path, args: &[&str], n: usize) -> Self {
+        let half = n.div_ceil(2);
+        Self {
+            program: program.to_path_buf(),
+            args: args.iter().map(|a| a.to_string()).collect(),
+            half,
+            times: cold_spawn_times(program, args, half),
+        }
+    }
+
+    /// Takes the second half, and the baseline of both.
+    pub fn after(mut self) -> Stats {
+        let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
+        self.times
+            .extend(cold_spawn_times(&self.program, &args, self.half));
+        stats(self.times)
+    }
+}
+
+/// Cold spawn → exit of `program args`, output to /dev/null, in ms (3 warm-up runs dropped),
+/// in the order taken.
+fn cold_spawn_times(program: &Path, args: &[&str], n: usize) -> Vec<f64> {
     let mut v = Vec::with_capacity(n);
     for i in 0..n + 3 {
         let t = Instant::now();
@@ -129,7 +161,7 @@ pub fn cold_spawn(program: &Path, args: &[&str], n: usize) -> Stats {
             v.push(t.elapsed().as_secs_f64() * 1e3);
         }
     }
-    stats(v)
+    v
 }
 
 /// Replaces the text between `begin` and `end` in the file at `$BENCH_WRITE` with `section`
