@@ -799,3 +799,33 @@ async fn a_daemonized_child_does_not_hold_the_output_open() {
         "the streams stayed open {waited:?}"
     );
 }
+
+/// A daemon that stops ends its executions with SIGTERM, and their results say the daemon
+/// ended them, also when a snippet catches the signal and exits 0: Nomad must not count such a
+/// task as done (a batch job would be marked complete instead of restarted).
+#[tokio::test(flavor = "multi_thread")]
+async fn an_execution_a_stopping_daemon_ends_says_so_even_after_a_clean_exit() {
+    let d = TestDaemon::start().await;
+    let mut c = d.client().await;
+    let s = session(&mut c, &[]).await;
+    let code = "import signal, sys, time\n\
+                signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))\n\
+                print('ready', flush=True)\n\
+                time.sleep(600)";
+    let e = start_ready(&mut c, code_req(&s, "py", code)).await;
+    let waiter = {
+        let mut c = d.client().await;
+        let id = e.id.clone();
+        tokio::spawn(async move { wait(&mut c, &id).await })
+    };
+    // The waiter's call is in before the daemon is told to stop.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    d.terminate();
+    let r = waiter.await.expect("the waiter's answer");
+    assert_eq!((r.exit_code, r.signal), (0, 0), "{r:?}");
+    assert!(
+        r.error
+            .contains("elide-daemon stopped (shut down or restarted) while this task ran"),
+        "{r:?}"
+    );
+}

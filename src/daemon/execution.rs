@@ -62,6 +62,8 @@ pub struct Execution {
     phase: watch::Sender<Phase>,
     inner: Mutex<Inner>,
     timed_out: AtomicBool,
+    /// Stopped because the daemon itself stops ([`Self::stop_for_shutdown`]).
+    stopped_by_daemon: AtomicBool,
     /// Serialises writes of this execution's record (running vs final).
     persist_lock: Mutex<()>,
     /// Captured stdout, when its sink is `Capture`.
@@ -101,6 +103,7 @@ impl Execution {
             phase,
             inner: Mutex::new(Inner::default()),
             timed_out: AtomicBool::new(false),
+            stopped_by_daemon: AtomicBool::new(false),
             persist_lock: Mutex::new(()),
             stdout: OnceLock::new(),
             stderr: OnceLock::new(),
@@ -138,6 +141,7 @@ impl Execution {
                 ..Default::default()
             }),
             timed_out: AtomicBool::new(false),
+            stopped_by_daemon: AtomicBool::new(false),
             persist_lock: Mutex::new(()),
             stdout: OnceLock::new(),
             stderr: OnceLock::new(),
@@ -321,6 +325,13 @@ impl Execution {
         self.wait().await
     }
 
+    /// Stops it because the daemon stops: SIGTERM, SIGKILL after `grace`, and a result that
+    /// says the daemon ended it.
+    pub async fn stop_for_shutdown(&self, grace: Duration) -> ResultRecord {
+        self.stopped_by_daemon.store(true, Ordering::SeqCst);
+        self.stop(Signal::SIGTERM, grace).await
+    }
+
     /// Marks the launch as failed (the execution is then forgotten by the caller).
     pub fn fail_start(&self, error: String) {
         {
@@ -442,7 +453,7 @@ impl Execution {
             None => false,
         };
         let timed_out = self.timed_out.load(Ordering::SeqCst);
-        let result = match status {
+        let mut result = match status {
             Ok(ProcessExit::Exited(code)) => ResultRecord {
                 exit_code: code,
                 signal: 0,
@@ -465,6 +476,14 @@ impl Execution {
                 error: format!("waiting for the process failed: {e}"),
             },
         };
+        // Whatever the snippet made of the SIGTERM (it may catch it and exit 0), it did not
+        // finish: with an error, Nomad counts the task as failed and restarts it by its policy
+        // instead of calling a batch job complete.
+        if self.stopped_by_daemon.load(Ordering::SeqCst) && result.error.is_empty() {
+            result.error = "elide-daemon stopped (shut down or restarted) while this task ran; \
+                            it was sent SIGTERM"
+                .to_string();
+        }
         {
             let mut i = self.lock();
             i.cgroup = None;

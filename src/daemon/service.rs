@@ -746,7 +746,7 @@ impl Daemon {
             .filter(|e| e.phase() != Phase::Exited)
             .cloned()
             .collect();
-        futures::future::join_all(execs.iter().map(|e| e.stop(Signal::SIGTERM, grace))).await;
+        futures::future::join_all(execs.iter().map(|e| e.stop_for_shutdown(grace))).await;
         self.pools.close_all().await;
     }
 
