@@ -315,6 +315,8 @@ async fn run(n: usize) -> String {
             } else {
                 n / 2
             };
+            // Both halves of the baseline start on a machine as quiet as the other's.
+            tokio::time::sleep(Duration::from_millis(200)).await;
             let baseline = common::Bracket::before(base.0, &base.1, n.min(60));
             let mut v = Vec::new();
             START_US.store(0, std::sync::atomic::Ordering::Relaxed);

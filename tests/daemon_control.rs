@@ -802,10 +802,11 @@ async fn a_daemonized_child_does_not_hold_the_output_open() {
 
 /// A daemon that stops ends its executions with SIGTERM, and their results say the daemon
 /// ended them, also when a snippet catches the signal and exits 0: Nomad must not count such a
-/// task as done (a batch job would be marked complete instead of restarted).
+/// task as done (a batch job would be marked complete instead of restarted). Checked where the
+/// plugin reads it after a daemon restart: the persisted result.
 #[tokio::test(flavor = "multi_thread")]
 async fn an_execution_a_stopping_daemon_ends_says_so_even_after_a_clean_exit() {
-    let d = TestDaemon::start().await;
+    let mut d = TestDaemon::start().await;
     let mut c = d.client().await;
     let s = session(&mut c, &[]).await;
     let code = "import signal, sys, time\n\
@@ -813,15 +814,18 @@ async fn an_execution_a_stopping_daemon_ends_says_so_even_after_a_clean_exit() {
                 print('ready', flush=True)\n\
                 time.sleep(600)";
     let e = start_ready(&mut c, code_req(&s, "py", code)).await;
-    let waiter = {
-        let mut c = d.client().await;
-        let id = e.id.clone();
-        tokio::spawn(async move { wait(&mut c, &id).await })
-    };
-    // The waiter's call is in before the daemon is told to stop.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(c);
     d.terminate();
-    let r = waiter.await.expect("the waiter's answer");
+    let mut daemon = d.child.take().expect("the daemon process");
+    let status = tokio::task::spawn_blocking(move || daemon.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "{status}: {}", d.log());
+    assert!(!alive(e.pid), "the snippet outlived the daemon");
+    d.spawn().await;
+    let mut c = d.client().await;
+    let r = execution(&mut c, &e.id).await.result.expect("a result");
     assert_eq!((r.exit_code, r.signal), (0, 0), "{r:?}");
     assert!(
         r.error

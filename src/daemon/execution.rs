@@ -479,7 +479,8 @@ impl Execution {
         // Whatever the snippet made of the SIGTERM (it may catch it and exit 0), it did not
         // finish: with an error, Nomad counts the task as failed and restarts it by its policy
         // instead of calling a batch job complete.
-        if self.stopped_by_daemon.load(Ordering::SeqCst) && result.error.is_empty() {
+        // A timeout that fired first keeps its own account of the end.
+        if self.stopped_by_daemon.load(Ordering::SeqCst) && !timed_out && result.error.is_empty() {
             result.error = "elide-daemon stopped (shut down or restarted) while this task ran; \
                             it was sent SIGTERM"
                 .to_string();

@@ -63,7 +63,8 @@ async fn follow_stream(
     let mut phase = execution.watch_phase();
     let mut progress = buf.watch();
     let mut settled_by: Option<tokio::time::Instant> = None;
-    // The execution was dropped (its phase sender with it): it has ended.
+    // The phase sender is gone (it cannot be while we hold the execution; should it ever be,
+    // the execution has ended, and this loop must not poll a closed channel again).
     let mut phase_gone = false;
     loop {
         let chunk = buf.read_from(offset, CHUNK);
