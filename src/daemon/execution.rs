@@ -40,6 +40,9 @@ struct Inner {
     start_ticks: u64,
     started_at: Option<SystemTime>,
     ended_at: Option<SystemTime>,
+    /// When it ended, on the monotonic clock (for waits measured from the end); None for an
+    /// execution restored from a previous daemon's record.
+    ended: Option<Instant>,
     result: Option<ResultRecord>,
     cgroup: Option<Arc<ExecutionCgroup>>,
     cgroup_desc: String,
@@ -184,9 +187,15 @@ impl Execution {
         self.result().unwrap_or_default()
     }
 
-    /// When it ended (None while it runs).
-    pub fn ended_at(&self) -> Option<SystemTime> {
-        self.lock().ended_at
+    /// How long ago it ended (None while it runs; for one restored from a previous daemon's
+    /// record, long ago enough for any wait measured from its end).
+    pub fn ended_since(&self) -> Option<std::time::Duration> {
+        let i = self.lock();
+        match (i.ended, i.ended_at) {
+            (Some(t), _) => Some(t.elapsed()),
+            (None, Some(_)) => Some(std::time::Duration::MAX),
+            (None, None) => None,
+        }
     }
 
     /// Watches the phase.
@@ -337,6 +346,7 @@ impl Execution {
         {
             let mut i = self.lock();
             i.ended_at = Some(SystemTime::now());
+            i.ended = Some(Instant::now());
             i.result = Some(ResultRecord {
                 exit_code: -1,
                 error,
@@ -489,6 +499,7 @@ impl Execution {
             let mut i = self.lock();
             i.cgroup = None;
             i.ended_at = Some(SystemTime::now());
+            i.ended = Some(Instant::now());
             i.result = Some(result.clone());
         }
         // The final record is written (write + rename, no fsync) before anyone learns the result,

@@ -94,10 +94,7 @@ async fn follow_stream(
         if ended && settled_by.is_none() {
             // From the end, not from this call: a later read of a pipe a daemonized child
             // holds open answers at once.
-            let since = execution
-                .ended_at()
-                .and_then(|t| t.elapsed().ok())
-                .unwrap_or_default();
+            let since = execution.ended_since().unwrap_or_default();
             settled_by = Some(tokio::time::Instant::now() + SETTLE.saturating_sub(since));
         }
         let settle = async {
