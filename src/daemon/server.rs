@@ -63,9 +63,6 @@ async fn follow_stream(
     let mut phase = execution.watch_phase();
     let mut progress = buf.watch();
     let mut settled_by: Option<tokio::time::Instant> = None;
-    // The phase sender is gone (it cannot be while we hold the execution; should it ever be,
-    // the execution has ended, and this loop must not poll a closed channel again).
-    let mut phase_gone = false;
     loop {
         let chunk = buf.read_from(offset, CHUNK);
         if !chunk.data.is_empty() {
@@ -87,7 +84,7 @@ async fn follow_stream(
         if end > offset {
             continue;
         }
-        let ended = phase_gone || *phase.borrow_and_update() == Phase::Exited;
+        let ended = *phase.borrow_and_update() == Phase::Exited;
         if !follow && !ended {
             return;
         }
@@ -105,7 +102,8 @@ async fn follow_stream(
         };
         tokio::select! {
             changed = progress.changed() => if changed.is_err() { return },
-            changed = phase.changed(), if !ended => phase_gone = changed.is_err(),
+            // The sender lives as long as the execution this task holds.
+            changed = phase.changed(), if !ended => if changed.is_err() { return },
             () = settle => return,
         }
     }

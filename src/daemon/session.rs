@@ -21,6 +21,17 @@ pub const MAX_CONTEXT_POOL_SIZE: u32 = 256;
 /// The largest `memory_limit_mb`: the most MiB whose bytes a u64 holds.
 pub const MAX_MEMORY_LIMIT_MB: u64 = u64::MAX >> 20;
 
+/// Refuses `got` above `max`, naming `field`.
+fn at_most(field: &str, got: u64, max: u64, unit: &str) -> DaemonResult<()> {
+    if got > max {
+        return Err(DaemonError::invalid(
+            field,
+            format!("must be at most {max}{unit}, got {got}"),
+        ));
+    }
+    Ok(())
+}
+
 /// A session.
 pub struct Session {
     /// Unique id.
@@ -81,24 +92,18 @@ impl Session {
         }
         let intrinsics =
             IntrinsicSet::parse(&config.enabled_intrinsics, "config.enabled_intrinsics")?;
-        if config.context_pool_size > MAX_CONTEXT_POOL_SIZE {
-            return Err(DaemonError::invalid(
-                "config.context_pool_size",
-                format!(
-                    "must be at most {MAX_CONTEXT_POOL_SIZE}, got {}",
-                    config.context_pool_size
-                ),
-            ));
-        }
-        if config.memory_limit_mb > MAX_MEMORY_LIMIT_MB {
-            return Err(DaemonError::invalid(
-                "config.memory_limit_mb",
-                format!(
-                    "must be at most {MAX_MEMORY_LIMIT_MB} (MiB), got {}",
-                    config.memory_limit_mb
-                ),
-            ));
-        }
+        at_most(
+            "config.context_pool_size",
+            config.context_pool_size.into(),
+            MAX_CONTEXT_POOL_SIZE.into(),
+            "",
+        )?;
+        at_most(
+            "config.memory_limit_mb",
+            config.memory_limit_mb,
+            MAX_MEMORY_LIMIT_MB,
+            " (MiB)",
+        )?;
         let memory_cap = (config.memory_limit_mb > 0).then_some(config.memory_limit_mb << 20);
         let merge_pages = config.merge_identical_pages && page_merge::available();
         if config.merge_identical_pages && !merge_pages {

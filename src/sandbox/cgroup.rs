@@ -1021,16 +1021,7 @@ fn kill_member(pid: u32, rel: &str) {
         }
     };
     if in_cgroup(pid, rel) {
-        // SAFETY: pidfd_send_signal with a valid pidfd and no siginfo.
-        unsafe {
-            libc::syscall(
-                libc::SYS_pidfd_send_signal,
-                std::os::fd::AsRawFd::as_raw_fd(&pidfd),
-                libc::SIGKILL,
-                std::ptr::null::<libc::siginfo_t>(),
-                0u32,
-            );
-        }
+        let _ = super::pidfd_send_signal(&pidfd, libc::SIGKILL);
     }
 }
 

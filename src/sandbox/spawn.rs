@@ -145,7 +145,7 @@ pub enum PlanStep {
     },
     /// `sched_setaffinity(0, cores)`: pinned to the task's reserved cores.
     PinCpus {
-        cores: Vec<u32>,
+        cores: Cpus,
     },
     /// Every catchable signal back to its default action (ignored ones survive exec).
     ResetSignals,
@@ -293,9 +293,7 @@ impl IsolationSpec {
             procs_file: p.clone(),
         }));
         if let Some(c) = &self.cpus {
-            steps.push(PlanStep::PinCpus {
-                cores: c.cores().to_vec(),
-            });
+            steps.push(PlanStep::PinCpus { cores: c.clone() });
         }
         steps.push(PlanStep::ResetSignals);
         steps.push(PlanStep::NewSession);

@@ -472,17 +472,7 @@ fn handle(
 /// the time it reports). The pidfd pins the child: its pid is not another process's while the
 /// pidfd's signal reaches it.
 fn kill_unsupervised(child: &Ready) {
-    // SAFETY: pidfd_send_signal with a pidfd we own and no siginfo.
-    let sent = unsafe {
-        libc::syscall(
-            libc::SYS_pidfd_send_signal,
-            child.pidfd.as_raw_fd(),
-            libc::SIGKILL,
-            std::ptr::null::<libc::siginfo_t>(),
-            0u32,
-        )
-    };
-    if sent == 0
+    if crate::sandbox::pidfd_send_signal(&child.pidfd, libc::SIGKILL).is_ok()
         && let Ok(pid) = i32::try_from(child.pid)
     {
         let _ = nix::sys::signal::killpg(
