@@ -36,6 +36,9 @@ pub enum DaemonError {
         socket: PathBuf,
         /// The root cause, stable across retries (e.g. "No such file or directory").
         detail: String,
+        /// No socket there, or nobody listening on it (as opposed to, say, a socket this
+        /// process may not open).
+        nobody_listens: bool,
     },
     /// A call ran past its deadline.
     #[error("{call} timed out after {timeout:?}")]
@@ -64,14 +67,45 @@ impl DaemonError {
         }
     }
 
+    /// True when no daemon is there to answer: no socket, or nobody listening on it.
+    pub fn nobody_listens(&self) -> bool {
+        matches!(
+            self,
+            DaemonError::Connect {
+                nobody_listens: true,
+                ..
+            }
+        )
+    }
+
     /// True when the daemon could not be reached at all (as opposed to answering an error).
+    /// A status the client made of a transport failure (UNAVAILABLE for a refused connect,
+    /// UNKNOWN for a connection reset mid-call) carries that failure as its source; one the
+    /// daemon sent carries none, whatever its code. The daemon itself answers UNAVAILABLE when
+    /// the node is out of descriptors, processes or memory for now: that answer came over a
+    /// working connection, which stays.
     pub fn is_unreachable(&self) -> bool {
         match self {
             DaemonError::Connect { .. } | DaemonError::Timeout { .. } => true,
-            DaemonError::Rpc { status, .. } => status.code() == tonic::Code::Unavailable,
+            DaemonError::Rpc { status, .. } => std::error::Error::source(status).is_some(),
             DaemonError::InvalidSocket { .. } => false,
         }
     }
+}
+
+/// Whether a connect failed because no socket is there or nobody listens on it.
+fn nobody_listens(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+            );
+        }
+        cur = err.source();
+    }
+    false
 }
 
 /// The innermost error message: stable wording such as "Connection refused (os error 111)".
@@ -113,6 +147,7 @@ impl DaemonClient {
                 return Err(DaemonError::Connect {
                     socket: socket.to_path_buf(),
                     detail: root_cause(&e),
+                    nobody_listens: nobody_listens(&e),
                 });
             }
             Err(_) => {

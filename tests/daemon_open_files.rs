@@ -177,6 +177,11 @@ async fn out_of_descriptors_and_back(pool: u32) {
     let session = session_with_pool(&mut c, &["env", "io", "net"], pool).await;
     let go = d.path("go");
     let code = snippet("python", &go);
+    // The plugin's own client, so what it makes of the refusal is checked too.
+    let plugin_side =
+        elide_task_driver::daemon_client::DaemonClient::connect(&d.socket, Duration::from_secs(20))
+            .await
+            .expect("connect");
     let mut started = Vec::new();
     let refused = loop {
         assert!(
@@ -184,17 +189,27 @@ async fn out_of_descriptors_and_back(pool: u32) {
             "{} executions started under an open-file limit of {LIMIT}",
             started.len()
         );
-        match c.start_execution(code_req(&session, "python", &code)).await {
-            Ok(e) => started.push(e.into_inner().id),
-            Err(status) => break status,
+        match plugin_side
+            .start_execution(code_req(&session, "python", &code), Duration::from_secs(20))
+            .await
+        {
+            Ok(e) => started.push(e.id),
+            Err(e) => break e,
         }
     };
     assert!(!started.is_empty(), "not one execution started");
-    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
-    assert!(
-        daemon_support::refused_for_want_of_descriptors(refused.message()),
+    assert_eq!(
+        refused.code(),
+        Some(tonic::Code::Unavailable),
         "{refused:?}"
     );
+    assert!(
+        daemon_support::refused_for_want_of_descriptors(&refused.to_string()),
+        "{refused:?}"
+    );
+    // An answer over a working connection: the plugin keeps it rather than reconnecting to a
+    // daemon that cannot accept a new one now.
+    assert!(!refused.is_unreachable(), "{refused:?}");
 
     std::fs::write(&go, b"").expect("go");
     for id in &started {
@@ -270,4 +285,23 @@ async fn a_client_arriving_at_the_descriptor_limit_waits_without_spinning_the_da
         d.log().contains("accepting new clients again")
     })
     .await;
+}
+
+/// The other side of the refusal above: a daemon that dies under a connected client is
+/// unreachable to the plugin's client (it drops the connection and makes a new one), whatever
+/// code the failed call shows.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_daemon_gone_under_a_connected_client_is_unreachable() {
+    let mut d = TestDaemon::start().await;
+    let client =
+        elide_task_driver::daemon_client::DaemonClient::connect(&d.socket, Duration::from_secs(20))
+            .await
+            .expect("connect");
+    client.daemon_info().await.expect("the daemon answers");
+    d.kill9();
+    let gone = client
+        .daemon_info()
+        .await
+        .expect_err("a killed daemon answers nothing");
+    assert!(gone.is_unreachable(), "{gone:?}");
 }

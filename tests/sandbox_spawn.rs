@@ -267,11 +267,12 @@ fn plan_lists_steps_in_order_as_json() {
             "new_netns",
             "set_rlimit",
             "oom_score_adj",
-            "parent_death_signal",
             "limit_capabilities",
             "set_groups",
             "set_gid",
             "set_uid",
+            // After the switch, which clears it.
+            "parent_death_signal",
             "no_new_privs",
             "landlock",
             "syscall_filter",

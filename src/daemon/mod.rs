@@ -31,6 +31,7 @@ pub mod execution;
 pub mod journal;
 pub mod launcher;
 pub mod output;
+pub mod peer_guard;
 pub mod plan;
 pub mod pool;
 pub mod reaper;

@@ -16,6 +16,7 @@ use super::config::DaemonConfig;
 use super::error::DaemonError;
 use super::execution::{Execution, Phase, result_to_proto};
 use super::output::CaptureBuffer;
+use super::peer_guard::{GuardedListener, PeerGuard};
 use super::service::{Caller, Daemon};
 use crate::paced_accept::PacedIncoming;
 use crate::proto::elide::daemon::v1alpha1 as pb;
@@ -494,7 +495,10 @@ pub async fn serve(cfg: DaemonConfig) -> anyhow::Result<()> {
     let server = tonic::transport::Server::builder()
         .add_service(api)
         .serve_with_incoming_shutdown(
-            PacedIncoming::new(listener),
+            PacedIncoming::new(GuardedListener::new(
+                listener,
+                PeerGuard::new(daemon.cgroups().clone()),
+            )),
             shutdown.clone().cancelled_owned(),
         );
     tokio::pin!(server);

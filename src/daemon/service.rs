@@ -750,6 +750,11 @@ impl Daemon {
         self.pools.close_all().await;
     }
 
+    /// The cgroups executions run in.
+    pub fn cgroups(&self) -> &CgroupManager {
+        &self.cgroups
+    }
+
     /// The warm pools (pids of pool processes, for tests and benchmarks).
     pub fn pools(&self) -> &PoolLauncher {
         &self.pools

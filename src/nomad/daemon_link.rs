@@ -91,8 +91,11 @@ impl DaemonLink {
         }
         let client = match answering(&socket).await {
             Ok(c) => c,
-            Err(detail) => {
-                if !cfg.daemon.auto_start {
+            Err(Unanswered { detail, absent }) => {
+                // A daemon that is there but refuses us (a uid not in its allowed_uids, a
+                // socket we may not open) or hangs is not replaced: a second one would stop
+                // at the first's state-dir lock, and its failure would hide the cause.
+                if !cfg.daemon.auto_start || !absent {
                     return Err(LinkError::Unreachable { socket, detail });
                 }
                 if let Some((at, pause, err)) = &backoff.last_failure
@@ -156,10 +159,15 @@ impl DaemonLink {
         // hangs must not hold the caller for both timeouts in a row.
         let answered = tokio::time::timeout(DEFAULT_CALL_TIMEOUT, answering(&socket))
             .await
-            .unwrap_or_else(|_| Err(format!("no answer within {DEFAULT_CALL_TIMEOUT:?}")));
-        let client = answered.map_err(|detail| LinkError::Unreachable {
+            .unwrap_or_else(|_| {
+                Err(Unanswered {
+                    detail: format!("no answer within {DEFAULT_CALL_TIMEOUT:?}"),
+                    absent: false,
+                })
+            });
+        let client = answered.map_err(|u| LinkError::Unreachable {
             socket: socket.clone(),
-            detail,
+            detail: u.detail,
         })?;
         self.adopt(socket, client, snapshot, session).await
     }
@@ -178,13 +186,29 @@ fn configured(snapshot: &Snapshot) -> Result<(&PluginConfig, &String), LinkError
     }
 }
 
+/// Why no daemon answered.
+struct Unanswered {
+    /// In words, with the daemon's own answer when it gave one.
+    detail: String,
+    /// No socket, or nobody listening on it: a daemon may be started.
+    absent: bool,
+}
+
 /// A client to the daemon at `socket` if one answers GetDaemonInfo, else why not. An absent
 /// socket or one nobody listens on fails at once.
-async fn answering(socket: &Path) -> Result<DaemonClient, String> {
+async fn answering(socket: &Path) -> Result<DaemonClient, Unanswered> {
     match DaemonClient::connect(socket, DEFAULT_CALL_TIMEOUT).await {
-        Ok(c) if c.daemon_info().await.is_ok() => Ok(c),
-        Ok(_) => Err("it accepts connections but does not answer GetDaemonInfo".into()),
-        Err(e) => Err(e.to_string()),
+        Ok(c) => match c.daemon_info().await {
+            Ok(_) => Ok(c),
+            Err(e) => Err(Unanswered {
+                detail: format!("it accepts connections but does not answer: {e}"),
+                absent: false,
+            }),
+        },
+        Err(e) => Err(Unanswered {
+            absent: e.nobody_listens(),
+            detail: e.to_string(),
+        }),
     }
 }
 

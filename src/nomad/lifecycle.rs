@@ -87,7 +87,9 @@ pub fn daemon_status(state: &PluginState, id: &str, e: &DaemonError) -> Status {
         Some(tonic::Code::NotFound) => Status::not_found(msg),
         Some(tonic::Code::AlreadyExists) => Status::already_exists(msg),
         Some(tonic::Code::PermissionDenied) => Status::permission_denied(msg),
-        Some(tonic::Code::ResourceExhausted) => Status::resource_exhausted(msg),
+        Some(tonic::Code::ResourceExhausted | tonic::Code::Unavailable) => {
+            Status::resource_exhausted(msg)
+        }
         _ => Status::failed_precondition(msg),
     }
 }
@@ -585,6 +587,10 @@ async fn start_detached(
     let exec = result.map_err(|e| {
         if e.is_unreachable() {
             state.link.invalidate();
+            recoverable(format!("cannot start task {}: elide-daemon: {e}", cfg.id))
+        } else if e.code() == Some(tonic::Code::Unavailable) {
+            // The node is out of something for now; Nomad retries the start by the job's
+            // restart policy.
             recoverable(format!("cannot start task {}: elide-daemon: {e}", cfg.id))
         } else if e.code() == Some(tonic::Code::InvalidArgument) {
             Status::invalid_argument(format!("cannot start task {}: {e}", cfg.id))

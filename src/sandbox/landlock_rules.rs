@@ -165,13 +165,20 @@ fn scopes(scope_signals: bool) -> BitFlags<Scope> {
     scopes
 }
 
+/// What a read-write path grants: every handled right but making device nodes. A root task
+/// keeps `CAP_MKNOD` (Nomad's `exec` default), and a block or character device made in its
+/// working dir would open the raw disk or memory beneath every other rule.
+fn read_write_access() -> BitFlags<AccessFs> {
+    AccessFs::from_all(TARGET_ABI) & !(AccessFs::MakeChar | AccessFs::MakeBlock)
+}
+
 /// The masks [`build_ruleset`] uses.
 pub fn access_masks(scope_signals: bool) -> AccessMasks {
     AccessMasks {
         handled: AccessFs::from_all(TARGET_ABI).bits(),
         scoped: scopes(scope_signals).bits(),
         read_exec: AccessFs::from_read(TARGET_ABI).bits(),
-        read_write: AccessFs::from_all(TARGET_ABI).bits(),
+        read_write: read_write_access().bits(),
         file_only: AccessFs::from_file(TARGET_ABI).bits(),
     }
 }
@@ -212,10 +219,7 @@ pub fn build_ruleset(
             AccessFs::from_read(TARGET_ABI),
         ))
         .map_err(rr)?
-        .add_rules(path_beneath_rules(
-            &policy.read_write,
-            AccessFs::from_all(TARGET_ABI),
-        ))
+        .add_rules(path_beneath_rules(&policy.read_write, read_write_access()))
         .map_err(rr)?;
     let fd: Option<OwnedFd> = created.into();
     fd.ok_or(LandlockError::Unsupported { abi })
@@ -317,8 +321,11 @@ mod tests {
         // LANDLOCK_SCOPE_ABSTRACT_UNIX_SOCKET | LANDLOCK_SCOPE_SIGNAL
         assert_eq!(m.scoped, 0b11);
         assert_eq!(access_masks(false).scoped, 0b01);
-        // Every handled right is granted to read-write paths; read-only is a strict subset.
-        assert_eq!(m.read_write, m.handled);
+        // Every handled right but MAKE_CHAR (bit 6) and MAKE_BLOCK (bit 11) is granted to
+        // read-write paths; read-only is a strict subset.
+        assert_eq!(m.read_write, m.handled & !((1 << 6) | (1 << 11)));
+        // Handled, so refused everywhere.
+        assert_eq!(m.handled & ((1 << 6) | (1 << 11)), (1 << 6) | (1 << 11));
         assert_eq!(m.read_exec & !m.handled, 0);
         // WRITE_FILE (bit 1) and TRUNCATE (bit 14) apply to files; MAKE_DIR (bit 7) does not.
         assert_ne!(m.file_only & (1 << 1), 0);

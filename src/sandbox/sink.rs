@@ -344,6 +344,11 @@ fn open_regular(path: &Path, allowed_roots: &SinkRoots) -> Result<OwnedFd, SinkE
     if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT != SFlag::S_IFREG {
         return Err(refused(path, "is not a regular file"));
     }
+    // Again on what was opened: a hard link made since the caller's check would let the
+    // writes land in another allocation's file.
+    if st.st_nlink > 1 {
+        return Err(refused(path, "regular file has more than one hard link"));
+    }
     check_fd_under_roots(path, &fd, &roots)?;
     Ok(fd)
 }

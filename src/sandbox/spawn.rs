@@ -313,10 +313,6 @@ impl IsolationSpec {
         if self.role.resets_oom_score() {
             steps.push(PlanStep::OomScoreAdj { value: 0 });
         }
-        steps.push(PlanStep::ParentDeathSignal {
-            signal: "SIGKILL".to_string(),
-            parent_pid: std::process::id(),
-        });
         if self.role.limits_capabilities() {
             steps.push(PlanStep::LimitCapabilities {
                 keep: caps::kept_mask(),
@@ -330,6 +326,12 @@ impl IsolationSpec {
             steps.push(PlanStep::SetGid { gid: u.gid });
             steps.push(PlanStep::SetUid { uid: u.uid });
         }
+        // After the user switch: the kernel clears the parent-death signal when the uid or
+        // gid changes.
+        steps.push(PlanStep::ParentDeathSignal {
+            signal: "SIGKILL".to_string(),
+            parent_pid: std::process::id(),
+        });
         steps.push(PlanStep::NoNewPrivs);
         if !self.intrinsics.io {
             let p = self.fs_policy();
@@ -676,20 +678,6 @@ impl ChildSteps {
                     return Err(fail(b"write oom_score_adj", e));
                 }
             }
-            if libc::prctl(
-                libc::PR_SET_PDEATHSIG,
-                libc::SIGKILL as libc::c_ulong,
-                0,
-                0,
-                0,
-            ) != 0
-            {
-                return Err(fail(b"prctl PDEATHSIG", errno()));
-            }
-            // The parent may have died between fork and prctl: the signal would never come.
-            if libc::getppid() != self.parent_pid {
-                return Err(fail(b"parent died during spawn", libc::ESRCH));
-            }
             if let Some((keep, bounding)) = self.capabilities
                 && let Err((step, e)) = caps::limit(keep, bounding)
             {
@@ -713,6 +701,21 @@ impl ChildSteps {
                         errno(),
                     ));
                 }
+            }
+            // After the user switch, which clears the parent-death signal.
+            if libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGKILL as libc::c_ulong,
+                0,
+                0,
+                0,
+            ) != 0
+            {
+                return Err(fail(b"prctl PDEATHSIG", errno()));
+            }
+            // The parent may have died between fork and prctl: the signal would never come.
+            if libc::getppid() != self.parent_pid {
+                return Err(fail(b"parent died during spawn", libc::ESRCH));
             }
             if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
                 return Err(fail(b"prctl NO_NEW_PRIVS", errno()));

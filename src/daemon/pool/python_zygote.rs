@@ -1132,6 +1132,64 @@ mod tests {
         assert!(zygote.wait().expect("wait").success());
     }
 
+    /// A job without an exit-note slot (the daemon had none free) runs with no page of the
+    /// region mapped: its snippet can neither read nor write any execution's note. Played by
+    /// the real zygote on a socket pair with a region of two slots.
+    #[test]
+    fn a_job_without_a_note_slot_maps_no_page_of_the_region() {
+        let page = 4096usize;
+        let region = note_region(3 * page);
+        let (ours, mut zygote) = zygote_on_socket_pair(std::process::Stdio::inherit());
+        let setup =
+            serde_json::json!({"notes": {"slots": 2, "page": page, "futex": libc::SYS_futex}});
+        send(
+            ours.as_raw_fd(),
+            setup.to_string().as_bytes(),
+            &[region.as_raw_fd()],
+        )
+        .expect("send the setup");
+        next_message(&ours, &|m| m.get("hello").is_some());
+        let dir = tempfile::tempdir().expect("tempdir");
+        let found = dir.path().join("found");
+        let (_script_dir, script, null) = script_and_null(&format!(
+            "maps = [l for l in open('/proc/self/maps') if 'test-notes' in l]\n\
+             open({:?}, 'w').write(repr(maps))\n",
+            found.display().to_string()
+        ));
+        let fds = [null.as_raw_fd(), null.as_raw_fd()];
+        let job = |note: Option<serde_json::Value>| {
+            let mut job = serde_json::json!({
+                "token": 5, "steps": [], "env": {}, "argv": ["main.py"], "script": script,
+            });
+            if let Some(n) = note {
+                job["note"] = n;
+            }
+            job.to_string()
+        };
+        // With a slot, that one page stays (the check has something to find); without, none.
+        for (note, wanted) in [
+            (Some(serde_json::json!({"slot": 1, "nonce": 3})), 1),
+            (None, 0),
+        ] {
+            send(ours.as_raw_fd(), job(note.clone()).as_bytes(), &fds).expect("send the job");
+            let ready = next_message(&ours, &|m| {
+                m.get("failed").is_some() || m.get("ready").is_some()
+            });
+            assert_eq!(ready["ready"], 5, "{ready}");
+            let pid = ready["pid"].clone();
+            let exit = next_message(&ours, &|m| m.get("exit") == Some(&pid));
+            assert_eq!(exit["status"], 0, "{exit}");
+            let maps = std::fs::read_to_string(&found).expect("the snippet's report");
+            assert_eq!(
+                maps.matches("test-notes").count(),
+                wanted,
+                "{note:?}: {maps}"
+            );
+        }
+        drop(ours);
+        assert!(zygote.wait().expect("wait").success());
+    }
+
     /// A job larger than the zygote reads whole is refused before it is sent, although the
     /// socket would carry it: the start falls back cold instead of a spare reading it cut short.
     #[test]

@@ -193,6 +193,14 @@ def _keep_note_slot(note):
     _note = (region, address, offset, note["nonce"], os.getpid(), futex)
 
 
+def _drop_notes():
+    """Unmaps the whole region from a child whose job has no slot (the daemon had none free):
+    the snippet must reach no execution's note. Raises StepError."""
+    address, page, slots, _futex, _region = _notes
+    if _munmap(address, (1 + slots) * page) != 0:
+        raise StepError("exit note: munmap: %s" % os.strerror(ctypes.get_errno()))
+
+
 def _write_note(code):
     """Notes the exit code for the daemon, from the job's own process only (a process the
     snippet forked runs this same code when it exits)."""
@@ -640,8 +648,11 @@ def _run_main(job):
 def _child(sock, job, fds, zygote_pid, done=frozenset()):
     token = job["token"]
     try:
-        if _notes is not None and job.get("note"):
-            _keep_note_slot(job["note"])
+        if _notes is not None:
+            if job.get("note"):
+                _keep_note_slot(job["note"])
+            else:
+                _drop_notes()
         _replay(job, fds, zygote_pid, done)
         env = dict(job["env"])
         _coerce_c_locale(env)
@@ -698,14 +709,26 @@ def _taken(fd):
     return [p for (p,) in struct.iter_unpack("i", _drain(fd))]
 
 
+# A job's own "token" key: inside a JSON string a quote is escaped, so only the key matches.
+_TOKEN = re.compile(rb'"token":\s*(\d+)')
+
+
 def _decline_queued(sock):
     """Hands back the jobs waiting on the socket while no spare is there to take them (forks
     fail): each would wait for the next fork that works, while the daemon, told so, starts it
-    cold at once. Jobs sent before the daemon read our {"empty": true} are the ones found here."""
+    cold at once. Jobs sent before the daemon read our {"empty": true} are the ones found here.
+    A job carries its task's environment (secrets too) and every later spare inherits this
+    process's heap: the job is read into a buffer that is zeroed after use, and only its
+    token is taken out of it, so no part of it outlives this call."""
+    try:
+        buf = bytearray(_MAX_MESSAGE)
+    except MemoryError:
+        # The jobs wait for the next fork that works.
+        return
     while True:
         try:
             # recvmsg itself: socket.recv_fds drops its flags on 3.11, and would block.
-            msg, ancdata, _flags, _addr = sock.recvmsg(_MAX_MESSAGE, _FDS_SPACE, socket.MSG_DONTWAIT)
+            n, ancdata, _flags, _addr = sock.recvmsg_into([buf], _FDS_SPACE, socket.MSG_DONTWAIT)
         except OSError:
             # Nothing queued (EAGAIN), or a broken socket, which the poll loop sees as a hang-up.
             return
@@ -713,14 +736,14 @@ def _decline_queued(sock):
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 for (fd,) in struct.iter_unpack("i", data[: len(data) - len(data) % 4]):
                     os.close(fd)
-        if not msg:
+        if not n:
             # The daemon closed the pool.
             os._exit(0)
-        try:
-            token = json.loads(msg)["token"]
-        except (ValueError, KeyError, TypeError):
-            continue
-        _tell(sock, json.dumps({"declined": token}).encode())
+        found = _TOKEN.search(buf, 0, n)
+        token = int(found.group(1)) if found else None
+        buf[:n] = bytes(n)
+        if token is not None:
+            _tell(sock, b'{"declined": %d}' % token)
 
 
 def _spare(sock, taken_w, zygote_pid):
