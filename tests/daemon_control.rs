@@ -1,5 +1,7 @@
 //! Controlling running executions: signals, stop with grace, timeouts, waits that survive
-//! disconnects, live output, events, stats, exec, session close and idle reclaim.
+//! disconnects, live output, events, stats, exec, session close and idle reclaim. What
+//! controls one execution is checked on both launch paths: cold, and pooled (python forked by
+//! the zygote, javascript on a warm node worker), and the pooled starts must really be pooled.
 
 mod daemon_support;
 
@@ -8,9 +10,42 @@ use std::time::Duration;
 use daemon_support::*;
 use elide_task_driver::proto::elide::daemon::v1alpha1 as pb;
 
+/// Which launch path a session exercises.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Kind {
+    Cold,
+    Pooled,
+}
+
+const KINDS: [Kind; 2] = [Kind::Cold, Kind::Pooled];
+
+/// A session of `kind` (`context_pool_size` 2, or 0) with `intrinsics`. Node workers need the
+/// io intrinsic to take a job, so sessions that run javascript pooled ask for it.
+async fn session_of(c: &mut Client, kind: Kind, intrinsics: &[&str]) -> String {
+    let pool = if kind == Kind::Pooled { 2 } else { 0 };
+    session_with_pool(c, intrinsics, pool).await
+}
+
+/// Starts `req` on the path `kind` names (see `start_on_path`) and waits until it printed
+/// `ready` on stdout.
+async fn start_ready_on(
+    c: &mut Client,
+    kind: Kind,
+    req: pb::StartExecutionRequest,
+) -> pb::Execution {
+    let e = start_on_path(c, req, kind == Kind::Pooled).await;
+    assert_eq!(e.pooled, kind == Kind::Pooled, "{kind:?}: {e:?}");
+    await_ready(c, e).await
+}
+
 /// Starts `code` and waits until it printed `ready` on stdout.
 async fn start_ready(c: &mut Client, req: pb::StartExecutionRequest) -> pb::Execution {
     let e = c.start_execution(req).await.unwrap().into_inner();
+    await_ready(c, e).await
+}
+
+/// Waits until `e` printed `ready` on stdout.
+async fn await_ready(c: &mut Client, e: pb::Execution) -> pb::Execution {
     let mut s = c
         .stream_output(pb::StreamOutputRequest {
             execution_id: e.id.clone(),
@@ -37,184 +72,219 @@ async fn start_ready(c: &mut Client, req: pb::StartExecutionRequest) -> pb::Exec
 async fn snippet_signal_handler_sees_sigusr1() {
     let d = TestDaemon::start().await;
     let mut c = d.client().await;
-    let s = session(&mut c, &[]).await;
-    // The handler writes with os.write: the signal may land while `print('ready')` is still
-    // inside the buffered writer, and print is not reentrant.
-    let code = "import os, signal, sys, time\n\
-                def h(n, f):\n    os.write(1, b'got %d\\n' % n)\n    sys.exit(0)\n\
-                signal.signal(signal.SIGUSR1, h)\nprint('ready', flush=True)\n\
-                while True: time.sleep(0.1)\n";
-    let e = start_ready(&mut c, code_req(&s, "py", code)).await;
-    c.signal_execution(pb::SignalExecutionRequest {
-        execution_id: e.id.clone(),
-        signal: "SIGUSR1".into(),
-    })
-    .await
-    .unwrap();
-    let r = wait(&mut c, &e.id).await;
-    let err = output(&mut c, &e.id, pb::OutputStream::Stderr).await;
-    assert_eq!(r.exit_code, 0, "{}", String::from_utf8_lossy(&err));
-    let out = output(&mut c, &e.id, pb::OutputStream::Stdout).await;
-    assert_eq!(
-        String::from_utf8_lossy(&out),
-        format!("ready\ngot {}\n", libc::SIGUSR1)
-    );
+    for kind in KINDS {
+        let s = session_of(&mut c, kind, &["io"]).await;
+        // The handler writes with os.write: the signal may land while `print('ready')` is
+        // still inside the buffered writer, and print is not reentrant.
+        let code = "import os, signal, sys, time\n\
+                    def h(n, f):\n    os.write(1, b'got %d\\n' % n)\n    sys.exit(0)\n\
+                    signal.signal(signal.SIGUSR1, h)\nprint('ready', flush=True)\n\
+                    while True: time.sleep(0.1)\n";
+        let e = start_ready_on(&mut c, kind, code_req(&s, "py", code)).await;
+        c.signal_execution(pb::SignalExecutionRequest {
+            execution_id: e.id.clone(),
+            signal: "SIGUSR1".into(),
+        })
+        .await
+        .unwrap();
+        let r = wait(&mut c, &e.id).await;
+        let err = output(&mut c, &e.id, pb::OutputStream::Stderr).await;
+        assert_eq!(
+            r.exit_code,
+            0,
+            "{kind:?}: {}",
+            String::from_utf8_lossy(&err)
+        );
+        let out = output(&mut c, &e.id, pb::OutputStream::Stdout).await;
+        assert_eq!(
+            String::from_utf8_lossy(&out),
+            format!("ready\ngot {}\n", libc::SIGUSR1),
+            "{kind:?}"
+        );
 
-    let js = "process.on('SIGUSR1', () => { console.log('js got usr1'); process.exit(5); });\n\
-              console.log('ready'); setInterval(() => {}, 1000);";
-    let e = start_ready(&mut c, code_req(&s, "js", js)).await;
-    c.signal_execution(pb::SignalExecutionRequest {
-        execution_id: e.id.clone(),
-        signal: "usr1".into(),
-    })
-    .await
-    .unwrap();
-    assert_eq!(wait(&mut c, &e.id).await.exit_code, 5);
+        let js = "process.on('SIGUSR1', () => { console.log('js got usr1'); process.exit(5); });\n\
+                  console.log('ready'); setInterval(() => {}, 1000);";
+        let e = start_ready_on(&mut c, kind, code_req(&s, "js", js)).await;
+        c.signal_execution(pb::SignalExecutionRequest {
+            execution_id: e.id.clone(),
+            signal: "usr1".into(),
+        })
+        .await
+        .unwrap();
+        assert_eq!(wait(&mut c, &e.id).await.exit_code, 5, "{kind:?}");
+        let out = output(&mut c, &e.id, pb::OutputStream::Stdout).await;
+        assert_eq!(
+            String::from_utf8_lossy(&out),
+            "ready\njs got usr1\n",
+            "{kind:?}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn stop_sends_signal_then_sigkill_after_grace() {
     let d = TestDaemon::start().await;
     let mut c = d.client().await;
-    let s = session(&mut c, &[]).await;
-    // Ignores SIGTERM: only the SIGKILL after the grace period ends it.
-    let code = "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n\
-                print('ready', flush=True)\nwhile True: time.sleep(0.1)\n";
-    let e = start_ready(&mut c, code_req(&s, "py", code)).await;
-    let started = std::time::Instant::now();
-    let r = c
-        .stop_execution(pb::StopExecutionRequest {
-            execution_id: e.id.clone(),
-            signal: "SIGTERM".into(),
-            grace: Some(prost_types::Duration {
-                seconds: 1,
-                nanos: 0,
-            }),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .result
-        .unwrap();
-    assert_eq!((r.signal, r.exit_code), (9, 137));
-    assert!(
-        started.elapsed() >= Duration::from_secs(1),
-        "killed before the grace period"
-    );
-    assert!(!alive(e.pid));
-
-    // One that honours SIGTERM ends with it, well before the grace period.
-    let e = start_ready(
-        &mut c,
-        code_req(
-            &s,
+    // (language, ignores SIGTERM, honours SIGTERM)
+    let cases = [
+        (
             "py",
+            "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n\
+             print('ready', flush=True)\nwhile True: time.sleep(0.1)\n",
             "import time\nprint('ready', flush=True)\ntime.sleep(60)",
         ),
-    )
-    .await;
-    let r = c
-        .stop_execution(pb::StopExecutionRequest {
-            execution_id: e.id.clone(),
-            signal: String::new(),
-            grace: Some(prost_types::Duration {
-                seconds: 50,
-                nanos: 0,
-            }),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .result
-        .unwrap();
-    assert_eq!((r.signal, r.exit_code), (15, 143));
+        (
+            "js",
+            "process.on('SIGTERM', () => {}); console.log('ready'); setInterval(() => {}, 100);",
+            "console.log('ready'); setTimeout(() => {}, 60000);",
+        ),
+    ];
+    for kind in KINDS {
+        let s = session_of(&mut c, kind, &["io"]).await;
+        for (lang, ignores, honours) in cases {
+            // Ignores SIGTERM: only the SIGKILL after the grace period ends it.
+            let e = start_ready_on(&mut c, kind, code_req(&s, lang, ignores)).await;
+            let started = std::time::Instant::now();
+            let r = c
+                .stop_execution(pb::StopExecutionRequest {
+                    execution_id: e.id.clone(),
+                    signal: "SIGTERM".into(),
+                    grace: Some(prost_types::Duration {
+                        seconds: 1,
+                        nanos: 0,
+                    }),
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .result
+                .unwrap();
+            assert_eq!((r.signal, r.exit_code), (9, 137), "{kind:?} {lang}");
+            assert!(
+                started.elapsed() >= Duration::from_secs(1),
+                "{kind:?} {lang}: killed before the grace period"
+            );
+            assert!(!alive(e.pid), "{kind:?} {lang}");
+
+            // One that honours SIGTERM ends with it, well before the grace period.
+            let e = start_ready_on(&mut c, kind, code_req(&s, lang, honours)).await;
+            let r = c
+                .stop_execution(pb::StopExecutionRequest {
+                    execution_id: e.id.clone(),
+                    signal: String::new(),
+                    grace: Some(prost_types::Duration {
+                        seconds: 50,
+                        nanos: 0,
+                    }),
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .result
+                .unwrap();
+            assert_eq!((r.signal, r.exit_code), (15, 143), "{kind:?} {lang}");
+            assert!(!alive(e.pid), "{kind:?} {lang}");
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn stop_kills_the_whole_process_group() {
     let d = TestDaemon::start().await;
     let mut c = d.client().await;
-    let s = session(&mut c, &["env", "io", "net"]).await;
-    let code = "import subprocess, time\n\
-                p = subprocess.Popen(['sleep', '300'])\nprint(p.pid)\nprint('ready', flush=True)\ntime.sleep(300)\n";
-    let mut req = code_req(&s, "py", code);
-    req.env = vec![pb::EnvVar {
-        key: b"PATH".to_vec(),
-        value: b"/usr/bin:/bin".to_vec(),
-    }];
-    let e = start_ready(&mut c, req).await;
-    let out = String::from_utf8(
-        c.stream_output(pb::StreamOutputRequest {
-            execution_id: e.id.clone(),
-            streams: vec![pb::OutputStream::Stdout as i32],
-            offset: 0,
-            follow: false,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .message()
-        .await
-        .unwrap()
-        .unwrap()
-        .data,
-    )
-    .unwrap();
-    let grandchild: u32 = out.lines().next().unwrap().trim().parse().unwrap();
-    assert!(alive(grandchild));
-    c.stop_execution(pb::StopExecutionRequest {
-        execution_id: e.id.clone(),
-        signal: "TERM".into(),
-        grace: Some(prost_types::Duration {
-            seconds: 5,
-            nanos: 0,
-        }),
-    })
-    .await
-    .unwrap();
-    eventually("grandchild killed", || !alive(grandchild)).await;
+    let cases = [
+        (
+            "py",
+            "import subprocess, time\n\
+             p = subprocess.Popen(['sleep', '300'])\nprint(p.pid)\nprint('ready', flush=True)\ntime.sleep(300)\n",
+        ),
+        (
+            "js",
+            "const p = require('child_process').spawn('sleep', ['300'], { stdio: 'ignore' });\n\
+             console.log(p.pid); console.log('ready'); setInterval(() => {}, 1000);",
+        ),
+    ];
+    for kind in KINDS {
+        let s = session_of(&mut c, kind, &["env", "io", "net"]).await;
+        for (lang, code) in cases {
+            let mut req = code_req(&s, lang, code);
+            req.env = vec![pb::EnvVar {
+                key: b"PATH".to_vec(),
+                value: b"/usr/bin:/bin".to_vec(),
+            }];
+            let e = start_ready_on(&mut c, kind, req).await;
+            let out = output_read(&mut c, &e.id, pb::OutputStream::Stdout, false).await;
+            let out = String::from_utf8(out).unwrap();
+            let grandchild: u32 = out
+                .lines()
+                .next()
+                .and_then(|l| l.trim().parse().ok())
+                .unwrap_or_else(|| panic!("{kind:?} {lang}: no pid in {out:?}"));
+            assert!(alive(grandchild), "{kind:?} {lang}");
+            c.stop_execution(pb::StopExecutionRequest {
+                execution_id: e.id.clone(),
+                signal: "TERM".into(),
+                grace: Some(prost_types::Duration {
+                    seconds: 5,
+                    nanos: 0,
+                }),
+            })
+            .await
+            .unwrap();
+            eventually(&format!("{kind:?} {lang}: grandchild killed"), || {
+                !alive(grandchild)
+            })
+            .await;
+            assert!(!alive(e.pid), "{kind:?} {lang}");
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn timeout_kills_and_reports_timed_out() {
     let d = TestDaemon::start().await;
     let mut c = d.client().await;
-    let s = session(&mut c, &[]).await;
-    let mut req = code_req(&s, "js", "setInterval(() => {}, 1000)");
-    req.limits = Some(pb::Limits {
-        timeout: Some(prost_types::Duration {
-            seconds: 0,
-            nanos: 500_000_000,
-        }),
-        ..Default::default()
-    });
-    let mut events = c
-        .watch_events(pb::WatchEventsRequest {
-            session_id: s.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let e = c.start_execution(req).await.unwrap().into_inner();
-    let r = wait(&mut c, &e.id).await;
-    assert!(r.timed_out, "{r:?}");
-    assert_eq!((r.signal, r.exit_code), (9, 137));
-    let mut kinds = Vec::new();
-    while !kinds.contains(&pb::EventKind::Exited) {
-        let ev = tokio::time::timeout(DEADLINE, events.message())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-        assert_eq!(ev.session_id, s);
-        kinds.push(ev.kind());
-    }
-    for k in [
-        pb::EventKind::Queued,
-        pb::EventKind::Started,
-        pb::EventKind::TimedOut,
-    ] {
-        assert!(kinds.contains(&k), "{kinds:?}");
+    for kind in KINDS {
+        let s = session_of(&mut c, kind, &["io"]).await;
+        for (lang, code) in [
+            ("js", "setInterval(() => {}, 1000)"),
+            ("py", "import time\nwhile True: time.sleep(0.1)"),
+        ] {
+            let mut req = code_req(&s, lang, code);
+            req.limits = Some(pb::Limits {
+                timeout: Some(prost_types::Duration {
+                    seconds: 0,
+                    nanos: 500_000_000,
+                }),
+                ..Default::default()
+            });
+            let mut events = events_of(&mut c, &s).await;
+            let e = start_on_path(&mut c, req, kind == Kind::Pooled).await;
+            let r = wait(&mut c, &e.id).await;
+            assert!(r.timed_out, "{kind:?} {lang}: {r:?}");
+            assert_eq!((r.signal, r.exit_code), (9, 137), "{kind:?} {lang}");
+            assert!(!alive(e.pid), "{kind:?} {lang}");
+            // This execution's events, up to its exit (start_on_path may have retried).
+            let mut kinds = Vec::new();
+            while !kinds.contains(&pb::EventKind::Exited) {
+                let ev = tokio::time::timeout(DEADLINE, events.message())
+                    .await
+                    .unwrap()
+                    .unwrap()
+                    .unwrap();
+                assert_eq!(ev.session_id, s);
+                if ev.execution_id == e.id {
+                    kinds.push(ev.kind());
+                }
+            }
+            for k in [
+                pb::EventKind::Queued,
+                pb::EventKind::Started,
+                pb::EventKind::TimedOut,
+            ] {
+                assert!(kinds.contains(&k), "{kind:?} {lang}: {kinds:?}");
+            }
+        }
     }
 }
 
@@ -264,45 +334,89 @@ async fn disconnected_waiter_loses_nothing_and_many_waiters_see_the_result() {
 async fn stats_measure_a_running_execution() {
     let d = TestDaemon::start().await;
     let mut c = d.client().await;
-    let s = session(&mut c, &[]).await;
-    let code = "x = bytearray(30 * 1024 * 1024)\nprint('ready', flush=True)\nimport time\nt = time.time()\nwhile time.time() - t < 60: pass\n";
-    let e = start_ready(&mut c, code_req(&s, "py", code)).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let st = c
-        .get_execution_stats(pb::GetExecutionStatsRequest {
-            execution_id: e.id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(st.measured.contains(&"rss".to_string()), "{st:?}");
-    assert!(st.rss_bytes > 30 * 1024 * 1024, "{st:?}");
-    assert!(st.cpu_user_seconds + st.cpu_system_seconds > 0.0, "{st:?}");
-    assert!(st.processes.contains_key(&e.pid), "{st:?}");
-    kill_now(&mut c, &e.id).await;
+    // 30 MiB of touched memory, then busy until killed.
+    let cases = [
+        (
+            "py",
+            "x = bytearray(30 * 1024 * 1024)\nprint('ready', flush=True)\nimport time\nt = time.time()\nwhile time.time() - t < 60: pass\n",
+        ),
+        (
+            "js",
+            "const x = Buffer.alloc(30 * 1024 * 1024, 1); console.log('ready');\n\
+             const t = Date.now(); while (Date.now() - t < 60000) {}",
+        ),
+    ];
+    for kind in KINDS {
+        let s = session_of(&mut c, kind, &["io"]).await;
+        for (lang, code) in cases {
+            let e = start_ready_on(&mut c, kind, code_req(&s, lang, code)).await;
+            // CPU time shows once the kernel has accounted some: poll for it.
+            let deadline = std::time::Instant::now() + DEADLINE;
+            let st = loop {
+                let st = c
+                    .get_execution_stats(pb::GetExecutionStatsRequest {
+                        execution_id: e.id.clone(),
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner();
+                if st.cpu_user_seconds + st.cpu_system_seconds > 0.0
+                    || std::time::Instant::now() > deadline
+                {
+                    break st;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            };
+            let what = format!("{kind:?} {lang}: {st:?}");
+            assert!(st.measured.contains(&"rss".to_string()), "{what}");
+            assert!(st.rss_bytes > 30 * 1024 * 1024, "{what}");
+            assert!(st.cpu_user_seconds + st.cpu_system_seconds > 0.0, "{what}");
+            assert!(st.processes.contains_key(&e.pid), "{what}");
+            kill_now(&mut c, &e.id).await;
+            assert_eq!(wait(&mut c, &e.id).await.signal, 9, "{kind:?} {lang}");
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn exec_runs_a_command_in_the_execution_context() {
     let d = TestDaemon::start().await;
     let mut c = d.client().await;
-    let s = session(&mut c, &["env"]).await;
-    let mut req = code_req(
-        &s,
-        "py",
-        "import time\nprint('ready', flush=True)\ntime.sleep(60)",
-    );
-    req.env = vec![
-        pb::EnvVar {
-            key: b"MARK".to_vec(),
-            value: b"m1".to_vec(),
-        },
-        pb::EnvVar {
-            key: b"PATH".to_vec(),
-            value: b"/usr/bin:/bin".to_vec(),
-        },
+    let cases = [
+        (
+            "py",
+            &["env"][..],
+            "import time\nprint('ready', flush=True)\ntime.sleep(60)",
+        ),
+        (
+            "js",
+            &["env", "io"][..],
+            "console.log('ready'); setTimeout(() => {}, 60000);",
+        ),
     ];
-    let e = start_ready(&mut c, req).await;
+    for kind in KINDS {
+        for (lang, intrinsics, code) in cases {
+            let s = session_of(&mut c, kind, intrinsics).await;
+            let mut req = code_req(&s, lang, code);
+            req.env = vec![
+                pb::EnvVar {
+                    key: b"MARK".to_vec(),
+                    value: b"m1".to_vec(),
+                },
+                pb::EnvVar {
+                    key: b"PATH".to_vec(),
+                    value: b"/usr/bin:/bin".to_vec(),
+                },
+            ];
+            let e = start_ready_on(&mut c, kind, req).await;
+            exec_in(&mut c, &d, &e, &format!("{kind:?} {lang}")).await;
+        }
+    }
+}
+
+/// What [`exec_runs_a_command_in_the_execution_context`] checks of one running execution `e`
+/// (started with MARK=m1 in its environment), which it then kills.
+async fn exec_in(c: &mut Client, d: &TestDaemon, e: &pb::Execution, what: &str) {
     // A command that cannot start is an error naming the field.
     let bad = pb::ExecRequest {
         msg: Some(pb::exec_request::Msg::Setup(pb::ExecSetup {
@@ -313,8 +427,12 @@ async fn exec_runs_a_command_in_the_execution_context() {
         })),
     };
     let st = c.exec(futures::stream::iter(vec![bad])).await.unwrap_err();
-    assert_eq!(st.code(), tonic::Code::InvalidArgument);
-    assert!(st.message().contains("setup.command"), "{}", st.message());
+    assert_eq!(st.code(), tonic::Code::InvalidArgument, "{what}");
+    assert!(
+        st.message().contains("setup.command"),
+        "{what}: {}",
+        st.message()
+    );
     let (tx, rx) = tokio::sync::mpsc::channel(8);
     tx.send(pb::ExecRequest {
         msg: Some(pb::exec_request::Msg::Setup(pb::ExecSetup {
@@ -347,13 +465,13 @@ async fn exec_runs_a_command_in_the_execution_context() {
         .into_inner();
     let (so, se, code) = drain_exec(out).await;
     drop(tx);
-    assert!(so.starts_with("hello m1 "), "{so}");
+    assert!(so.starts_with("hello m1 "), "{what}: {so}");
     assert!(
         so.contains(&*d.run_dir.display().to_string()),
-        "cwd not the execution's: {so}"
+        "{what}: cwd not the execution's: {so}"
     );
-    assert_eq!(se, "oops\n");
-    assert_eq!(code, 4);
+    assert_eq!(se, "oops\n", "{what}");
+    assert_eq!(code, 4, "{what}");
 
     // With a tty: the command sees a terminal of the requested size.
     let (tx, rx) = tokio::sync::mpsc::channel(8);
@@ -386,20 +504,22 @@ async fn exec_runs_a_command_in_the_execution_context() {
         .into_inner();
     let (so, _, code) = drain_exec(out).await;
     drop(tx);
-    assert_eq!(code, 0, "{so}");
-    assert!(so.contains("33 101"), "{so}");
+    assert_eq!(code, 0, "{what}: {so}");
+    assert!(so.contains("33 101"), "{what}: {so}");
 
     // The operator's exec session reaches the task's processes (the task cannot reach out of
     // its own Landlock domain, but the session is not inside it).
-    let task_pid = execution(&mut c, &e.id).await.pid;
+    let task_pid = execution(c, &e.id).await.pid;
+    assert_eq!(task_pid, e.pid, "{what}");
     let (so, _, code) = exec_collect(
-        &mut c,
+        c,
         &e.id,
         &["sh", "-c", &format!("kill -0 {task_pid} && echo reached")],
     )
     .await;
-    assert_eq!((so.as_str(), code), ("reached\n", 0));
-    kill_now(&mut c, &e.id).await;
+    assert_eq!((so.as_str(), code), ("reached\n", 0), "{what}");
+    kill_now(c, &e.id).await;
+    assert_eq!(wait(c, &e.id).await.signal, 9, "{what}");
 }
 
 /// Runs `command` in the execution through Exec without a tty or input.

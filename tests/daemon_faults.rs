@@ -217,6 +217,34 @@ async fn kill9_daemon_also_kills_grandchildren_that_left_the_process_group() {
     .await;
 }
 
+/// Inodes of the daemon's ends of its client connections: its sockets that carry the
+/// listening socket's path (/proc/net/unix names an accepted socket after its listener).
+fn client_connections(d: &TestDaemon) -> std::collections::HashSet<u64> {
+    let path = d.socket.display().to_string();
+    let named: std::collections::HashSet<u64> = std::fs::read_to_string("/proc/net/unix")
+        .unwrap()
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.get(7) == Some(&path.as_str())).then(|| f[6].parse().ok())?
+        })
+        .collect();
+    std::fs::read_dir(format!("/proc/{}/fd", d.pid()))
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            let link = std::fs::read_link(e.path()).ok()?;
+            let link = link.to_str()?;
+            link.strip_prefix("socket:[")?
+                .strip_suffix(']')?
+                .parse()
+                .ok()
+        })
+        .filter(|i| named.contains(i))
+        .collect()
+}
+
 /// A client that gives up on StartExecution halfway (its own timeout, a plugin killed mid-call)
 /// leaves nothing behind: the start still runs to its end in the daemon and the execution,
 /// whose id that client never learned, is stopped at once. Nothing stays `Starting`, no
@@ -229,8 +257,12 @@ async fn a_start_abandoned_by_its_client_leaves_no_process_and_no_stuck_executio
     for (pool, lang) in [(0, "py"), (1, "py"), (1, "js")] {
         let s = session_with_pool(&mut c, &["env", "io", "net"], pool).await;
         if pool > 0 {
-            // Time for the pool to warm, so the start is a pooled one.
-            tokio::time::sleep(Duration::from_secs(2)).await;
+            // The pool warm, so that the start is a pooled one (checked below).
+            if lang == "py" {
+                python_pool_warm(&mut c, &s).await;
+            } else {
+                idle_node_workers(&mut c, &s, 1).await;
+            }
         }
         let fifo = d.path(&format!("abandoned-{pool}-{lang}.fifo"));
         nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
@@ -241,15 +273,47 @@ async fn a_start_abandoned_by_its_client_leaves_no_process_and_no_stuck_executio
         };
         let mut r = code_req(&s, lang, code);
         r.stdout = path_sink(&fifo);
-        // The FIFO has no reader yet, so the start waits for one; the client gives up first.
-        let mut c2 = c.clone();
-        let gave_up = tokio::time::timeout(Duration::from_millis(300), c2.start_execution(r)).await;
-        assert!(gave_up.is_err(), "{lang}: started without a FIFO reader");
-        // The reader attaches once the daemon has seen the call cancelled (the client's reset
-        // of the stream is in flight for a moment: a start that completes before it arrives
-        // is answered to a client that no longer listens, which no daemon can tell). It reads
-        // to EOF: every writer gone.
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        // A client of its own, on a connection of its own: the daemon's end of it shows when
+        // the daemon has let it go.
+        let others = client_connections(&d);
+        let mut c2 = d.client().await;
+        daemon_info(&mut c2).await;
+        let mine: Vec<u64> = client_connections(&d)
+            .into_iter()
+            .filter(|i| !others.contains(i))
+            .collect();
+        assert!(!mine.is_empty(), "the daemon's end of the new connection");
+        // The FIFO has no reader yet, so the start waits for one (its execution is listed,
+        // not yet running); the client gives up meanwhile.
+        let start = tokio::spawn(async move { c2.start_execution(r).await });
+        let deadline = Instant::now() + DEADLINE;
+        while executions_of(&mut c, &s).await.is_empty() {
+            assert!(
+                Instant::now() < deadline,
+                "{lang}, pool {pool}: the start never reached the daemon"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(
+            !start.is_finished(),
+            "{lang}: started without a FIFO reader: {:?}",
+            start.await
+        );
+        start.abort();
+        assert!(start.await.unwrap_err().is_cancelled());
+        // The reader attaches once the daemon has seen the call cancelled: with its client
+        // gone, the connection ends, and the daemon closes its end once it has passed the
+        // reset on to the call's handler (a start that completes before the cancel arrives is answered to a client
+        // that no longer listens, which no daemon can tell). It reads to EOF: every writer
+        // gone.
+        let deadline = Instant::now() + DEADLINE;
+        while client_connections(&d).iter().any(|i| mine.contains(i)) {
+            assert!(
+                Instant::now() < deadline,
+                "{lang}, pool {pool}: the daemon kept the abandoned connection"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         let reader = std::thread::spawn(move || std::fs::read(fifo).unwrap());
         let deadline = Instant::now() + DEADLINE;
         let ended = loop {
@@ -272,6 +336,7 @@ async fn a_start_abandoned_by_its_client_leaves_no_process_and_no_stuck_executio
                 e.pid != 0,
                 "{lang}: the start completed, so it had a process"
             );
+            assert_eq!(e.pooled, pool > 0, "{lang}, pool {pool}: {e:?}");
             eventually("the abandoned execution's process is gone", || {
                 !alive(e.pid)
             })

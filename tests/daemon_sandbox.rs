@@ -238,35 +238,45 @@ async fn io_off_blocks_reading_etc_hostname_and_writing_tmp() {
     let _ = std::fs::remove_file(&marker);
 }
 
+/// A pids limit holds the snippet's forks, started cold and pooled (a zygote's child joins
+/// its execution cgroup before the snippet runs).
 #[tokio::test(flavor = "multi_thread")]
 async fn pids_limit_caps_process_creation() {
     let d = TestDaemon::start().await;
     let mut c = d.client().await;
     let info = daemon_info(&mut c).await;
-    let s = session(&mut c, &["env", "io", "net"]).await;
-    let mut req = code_req(
-        &s,
-        "py",
-        "import os, time\nn = 0\ntry:\n    for i in range(50):\n        if os.fork() == 0:\n            time.sleep(5); os._exit(0)\n        n += 1\nexcept OSError as e:\n    print('limited', n, e.errno)\nelse:\n    print('unlimited', n)\n",
-    );
-    req.limits = Some(pb::Limits {
-        pids: 8,
-        ..Default::default()
-    });
-    match c.start_execution(req).await {
-        Ok(e) => {
-            let e = e.into_inner();
-            let out = output(&mut c, &e.id, pb::OutputStream::Stdout).await;
-            let out = String::from_utf8_lossy(&out);
-            assert!(out.starts_with("limited"), "{out}");
-            let n: usize = out.split_whitespace().nth(1).unwrap().parse().unwrap();
-            assert!(n < 8, "{out}");
-        }
-        Err(st) => {
+    for pool in [0, 2] {
+        let pooled = pool > 0;
+        let s = session_with_pool(&mut c, &["env", "io", "net"], pool).await;
+        let mut req = code_req(
+            &s,
+            "py",
+            "import os, time\nn = 0\ntry:\n    for i in range(50):\n        if os.fork() == 0:\n            time.sleep(5); os._exit(0)\n        n += 1\nexcept OSError as e:\n    print('limited', n, e.errno)\nelse:\n    print('unlimited', n)\n",
+        );
+        req.limits = Some(pb::Limits {
+            pids: 8,
+            ..Default::default()
+        });
+        if info.cgroup_mode == "none" {
             // Only acceptable when the machine cannot enforce it, and then said clearly.
-            assert_eq!(info.cgroup_mode, "none", "{}", st.message());
+            let st = c
+                .start_execution(req)
+                .await
+                .expect_err("a pids limit without cgroups");
             assert!(st.message().contains("pids"), "{}", st.message());
+            continue;
         }
+        let (e, r, out, err) = run_on_path(&mut c, req, pooled).await;
+        assert_eq!(e.pooled, pooled, "{e:?}");
+        assert_eq!(r.exit_code, 0, "pool {pool}: {err}");
+        assert!(out.starts_with("limited"), "pool {pool}: {out}");
+        let n: usize = out.split_whitespace().nth(1).unwrap().parse().unwrap();
+        assert!(n < 8, "pool {pool}: {out}");
+        assert_eq!(
+            out.split_whitespace().nth(2),
+            Some(libc::EAGAIN.to_string().as_str()),
+            "pool {pool}: {out}"
+        );
     }
 }
 

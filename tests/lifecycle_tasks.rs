@@ -615,21 +615,45 @@ async fn bad_input_gets_named_errors_and_the_plugin_keeps_serving() {
     assert_eq!(e.code(), tonic::Code::AlreadyExists);
     assert!(e.message().contains("already started"), "{e:?}");
     // A forced DestroyTask of a running task kills it and answers pending WaitTask calls.
-    let pending = {
-        let mut d = plugin.driver();
-        let id = task.id.clone();
-        tokio::spawn(async move { d.wait_task(pb::WaitTaskRequest { task_id: id }).await })
-    };
-    // Give the WaitTask call time to reach the plugin (nothing observable marks its arrival).
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    plugin.destroy(&task.id, true).await.unwrap();
-    let w = tokio::time::timeout(DEADLINE, pending)
-        .await
-        .expect("pending WaitTask answered")
-        .unwrap()
-        .unwrap()
-        .into_inner();
-    assert_eq!(w.result.unwrap().signal, 9, "{:?}", w.err);
+    // Nothing observable marks a WaitTask's arrival at the plugin: one that arrives after the
+    // destroy is told the task is unknown (NotFound). Then another task tries again, the
+    // WaitTask given a longer head start, until one was pending when its task was destroyed.
+    let mut task = task;
+    let mut head_start = Duration::from_millis(100);
+    for round in 1.. {
+        let pending = {
+            let mut d = plugin.driver();
+            let id = task.id.clone();
+            tokio::spawn(async move { d.wait_task(pb::WaitTaskRequest { task_id: id }).await })
+        };
+        tokio::time::sleep(head_start).await;
+        assert!(
+            !pending.is_finished(),
+            "WaitTask answered while its task ran"
+        );
+        plugin.destroy(&task.id, true).await.unwrap();
+        let w = tokio::time::timeout(DEADLINE, pending)
+            .await
+            .expect("pending WaitTask answered")
+            .unwrap();
+        match w {
+            Ok(w) => {
+                let w = w.into_inner();
+                assert_eq!(w.result.unwrap().signal, 9, "{:?}", w.err);
+                break;
+            }
+            Err(e) if e.code() == tonic::Code::NotFound && round < 6 => {
+                head_start *= 2;
+                task = alloc.task(&format!("dup{round}"));
+                let cfg = task.config(
+                    &plugin.spec,
+                    &json!({"language": "python", "code": "import time\ntime.sleep(60)"}),
+                );
+                plugin.start(cfg).await.unwrap();
+            }
+            Err(e) => panic!("WaitTask of a task destroyed meanwhile, round {round}: {e:?}"),
+        }
+    }
 
     // Unknown ids.
     let mut d = plugin.driver();

@@ -233,6 +233,96 @@ async fn environment_cwd_argv_user_and_process_state_match_cold() {
     }
 }
 
+/// Pooled python as another user: the pyenv python3 on PATH lives under /root, which nobody
+/// cannot execute (see `unusable_interpreter_fails_on_both_paths`), so this daemon runs the
+/// system's /usr/bin/python3 instead. The zygote's child switches to nobody as a cold start
+/// does: the same uid, gid, groups, capabilities and everything else the report shows.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_system_python_runs_as_nobody_the_same_pooled_and_cold() {
+    let system = std::path::Path::new("/usr/bin/python3");
+    if !system.exists() {
+        eprintln!("skipped: no /usr/bin/python3 on this machine");
+        return;
+    }
+    let nobody = nix::unistd::User::from_name("nobody")
+        .unwrap()
+        .expect("a nobody user");
+    let config = tempfile::tempdir().unwrap();
+    let d = TestDaemon::start_with_config(
+        config.path(),
+        &format!(
+            "[runtimes.python]\ncommand = {:?}\n",
+            system.display().to_string()
+        ),
+    )
+    .await;
+    let mut c = d.client().await;
+    let py = runtime_info(&mut c, "python").await;
+    let resolved = std::fs::canonicalize(system).unwrap();
+    assert_eq!(
+        (py.available, py.command.as_str()),
+        (true, resolved.to_str().unwrap()),
+        "{py:?}"
+    );
+    let wd = d.path("wd");
+    std::fs::create_dir(&wd).unwrap();
+    std::fs::set_permissions(&wd, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    for intrinsics in [&["env", "io", "net"][..], &["io"][..], &[][..]] {
+        let mut seen = Vec::new();
+        for kind in KINDS {
+            let s = session_of(&mut c, kind, intrinsics).await;
+            let what = format!("{kind:?} {intrinsics:?}");
+            let (r, out, err) = run_on(&mut c, kind, report_req(&s, "py", &wd, "nobody")).await;
+            assert_eq!(r.exit_code, 0, "{what}: {err}");
+            assert!(err.is_empty(), "{what}: {err}");
+            let v: serde_json::Value =
+                serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{what}: {e}: {out}"));
+            assert_eq!(v["uid"], nobody.uid.as_raw(), "{what}");
+            assert_eq!(v["gid"], nobody.gid.as_raw(), "{what}");
+            assert_eq!(
+                v["groups"],
+                serde_json::json!([nobody.gid.as_raw()]),
+                "{what}"
+            );
+            assert_eq!(
+                v["argv"],
+                serde_json::json!(["a b", "--flag", "ü"]),
+                "{what}"
+            );
+            assert_eq!(v["cwd"], wd.display().to_string(), "{what}");
+            assert_eq!(v["threads"], 1, "{what}");
+            assert_eq!(v["threads_after_fork"], 1, "{what}");
+            assert_eq!(v["nnp"], "1", "{what}");
+            check_capabilities(&v, "nobody", &what);
+            if intrinsics.contains(&"env") {
+                assert_eq!(v["env"]["GREETING"], "grüße ✓", "{what}");
+            }
+            // The snippet's own output, as nobody: a file it writes in its working dir.
+            let mut req = code_req(
+                &s,
+                "py",
+                "import os\nopen('mine', 'w').write('x')\nprint(os.stat('mine').st_uid)\nos.remove('mine')",
+            );
+            req.working_dir = wd.display().to_string();
+            req.user = "nobody".into();
+            let (r, out, err) = run_on(&mut c, kind, req).await;
+            assert_eq!(
+                (r.exit_code, out),
+                (0, format!("{}\n", nobody.uid)),
+                "{what}: {err}"
+            );
+            seen.push(v);
+            c.close_session(pb::CloseSessionRequest {
+                session_id: s,
+                grace: None,
+            })
+            .await
+            .unwrap();
+        }
+        assert_eq!(seen[0], seen[1], "cold vs pooled differ ({intrinsics:?})");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn exit_semantics_and_stream_separation_match_cold() {
     let d = TestDaemon::start().await;

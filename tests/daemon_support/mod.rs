@@ -679,3 +679,81 @@ pub async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Starts `req` until an execution of it takes the path asked for, and returns that one; the
+/// ones that took the other path are killed and waited for. Like [`run_on_path`] for
+/// executions that keep running (a session without a pool must never run pooled).
+pub async fn start_on_path(
+    c: &mut Client,
+    req: pb::StartExecutionRequest,
+    pooled: bool,
+) -> pb::Execution {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let e = c
+            .start_execution(req.clone())
+            .await
+            .unwrap_or_else(|s| panic!("start: {s}"))
+            .into_inner();
+        assert!(pooled || !e.pooled, "a session without a pool ran pooled");
+        if e.pooled == pooled {
+            return e;
+        }
+        kill_now(c, &e.id).await;
+        wait(c, &e.id).await;
+        assert!(Instant::now() < deadline, "never ran pooled: {req:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The status of `runtime`'s pool ("python", "node") in session `s`, as GetSession shows it.
+pub async fn pool_status(c: &mut Client, s: &str, runtime: &str) -> pb::PoolStatus {
+    pool_statuses(c, s)
+        .await
+        .into_iter()
+        .find(|p| p.runtime == runtime)
+        .unwrap_or_else(|| panic!("no {runtime} pool in session {s}"))
+}
+
+/// Every pool status of session `s` (GetSession).
+pub async fn pool_statuses(c: &mut Client, s: &str) -> Vec<pb::PoolStatus> {
+    c.get_session(pb::GetSessionRequest {
+        session_id: s.into(),
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .pools
+}
+
+/// Waits until session `s` has at least `n` idle node workers (GetSession's pool status).
+pub async fn idle_node_workers(c: &mut Client, s: &str, n: u32) {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let node = pool_status(c, s, "node").await;
+        if node.idle_workers >= n {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never {n} idle node workers: {node:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits until session `s`'s python pool is warm (a start now runs on the zygote).
+pub async fn python_pool_warm(c: &mut Client, s: &str) {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let python = pool_status(c, s, "python").await;
+        if python.state() == pb::PoolState::Warm {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the python pool never warmed: {python:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
