@@ -60,3 +60,135 @@ async fn a_socket_that_accepts_but_never_answers_is_reported_not_replaced() {
     plugin.alive().await;
     held.abort();
 }
+
+/// DestroyTask while the daemon cannot answer (stopped here with SIGSTOP) forgets the task at
+/// once, as Nomad expects (it ignores the error and never calls again), and kills it in the
+/// background once the daemon answers: nothing keeps running unseen.
+#[tokio::test]
+async fn a_task_destroyed_while_the_daemon_hangs_is_killed_once_it_answers() {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    let daemon = daemon_support::TestDaemon::start().await;
+    let plugin = Plugin::launch(&plugin_config(&daemon.socket, None)).await;
+    let alloc = Alloc::new(&daemon.path("nomad"));
+    let t = alloc.task("t");
+    let h = plugin
+        .start_json(
+            &t,
+            json!({"language": "python", "code": "import time\ntime.sleep(600)"}),
+        )
+        .await
+        .expect("StartTask");
+    let pid = lifecycle_support::handle_pid(&h);
+    assert!(daemon_support::alive(pid));
+    let daemon_pid = Pid::from_raw(daemon.pid() as i32);
+    kill(daemon_pid, Signal::SIGSTOP).unwrap();
+    let destroyed = plugin.destroy(&t.id, true).await;
+    kill(daemon_pid, Signal::SIGCONT).unwrap();
+    destroyed.expect("DestroyTask answers OK although the daemon hangs");
+    let e = plugin
+        .driver()
+        .wait_task(
+            elide_task_driver::proto::hashicorp::nomad::plugins::drivers::proto::WaitTaskRequest {
+                task_id: t.id.clone(),
+            },
+        )
+        .await
+        .expect_err("a destroyed task is forgotten");
+    assert_eq!(e.code(), tonic::Code::NotFound, "{e:?}");
+    daemon_support::eventually("the destroyed task's process is killed", || {
+        !daemon_support::alive(pid)
+    })
+    .await;
+    plugin.alive().await;
+}
+
+/// A daemon that stops answering for a while (SIGSTOP here, for longer than the connection's
+/// keepalive) but is there still does not make its running tasks lost: Nomad would start them
+/// again and kill the originals. Once it answers again, the task's end is reported as usual.
+#[tokio::test]
+async fn a_daemon_that_hangs_for_a_while_does_not_lose_its_running_tasks() {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    let daemon = daemon_support::TestDaemon::start().await;
+    let plugin = Plugin::launch(&plugin_config(&daemon.socket, None)).await;
+    let alloc = Alloc::new(&daemon.path("nomad"));
+    let t = alloc.task("t");
+    let h = plugin
+        .start_json(
+            &t,
+            json!({"language": "python", "code": "import time\ntime.sleep(600)"}),
+        )
+        .await
+        .expect("StartTask");
+    let pid = lifecycle_support::handle_pid(&h);
+    let daemon_pid = Pid::from_raw(daemon.pid() as i32);
+    kill(daemon_pid, Signal::SIGSTOP).unwrap();
+    // Keepalive (5 s ping, 5 s to answer) breaks the plugin's wait, then its look at the
+    // daemon times out, more than once.
+    let hung = plugin.wait_within(&t.id, std::time::Duration::from_secs(16));
+    let early = tokio::time::timeout(std::time::Duration::from_secs(15), hung).await;
+    kill(daemon_pid, Signal::SIGCONT).unwrap();
+    assert!(
+        early.is_err(),
+        "WaitTask answered while the daemon hung: {early:?}"
+    );
+    assert!(daemon_support::alive(pid), "the task was killed");
+    plugin
+        .stop(&t.id, "SIGTERM", std::time::Duration::from_secs(5))
+        .await
+        .expect("StopTask");
+    let w = plugin.wait(&t.id).await;
+    let r = w.result.expect("a result");
+    assert_eq!(r.signal, 15, "{w:?}");
+    assert!(w.err.is_empty(), "{w:?}");
+}
+
+/// A daemon that keeps failing to start gives the same health description at every attempt
+/// (its last words without their time): each change would be a node update and a node event in
+/// Nomad, every back-off period, for as long as it fails.
+#[tokio::test]
+async fn a_daemon_that_keeps_failing_to_start_gives_one_stable_health_description() {
+    let root = tempfile::Builder::new()
+        .prefix("fail")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let fake = root.path().join("elide-daemon");
+    daemon_support::write_script(
+        &fake,
+        "#!/bin/sh\necho \"$(date -u +%Y-%m-%dT%H:%M:%S.%NZ)  INFO starting, pid $$\"\n\
+         echo \"$(date -u +%Y-%m-%dT%H:%M:%S.%NZ) ERROR cannot open the state dir\"\nexit 1\n",
+    );
+    let socket = root.path().join("d.sock");
+    let mut config = plugin_config(&socket, None);
+    config["daemon"] = json!([{
+        "auto_start": true,
+        "path": fake.display().to_string(),
+        "log_file": root.path().join("daemon.log").display().to_string(),
+    }]);
+    let plugin = Plugin::launch(&config).await;
+    let mut fp = plugin.client.fingerprint().await;
+    let mut seen = Vec::new();
+    // Three failed starts at least (back-off 1 s, 2 s, 4 s), one fingerprint a second.
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(9);
+    while std::time::Instant::now() < until {
+        let m = fingerprint_until(&mut fp, DEADLINE, |_| true).await;
+        if m.health_description.contains("exited during start-up") {
+            seen.push(m.health_description);
+        }
+    }
+    let log = std::fs::read_to_string(root.path().join("daemon.log")).unwrap();
+    assert!(log.matches("starting").count() >= 2, "{log}");
+    seen.dedup();
+    assert_eq!(seen.len(), 1, "{seen:#?}");
+    let last_time = log
+        .lines()
+        .last()
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap();
+    assert!(
+        seen[0].contains("ERROR cannot open the state dir") && !seen[0].contains(last_time),
+        "{}",
+        seen[0]
+    );
+}

@@ -53,7 +53,7 @@ pub enum StartError {
         detail: String,
     },
     /// The daemon exited before answering.
-    #[error("{path} exited during start-up ({status}); see {log}: {tail}")]
+    #[error("{path} exited during start-up ({status}); its last words in {log}: {last_words}")]
     Exited {
         /// The binary.
         path: PathBuf,
@@ -61,8 +61,10 @@ pub enum StartError {
         status: String,
         /// Its log file.
         log: PathBuf,
-        /// The last lines of the log.
-        tail: String,
+        /// The log's last line, without its timestamp: the same for every failed attempt of
+        /// the same cause, so the fingerprint's health description does not change with each
+        /// retry (each change is a node update in Nomad).
+        last_words: String,
     },
     /// It did not answer in time.
     #[error("{path} did not answer on {socket} within {timeout:?}; see {log}")]
@@ -152,10 +154,33 @@ pub fn log_file(cfg: &PluginConfig) -> PathBuf {
     })
 }
 
-fn tail(path: &Path, lines: usize) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join(" | ")
+/// How much of the end of the daemon's log [`last_words`] reads (the log is appended to by
+/// every start and never rotated here).
+const LAST_WORDS_BYTES: u64 = 8 * 1024;
+
+/// The last non-empty line of the log at `path`, without a leading timestamp.
+fn last_words(path: &Path) -> String {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut text = Vec::new();
+    if let Ok(mut f) = std::fs::File::open(path) {
+        let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+        let _ = f.seek(SeekFrom::Start(len.saturating_sub(LAST_WORDS_BYTES)));
+        let _ = f.take(LAST_WORDS_BYTES).read_to_end(&mut text);
+    }
+    let text = String::from_utf8_lossy(&text);
+    let Some(line) = text.lines().map(str::trim).rfind(|l| !l.is_empty()) else {
+        return "(nothing logged)".to_string();
+    };
+    // A tracing line starts with its RFC 3339 time ("2026-11-28T14:00:00.123456Z  WARN ...").
+    match line.split_once(char::is_whitespace) {
+        Some((first, rest)) if is_timestamp(first) => rest.trim_start().to_string(),
+        _ => line.to_string(),
+    }
+}
+
+fn is_timestamp(word: &str) -> bool {
+    let b = word.as_bytes();
+    b.len() >= 20 && b[..4].iter().all(u8::is_ascii_digit) && b[4] == b'-' && b[10] == b'T'
 }
 
 /// Starts the daemon detached and waits until it answers GetDaemonInfo on the socket, or
@@ -222,7 +247,7 @@ pub async fn start(cfg: &PluginConfig) -> Result<u32, StartError> {
             return Err(StartError::Exited {
                 path: bin,
                 status,
-                tail: tail(&log, 5),
+                last_words: last_words(&log),
                 log,
             });
         }
@@ -248,6 +273,32 @@ pub async fn start(cfg: &PluginConfig) -> Result<u32, StartError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn last_words_are_the_last_line_without_its_time_read_from_the_end() {
+        let d = tempfile::tempdir().unwrap();
+        let log = d.path().join("daemon.log");
+        let mut text = String::new();
+        // Far more than is read: an old, long log.
+        for i in 0..2000 {
+            text.push_str(&format!(
+                "2026-11-28T14:00:{:02}.123456Z  INFO line {i}\n",
+                i % 60
+            ));
+        }
+        text.push_str("2026-11-28T14:01:02.654321Z ERROR cannot bind /run/elide/daemon.sock\n\n");
+        std::fs::write(&log, &text).unwrap();
+        assert_eq!(last_words(&log), "ERROR cannot bind /run/elide/daemon.sock");
+        // The fatal line the binary prints itself has no time.
+        std::fs::write(&log, "elide-daemon: state dir /x: permission denied\n").unwrap();
+        assert_eq!(
+            last_words(&log),
+            "elide-daemon: state dir /x: permission denied"
+        );
+        std::fs::write(&log, "").unwrap();
+        assert_eq!(last_words(&log), "(nothing logged)");
+        assert_eq!(last_words(&d.path().join("absent")), "(nothing logged)");
+    }
 
     #[test]
     fn configured_path_must_be_executable() {

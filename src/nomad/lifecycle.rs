@@ -144,6 +144,58 @@ async fn stop_and_forget(client: &DaemonClient, task_id: &str, execution_id: &st
     }
 }
 
+/// How long a destroyed task's kill is retried while the daemon cannot be asked.
+const DESTROYED_KILL_RETRY_FOR: Duration = Duration::from_secs(600);
+
+/// Kills and forgets, in the background, the execution of a task Nomad destroyed while the
+/// daemon could not be asked; retried with back-off for [`DESTROYED_KILL_RETRY_FOR`]. A daemon
+/// that is down took its executions with it: none is started for this.
+fn kill_in_background(state: Arc<PluginState>, task_id: String, execution_id: String) {
+    tokio::spawn(async move {
+        let give_up = tokio::time::Instant::now() + DESTROYED_KILL_RETRY_FOR;
+        let mut pause = Duration::from_secs(1);
+        loop {
+            tokio::time::sleep(pause).await;
+            let Some(socket) = state
+                .snapshot()
+                .config
+                .as_ref()
+                .map(|c| c.daemon_socket.clone())
+            else {
+                return;
+            };
+            let last_error = match DaemonClient::connect(&socket, DEFAULT_CALL_TIMEOUT).await {
+                Err(e) if e.nobody_listens() => {
+                    tracing::info!(task = %task_id, execution = %execution_id, "elide-daemon is down, and the destroyed task ended with it");
+                    return;
+                }
+                Ok(client) => match client
+                    .stop_execution(&execution_id, "SIGKILL", Duration::ZERO)
+                    .await
+                {
+                    Ok(_) => {
+                        if let Err(e) = client.remove_execution(&execution_id, true).await
+                            && e.code() != Some(tonic::Code::NotFound)
+                        {
+                            tracing::warn!(task = %task_id, execution = %execution_id, error = %e, "daemon did not forget the destroyed task's execution");
+                        }
+                        tracing::info!(task = %task_id, execution = %execution_id, "killed the destroyed task");
+                        return;
+                    }
+                    Err(e) if e.code() == Some(tonic::Code::NotFound) => return,
+                    Err(e) => e.to_string(),
+                },
+                Err(e) => e.to_string(),
+            };
+            if tokio::time::Instant::now() >= give_up {
+                tracing::error!(task = %task_id, execution = %execution_id, error = %last_error, "gave up killing the destroyed task; it may still run (see `elide-daemon executions`)");
+                return;
+            }
+            pause = (pause * 2).min(Duration::from_secs(30));
+        }
+    });
+}
+
 /// Notes what earlier plugin processes left running in our session, once per process; a
 /// failure only means leftovers are not looked for this time.
 async fn note_inherited(state: &PluginState, client: &DaemonClient, session_id: &str) {
@@ -344,72 +396,123 @@ pub fn exit_of(r: &api::ExecutionResult, timeout: Option<Duration>) -> (pb::Exit
 /// execution means a blip (wait again); no daemon means the task is gone with it.
 pub fn spawn_waiter(state: Arc<PluginState>, entry: Arc<TaskEntry>, timeout: Option<Duration>) {
     tokio::spawn(async move {
+        // Back-off while the daemon is there but does not answer.
+        let mut pause = UNSURE_FIRST_PAUSE;
         loop {
             let snapshot = state.snapshot();
-            let client = match state.link.client(&snapshot).await {
-                Ok(c) => c,
-                Err(e) => {
-                    entry.set_exit(
-                        lost_result(),
-                        format!("{CONNECTION_LOST}: {e}; the daemon's executions end with it"),
-                    );
-                    return;
-                }
-            };
-            let waited = tokio::select! {
-                r = client.wait_execution(&entry.execution_id) => r,
-                () = entry.cancel.cancelled() => return,
-            };
-            match waited {
-                Ok(resp) => {
-                    let r = resp.result.unwrap_or_default();
-                    let (result, err) = exit_of(&r, timeout);
-                    entry.set_exit(result, err);
-                    return;
-                }
-                Err(e) if e.code() == Some(tonic::Code::NotFound) => {
-                    entry.set_exit(
-                        lost_result(),
-                        format!(
-                            "execution {} is unknown to elide-daemon (its state was lost): {e}",
-                            entry.execution_id
-                        ),
-                    );
-                    return;
-                }
-                Err(e) => {
-                    state.link.invalidate();
-                    let socket = client.socket().to_path_buf();
-                    let check = async {
-                        let c = DaemonClient::connect(&socket, LOST_CHECK_TIMEOUT).await?;
-                        c.get_execution(&entry.execution_id).await
+            // Never starts a daemon: one that is down ended its executions, this one included
+            // (and the look below says so).
+            let failure = match state.link.running_client(&snapshot).await {
+                Ok(client) => {
+                    let waited = tokio::select! {
+                        r = client.wait_execution(&entry.execution_id) => r,
+                        () = entry.cancel.cancelled() => return,
                     };
-                    match tokio::time::timeout(LOST_CHECK_TIMEOUT, check).await {
-                        Ok(Ok(exec)) if exec.state == api::ExecutionState::Exited as i32 => {
-                            let r = exec.result.unwrap_or_default();
+                    match waited {
+                        Ok(resp) => {
+                            let r = resp.result.unwrap_or_default();
                             let (result, err) = exit_of(&r, timeout);
                             entry.set_exit(result, err);
                             return;
                         }
-                        Ok(Ok(_)) => {
-                            tracing::debug!(task = %entry.id, error = %e, "wait interrupted; the execution still runs, waiting again");
-                            continue;
-                        }
-                        _ => {
-                            tracing::warn!(task = %entry.id, error = %e, "elide-daemon went away under a running task");
+                        Err(e) if e.code() == Some(tonic::Code::NotFound) => {
                             entry.set_exit(
                                 lost_result(),
                                 format!(
-                                    "{CONNECTION_LOST} while the task was running ({e}); the daemon's executions end with it"
+                                    "execution {} is unknown to elide-daemon (its state was lost): {e}",
+                                    entry.execution_id
                                 ),
                             );
                             return;
                         }
+                        Err(e) => {
+                            state.link.invalidate();
+                            e.to_string()
+                        }
                     }
+                }
+                Err(e) => e.to_string(),
+            };
+            let socket = snapshot
+                .config
+                .as_ref()
+                .map(|c| c.daemon_socket.clone())
+                .unwrap_or_default();
+            match look_again(&socket, &entry.execution_id).await {
+                Sighting::Running => {
+                    tracing::debug!(task = %entry.id, error = %failure, "wait interrupted; the execution still runs, waiting again");
+                    pause = UNSURE_FIRST_PAUSE;
+                }
+                Sighting::Ended(r) => {
+                    let (result, err) = exit_of(&r, timeout);
+                    entry.set_exit(result, err);
+                    return;
+                }
+                Sighting::Gone(why) => {
+                    tracing::warn!(task = %entry.id, error = %failure, "elide-daemon went away under a running task");
+                    entry.set_exit(
+                        lost_result(),
+                        format!(
+                            "{CONNECTION_LOST} while the task was running ({failure}; {why}); the daemon's executions end with it"
+                        ),
+                    );
+                    return;
+                }
+                Sighting::Unsure(why) => {
+                    // A daemon that is there but slow (a loaded node) still runs the task:
+                    // calling it lost would have Nomad start it again and kill this one.
+                    if pause == UNSURE_FIRST_PAUSE {
+                        tracing::warn!(task = %entry.id, error = %failure, "elide-daemon does not answer ({why}); the task is taken to run on, asking again");
+                    }
+                    tokio::select! {
+                        () = tokio::time::sleep(pause) => {}
+                        () = entry.cancel.cancelled() => return,
+                    }
+                    pause = (pause * 2).min(UNSURE_LONGEST_PAUSE);
                 }
             }
         }
     });
+}
+
+/// First and longest pause of the waiter while the daemon is there but does not answer.
+const UNSURE_FIRST_PAUSE: Duration = Duration::from_millis(500);
+const UNSURE_LONGEST_PAUSE: Duration = Duration::from_secs(5);
+
+/// What a fresh look at the daemon says of an execution after a wait failed.
+enum Sighting {
+    /// The daemon answers and the execution runs.
+    Running,
+    /// The daemon answers with the execution's end.
+    Ended(api::ExecutionResult),
+    /// No daemon: no socket, nobody listening on it, or a daemon that does not know the
+    /// execution. Its executions ended with it.
+    Gone(String),
+    /// Something listens but did not answer in time: the execution may still run.
+    Unsure(String),
+}
+
+async fn look_again(socket: &Path, execution_id: &str) -> Sighting {
+    let client = match tokio::time::timeout(
+        LOST_CHECK_TIMEOUT,
+        DaemonClient::connect(socket, LOST_CHECK_TIMEOUT),
+    )
+    .await
+    {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) if e.nobody_listens() => return Sighting::Gone(e.to_string()),
+        Ok(Err(e)) => return Sighting::Unsure(e.to_string()),
+        Err(_) => return Sighting::Unsure(format!("no connection within {LOST_CHECK_TIMEOUT:?}")),
+    };
+    match tokio::time::timeout(LOST_CHECK_TIMEOUT, client.get_execution(execution_id)).await {
+        Ok(Ok(exec)) if exec.state == api::ExecutionState::Exited as i32 => {
+            Sighting::Ended(exec.result.unwrap_or_default())
+        }
+        Ok(Ok(_)) => Sighting::Running,
+        Ok(Err(e)) if e.code() == Some(tonic::Code::NotFound) => Sighting::Gone(e.to_string()),
+        Ok(Err(e)) => Sighting::Unsure(e.to_string()),
+        Err(_) => Sighting::Unsure(format!("no answer within {LOST_CHECK_TIMEOUT:?}")),
+    }
 }
 
 fn lost_result() -> pb::ExitResult {
@@ -677,10 +780,22 @@ pub async fn stop_task(
     };
     let grace = duration_from(req.timeout.as_ref());
     let client = client_for(state, &state.snapshot()).await?;
-    match client
+    let mut stopped = client
         .stop_execution(&entry.execution_id, signal, grace)
-        .await
+        .await;
+    if let Err(e) = &stopped
+        && e.code() == Some(tonic::Code::InvalidArgument)
+        && signal != DEFAULT_STOP_SIGNAL
     {
+        // A kill_signal the daemon does not know (a typo in the job): refusing would leave the
+        // task running for good (Nomad retries StopTask a few times, then gives up on it).
+        // Stopped as with no kill_signal instead, and said so.
+        tracing::warn!(task = %req.task_id, signal, error = %e, "unknown kill_signal; stopping the task with {DEFAULT_STOP_SIGNAL} instead");
+        stopped = client
+            .stop_execution(&entry.execution_id, DEFAULT_STOP_SIGNAL, grace)
+            .await;
+    }
+    match stopped {
         Ok(resp) => {
             if let Some(r) = resp.result {
                 let (result, err) = exit_of(&r, None);
@@ -736,32 +851,51 @@ pub async fn destroy_task(
     } else {
         state.link.running_client(&snapshot).await
     };
-    if let Ok(client) = client {
-        if running {
-            match client
-                .stop_execution(&entry.execution_id, "SIGKILL", Duration::ZERO)
-                .await
-            {
-                Ok(resp) => {
-                    if let Some(r) = resp.result {
-                        let (result, err) = exit_of(&r, None);
-                        entry.set_exit(result, err);
+    // Nomad ignores DestroyTask's error and never calls again: a task the daemon cannot kill
+    // now is forgotten here all the same and killed in the background once it can.
+    let kill_later = |why: String| {
+        tracing::warn!(task = %req.task_id, execution = %entry.execution_id, "cannot kill the destroyed task now ({why}); retrying in the background");
+        kill_in_background(
+            state.clone(),
+            req.task_id.clone(),
+            entry.execution_id.clone(),
+        );
+    };
+    match client {
+        Ok(client) => {
+            let stopped = if running {
+                match client
+                    .stop_execution(&entry.execution_id, "SIGKILL", Duration::ZERO)
+                    .await
+                {
+                    Ok(resp) => {
+                        if let Some(r) = resp.result {
+                            let (result, err) = exit_of(&r, None);
+                            entry.set_exit(result, err);
+                        }
+                        true
+                    }
+                    Err(e) if e.code() == Some(tonic::Code::NotFound) => true,
+                    Err(e) => {
+                        if e.is_unreachable() {
+                            state.link.invalidate();
+                        }
+                        kill_later(e.to_string());
+                        false
                     }
                 }
-                Err(e) if e.code() == Some(tonic::Code::NotFound) => {}
-                Err(e) => return Err(daemon_status(state, &req.task_id, &e)),
+            } else {
+                true
+            };
+            if stopped
+                && let Err(e) = client.remove_execution(&entry.execution_id, true).await
+                && e.code() != Some(tonic::Code::NotFound)
+            {
+                tracing::warn!(task = %req.task_id, error = %e, "daemon did not forget the execution");
             }
         }
-        if let Err(e) = client.remove_execution(&entry.execution_id, true).await
-            && e.code() != Some(tonic::Code::NotFound)
-        {
-            tracing::warn!(task = %req.task_id, error = %e, "daemon did not forget the execution");
-        }
-    } else if running {
-        return Err(Status::failed_precondition(format!(
-            "cannot destroy task {:?}: elide-daemon unreachable",
-            req.task_id
-        )));
+        Err(e) if running => kill_later(format!("elide-daemon unreachable: {e}")),
+        Err(_) => {}
     }
     // WaitTask callers still blocked get an answer: the waiter stops now.
     entry.set_exit(lost_result(), "task destroyed".into());
