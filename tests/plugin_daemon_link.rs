@@ -192,3 +192,56 @@ async fn a_daemon_that_keeps_failing_to_start_gives_one_stable_health_descriptio
         seen[0]
     );
 }
+
+/// RecoverTask while the daemon does not answer for a few seconds (a node busy with an agent
+/// restart): the plugin asks again instead of failing the recovery, which would have Nomad
+/// start the task again and kill the running original.
+#[tokio::test]
+async fn a_recovery_waits_out_a_daemon_that_is_slow_to_answer() {
+    use elide_task_driver::proto::hashicorp::nomad::plugins::drivers::proto as pb;
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    let daemon = daemon_support::TestDaemon::start().await;
+    let config = plugin_config(&daemon.socket, None);
+    let plugin = Plugin::launch(&config).await;
+    let alloc = Alloc::new(&daemon.path("nomad"));
+    let t = alloc.task("t");
+    let h = plugin
+        .start_json(
+            &t,
+            json!({"language": "python", "code": "import time\ntime.sleep(600)"}),
+        )
+        .await
+        .expect("StartTask");
+    let pid = lifecycle_support::handle_pid(&h);
+    // The agent restarts: the plugin is SIGKILLed, a new one recovers the task.
+    let mut plugin = plugin;
+    plugin.client.process.child.kill().unwrap();
+    plugin.client.process.child.wait().unwrap();
+    let plugin = Plugin::launch(&config).await;
+    let daemon_pid = Pid::from_raw(daemon.pid() as i32);
+    kill(daemon_pid, Signal::SIGSTOP).unwrap();
+    let mut d = plugin.driver();
+    let recovery = tokio::spawn(async move {
+        d.recover_task(pb::RecoverTaskRequest {
+            task_id: String::new(),
+            handle: Some(h),
+        })
+        .await
+    });
+    // Past two calls' deadlines (5 s each: the look for leftovers, then the execution's), so
+    // the first attempt fails.
+    tokio::time::sleep(std::time::Duration::from_secs(12)).await;
+    kill(daemon_pid, Signal::SIGCONT).unwrap();
+    tokio::time::timeout(DEADLINE, recovery)
+        .await
+        .expect("RecoverTask hung")
+        .unwrap()
+        .expect("RecoverTask succeeds once the daemon answers");
+    assert!(daemon_support::alive(pid), "the task was killed");
+    plugin
+        .stop(&t.id, "SIGKILL", std::time::Duration::ZERO)
+        .await
+        .expect("StopTask of the recovered task");
+    assert_eq!(plugin.wait(&t.id).await.result.unwrap().signal, 9);
+}

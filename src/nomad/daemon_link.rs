@@ -31,6 +31,9 @@ pub enum LinkError {
         socket: PathBuf,
         /// Why.
         detail: String,
+        /// No daemon there (no socket, nobody listening), as opposed to one that does not
+        /// answer: its executions ended with it.
+        absent: bool,
     },
     /// The daemon does not answer and could not be started.
     #[error("elide-daemon not reachable at {socket} and auto-start failed: {error}")]
@@ -96,7 +99,11 @@ impl DaemonLink {
                 // socket we may not open) or hangs is not replaced: a second one would stop
                 // at the first's state-dir lock, and its failure would hide the cause.
                 if !cfg.daemon.auto_start || !absent {
-                    return Err(LinkError::Unreachable { socket, detail });
+                    return Err(LinkError::Unreachable {
+                        socket,
+                        detail,
+                        absent,
+                    });
                 }
                 if let Some((at, pause, err)) = &backoff.last_failure
                     && at.elapsed() < *pause
@@ -122,6 +129,7 @@ impl DaemonLink {
                     .await
                     .map_err(|e| LinkError::Unreachable {
                         socket: socket.clone(),
+                        absent: e.nobody_listens(),
                         detail: e.to_string(),
                     })?
             }
@@ -167,6 +175,7 @@ impl DaemonLink {
             });
         let client = answered.map_err(|u| LinkError::Unreachable {
             socket: socket.clone(),
+            absent: u.absent,
             detail: u.detail,
         })?;
         self.adopt(socket, client, snapshot, session).await

@@ -144,6 +144,9 @@ async fn stop_and_forget(client: &DaemonClient, task_id: &str, execution_id: &st
     }
 }
 
+/// How long RecoverTask asks a daemon that does not answer again before it fails.
+const RECOVER_RETRY_FOR: Duration = Duration::from_secs(30);
+
 /// How long a destroyed task's kill is retried while the daemon cannot be asked.
 const DESTROYED_KILL_RETRY_FOR: Duration = Duration::from_secs(600);
 
@@ -562,20 +565,44 @@ pub async fn recover_task(
             c.daemon_socket.display()
         )));
     }
-    let client = client_for(state, &snapshot).await?;
-    if let Some(session_id) = &snapshot.session_id {
-        note_inherited(state, &client, session_id).await;
-    }
-    let exec = client
-        .get_execution(&ds.execution_id)
-        .await
-        .map_err(|e| match e.code() {
-            Some(tonic::Code::NotFound) => Status::not_found(format!(
-                "task {}: execution {} no longer exists in elide-daemon",
-                cfg.id, ds.execution_id
-            )),
-            _ => daemon_status(state, &cfg.id, &e),
-        })?;
+    // A failed recovery has Nomad start the task again and kill this one: a daemon that is
+    // only slow to answer (an agent restart recovers every task of the node at once) is asked
+    // again for a while before the recovery fails.
+    let give_up = tokio::time::Instant::now() + RECOVER_RETRY_FOR;
+    let mut pause = Duration::from_millis(250);
+    let exec = loop {
+        let client = match state.link.client(&snapshot).await {
+            Ok(c) => c,
+            Err(e @ super::daemon_link::LinkError::Unreachable { absent: false, .. })
+                if tokio::time::Instant::now() + pause < give_up =>
+            {
+                tracing::warn!(task = %cfg.id, error = %e, "elide-daemon did not answer the recovery; asking again");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(5));
+                continue;
+            }
+            Err(e) => return Err(Status::failed_precondition(e.to_string())),
+        };
+        if let Some(session_id) = &snapshot.session_id {
+            note_inherited(state, &client, session_id).await;
+        }
+        match client.get_execution(&ds.execution_id).await {
+            Ok(exec) => break exec,
+            Err(e) if e.code() == Some(tonic::Code::NotFound) => {
+                return Err(Status::not_found(format!(
+                    "task {}: execution {} no longer exists in elide-daemon",
+                    cfg.id, ds.execution_id
+                )));
+            }
+            Err(e) if e.is_unreachable() && tokio::time::Instant::now() + pause < give_up => {
+                state.link.invalidate();
+                tracing::warn!(task = %cfg.id, error = %e, "elide-daemon did not answer the recovery; asking again");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => return Err(daemon_status(state, &cfg.id, &e)),
+        }
+    };
     let running = exec.state != api::ExecutionState::Exited as i32;
     if running && ds.pid != 0 && (exec.pid != ds.pid || exec.pid_start_ticks != ds.pid_start_ticks)
     {
