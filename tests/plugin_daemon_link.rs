@@ -37,7 +37,8 @@ async fn a_socket_that_accepts_but_never_answers_is_reported_not_replaced() {
     })
     .await;
     assert!(
-        m.health_description.contains("does not answer"),
+        m.health_description.contains("does not answer")
+            && !m.health_description.contains("start it"),
         "{}",
         m.health_description
     );
@@ -244,4 +245,46 @@ async fn a_recovery_waits_out_a_daemon_that_is_slow_to_answer() {
         .await
         .expect("StopTask of the recovered task");
     assert_eq!(plugin.wait(&t.id).await.result.unwrap().signal, 9);
+}
+
+/// The first fingerprint does not wait for a slow auto-start (up to `daemon.start_timeout`):
+/// Nomad waits at most 50 s for it before it updates the node without the driver. A daemon
+/// still starting is reported unhealthy, saying so, within the probe's 10 s.
+#[tokio::test]
+async fn the_first_fingerprint_does_not_wait_for_a_slow_auto_start() {
+    let root = tempfile::Builder::new()
+        .prefix("slow")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let fake = root.path().join("elide-daemon");
+    daemon_support::write_script(&fake, "#!/bin/sh\nexec sleep 120\n");
+    let socket = root.path().join("d.sock");
+    let mut config = plugin_config(&socket, None);
+    config["daemon"] = json!([{
+        "auto_start": true,
+        "path": fake.display().to_string(),
+        "start_timeout": "90s",
+        "log_file": root.path().join("daemon.log").display().to_string(),
+    }]);
+    let plugin = Plugin::launch(&config).await;
+    let asked = std::time::Instant::now();
+    let mut fp = plugin.client.fingerprint().await;
+    let m = fingerprint_until(&mut fp, DEADLINE, |m| {
+        m.health == HealthState::Unhealthy as i32
+    })
+    .await;
+    assert!(
+        asked.elapsed() < std::time::Duration::from_secs(30),
+        "the first unhealthy fingerprint took {:?}",
+        asked.elapsed()
+    );
+    assert!(
+        m.health_description.contains("auto-start may be under way"),
+        "{}",
+        m.health_description
+    );
+    drop(plugin);
+    let _ = std::process::Command::new("pkill")
+        .args(["-f", &fake.display().to_string()])
+        .status();
 }

@@ -26,8 +26,10 @@ use crate::proto::hashicorp::nomad::plugins::drivers::proto::{
 use crate::proto::hashicorp::nomad::plugins::shared::structs::{Attribute, attribute};
 use crate::sandbox::page_merge;
 
-/// Deadline for one health probe (connect + each call).
-pub const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a health probe waits for the daemon link (which may be auto-starting the daemon,
+/// for up to `daemon.start_timeout`): Nomad waits at most 50 s for a plugin's first
+/// fingerprint before it updates the node without it.
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Attribute: our version.
 pub const ATTR_VERSION: &str = "driver.elide.version";
 /// Attribute: the daemon's version.
@@ -86,10 +88,17 @@ fn message(
 }
 
 fn unreachable(socket: &std::path::Path, e: &DaemonError) -> String {
-    format!(
-        "elide-daemon not reachable at {}: {e}; start it with `elide-daemon` or set daemon.auto_start",
-        socket.display()
-    )
+    if e.is_unreachable() {
+        format!(
+            "elide-daemon not reachable at {}: {e}; start it with `elide-daemon` or set daemon.auto_start",
+            socket.display()
+        )
+    } else {
+        format!(
+            "elide-daemon at {} does not serve this plugin: {e}",
+            socket.display()
+        )
+    }
 }
 
 /// One health check: what Fingerprint should report right now.
@@ -109,9 +118,14 @@ pub async fn probe(link: &DaemonLink, snapshot: &Snapshot) -> FingerprintRespons
     let socket = &config.daemon_socket;
     // The shared link connects, auto-starts the daemon when allowed, and (re-)creates our
     // session, e.g. after the daemon restarted and lost it.
-    let client = match link.client(snapshot).await {
-        Ok(c) => c,
-        Err(LinkError::Unreachable { detail, .. }) => {
+    let linked = tokio::time::timeout(PROBE_TIMEOUT, link.client(snapshot)).await;
+    let client = match linked {
+        Ok(Ok(c)) => c,
+        Ok(Err(LinkError::Unreachable {
+            detail,
+            absent: true,
+            ..
+        })) => {
             return message(
                 HealthState::Unhealthy,
                 format!(
@@ -121,12 +135,34 @@ pub async fn probe(link: &DaemonLink, snapshot: &Snapshot) -> FingerprintRespons
                 attrs,
             );
         }
-        Err(e) => return message(HealthState::Unhealthy, e.to_string(), attrs),
+        Ok(Err(LinkError::Unreachable { detail, .. })) => {
+            return message(
+                HealthState::Unhealthy,
+                format!(
+                    "elide-daemon at {} does not serve this plugin: {detail}",
+                    socket.display()
+                ),
+                attrs,
+            );
+        }
+        Ok(Err(e)) => return message(HealthState::Unhealthy, e.to_string(), attrs),
+        Err(_) => {
+            return message(
+                HealthState::Unhealthy,
+                format!(
+                    "elide-daemon at {} does not answer within {PROBE_TIMEOUT:?} (an auto-start may be under way)",
+                    socket.display()
+                ),
+                attrs,
+            );
+        }
     };
     let info = match client.daemon_info().await {
         Ok(i) => i,
         Err(e) => {
-            link.invalidate();
+            if e.is_unreachable() {
+                link.invalidate();
+            }
             return message(HealthState::Unhealthy, unreachable(socket, &e), attrs);
         }
     };
