@@ -10,20 +10,21 @@ use std::time::Duration;
 use daemon_support::*;
 use elide_task_driver::proto::elide::daemon::v1alpha1 as pb;
 
-/// Which launch path a session exercises.
-#[derive(Debug, Clone, Copy, PartialEq)]
-enum Kind {
-    Cold,
-    Pooled,
-}
-
-const KINDS: [Kind; 2] = [Kind::Cold, Kind::Pooled];
-
-/// A session of `kind` (`context_pool_size` 2, or 0) with `intrinsics`. Node workers need the
-/// io intrinsic to take a job, so sessions that run javascript pooled ask for it.
-async fn session_of(c: &mut Client, kind: Kind, intrinsics: &[&str]) -> String {
-    let pool = if kind == Kind::Pooled { 2 } else { 0 };
-    session_with_pool(c, intrinsics, pool).await
+/// StopExecution with `signal` and `grace_s` seconds of grace: its result.
+async fn stopped(c: &mut Client, id: &str, signal: &str, grace_s: i64) -> pb::ExecutionResult {
+    c.stop_execution(pb::StopExecutionRequest {
+        execution_id: id.into(),
+        signal: signal.into(),
+        grace: Some(prost_types::Duration {
+            seconds: grace_s,
+            nanos: 0,
+        }),
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .result
+    .unwrap()
 }
 
 /// Starts `req` on the path `kind` names (see `start_on_path`) and waits until it printed
@@ -145,20 +146,7 @@ async fn stop_sends_signal_then_sigkill_after_grace() {
             // Ignores SIGTERM: only the SIGKILL after the grace period ends it.
             let e = start_ready_on(&mut c, kind, code_req(&s, lang, ignores)).await;
             let started = std::time::Instant::now();
-            let r = c
-                .stop_execution(pb::StopExecutionRequest {
-                    execution_id: e.id.clone(),
-                    signal: "SIGTERM".into(),
-                    grace: Some(prost_types::Duration {
-                        seconds: 1,
-                        nanos: 0,
-                    }),
-                })
-                .await
-                .unwrap()
-                .into_inner()
-                .result
-                .unwrap();
+            let r = stopped(&mut c, &e.id, "SIGTERM", 1).await;
             assert_eq!((r.signal, r.exit_code), (9, 137), "{kind:?} {lang}");
             assert!(
                 started.elapsed() >= Duration::from_secs(1),
@@ -168,20 +156,7 @@ async fn stop_sends_signal_then_sigkill_after_grace() {
 
             // One that honours SIGTERM ends with it, well before the grace period.
             let e = start_ready_on(&mut c, kind, code_req(&s, lang, honours)).await;
-            let r = c
-                .stop_execution(pb::StopExecutionRequest {
-                    execution_id: e.id.clone(),
-                    signal: String::new(),
-                    grace: Some(prost_types::Duration {
-                        seconds: 50,
-                        nanos: 0,
-                    }),
-                })
-                .await
-                .unwrap()
-                .into_inner()
-                .result
-                .unwrap();
+            let r = stopped(&mut c, &e.id, "", 50).await;
             assert_eq!((r.signal, r.exit_code), (15, 143), "{kind:?} {lang}");
             assert!(!alive(e.pid), "{kind:?} {lang}");
         }

@@ -6,6 +6,7 @@ mod daemon_support;
 mod lifecycle_support;
 mod support;
 
+use elide_task_driver::proto::hashicorp::nomad::plugins::drivers::proto::TaskHandle;
 use elide_task_driver::proto::hashicorp::nomad::plugins::drivers::proto::fingerprint_response::HealthState;
 use lifecycle_support::{Alloc, AutoDaemon, DEADLINE, Plugin, daemons_on, plugin_config};
 use serde_json::json;
@@ -62,6 +63,22 @@ async fn a_socket_that_accepts_but_never_answers_is_reported_not_replaced() {
     held.abort();
 }
 
+/// A task of `plugin` that sleeps for 10 minutes, started in an alloc dir of `daemon`'s.
+async fn sleeping_task(
+    daemon: &daemon_support::TestDaemon,
+    plugin: &Plugin,
+) -> (lifecycle_support::Task, TaskHandle) {
+    let t = Alloc::new(&daemon.path("nomad")).task("t");
+    let h = plugin
+        .start_json(
+            &t,
+            json!({"language": "python", "code": "import time\ntime.sleep(600)"}),
+        )
+        .await
+        .expect("StartTask");
+    (t, h)
+}
+
 /// DestroyTask while the daemon cannot answer (stopped here with SIGSTOP) forgets the task at
 /// once, as Nomad expects (it ignores the error and never calls again), and kills it in the
 /// background once the daemon answers: nothing keeps running unseen.
@@ -71,15 +88,7 @@ async fn a_task_destroyed_while_the_daemon_hangs_is_killed_once_it_answers() {
     use nix::unistd::Pid;
     let daemon = daemon_support::TestDaemon::start().await;
     let plugin = Plugin::launch(&plugin_config(&daemon.socket, None)).await;
-    let alloc = Alloc::new(&daemon.path("nomad"));
-    let t = alloc.task("t");
-    let h = plugin
-        .start_json(
-            &t,
-            json!({"language": "python", "code": "import time\ntime.sleep(600)"}),
-        )
-        .await
-        .expect("StartTask");
+    let (t, h) = sleeping_task(&daemon, &plugin).await;
     let pid = lifecycle_support::handle_pid(&h);
     assert!(daemon_support::alive(pid));
     let daemon_pid = Pid::from_raw(daemon.pid() as i32);
@@ -113,15 +122,7 @@ async fn a_daemon_that_hangs_for_a_while_does_not_lose_its_running_tasks() {
     use nix::unistd::Pid;
     let daemon = daemon_support::TestDaemon::start().await;
     let plugin = Plugin::launch(&plugin_config(&daemon.socket, None)).await;
-    let alloc = Alloc::new(&daemon.path("nomad"));
-    let t = alloc.task("t");
-    let h = plugin
-        .start_json(
-            &t,
-            json!({"language": "python", "code": "import time\ntime.sleep(600)"}),
-        )
-        .await
-        .expect("StartTask");
+    let (t, h) = sleeping_task(&daemon, &plugin).await;
     let pid = lifecycle_support::handle_pid(&h);
     let daemon_pid = Pid::from_raw(daemon.pid() as i32);
     kill(daemon_pid, Signal::SIGSTOP).unwrap();
@@ -205,15 +206,7 @@ async fn a_recovery_waits_out_a_daemon_that_is_slow_to_answer() {
     let daemon = daemon_support::TestDaemon::start().await;
     let config = plugin_config(&daemon.socket, None);
     let plugin = Plugin::launch(&config).await;
-    let alloc = Alloc::new(&daemon.path("nomad"));
-    let t = alloc.task("t");
-    let h = plugin
-        .start_json(
-            &t,
-            json!({"language": "python", "code": "import time\ntime.sleep(600)"}),
-        )
-        .await
-        .expect("StartTask");
+    let (t, h) = sleeping_task(&daemon, &plugin).await;
     let pid = lifecycle_support::handle_pid(&h);
     // The agent restarts: the plugin is SIGKILLed, a new one recovers the task.
     let mut plugin = plugin;

@@ -7,20 +7,6 @@ mod daemon_support;
 use daemon_support::*;
 use elide_task_driver::proto::elide::daemon::v1alpha1 as pb;
 
-/// Which launch path a session exercises.
-#[derive(Debug, Clone, Copy, PartialEq)]
-enum Kind {
-    Cold,
-    Pooled,
-}
-
-const KINDS: [Kind; 2] = [Kind::Cold, Kind::Pooled];
-
-async fn session_of(c: &mut Client, kind: Kind, intrinsics: &[&str]) -> String {
-    let pool = if kind == Kind::Pooled { 2 } else { 0 };
-    session_with_pool(c, intrinsics, pool).await
-}
-
 /// Runs `req` on the path `kind` names (see `run_on_path`).
 async fn run_on(
     c: &mut Client,

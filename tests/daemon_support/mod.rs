@@ -757,3 +757,20 @@ pub async fn python_pool_warm(c: &mut Client, s: &str) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Which launch path a session exercises.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Kind {
+    Cold,
+    Pooled,
+}
+
+/// Both paths, cold first.
+pub const KINDS: [Kind; 2] = [Kind::Cold, Kind::Pooled];
+
+/// A session of `kind` (`context_pool_size` 2, or 0) with `intrinsics`. Node workers need the
+/// io intrinsic to take a job, so sessions that run javascript pooled ask for it.
+pub async fn session_of(c: &mut Client, kind: Kind, intrinsics: &[&str]) -> String {
+    let pool = if kind == Kind::Pooled { 2 } else { 0 };
+    session_with_pool(c, intrinsics, pool).await
+}

@@ -1083,15 +1083,12 @@ mod tests {
         }
     }
 
-    /// A job whose exit-note slot lies outside the region fails its start with the slot named
-    /// (the daemon never sends one: this guards the zygote's own check), and the zygote goes on
-    /// serving: the next job, with a slot in range, runs and reports its exit. Played by the
-    /// real zygote on a socket pair with a region of two slots.
-    #[test]
-    fn a_note_slot_out_of_range_fails_the_start_and_names_the_slot() {
+    /// The real zygote on a socket pair, set up with an exit-note region of two slots (the
+    /// region's memfd is named `test-notes`); the hello is the next message.
+    fn zygote_with_two_note_slots() -> (OwnedFd, OwnedFd, std::process::Child) {
         let page = 4096usize;
         let region = note_region(3 * page);
-        let (ours, mut zygote) = zygote_on_socket_pair(std::process::Stdio::inherit());
+        let (ours, zygote) = zygote_on_socket_pair(std::process::Stdio::inherit());
         let setup =
             serde_json::json!({"notes": {"slots": 2, "page": page, "futex": libc::SYS_futex}});
         send(
@@ -1100,6 +1097,16 @@ mod tests {
             &[region.as_raw_fd()],
         )
         .expect("send the setup");
+        (region, ours, zygote)
+    }
+
+    /// A job whose exit-note slot lies outside the region fails its start with the slot named
+    /// (the daemon never sends one: this guards the zygote's own check), and the zygote goes on
+    /// serving: the next job, with a slot in range, runs and reports its exit. Played by the
+    /// real zygote on a socket pair with a region of two slots.
+    #[test]
+    fn a_note_slot_out_of_range_fails_the_start_and_names_the_slot() {
+        let (_region, ours, mut zygote) = zygote_with_two_note_slots();
         let next_until = |wanted: &dyn Fn(&serde_json::Value) -> bool| next_message(&ours, wanted);
         next_until(&|m| m.get("hello").is_some());
         let (_dir, script, null) = script_and_null("import sys\nsys.exit(3)\n");
@@ -1137,17 +1144,7 @@ mod tests {
     /// the real zygote on a socket pair with a region of two slots.
     #[test]
     fn a_job_without_a_note_slot_maps_no_page_of_the_region() {
-        let page = 4096usize;
-        let region = note_region(3 * page);
-        let (ours, mut zygote) = zygote_on_socket_pair(std::process::Stdio::inherit());
-        let setup =
-            serde_json::json!({"notes": {"slots": 2, "page": page, "futex": libc::SYS_futex}});
-        send(
-            ours.as_raw_fd(),
-            setup.to_string().as_bytes(),
-            &[region.as_raw_fd()],
-        )
-        .expect("send the setup");
+        let (_region, ours, mut zygote) = zygote_with_two_note_slots();
         next_message(&ours, &|m| m.get("hello").is_some());
         let dir = tempfile::tempdir().expect("tempdir");
         let found = dir.path().join("found");
