@@ -20,6 +20,11 @@ plugin "elide" {
     # How often the driver re-checks the daemon's health.
     fingerprint_period = "30s"
 
+    # Let Nomad (1.8+) pick a uid for each task that sets no `user` (`nomad-<N>`, from the
+    # client's dynamic user range) instead of running it as the daemon's user, root. The
+    # interpreters must then be runnable by any user (not under /root).
+    dynamic_workload_users = false
+
     # The daemon session this client's tasks run in, named after this block: a restarted agent
     # finds it again, warm pools included.
     session_config {

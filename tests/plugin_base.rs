@@ -67,6 +67,7 @@ async fn config_schema_has_seed_names_blocks_and_valid_literals() {
         [
             "daemon",
             "daemon_socket",
+            "dynamic_workload_users",
             "fingerprint_period",
             "session_config"
         ]
@@ -393,4 +394,44 @@ async fn agent_set_config_succeeds_without_a_daemon() {
     c.process
         .wait_log("not reachable at SetConfig", support::DEADLINE)
         .expect("warning logged");
+}
+
+/// The agent config shipped in the repository (`nomad-agent.hcl`, which the README says lists
+/// every option) names every option of the schema, nested blocks included, and the plugin
+/// accepts it as the Nomad client would send it.
+#[tokio::test]
+async fn the_shipped_agent_config_lists_every_option_and_is_accepted() {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/nomad-agent.hcl"))
+        .expect("nomad-agent.hcl");
+    let agent: serde_json::Value = hcl::from_str(&text).expect("nomad-agent.hcl parses");
+    let config = agent["plugin"]["elide"]["config"].clone();
+    assert!(
+        config.is_object(),
+        "no plugin \"elide\" config block: {agent}"
+    );
+    let c = NomadClient::launch().await;
+    let spec = c.config_schema().await;
+    // An option without a default may be shown commented out (`# path = ...`).
+    let commented = |name: &str| text.contains(&format!("# {name} "));
+    for (name, attr) in attrs(&spec) {
+        assert!(
+            config.get(name).is_some() || commented(name),
+            "nomad-agent.hcl lacks {name}"
+        );
+        let (primary, _) = match attr.block.as_ref().unwrap() {
+            Block::Default(_) => defaulted(attr),
+            _ => (attr, ""),
+        };
+        if let Some(Block::BlockValue(b)) = primary.block.as_ref() {
+            for inner in attrs(b.nested.as_ref().unwrap()).keys() {
+                assert!(
+                    config[name].get(inner).is_some() || commented(inner),
+                    "nomad-agent.hcl lacks {name}.{inner}"
+                );
+            }
+        }
+    }
+    c.set_config(config, false)
+        .await
+        .expect("the plugin accepts nomad-agent.hcl's config");
 }

@@ -111,6 +111,32 @@ async fn capabilities_are_honest() {
         ]
     );
     assert!(!caps.must_create_network);
+    // Off until the plugin config turns it on.
+    assert!(!caps.dynamic_workload_users);
+}
+
+/// `dynamic_workload_users = true` advertises Nomad's dynamic workload users (a task without
+/// `user` then runs as the `nomad-<N>` Nomad picks); the default does not.
+#[tokio::test]
+async fn dynamic_workload_users_follow_the_plugin_config() {
+    for (config, want) in [
+        (json!({}), false),
+        (json!({"dynamic_workload_users": false}), false),
+        (json!({"dynamic_workload_users": true}), true),
+    ] {
+        let c = NomadClient::launch().await;
+        c.set_config(config.clone(), true).await.unwrap();
+        let caps = c
+            .driver
+            .clone()
+            .capabilities(pb::CapabilitiesRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .capabilities
+            .expect("set");
+        assert_eq!(caps.dynamic_workload_users, want, "{config}");
+    }
 }
 
 #[tokio::test]

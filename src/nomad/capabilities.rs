@@ -11,8 +11,8 @@ use crate::proto::hashicorp::nomad::plugins::drivers::proto::{
     DriverCapabilities, driver_capabilities, network_isolation_spec::NetworkIsolationMode,
 };
 
-/// The current capabilities.
-pub fn capabilities() -> DriverCapabilities {
+/// The capabilities; `dynamic_workload_users` as the plugin config says (off until SetConfig).
+pub fn capabilities(dynamic_workload_users: bool) -> DriverCapabilities {
     DriverCapabilities {
         send_signals: true,
         exec: true,
@@ -26,7 +26,8 @@ pub fn capabilities() -> DriverCapabilities {
         // Snippets do not get volume mounts placed into their view of the filesystem.
         mount_configs: driver_capabilities::MountConfigs::NoMounts as i32,
         disable_log_collection: false,
-        dynamic_workload_users: false,
+        // A task without `user` then gets `nomad-<N>`, which StartTask honours like any user.
+        dynamic_workload_users,
     }
 }
 
@@ -36,7 +37,9 @@ mod tests {
 
     #[test]
     fn capabilities_are_honest() {
-        let c = capabilities();
+        let c = capabilities(false);
+        assert!(!c.dynamic_workload_users);
+        assert!(capabilities(true).dynamic_workload_users);
         assert!(c.send_signals && c.exec && !c.must_create_network);
         assert!(!c.disable_log_collection);
         assert_eq!(

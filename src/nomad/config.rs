@@ -164,6 +164,9 @@ pub struct PluginConfig {
     pub daemon: DaemonSettings,
     /// How often Fingerprint re-checks the daemon.
     pub fingerprint_period: Duration,
+    /// Advertise Nomad's dynamic workload users (1.8+): a task without `user` then runs as a
+    /// uid Nomad picks for it (`nomad-<N>`) instead of the daemon's user.
+    pub dynamic_workload_users: bool,
 }
 
 impl Default for PluginConfig {
@@ -173,6 +176,7 @@ impl Default for PluginConfig {
             session: SessionSettings::default(),
             daemon: DaemonSettings::default(),
             fingerprint_period: DEFAULT_FINGERPRINT_PERIOD,
+            dynamic_workload_users: false,
         }
     }
 }
@@ -289,6 +293,10 @@ pub fn schema() -> Spec {
             ),
         ),
         (
+            "dynamic_workload_users",
+            attr_default("dynamic_workload_users", "bool", "false"),
+        ),
+        (
             "session_config",
             default(
                 block("session_config", false, session),
@@ -330,6 +338,9 @@ impl PluginConfig {
                 ));
             }
             cfg.fingerprint_period = period;
+        }
+        if let Some(b) = root.bool("dynamic_workload_users")? {
+            cfg.dynamic_workload_users = b;
         }
         if let Some(session) = root.object("session_config")? {
             cfg.session = session_settings(&session)?;
@@ -640,7 +651,7 @@ mod tests {
             r#"{ auto_start = true, args = [], start_timeout = "10s" }"#
         );
         let ty = hclspec::implied_type(&spec).unwrap();
-        let want = "Object({\"daemon\": Object({\"args\": List(String), \"auto_start\": Bool, \"log_file\": String, \"path\": String, \"start_timeout\": String}), \"daemon_socket\": String, \"fingerprint_period\": String, \"session_config\": Object({\"context_pool_size\": Number, \"enable_ai\": Bool, \"enabled_intrinsics\": List(String), \"enabled_languages\": List(String), \"memory_limit_mb\": Number, \"merge_identical_pages\": Bool})})";
+        let want = "Object({\"daemon\": Object({\"args\": List(String), \"auto_start\": Bool, \"log_file\": String, \"path\": String, \"start_timeout\": String}), \"daemon_socket\": String, \"dynamic_workload_users\": Bool, \"fingerprint_period\": String, \"session_config\": Object({\"context_pool_size\": Number, \"enable_ai\": Bool, \"enabled_intrinsics\": List(String), \"enabled_languages\": List(String), \"memory_limit_mb\": Number, \"merge_identical_pages\": Bool})})";
         assert_eq!(format!("{ty:?}"), want);
     }
 

@@ -62,7 +62,13 @@ impl driver_server::Driver for Driver {
         _req: Request<pb::CapabilitiesRequest>,
     ) -> Result<Response<pb::CapabilitiesResponse>, Status> {
         Ok(Response::new(pb::CapabilitiesResponse {
-            capabilities: Some(super::capabilities::capabilities()),
+            capabilities: Some(super::capabilities::capabilities(
+                self.state
+                    .snapshot()
+                    .config
+                    .as_ref()
+                    .is_some_and(|c| c.dynamic_workload_users),
+            )),
         }))
     }
 
