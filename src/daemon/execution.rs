@@ -22,6 +22,7 @@ use super::runtime::Language;
 use super::state::{ExecutionRecord, ResultRecord, StateStore};
 use crate::proto::elide::daemon::v1alpha1 as pb;
 use crate::sandbox::cgroup::ExecutionCgroup;
+use crate::sandbox::proc_stat::ProcStat;
 
 /// Lifecycle phase.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -337,7 +338,13 @@ impl Execution {
     /// Stops it because the daemon stops: SIGTERM, SIGKILL after `grace`, and a result that
     /// says the daemon ended it.
     pub async fn stop_for_shutdown(&self, grace: Duration) -> ResultRecord {
-        self.stopped_by_daemon.store(true, Ordering::SeqCst);
+        // A process that already exited (its end not yet recorded) finished on its own: its
+        // result keeps its own account.
+        self.wait_started().await;
+        let pid = self.pid();
+        if pid != 0 && ProcStat::of(pid).is_some_and(|s| s.running()) {
+            self.stopped_by_daemon.store(true, Ordering::SeqCst);
+        }
         self.stop(Signal::SIGTERM, grace).await
     }
 

@@ -24,6 +24,7 @@ use tokio::net::{UnixListener, UnixStream};
 
 use crate::paced_accept::Accept;
 use crate::sandbox::cgroup::CgroupManager;
+use crate::sandbox::proc_stat::ProcStat;
 
 /// `SO_PEERPIDFD` (Linux 6.5; the same number on every architecture the daemon supports).
 const SO_PEERPIDFD: libc::c_int = 77;
@@ -120,10 +121,7 @@ fn descends_from(pid: u32, ancestor: u32) -> bool {
 }
 
 fn parent_of(pid: u32) -> Option<u32> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name may hold spaces and parentheses: the fields follow the last ')'.
-    let (_, rest) = stat.rsplit_once(')')?;
-    rest.split_whitespace().nth(1)?.parse().ok()
+    ProcStat::of(pid).map(|s| s.ppid)
 }
 
 /// A listener that drops connections from the daemon's own executions as it accepts them.

@@ -50,6 +50,7 @@ pub mod netns;
 pub mod open_files;
 pub mod page_merge;
 pub mod probe;
+pub mod proc_stat;
 pub mod signal;
 pub mod sink;
 pub mod spawn;
