@@ -11,11 +11,13 @@
 //! - [`sandbox`]: isolation and limits of one execution (cgroups, Landlock, netns, user, sinks).
 //! - [`paced_accept`]: the listeners of both servers, which pause instead of spinning when
 //!   `accept` fails (out of descriptors).
+//! - [`peer_guard`]: keeps the daemon's executions off both servers' sockets.
 
 pub mod daemon;
 pub mod daemon_client;
 pub mod goplugin;
 pub mod nomad;
 pub mod paced_accept;
+pub mod peer_guard;
 pub mod proto;
 pub mod sandbox;

@@ -281,3 +281,33 @@ async fn the_first_fingerprint_does_not_wait_for_a_slow_auto_start() {
         .args(["-f", &fake.display().to_string()])
         .status();
 }
+
+/// A task (root, without `io`; with `net` it finds every bound socket path in
+/// /proc/self/net/unix) cannot drive the plugin through its go-plugin socket either: that would
+/// let it stop or exec into every other task. The plugin closes such connections unanswered,
+/// pooled or cold, and keeps serving Nomad.
+#[tokio::test]
+async fn a_task_cannot_use_the_plugins_socket() {
+    let daemon = daemon_support::TestDaemon::start().await;
+    let alloc = Alloc::new(&daemon.path("nomad"));
+    for pool in [0, 2] {
+        let mut config = plugin_config(&daemon.socket, None);
+        config["session_config"] =
+            json!([{ "context_pool_size": pool, "enabled_intrinsics": ["env", "net"] }]);
+        let plugin = Plugin::launch(&config).await;
+        let socket = std::path::PathBuf::from(plugin.client.handshake.address());
+        let code = daemon_support::greet_snippet(&socket);
+        // The pool may still be warming: the first tasks can run cold, which is checked too.
+        for i in 0..3 {
+            let t = alloc.task(&format!("greet-{pool}-{i}"));
+            plugin
+                .start_json(&t, json!({"language": "python", "code": code}))
+                .await
+                .expect("StartTask");
+            let w = plugin.wait(&t.id).await;
+            assert_eq!(w.result.unwrap().exit_code, 0, "{w:?}");
+            assert_eq!(t.stdout.wait_eof().await, "refused\n", "pool {pool}");
+        }
+        plugin.alive().await;
+    }
+}

@@ -31,7 +31,6 @@ pub mod execution;
 pub mod journal;
 pub mod launcher;
 pub mod output;
-pub mod peer_guard;
 pub mod plan;
 pub mod pool;
 pub mod reaper;

@@ -16,9 +16,9 @@ use super::config::DaemonConfig;
 use super::error::DaemonError;
 use super::execution::{Execution, Phase, result_to_proto};
 use super::output::CaptureBuffer;
-use super::peer_guard::{GuardedListener, PeerGuard};
 use super::service::{Caller, Daemon};
 use crate::paced_accept::PacedIncoming;
+use crate::peer_guard::{Executions, GuardedListener};
 use crate::proto::elide::daemon::v1alpha1 as pb;
 use crate::proto::elide::daemon::v1alpha1::execution_api_server::{
     ExecutionApi, ExecutionApiServer,
@@ -495,10 +495,13 @@ pub async fn serve(cfg: DaemonConfig) -> anyhow::Result<()> {
     let server = tonic::transport::Server::builder()
         .add_service(api)
         .serve_with_incoming_shutdown(
-            PacedIncoming::new(GuardedListener::new(
-                listener,
-                PeerGuard::new(daemon.cgroups().clone()),
-            )),
+            PacedIncoming::new(GuardedListener::new(listener, {
+                let ours = Executions {
+                    daemon_pid: std::process::id(),
+                    cgroup_parent: daemon.cgroups().parent_path(),
+                };
+                Arc::new(move |pid| ours.sign_of(pid))
+            })),
             shutdown.clone().cancelled_owned(),
         );
     tokio::pin!(server);

@@ -256,6 +256,7 @@ impl Daemon {
                 })
                 .collect(),
             cgroup_mode: self.cgroups.mode().as_str().to_string(),
+            cgroup_parent: self.cgroups.parent_path().unwrap_or_default(),
             isolation: self
                 .features
                 .iter()

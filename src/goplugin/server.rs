@@ -14,6 +14,7 @@ use super::handshake::{HandshakeConfig, handshake_line};
 use super::hclog::SafeStderr;
 use super::services::{Broker, Controller, Stdio};
 use super::socket::{PluginSocket, SocketError, socket_dir};
+use crate::peer_guard::PeerCheck;
 use crate::proto::plugin::{
     grpc_broker_server::GrpcBrokerServer, grpc_controller_server::GrpcControllerServer,
     grpc_stdio_server::GrpcStdioServer,
@@ -90,7 +91,11 @@ pub enum ServeError {
 
 /// The plugin process's whole life: returns the exit status. `app` builds the application's
 /// routes; it gets the shutdown token so its long-lived streams can end at shutdown.
-pub fn run(cfg: &HandshakeConfig, app: impl FnOnce(&CancellationToken) -> Routes) -> i32 {
+/// `app` gives the routes to serve and the check each connecting process must pass.
+pub fn run(
+    cfg: &HandshakeConfig,
+    app: impl FnOnce(&CancellationToken) -> (Routes, PeerCheck),
+) -> i32 {
     let env = PluginEnv::from_process(cfg);
     if let Err(e) = cfg.check_cookie(env.cookie.as_deref()) {
         // Exactly go-plugin's text, on stderr; nothing on stdout.
@@ -110,7 +115,10 @@ pub fn run(cfg: &HandshakeConfig, app: impl FnOnce(&CancellationToken) -> Routes
         }
     };
     let token = CancellationToken::new();
-    let result = runtime.block_on(serve(cfg, &env, app(&token), token.clone()));
+    let result = runtime.block_on(async {
+        let (routes, check) = app(&token);
+        serve(cfg, &env, routes, check, token.clone()).await
+    });
     runtime.shutdown_timeout(Duration::from_millis(200));
     match result {
         Ok(()) => 0,
@@ -122,11 +130,12 @@ pub fn run(cfg: &HandshakeConfig, app: impl FnOnce(&CancellationToken) -> Routes
 }
 
 /// Serves `routes` plus go-plugin's housekeeping services until `shutdown` is cancelled (by
-/// GRPCController.Shutdown or SIGTERM).
+/// GRPCController.Shutdown or SIGTERM), to the processes `check` lets in.
 pub async fn serve(
     cfg: &HandshakeConfig,
     env: &PluginEnv,
     routes: Routes,
+    check: PeerCheck,
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
     if env.client_cert.as_deref().is_some_and(|c| !c.is_empty()) {
@@ -166,7 +175,9 @@ pub async fn serve(
         .add_service(GrpcControllerServer::new(Controller::new(shutdown.clone())))
         .add_service(GrpcStdioServer::new(Stdio::new(shutdown.clone())))
         .add_service(GrpcBrokerServer::new(Broker::new(shutdown.clone())));
-    let incoming = crate::paced_accept::PacedIncoming::new(listener);
+    let incoming = crate::paced_accept::PacedIncoming::new(
+        crate::peer_guard::GuardedListener::new(listener, check),
+    );
     let server = Server::builder()
         .max_concurrent_streams(Some(MAX_CONCURRENT_STREAMS))
         .add_routes(routes)

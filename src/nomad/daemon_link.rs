@@ -4,6 +4,7 @@
 //! session is (re-)created before the connection is handed out. Callers that only look for
 //! what a running daemon holds use [`DaemonLink::running_client`], which never starts one.
 
+use crate::peer_guard::Executions;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -64,6 +65,8 @@ struct StartBackoff {
 #[derive(Debug, Default)]
 pub struct DaemonLink {
     cached: Mutex<Option<(PathBuf, DaemonClient)>>,
+    /// What tells the daemon's executions, from the last daemon linked to.
+    executions: Mutex<Option<Executions>>,
     connecting: tokio::sync::Mutex<StartBackoff>,
 }
 
@@ -74,6 +77,14 @@ impl DaemonLink {
             .as_ref()
             .filter(|(s, _)| s == socket)
             .map(|(_, c)| c.clone())
+    }
+
+    /// What tells the executions of the daemon last linked to (None before the first link).
+    pub fn executions(&self) -> Option<Executions> {
+        self.executions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Forgets the connection (a call found the daemon gone); the next `client` reconnects.
@@ -147,6 +158,12 @@ impl DaemonLink {
         session: &str,
     ) -> Result<DaemonClient, LinkError> {
         ensure_session(&client, snapshot, session).await?;
+        if let Ok(info) = client.daemon_info().await {
+            *self.executions.lock().unwrap_or_else(|p| p.into_inner()) = Some(Executions {
+                daemon_pid: info.pid,
+                cgroup_parent: Some(info.cgroup_parent).filter(|p| !p.is_empty()),
+            });
+        }
         *self.cached.lock().unwrap_or_else(|p| p.into_inner()) = Some((socket, client.clone()));
         Ok(client)
     }

@@ -55,9 +55,17 @@ pub fn run() -> i32 {
         let base = BasePluginServer::new(base::Base::new(state.clone()))
             .max_decoding_message_size(i32::MAX as usize)
             .max_encoding_message_size(i32::MAX as usize);
-        let driver = DriverServer::new(driver::Driver::new(state))
+        let driver = DriverServer::new(driver::Driver::new(state.clone()))
             .max_decoding_message_size(i32::MAX as usize)
             .max_encoding_message_size(i32::MAX as usize);
-        tonic::service::Routes::new(base).add_service(driver)
+        // The daemon's executions may not drive this plugin (see `peer_guard`): known once
+        // the plugin reached its daemon.
+        let check: crate::peer_guard::PeerCheck = Arc::new(move |pid| {
+            state
+                .link
+                .executions()
+                .and_then(|executions| executions.sign_of(pid))
+        });
+        (tonic::service::Routes::new(base).add_service(driver), check)
     })
 }

@@ -335,19 +335,11 @@ impl CgroupManager {
         }
     }
 
-    /// Whether `/proc/<pid>/cgroup` places `pid` below this daemon's parent in any hierarchy:
-    /// an execution, or a pool process waiting to become one. False without cgroups, or once
-    /// the process is gone.
-    pub fn holds_process(&self, pid: u32) -> bool {
-        if self.mode() == CgroupMode::None {
-            return false;
-        }
-        let below = format!("/{}/", self.parent_name.trim_matches('/'));
-        fs::read_to_string(format!("/proc/{pid}/cgroup")).is_ok_and(|c| {
-            c.lines()
-                .filter_map(|l| l.splitn(3, ':').nth(2))
-                .any(|path| path.starts_with(&below))
-        })
+    /// The parent of the execution cgroups as `/proc/<pid>/cgroup` shows it (`/elide`); None
+    /// without cgroups.
+    pub fn parent_path(&self) -> Option<String> {
+        (self.mode() != CgroupMode::None)
+            .then(|| format!("/{}", self.parent_name.trim_matches('/')))
     }
 
     /// [`detect_at`](Self::detect_at) on `/sys/fs/cgroup`.

@@ -774,3 +774,26 @@ pub async fn session_of(c: &mut Client, kind: Kind, intrinsics: &[&str]) -> Stri
     let pool = if kind == Kind::Pooled { 2 } else { 0 };
     session_with_pool(c, intrinsics, pool).await
 }
+
+/// What a client says first on an HTTP/2 connection: the preface and an empty SETTINGS frame.
+pub const H2_HELLO: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00";
+
+/// Connects to `socket`, greets it as an HTTP/2 client and prints whether the server answered.
+pub fn greet_snippet(socket: &std::path::Path) -> String {
+    format!(
+        "import socket\n\
+         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)\n\
+         s.settimeout(20)\n\
+         s.connect({socket:?})\n\
+         try:\n    s.sendall({hello})\n    data = s.recv(64)\n\
+         except (ConnectionResetError, BrokenPipeError):\n    data = b''\n\
+         print('answered' if data else 'refused')",
+        socket = socket.display().to_string(),
+        hello = python_bytes(H2_HELLO),
+    )
+}
+
+pub fn python_bytes(b: &[u8]) -> String {
+    let inner: String = b.iter().map(|c| format!("\\x{c:02x}")).collect();
+    format!("b'{inner}'")
+}
