@@ -227,6 +227,25 @@ async fn daemon_info_lists_runtimes_with_versions() {
     assert_eq!(info.api_version, "v1alpha1");
     assert_eq!(info.pid, d.pid());
     assert!(info.max_code_bytes >= 1024 * 1024);
+    // What the plugin needs to know the daemon's executions and its start deadline.
+    let cgroups = info.cgroup_mode != "none";
+    assert_eq!(
+        info.cgroup_parent,
+        if cgroups {
+            format!("/{}", d.cgroup_parent)
+        } else {
+            String::new()
+        },
+        "{}",
+        info.cgroup_mode
+    );
+    assert_eq!(
+        info.sink_open_timeout,
+        Some(prost_types::Duration {
+            seconds: 10,
+            nanos: 0
+        })
+    );
     let py = info
         .runtimes
         .iter()

@@ -257,6 +257,7 @@ impl Daemon {
                 .collect(),
             cgroup_mode: self.cgroups.mode().as_str().to_string(),
             cgroup_parent: self.cgroups.parent_path().unwrap_or_default(),
+            sink_open_timeout: prost_types::Duration::try_from(self.config.sink_open_timeout).ok(),
             isolation: self
                 .features
                 .iter()

@@ -61,12 +61,24 @@ struct StartBackoff {
     last_failure: Option<(Instant, Duration, StartError)>,
 }
 
+/// StartExecution's deadline at least (the daemon's default `sink_open_timeout` is 10 s).
+pub const MIN_START_TIMEOUT: Duration = Duration::from_secs(30);
+/// What a StartExecution may take beyond the daemon's wait for the FIFOs.
+const START_MARGIN: Duration = Duration::from_secs(20);
+
+/// What a daemon said of itself when the plugin linked to it.
+#[derive(Debug, Clone)]
+struct DaemonFacts {
+    executions: Executions,
+    sink_open_timeout: Option<Duration>,
+}
+
 /// Shared daemon connection.
 #[derive(Debug, Default)]
 pub struct DaemonLink {
     cached: Mutex<Option<(PathBuf, DaemonClient)>>,
-    /// What tells the daemon's executions, from the last daemon linked to.
-    executions: Mutex<Option<Executions>>,
+    /// What the last daemon linked to said of itself.
+    facts: Mutex<Option<DaemonFacts>>,
     connecting: tokio::sync::Mutex<StartBackoff>,
 }
 
@@ -81,10 +93,21 @@ impl DaemonLink {
 
     /// What tells the executions of the daemon last linked to (None before the first link).
     pub fn executions(&self) -> Option<Executions> {
-        self.executions
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.facts().map(|f| f.executions)
+    }
+
+    /// The deadline for a StartExecution: the daemon may wait its `sink_open_timeout` for
+    /// Nomad's logmon to open the FIFOs, and a deadline shorter than that turns a slow logmon
+    /// into a timeout (and an execution started after its caller gave up).
+    pub fn start_timeout(&self) -> Duration {
+        let sinks = self.facts().and_then(|f| f.sink_open_timeout);
+        sinks.map_or(MIN_START_TIMEOUT, |s| {
+            (s + START_MARGIN).max(MIN_START_TIMEOUT)
+        })
+    }
+
+    fn facts(&self) -> Option<DaemonFacts> {
+        self.facts.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Forgets the connection (a call found the daemon gone); the next `client` reconnects.
@@ -159,9 +182,14 @@ impl DaemonLink {
     ) -> Result<DaemonClient, LinkError> {
         ensure_session(&client, snapshot, session).await?;
         if let Ok(info) = client.daemon_info().await {
-            *self.executions.lock().unwrap_or_else(|p| p.into_inner()) = Some(Executions {
-                daemon_pid: info.pid,
-                cgroup_parent: Some(info.cgroup_parent).filter(|p| !p.is_empty()),
+            *self.facts.lock().unwrap_or_else(|p| p.into_inner()) = Some(DaemonFacts {
+                executions: Executions {
+                    daemon_pid: info.pid,
+                    cgroup_parent: Some(info.cgroup_parent).filter(|p| !p.is_empty()),
+                },
+                sink_open_timeout: info
+                    .sink_open_timeout
+                    .and_then(|d| Duration::try_from(d).ok()),
             });
         }
         *self.cached.lock().unwrap_or_else(|p| p.into_inner()) = Some((socket, client.clone()));
@@ -285,6 +313,28 @@ mod tests {
 
     use super::*;
     use crate::nomad::config::DaemonSettings;
+
+    #[test]
+    fn a_start_waits_longer_than_the_daemon_waits_for_the_fifos() {
+        let link = DaemonLink::default();
+        // Before any daemon was reached.
+        assert_eq!(link.start_timeout(), MIN_START_TIMEOUT);
+        let secs = Duration::from_secs;
+        for (sinks, want) in [
+            (None, MIN_START_TIMEOUT),
+            (Some(secs(10)), MIN_START_TIMEOUT),
+            (Some(secs(60)), secs(80)),
+        ] {
+            *link.facts.lock().unwrap() = Some(DaemonFacts {
+                executions: Executions {
+                    daemon_pid: 1,
+                    cgroup_parent: None,
+                },
+                sink_open_timeout: sinks,
+            });
+            assert_eq!(link.start_timeout(), want, "{sinks:?}");
+        }
+    }
 
     /// A snapshot whose auto-start would run `/bin/true`, which exits at once: a start attempt
     /// shows as `StartFailed`.

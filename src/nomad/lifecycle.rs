@@ -33,9 +33,6 @@ use crate::goplugin::services::BoxStream;
 use crate::proto::elide::daemon::v1alpha1 as api;
 use crate::proto::hashicorp::nomad::plugins::drivers::proto as pb;
 
-/// StartExecution deadline: the daemon may wait up to its `sink_open_timeout` (10 s by
-/// default) for logmon to open the FIFOs.
-pub const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// Signal StopTask sends when Nomad passes none (what Nomad's executor does).
 pub const DEFAULT_STOP_SIGNAL: &str = "SIGINT";
 /// How long the waiter may spend checking whether a broken connection means a dead daemon.
@@ -703,7 +700,8 @@ async fn start_detached(
         return Err(Status::cancelled(format!("StartTask {} cancelled", cfg.id)));
     }
     let request = execution_request(&cfg, &spec, &session_id, config.session.memory_limit_mb);
-    let mut result = client.start_execution(request.clone(), START_TIMEOUT).await;
+    let start_timeout = state.link.start_timeout();
+    let mut result = client.start_execution(request.clone(), start_timeout).await;
     if let Err(e) = &result
         && e.code() == Some(tonic::Code::NotFound)
         && e.to_string().contains("session")
@@ -712,7 +710,7 @@ async fn start_detached(
         super::daemon_link::ensure_session(&client, &snapshot, &session_id)
             .await
             .map_err(|e| recoverable(format!("cannot start task {}: {e}", cfg.id)))?;
-        result = client.start_execution(request, START_TIMEOUT).await;
+        result = client.start_execution(request, start_timeout).await;
     }
     let exec = result.map_err(|e| {
         if e.is_unreachable() {
