@@ -22,6 +22,7 @@ use std::io;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use tokio::net::{UnixListener, UnixStream};
 
@@ -34,11 +35,16 @@ const SO_PEERPIDFD: libc::c_int = 77;
 /// How far up the process tree [`descends_from`] looks.
 const MAX_DEPTH: usize = 256;
 
+/// How often a listener logs refused connections at most (a task that keeps connecting must
+/// not flood the log).
+const WARN_EVERY: Duration = Duration::from_secs(10);
+
 /// Which processes are a daemon's executions.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Executions {
-    /// The daemon's pid.
-    pub daemon_pid: u32,
+    /// The daemon's pid as this process sees it; None when it is not known here (a daemon in
+    /// a pid namespace of its own reports a pid that means nothing outside it).
+    pub daemon_pid: Option<u32>,
     /// The daemon's parent cgroup, relative to each hierarchy's root as `/proc/<pid>/cgroup`
     /// shows it (`/elide`); None without cgroups.
     pub cgroup_parent: Option<String>,
@@ -53,7 +59,10 @@ impl Executions {
             .is_some_and(|parent| in_cgroup_below(pid, parent))
         {
             Some("it runs in one of the daemon's execution cgroups")
-        } else if descends_from(pid, self.daemon_pid) {
+        } else if self
+            .daemon_pid
+            .is_some_and(|daemon| daemon > 1 && descends_from(pid, daemon))
+        {
             Some("the daemon started it")
         } else {
             None
@@ -75,7 +84,7 @@ fn in_cgroup_below(pid: u32, parent: &str) -> bool {
 }
 
 /// Whether `ancestor` is among the ancestors of `pid` (`/proc/<pid>/stat`'s parent, up to init).
-fn descends_from(pid: u32, ancestor: u32) -> bool {
+pub fn descends_from(pid: u32, ancestor: u32) -> bool {
     let mut p = pid;
     for _ in 0..MAX_DEPTH {
         let Some(parent) = ProcStat::of(p).map(|s| s.ppid) else {
@@ -92,8 +101,10 @@ fn descends_from(pid: u32, ancestor: u32) -> bool {
     false
 }
 
-/// The peer's pidfd, where the kernel hands one out.
-fn peer_pidfd(conn: &UnixStream) -> Option<OwnedFd> {
+/// The peer's pidfd: None where the kernel has no `SO_PEERPIDFD` (before 6.5) or cannot give
+/// one now (out of descriptors: the peer is still checked, unpinned), an error where the peer
+/// is gone.
+fn peer_pidfd(conn: &UnixStream) -> io::Result<Option<OwnedFd>> {
     use std::os::fd::AsRawFd;
     let mut fd: libc::c_int = -1;
     let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
@@ -107,9 +118,21 @@ fn peer_pidfd(conn: &UnixStream) -> Option<OwnedFd> {
             &mut len,
         )
     };
-    // SAFETY: on success the kernel made a new fd for us.
-    (rc == 0 && fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd) })
+    if rc == 0 && fd >= 0 {
+        // SAFETY: on success the kernel made a new fd for us.
+        return Ok(Some(unsafe { OwnedFd::from_raw_fd(fd) }));
+    }
+    let e = io::Error::last_os_error();
+    match e.raw_os_error() {
+        // A reaped peer: EINVAL (6.5 to 6.8 at least), ESRCH.
+        Some(libc::EINVAL | libc::ESRCH) => Err(e),
+        _ => Ok(None),
+    }
 }
+
+/// What a refusal says of a peer that cannot be checked: refused all the same (a process
+/// that connects and exits before the accept must not slip through).
+const GONE: &str = "it exited before it could be checked";
 
 /// Why the peer of `conn` may not connect, if it may not (with its pid).
 fn refusal(conn: &UnixStream, check: &PeerCheck) -> Option<(u32, &'static str)> {
@@ -122,14 +145,21 @@ fn refusal(conn: &UnixStream, check: &PeerCheck) -> Option<(u32, &'static str)> 
         .and_then(|p| u32::try_from(p).ok())
         .filter(|&p| p > 0)?;
     // Pin the peer before looking it up, so its pid cannot name another process by then.
-    let pinned = peer_pidfd(conn);
+    let Ok(pinned) = peer_pidfd(conn) else {
+        return Some((pid, GONE));
+    };
+    // stat(2) needs no descriptor, so a daemon out of them still tells a gone peer.
+    if std::fs::metadata(format!("/proc/{pid}")).is_err_and(|e| e.kind() == io::ErrorKind::NotFound)
+    {
+        return Some((pid, GONE));
+    }
     if let Some(why) = check(pid) {
         return Some((pid, why));
     }
-    match pinned {
-        Some(fd) if crate::sandbox::pidfd_send_signal(&fd, 0).is_err() => {
-            Some((pid, "it exited before it could be checked"))
-        }
+    // Still the process that connected (only a gone one counts: a daemon that may not signal
+    // the peer gets EPERM here).
+    match pinned.map(|fd| crate::sandbox::pidfd_send_signal(&fd, 0)) {
+        Some(Err(e)) if e.raw_os_error() == Some(libc::ESRCH) => Some((pid, GONE)),
         _ => None,
     }
 }
@@ -138,12 +168,37 @@ fn refusal(conn: &UnixStream, check: &PeerCheck) -> Option<(u32, &'static str)> 
 pub struct GuardedListener {
     listener: UnixListener,
     check: PeerCheck,
+    /// When a refusal was last logged, and how many went unlogged since.
+    warned: Option<Instant>,
+    unlogged: u64,
 }
 
 impl GuardedListener {
     /// Guards `listener` with `check`.
     pub fn new(listener: UnixListener, check: PeerCheck) -> Self {
-        Self { listener, check }
+        Self {
+            listener,
+            check,
+            warned: None,
+            unlogged: 0,
+        }
+    }
+
+    fn note_refusal(&mut self, pid: u32, why: &str) {
+        const WHAT: &str = "refused a connection from one of the daemon's executions";
+        if self.warned.is_some_and(|at| at.elapsed() < WARN_EVERY) {
+            self.unlogged += 1;
+            tracing::debug!(pid, reason = why, "{WHAT}");
+            return;
+        }
+        tracing::warn!(
+            pid,
+            reason = why,
+            more_since_last_warning = self.unlogged,
+            "{WHAT}"
+        );
+        self.warned = Some(Instant::now());
+        self.unlogged = 0;
     }
 }
 
@@ -159,13 +214,7 @@ impl Accept for GuardedListener {
             };
             // A few small procfs reads: inline.
             match refusal(&conn, &self.check) {
-                Some((pid, why)) => {
-                    tracing::warn!(
-                        pid,
-                        reason = why,
-                        "refused a connection from one of the daemon's executions"
-                    );
-                }
+                Some((pid, why)) => self.note_refusal(pid, why),
                 None => return Poll::Ready(Ok(conn)),
             }
         }

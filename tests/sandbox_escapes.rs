@@ -5,6 +5,7 @@
 mod daemon_support;
 
 use daemon_support::*;
+use elide_task_driver::proto::elide::daemon::v1alpha1 as pb;
 
 /// A root task without `io` may make files, FIFOs and sockets in its working dir, but no
 /// device node: one would open the raw disk (or memory) beneath Landlock's path rules.
@@ -137,5 +138,60 @@ async fn a_task_cannot_use_the_daemons_socket() {
             "{}",
             d.log()
         );
+    }
+}
+
+/// Nor by having a child connect and exit before the daemon looks at the connection (whose
+/// credentials then name a process that is gone): a peer that cannot be checked is refused.
+/// The daemon is stopped (SIGSTOP) while the children connect, exit and are reaped, so every
+/// accept comes after.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_task_cannot_use_the_daemons_socket_through_a_child_that_exited() {
+    use nix::sys::signal::{Signal, kill};
+    let d = TestDaemon::start().await;
+    let mut c = d.client().await;
+    let daemon = nix::unistd::Pid::from_raw(d.pid() as i32);
+    for pool in [0, 2] {
+        let go = d.path(&format!("go-{pool}"));
+        let done = d.path(&format!("done-{pool}"));
+        let code = format!(
+            "import os, socket, time\n\
+             while not os.path.exists({go:?}):\n    time.sleep(0.01)\n\
+             socks = []\n\
+             for _ in range(5):\n    \
+                 s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)\n    \
+                 child = os.fork()\n    \
+                 if child == 0:\n        \
+                     try:\n            s.connect({socket:?})\n        \
+                     finally:\n            os._exit(0)\n    \
+                 os.waitpid(child, 0)\n    \
+                 socks.append(s)\n\
+             open({done:?}, 'w').close()\n\
+             answered = 0\n\
+             for s in socks:\n    \
+                 s.settimeout(20)\n    \
+                 try:\n        s.sendall({hello})\n        answered += bool(s.recv(64))\n    \
+                 except OSError:\n        pass\n\
+             print('answered', answered)",
+            go = go.display().to_string(),
+            done = done.display().to_string(),
+            socket = d.socket.display().to_string(),
+            hello = python_bytes(H2_HELLO),
+        );
+        let s = session_with_pool(&mut c, &["env", "io", "net"], pool).await;
+        let mut req = code_req(&s, "python", &code);
+        req.stdout = capture();
+        let e = start_on_path(&mut c, req, pool > 0).await;
+        kill(daemon, Signal::SIGSTOP).unwrap();
+        std::fs::write(&go, b"").unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while !done.exists() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        kill(daemon, Signal::SIGCONT).unwrap();
+        assert!(done.exists(), "pool {pool}: the children never connected");
+        let out = output(&mut c, &e.id, pb::OutputStream::Stdout).await;
+        assert_eq!(wait(&mut c, &e.id).await.exit_code, 0, "pool {pool}");
+        assert_eq!(String::from_utf8_lossy(&out), "answered 0\n", "pool {pool}");
     }
 }

@@ -497,7 +497,7 @@ pub async fn serve(cfg: DaemonConfig) -> anyhow::Result<()> {
         .serve_with_incoming_shutdown(
             PacedIncoming::new(GuardedListener::new(listener, {
                 let ours = Executions {
-                    daemon_pid: std::process::id(),
+                    daemon_pid: Some(std::process::id()),
                     cgroup_parent: daemon.cgroups().parent_path(),
                 };
                 Arc::new(move |pid| ours.sign_of(pid))

@@ -4,7 +4,8 @@
 //! session is (re-)created before the connection is handed out. Callers that only look for
 //! what a running daemon holds use [`DaemonLink::running_client`], which never starts one.
 
-use crate::peer_guard::Executions;
+use futures::FutureExt;
+use futures::future::{BoxFuture, Shared};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -13,6 +14,7 @@ use super::config::PluginConfig;
 use super::daemon_start::{self, StartError};
 use super::state::{Snapshot, session_config, session_owner};
 use crate::daemon_client::{DEFAULT_CALL_TIMEOUT, DaemonClient, DaemonError};
+use crate::peer_guard::Executions;
 
 /// First pause before another auto-start after one failed; doubles up to [`MAX_BACKOFF`].
 pub const MIN_BACKOFF: Duration = Duration::from_secs(1);
@@ -53,8 +55,15 @@ pub enum LinkError {
         session: String,
         /// Why.
         detail: String,
+        /// The daemon did not answer in time (or the connection broke), rather than refusing.
+        transient: bool,
     },
 }
+
+/// An auto-start under way, shared by every caller that needs it: it runs in a task of its
+/// own, so a caller that gives up waiting (a fingerprint probe's deadline) does not cancel it
+/// and the next caller waits for the same start instead of starting a second daemon.
+type StartUnderWay = Shared<BoxFuture<'static, Result<u32, StartError>>>;
 
 #[derive(Debug, Default)]
 struct StartBackoff {
@@ -79,6 +88,8 @@ pub struct DaemonLink {
     cached: Mutex<Option<(PathBuf, DaemonClient)>>,
     /// What the last daemon linked to said of itself.
     facts: Mutex<Option<DaemonFacts>>,
+    /// The auto-start under way, if one is.
+    starting: Mutex<Option<StartUnderWay>>,
     connecting: tokio::sync::Mutex<StartBackoff>,
 }
 
@@ -147,7 +158,7 @@ impl DaemonLink {
                         error: err.clone(),
                     });
                 }
-                match daemon_start::start(cfg).await {
+                match self.start_under_way(cfg).await {
                     Ok(_) => backoff.last_failure = None,
                     Err(error) => {
                         let pause = backoff
@@ -171,6 +182,30 @@ impl DaemonLink {
         self.adopt(socket, client, snapshot, session).await
     }
 
+    /// The auto-start under way, or a new one.
+    fn start_under_way(&self, cfg: &PluginConfig) -> StartUnderWay {
+        let mut starting = self.starting.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(start) = starting.as_ref()
+            && start.peek().is_none()
+        {
+            return start.clone();
+        }
+        let cfg = cfg.clone();
+        let task = tokio::spawn(async move { daemon_start::start(&cfg).await });
+        let start = async move {
+            task.await.unwrap_or_else(|e| {
+                Err(StartError::Spawn {
+                    path: PathBuf::from(daemon_start::DAEMON_BIN),
+                    detail: format!("the start task ended: {e}"),
+                })
+            })
+        }
+        .boxed()
+        .shared();
+        *starting = Some(start.clone());
+        start
+    }
+
     /// Puts our session in place on a newly connected daemon and keeps the connection for the
     /// next callers.
     async fn adopt(
@@ -182,9 +217,10 @@ impl DaemonLink {
     ) -> Result<DaemonClient, LinkError> {
         ensure_session(&client, snapshot, session).await?;
         if let Ok(info) = client.daemon_info().await {
+            let daemon_pid = daemon_pid_seen_from_here(&socket).await;
             *self.facts.lock().unwrap_or_else(|p| p.into_inner()) = Some(DaemonFacts {
                 executions: Executions {
-                    daemon_pid: info.pid,
+                    daemon_pid,
                     cgroup_parent: Some(info.cgroup_parent).filter(|p| !p.is_empty()),
                 },
                 sink_open_timeout: info
@@ -225,6 +261,21 @@ impl DaemonLink {
         })?;
         self.adopt(socket, client, snapshot, session).await
     }
+}
+
+/// The pid of the process serving `socket`, as this process sees it (the kernel translates a
+/// peer's pid into the reader's pid namespace; a daemon in a namespace of its own reports
+/// another number about itself).
+async fn daemon_pid_seen_from_here(socket: &Path) -> Option<u32> {
+    let conn = tokio::time::timeout(
+        DEFAULT_CALL_TIMEOUT,
+        tokio::net::UnixStream::connect(socket),
+    )
+    .await
+    .ok()?
+    .ok()?;
+    let pid = conn.peer_cred().ok()?.pid()?;
+    u32::try_from(pid).ok().filter(|&p| p > 0)
 }
 
 /// The agent's config and our session id, once the Nomad client (not just the validation
@@ -278,6 +329,7 @@ pub async fn ensure_session(
     let err = |e: DaemonError| LinkError::Session {
         socket: client.socket().to_path_buf(),
         session: session.to_string(),
+        transient: e.is_unreachable(),
         detail: e.to_string(),
     };
     match client.get_session(session).await {
@@ -303,7 +355,23 @@ impl LinkError {
     /// True when retrying later may help (the daemon is down or starting), as opposed to a
     /// configuration problem.
     pub fn is_transient(&self) -> bool {
-        !matches!(self, LinkError::Session { .. })
+        match self {
+            LinkError::Session { transient, .. } => *transient,
+            _ => true,
+        }
+    }
+
+    /// True when a daemon is there but did not answer in time: asking again may work, and its
+    /// executions still run.
+    pub fn is_slow_daemon(&self) -> bool {
+        matches!(
+            self,
+            LinkError::Unreachable { absent: false, .. }
+                | LinkError::Session {
+                    transient: true,
+                    ..
+                }
+        )
     }
 }
 
@@ -327,7 +395,7 @@ mod tests {
         ] {
             *link.facts.lock().unwrap() = Some(DaemonFacts {
                 executions: Executions {
-                    daemon_pid: 1,
+                    daemon_pid: Some(1),
                     cgroup_parent: None,
                 },
                 sink_open_timeout: sinks,

@@ -442,6 +442,11 @@ pub fn spawn_waiter(state: Arc<PluginState>, entry: Arc<TaskEntry>, timeout: Opt
                 Sighting::Running => {
                     tracing::debug!(task = %entry.id, error = %failure, "wait interrupted; the execution still runs, waiting again");
                     pause = UNSURE_FIRST_PAUSE;
+                    // A wait that keeps failing at once must not spin.
+                    tokio::select! {
+                        () = tokio::time::sleep(RUNNING_REWAIT_PAUSE) => {}
+                        () = entry.cancel.cancelled() => return,
+                    }
                 }
                 Sighting::Ended(r) => {
                     let (result, err) = exit_of(&r, timeout);
@@ -475,6 +480,8 @@ pub fn spawn_waiter(state: Arc<PluginState>, entry: Arc<TaskEntry>, timeout: Opt
     });
 }
 
+/// The waiter's pause before waiting again on an execution that still runs.
+const RUNNING_REWAIT_PAUSE: Duration = Duration::from_millis(100);
 /// First and longest pause of the waiter while the daemon is there but does not answer.
 const UNSURE_FIRST_PAUSE: Duration = Duration::from_millis(500);
 const UNSURE_LONGEST_PAUSE: Duration = Duration::from_secs(5);
@@ -570,9 +577,7 @@ pub async fn recover_task(
     let exec = loop {
         let client = match state.link.client(&snapshot).await {
             Ok(c) => c,
-            Err(e @ super::daemon_link::LinkError::Unreachable { absent: false, .. })
-                if tokio::time::Instant::now() + pause < give_up =>
-            {
+            Err(e) if e.is_slow_daemon() && tokio::time::Instant::now() + pause < give_up => {
                 tracing::warn!(task = %cfg.id, error = %e, "elide-daemon did not answer the recovery; asking again");
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(Duration::from_secs(5));
@@ -798,28 +803,23 @@ pub async fn stop_task(
     if entry.exit().is_some() {
         return Ok(Response::new(pb::StopTaskResponse {}));
     }
-    let signal = if req.signal.trim().is_empty() {
+    let mut signal = if req.signal.trim().is_empty() {
         DEFAULT_STOP_SIGNAL
     } else {
         req.signal.trim()
     };
+    if let Err(e) = crate::sandbox::signal::parse_signal(signal) {
+        // A kill_signal with a typo: refusing would leave the task running for good (Nomad
+        // retries StopTask a few times, then gives up on it). Stopped as with no kill_signal
+        // instead, and said so.
+        tracing::warn!(task = %req.task_id, signal, error = %e, "unknown kill_signal; stopping the task with {DEFAULT_STOP_SIGNAL} instead");
+        signal = DEFAULT_STOP_SIGNAL;
+    }
     let grace = duration_from(req.timeout.as_ref());
     let client = client_for(state, &state.snapshot()).await?;
-    let mut stopped = client
+    let stopped = client
         .stop_execution(&entry.execution_id, signal, grace)
         .await;
-    if let Err(e) = &stopped
-        && e.code() == Some(tonic::Code::InvalidArgument)
-        && signal != DEFAULT_STOP_SIGNAL
-    {
-        // A kill_signal the daemon does not know (a typo in the job): refusing would leave the
-        // task running for good (Nomad retries StopTask a few times, then gives up on it).
-        // Stopped as with no kill_signal instead, and said so.
-        tracing::warn!(task = %req.task_id, signal, error = %e, "unknown kill_signal; stopping the task with {DEFAULT_STOP_SIGNAL} instead");
-        stopped = client
-            .stop_execution(&entry.execution_id, DEFAULT_STOP_SIGNAL, grace)
-            .await;
-    }
     match stopped {
         Ok(resp) => {
             if let Some(r) = resp.result {
@@ -832,7 +832,7 @@ pub async fn stop_task(
             Ok(Response::new(pb::StopTaskResponse {}))
         }
         Err(e) if e.code() == Some(tonic::Code::InvalidArgument) => Err(Status::invalid_argument(
-            format!("StopTask {}: signal {signal:?}: {e}", req.task_id),
+            format!("StopTask {}: {e}", req.task_id),
         )),
         Err(e) => Err(daemon_status(state, &req.task_id, &e)),
     }

@@ -60,7 +60,12 @@ pub fn run() -> i32 {
             .max_encoding_message_size(i32::MAX as usize);
         // The daemon's executions may not drive this plugin (see `peer_guard`): known once
         // the plugin reached its daemon.
+        // Never the processes above this one (the Nomad agent that launched it, a wrapper).
+        let me = std::process::id();
         let check: crate::peer_guard::PeerCheck = Arc::new(move |pid| {
+            if crate::peer_guard::descends_from(me, pid) {
+                return None;
+            }
             state
                 .link
                 .executions()
