@@ -311,3 +311,46 @@ async fn a_task_cannot_use_the_plugins_socket() {
         plugin.alive().await;
     }
 }
+
+/// Callers that queue while one attempt to reach a daemon that is there but hangs takes its
+/// 5 s do not each wait out an attempt of their own after it: they share its answer. Six
+/// StartTasks at once end together, not one after the other (6 × 5 s).
+#[tokio::test]
+async fn callers_queued_behind_a_hung_daemon_share_one_attempt() {
+    let root = tempfile::Builder::new()
+        .prefix("queue")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let socket = root.path().join("d.sock");
+    let listener = tokio::net::UnixListener::bind(&socket).unwrap();
+    let held = tokio::spawn(async move {
+        let mut conns = Vec::new();
+        loop {
+            if let Ok((c, _)) = listener.accept().await {
+                conns.push(c);
+            }
+        }
+    });
+    let plugin = Plugin::launch(&plugin_config(&socket, None)).await;
+    let alloc = Alloc::new(root.path());
+    let tasks: Vec<_> = (0..6).map(|i| alloc.task(&format!("t{i}"))).collect();
+    let asked = std::time::Instant::now();
+    let starts = futures::future::join_all(
+        tasks
+            .iter()
+            .map(|t| plugin.start_json(t, json!({"language": "python", "code": "print(1)"}))),
+    )
+    .await;
+    for s in starts {
+        let e = s.expect_err("no daemon answers");
+        assert!(e.message().contains("does not answer"), "{e:?}");
+    }
+    // One attempt (5 s), perhaps behind the fingerprint's own, and the queue's shared answer;
+    // one after the other they took 30 s and more.
+    assert!(
+        asked.elapsed() < std::time::Duration::from_secs(20),
+        "six queued StartTasks took {:?}",
+        asked.elapsed()
+    );
+    held.abort();
+}

@@ -68,7 +68,14 @@ type StartUnderWay = Shared<BoxFuture<'static, Result<u32, StartError>>>;
 #[derive(Debug, Default)]
 struct StartBackoff {
     last_failure: Option<(Instant, Duration, StartError)>,
+    /// When a daemon that is there last failed to answer, and how: callers that queued
+    /// behind that attempt take its answer instead of each waiting out another one.
+    unanswered: Option<(Instant, PathBuf, String)>,
 }
+
+/// How long a failed attempt to reach a daemon that is there answers the callers queued
+/// behind it.
+const SHARE_UNANSWERED_FOR: Duration = Duration::from_secs(1);
 
 /// StartExecution's deadline at least (the daemon's default `sink_open_timeout` is 10 s).
 pub const MIN_START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -137,7 +144,25 @@ impl DaemonLink {
         if let Some(c) = self.cached_for(&socket) {
             return Ok(c);
         }
-        let client = match answering(&socket).await {
+        if let Some((at, on, detail)) = &backoff.unanswered
+            && on == &socket
+            && at.elapsed() < SHARE_UNANSWERED_FOR
+        {
+            return Err(LinkError::Unreachable {
+                socket,
+                detail: detail.clone(),
+                absent: false,
+            });
+        }
+        let answered = answering(&socket).await;
+        backoff.unanswered = match &answered {
+            Err(Unanswered {
+                detail,
+                absent: false,
+            }) => Some((Instant::now(), socket.clone(), detail.clone())),
+            _ => None,
+        };
+        let client = match answered {
             Ok(c) => c,
             Err(Unanswered { detail, absent }) => {
                 // A daemon that is there but refuses us (a uid not in its allowed_uids, a
