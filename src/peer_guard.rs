@@ -76,11 +76,9 @@ pub type PeerCheck = Arc<dyn Fn(u32) -> Option<&'static str> + Send + Sync>;
 /// Whether `/proc/<pid>/cgroup` places `pid` below `parent` (`/elide`) in any hierarchy.
 fn in_cgroup_below(pid: u32, parent: &str) -> bool {
     let below = format!("/{}/", parent.trim_matches('/'));
-    std::fs::read_to_string(format!("/proc/{pid}/cgroup")).is_ok_and(|c| {
-        c.lines()
-            .filter_map(|l| l.splitn(3, ':').nth(2))
-            .any(|path| path.starts_with(&below))
-    })
+    crate::sandbox::cgroup::paths_of(pid)
+        .iter()
+        .any(|path| path.starts_with(&below))
 }
 
 /// Whether `ancestor` is among the ancestors of `pid` (`/proc/<pid>/stat`'s parent, up to init).

@@ -252,6 +252,10 @@ async fn wrong_types_for_every_config_field_are_named() {
             "daemon.auto_start: expected bool",
         ),
         (
+            map(vec![("dynamic_workload_users", V::from("yes"))]),
+            "dynamic_workload_users: expected bool",
+        ),
+        (
             map(vec![("daemon", map(vec![("path", V::from(1))]))]),
             "daemon.path: expected string",
         ),

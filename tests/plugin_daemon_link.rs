@@ -12,6 +12,20 @@ use lifecycle_support::{Alloc, AutoDaemon, DEADLINE, Plugin, daemons_on, plugin_
 use serde_json::json;
 use support::fingerprint_until;
 
+/// A listener on `socket` that accepts every connection and never answers (a hung daemon, or
+/// not a daemon at all); abort the task to close it.
+fn hung_listener(socket: &std::path::Path) -> tokio::task::JoinHandle<()> {
+    let listener = tokio::net::UnixListener::bind(socket).unwrap();
+    tokio::spawn(async move {
+        let mut conns = Vec::new();
+        loop {
+            if let Ok((c, _)) = listener.accept().await {
+                conns.push(c);
+            }
+        }
+    })
+}
+
 /// Something listens on the socket and accepts, but never answers (a hung daemon, or not a
 /// daemon at all): the plugin reports it in its fingerprint and fails StartTask naming it, and
 /// starts no second daemon, which would only stop at the first's socket and hide the cause.
@@ -22,15 +36,7 @@ async fn a_socket_that_accepts_but_never_answers_is_reported_not_replaced() {
         .tempdir_in("/tmp")
         .unwrap();
     let auto = AutoDaemon::new(root.path());
-    let listener = tokio::net::UnixListener::bind(&auto.socket).unwrap();
-    let held = tokio::spawn(async move {
-        let mut conns = Vec::new();
-        loop {
-            if let Ok((c, _)) = listener.accept().await {
-                conns.push(c);
-            }
-        }
-    });
+    let held = hung_listener(&auto.socket);
     let plugin = Plugin::launch(&plugin_config(&auto.socket, Some(&auto))).await;
     let mut fp = plugin.client.fingerprint().await;
     let m = fingerprint_until(&mut fp, DEADLINE, |m| {
@@ -322,15 +328,7 @@ async fn callers_queued_behind_a_hung_daemon_share_one_attempt() {
         .tempdir_in("/tmp")
         .unwrap();
     let socket = root.path().join("d.sock");
-    let listener = tokio::net::UnixListener::bind(&socket).unwrap();
-    let held = tokio::spawn(async move {
-        let mut conns = Vec::new();
-        loop {
-            if let Ok((c, _)) = listener.accept().await {
-                conns.push(c);
-            }
-        }
-    });
+    let held = hung_listener(&socket);
     let plugin = Plugin::launch(&plugin_config(&socket, None)).await;
     let alloc = Alloc::new(root.path());
     let tasks: Vec<_> = (0..6).map(|i| alloc.task(&format!("t{i}"))).collect();

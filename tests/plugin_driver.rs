@@ -84,18 +84,22 @@ async fn task_config_schema_has_the_seed_names() {
     assert!(bytes.is_ok(), "{bytes:?}");
 }
 
-#[tokio::test]
-async fn capabilities_are_honest() {
-    let c = NomadClient::launch().await;
-    let caps = c
-        .driver
+/// What the plugin's Capabilities RPC answers.
+async fn capabilities_of(c: &NomadClient) -> pb::DriverCapabilities {
+    c.driver
         .clone()
         .capabilities(pb::CapabilitiesRequest {})
         .await
         .unwrap()
         .into_inner()
         .capabilities
-        .expect("set");
+        .expect("set")
+}
+
+#[tokio::test]
+async fn capabilities_are_honest() {
+    let c = NomadClient::launch().await;
+    let caps = capabilities_of(&c).await;
     assert!(caps.send_signals);
     assert!(caps.exec);
     assert!(!caps.disable_log_collection);
@@ -126,15 +130,7 @@ async fn dynamic_workload_users_follow_the_plugin_config() {
     ] {
         let c = NomadClient::launch().await;
         c.set_config(config.clone(), true).await.unwrap();
-        let caps = c
-            .driver
-            .clone()
-            .capabilities(pb::CapabilitiesRequest {})
-            .await
-            .unwrap()
-            .into_inner()
-            .capabilities
-            .expect("set");
+        let caps = capabilities_of(&c).await;
         assert_eq!(caps.dynamic_workload_users, want, "{config}");
     }
 }

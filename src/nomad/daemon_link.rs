@@ -15,6 +15,7 @@ use super::daemon_start::{self, StartError};
 use super::state::{Snapshot, session_config, session_owner};
 use crate::daemon_client::{DEFAULT_CALL_TIMEOUT, DaemonClient, DaemonError};
 use crate::peer_guard::Executions;
+use crate::proto::elide::daemon::v1alpha1::DaemonInfo;
 
 /// First pause before another auto-start after one failed; doubles up to [`MAX_BACKOFF`].
 pub const MIN_BACKOFF: Duration = Duration::from_secs(1);
@@ -118,7 +119,12 @@ impl DaemonLink {
     /// Nomad's logmon to open the FIFOs, and a deadline shorter than that turns a slow logmon
     /// into a timeout (and an execution started after its caller gave up).
     pub fn start_timeout(&self) -> Duration {
-        let sinks = self.facts().and_then(|f| f.sink_open_timeout);
+        let sinks = self
+            .facts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .and_then(|f| f.sink_open_timeout);
         sinks.map_or(MIN_START_TIMEOUT, |s| {
             (s + START_MARGIN).max(MIN_START_TIMEOUT)
         })
@@ -195,12 +201,12 @@ impl DaemonLink {
                         return Err(LinkError::StartFailed { socket, error });
                     }
                 }
-                DaemonClient::connect(&socket, DEFAULT_CALL_TIMEOUT)
+                answering(&socket)
                     .await
-                    .map_err(|e| LinkError::Unreachable {
+                    .map_err(|u| LinkError::Unreachable {
                         socket: socket.clone(),
-                        absent: e.nobody_listens(),
-                        detail: e.to_string(),
+                        absent: u.absent,
+                        detail: u.detail,
                     })?
             }
         };
@@ -236,23 +242,21 @@ impl DaemonLink {
     async fn adopt(
         &self,
         socket: PathBuf,
-        client: DaemonClient,
+        (client, info): (DaemonClient, DaemonInfo),
         snapshot: &Snapshot,
         session: &str,
     ) -> Result<DaemonClient, LinkError> {
         ensure_session(&client, snapshot, session).await?;
-        if let Ok(info) = client.daemon_info().await {
-            let daemon_pid = daemon_pid_seen_from_here(&socket).await;
-            *self.facts.lock().unwrap_or_else(|p| p.into_inner()) = Some(DaemonFacts {
-                executions: Executions {
-                    daemon_pid,
-                    cgroup_parent: Some(info.cgroup_parent).filter(|p| !p.is_empty()),
-                },
-                sink_open_timeout: info
-                    .sink_open_timeout
-                    .and_then(|d| Duration::try_from(d).ok()),
-            });
-        }
+        let daemon_pid = daemon_pid_seen_from_here(&socket).await;
+        *self.facts.lock().unwrap_or_else(|p| p.into_inner()) = Some(DaemonFacts {
+            executions: Executions {
+                daemon_pid,
+                cgroup_parent: Some(info.cgroup_parent).filter(|p| !p.is_empty()),
+            },
+            sink_open_timeout: info
+                .sink_open_timeout
+                .and_then(|d| Duration::try_from(d).ok()),
+        });
         *self.cached.lock().unwrap_or_else(|p| p.into_inner()) = Some((socket, client.clone()));
         Ok(client)
     }
@@ -324,12 +328,12 @@ struct Unanswered {
     absent: bool,
 }
 
-/// A client to the daemon at `socket` if one answers GetDaemonInfo, else why not. An absent
-/// socket or one nobody listens on fails at once.
-async fn answering(socket: &Path) -> Result<DaemonClient, Unanswered> {
+/// A client to the daemon at `socket` and what it says of itself, if one answers
+/// GetDaemonInfo, else why not. An absent socket or one nobody listens on fails at once.
+async fn answering(socket: &Path) -> Result<(DaemonClient, DaemonInfo), Unanswered> {
     match DaemonClient::connect(socket, DEFAULT_CALL_TIMEOUT).await {
         Ok(c) => match c.daemon_info().await {
-            Ok(_) => Ok(c),
+            Ok(info) => Ok((c, info)),
             Err(e) => Err(Unanswered {
                 detail: format!("it accepts connections but does not answer: {e}"),
                 absent: false,

@@ -19,7 +19,6 @@ use super::PLUGIN_VERSION;
 use super::config::{DEFAULT_FINGERPRINT_PERIOD, Language};
 use super::daemon_link::{DaemonLink, LinkError};
 use super::state::{PluginState, Snapshot, session_config, session_owner};
-use crate::daemon_client::DaemonError;
 use crate::proto::hashicorp::nomad::plugins::drivers::proto::{
     FingerprintResponse, fingerprint_response::HealthState,
 };
@@ -87,15 +86,17 @@ fn message(
     }
 }
 
-fn unreachable(socket: &std::path::Path, e: &DaemonError) -> String {
-    if e.is_unreachable() {
+/// Why the daemon at `socket` does not serve: `absent` (nothing answers there) comes with
+/// what to do about it; a daemon that is there but refuses or hangs is described as such.
+fn unserved(socket: &std::path::Path, detail: impl std::fmt::Display, absent: bool) -> String {
+    if absent {
         format!(
-            "elide-daemon not reachable at {}: {e}; start it with `elide-daemon` or set daemon.auto_start",
+            "elide-daemon not reachable at {}: {detail}; start it with `elide-daemon` or set daemon.auto_start",
             socket.display()
         )
     } else {
         format!(
-            "elide-daemon at {} does not serve this plugin: {e}",
+            "elide-daemon at {} does not serve this plugin: {detail}",
             socket.display()
         )
     }
@@ -121,27 +122,10 @@ pub async fn probe(link: &DaemonLink, snapshot: &Snapshot) -> FingerprintRespons
     let linked = tokio::time::timeout(PROBE_TIMEOUT, link.client(snapshot)).await;
     let client = match linked {
         Ok(Ok(c)) => c,
-        Ok(Err(LinkError::Unreachable {
-            detail,
-            absent: true,
-            ..
-        })) => {
+        Ok(Err(LinkError::Unreachable { detail, absent, .. })) => {
             return message(
                 HealthState::Unhealthy,
-                format!(
-                    "elide-daemon not reachable at {}: {detail}; start it with `elide-daemon` or set daemon.auto_start",
-                    socket.display()
-                ),
-                attrs,
-            );
-        }
-        Ok(Err(LinkError::Unreachable { detail, .. })) => {
-            return message(
-                HealthState::Unhealthy,
-                format!(
-                    "elide-daemon at {} does not serve this plugin: {detail}",
-                    socket.display()
-                ),
+                unserved(socket, detail, absent),
                 attrs,
             );
         }
@@ -163,7 +147,8 @@ pub async fn probe(link: &DaemonLink, snapshot: &Snapshot) -> FingerprintRespons
             if e.is_unreachable() {
                 link.invalidate();
             }
-            return message(HealthState::Unhealthy, unreachable(socket, &e), attrs);
+            let description = unserved(socket, &e, e.is_unreachable());
+            return message(HealthState::Unhealthy, description, attrs);
         }
     };
     attrs.insert(ATTR_DAEMON_VERSION.into(), string_attr(&info.version));

@@ -108,7 +108,8 @@ async fn stop_leftover(client: &DaemonClient, task_id: &str, execution_id: &str,
         grace: LEFTOVER_GRACE,
         what: "the leftover execution",
     };
-    stop_and_forget(client, task_id, execution_id, how).await;
+    // Failures are logged there; nobody waits for this one.
+    let _ = stop_and_forget(client, task_id, execution_id, how).await;
 }
 
 /// How [`stop_and_forget`] stops an execution, and what the logs call it.
@@ -119,8 +120,14 @@ struct Stop {
 }
 
 /// Stops an execution no task entry will wait for and has the daemon forget it. One already
-/// gone is fine; failures are logged, since nobody is left to tell.
-async fn stop_and_forget(client: &DaemonClient, task_id: &str, execution_id: &str, how: Stop) {
+/// gone is fine; failures are logged, since nobody is left to tell, and a failed stop is
+/// returned for a caller that tries again.
+async fn stop_and_forget(
+    client: &DaemonClient,
+    task_id: &str,
+    execution_id: &str,
+    how: Stop,
+) -> Result<(), DaemonError> {
     let Stop {
         signal,
         grace,
@@ -128,10 +135,10 @@ async fn stop_and_forget(client: &DaemonClient, task_id: &str, execution_id: &st
     } = how;
     match client.stop_execution(execution_id, signal, grace).await {
         Ok(_) => {}
-        Err(e) if e.code() == Some(tonic::Code::NotFound) => return,
+        Err(e) if e.code() == Some(tonic::Code::NotFound) => return Ok(()),
         Err(e) => {
             tracing::error!(task = %task_id, execution = %execution_id, error = %e, "cannot stop {what}");
-            return;
+            return Err(e);
         }
     }
     if let Err(e) = client.remove_execution(execution_id, true).await
@@ -139,6 +146,7 @@ async fn stop_and_forget(client: &DaemonClient, task_id: &str, execution_id: &st
     {
         tracing::warn!(task = %task_id, execution = %execution_id, error = %e, "daemon did not forget {what}");
     }
+    Ok(())
 }
 
 /// How long RecoverTask asks a daemon that does not answer again before it fails.
@@ -169,22 +177,17 @@ fn kill_in_background(state: Arc<PluginState>, task_id: String, execution_id: St
                     tracing::info!(task = %task_id, execution = %execution_id, "elide-daemon is down, and the destroyed task ended with it");
                     return;
                 }
-                Ok(client) => match client
-                    .stop_execution(&execution_id, "SIGKILL", Duration::ZERO)
-                    .await
-                {
-                    Ok(_) => {
-                        if let Err(e) = client.remove_execution(&execution_id, true).await
-                            && e.code() != Some(tonic::Code::NotFound)
-                        {
-                            tracing::warn!(task = %task_id, execution = %execution_id, error = %e, "daemon did not forget the destroyed task's execution");
-                        }
-                        tracing::info!(task = %task_id, execution = %execution_id, "killed the destroyed task");
-                        return;
+                Ok(client) => {
+                    let how = Stop {
+                        signal: "SIGKILL",
+                        grace: Duration::ZERO,
+                        what: "the destroyed task",
+                    };
+                    match stop_and_forget(&client, &task_id, &execution_id, how).await {
+                        Ok(()) => return,
+                        Err(e) => e.to_string(),
                     }
-                    Err(e) if e.code() == Some(tonic::Code::NotFound) => return,
-                    Err(e) => e.to_string(),
-                },
+                }
                 Err(e) => e.to_string(),
             };
             if tokio::time::Instant::now() >= give_up {
@@ -657,7 +660,8 @@ async fn abandon_start(client: &DaemonClient, task_id: &str, execution_id: &str)
         grace: Duration::ZERO,
         what: "the execution of a cancelled StartTask",
     };
-    stop_and_forget(client, task_id, execution_id, how).await;
+    // Failures are logged there; nobody waits for this one.
+    let _ = stop_and_forget(client, task_id, execution_id, how).await;
 }
 
 /// The body of [`start_task`]; `caller_gone` is cancelled once Nomad has dropped the RPC.

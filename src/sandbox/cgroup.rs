@@ -1001,16 +1001,24 @@ fn remove_tree(dir: &Path) -> Result<(), CgroupError> {
     }
 }
 
-/// Whether `/proc/<pid>/cgroup` places `pid` in the cgroup at `rel` (or below it) in any
-/// hierarchy.
-fn in_cgroup(pid: u32, rel: &str) -> bool {
+/// The cgroup paths of `pid`, one per hierarchy, as `/proc/<pid>/cgroup` shows them (relative
+/// to each hierarchy's root); empty once it is gone.
+pub fn paths_of(pid: u32) -> Vec<String> {
     fs::read_to_string(format!("/proc/{pid}/cgroup"))
         .map(|c| {
             c.lines()
-                .filter_map(|l| l.splitn(3, ':').nth(2))
-                .any(|path| path.ends_with(rel) || path.contains(&format!("{rel}/")))
+                .filter_map(|l| Some(l.splitn(3, ':').nth(2)?.to_string()))
+                .collect()
         })
-        .unwrap_or(false)
+        .unwrap_or_default()
+}
+
+/// Whether `/proc/<pid>/cgroup` places `pid` in the cgroup at `rel` (or below it) in any
+/// hierarchy.
+fn in_cgroup(pid: u32, rel: &str) -> bool {
+    paths_of(pid)
+        .iter()
+        .any(|path| path.ends_with(rel) || path.contains(&format!("{rel}/")))
 }
 
 /// SIGKILLs `pid` only if it is still a member of our cgroup, without a pid-reuse race: the

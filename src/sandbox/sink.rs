@@ -11,7 +11,7 @@ use nix::errno::Errno;
 use nix::fcntl::{FcntlArg, OFlag, OpenHow, ResolveFlag, fcntl, open, openat2};
 use nix::sys::stat::{Mode, SFlag, fstat};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::fs::FileTypeExt;
 use std::path::{Component, Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
@@ -142,9 +142,7 @@ pub fn open_sink(
                 check_fd_under_roots(path, &fd, &roots)?;
                 Ok(fd)
             } else if ft.is_file() {
-                if meta.nlink() > 1 {
-                    return Err(refused(path, "regular file has more than one hard link"));
-                }
+                // Its links are checked on the opened file (see `open_regular`).
                 open_regular(path, allowed_roots)
             } else {
                 Err(refused(path, describe_refused_type(&ft)))
@@ -344,8 +342,8 @@ fn open_regular(path: &Path, allowed_roots: &SinkRoots) -> Result<OwnedFd, SinkE
     if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT != SFlag::S_IFREG {
         return Err(refused(path, "is not a regular file"));
     }
-    // Again on what was opened: a hard link made since the caller's check would let the
-    // writes land in another allocation's file.
+    // On what was opened, not the path: a hard link made after a check of the path would let
+    // the writes land in another allocation's file.
     if st.st_nlink > 1 {
         return Err(refused(path, "regular file has more than one hard link"));
     }
