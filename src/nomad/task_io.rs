@@ -30,14 +30,34 @@ fn not_found(id: &str) -> Status {
     Status::not_found(format!("task with ID {id:?} not found"))
 }
 
-/// MHz of one core, from /proc/cpuinfo (Nomad's `total_ticks` is in MHz).
+/// MHz of one core (Nomad's `total_ticks` is in MHz).
 fn core_mhz() -> Option<f64> {
-    let text = std::fs::read_to_string("/proc/cpuinfo").ok()?;
-    text.lines()
-        .find(|l| l.starts_with("cpu MHz"))
-        .and_then(|l| l.split(':').nth(1))
-        .and_then(|v| v.trim().parse::<f64>().ok())
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").ok();
+    mhz_from(cpuinfo.as_deref(), || {
+        std::fs::read_to_string("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq").ok()
+    })
+}
+
+/// The clock from /proc/cpuinfo's `cpu MHz` (x86 lists it), else from cpufreq's maximum in kHz
+/// (arm64's /proc/cpuinfo lists no clock).
+fn mhz_from(
+    cpuinfo: Option<&str>,
+    cpufreq_max_khz: impl FnOnce() -> Option<String>,
+) -> Option<f64> {
+    let listed = cpuinfo.and_then(|text| {
+        text.lines()
+            .find(|l| l.starts_with("cpu MHz"))
+            .and_then(|l| l.split(':').nth(1))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+    });
+    listed
         .filter(|v| *v > 0.0)
+        .or_else(|| {
+            cpufreq_max_khz()
+                .and_then(|khz| khz.trim().parse::<f64>().ok())
+                .map(|khz| khz / 1000.0)
+        })
+        .filter(|v| v.is_finite() && *v > 0.0)
 }
 
 /// Converts one daemon sample; `prev` (time, user s, system s) gives per-interval percents.
@@ -568,6 +588,28 @@ mod tests {
         assert_eq!(route_of("cli"), None);
         assert_eq!(route_of(""), None);
         assert_eq!(route_of("a//x"), None);
+    }
+
+    #[test]
+    fn core_clock_from_cpuinfo_or_cpufreq() {
+        let x86 = "processor\t: 0\nmodel name\t: AMD EPYC\ncpu MHz\t\t: 2450.000\n";
+        let arm64 = "processor\t: 0\nBogoMIPS\t: 50.00\nFeatures\t: fp asimd\n";
+        let never = || -> Option<String> { panic!("cpufreq read although cpuinfo had the clock") };
+        assert_eq!(mhz_from(Some(x86), never), Some(2450.0));
+        assert_eq!(
+            mhz_from(Some(arm64), || Some("2000000\n".into())),
+            Some(2000.0)
+        );
+        assert_eq!(mhz_from(None, || Some("1500000".into())), Some(1500.0));
+        // A zero clock (some VMs) falls through to cpufreq.
+        let zero = "cpu MHz\t\t: 0.000\n";
+        assert_eq!(
+            mhz_from(Some(zero), || Some("3000000".into())),
+            Some(3000.0)
+        );
+        assert_eq!(mhz_from(Some(arm64), || None), None);
+        assert_eq!(mhz_from(Some(arm64), || Some("fast".into())), None);
+        assert_eq!(mhz_from(Some(arm64), || Some("0".into())), None);
     }
 
     #[test]
