@@ -39,6 +39,17 @@ plugin "elide" {
       merge_identical_pages = false
     }
 
+    # Every `period`, kill (SIGKILL, logged) what runs in this session in a task dir of this
+    # agent's alloc dir although no task of the plugin holds it, once it started more than
+    # `creation_grace` ago (and the plugin has run as long): e.g. a task Nomad destroyed while
+    # the daemon could not answer, when the agent restarted before the plugin's retries got
+    # through. As the docker driver's dangling container reconciler.
+    dangling_executions {
+      enabled        = true
+      period         = "5m"
+      creation_grace = "5m"
+    }
+
     # Finding or starting the daemon. With auto_start, the plugin starts elide-daemon detached
     # (own session, stdio to log_file) when nothing answers on daemon_socket; the daemon then
     # outlives agent and plugin restarts. Without `path`, the binary is looked up next to the

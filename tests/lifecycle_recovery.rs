@@ -250,6 +250,126 @@ async fn executions_an_earlier_plugin_left_unrecovered_stop_when_nomad_starts_or
     auto.kill().await;
 }
 
+/// Starts `gone` and `kept` under one plugin process (configured with `dangling`), kills it,
+/// and has a new one recover `kept` only: Nomad destroyed `gone` while no plugin ran (its
+/// background kill died with the process), so nothing of Nomad's names it again.
+async fn a_task_lost_with_its_plugin(
+    root: &std::path::Path,
+    auto: &AutoDaemon,
+    dangling: serde_json::Value,
+) -> LostTask {
+    let mut config = plugin_config(&auto.socket, Some(auto));
+    config["dangling_executions"] = dangling;
+    let plugin = Plugin::launch(&config).await;
+    let alloc = Alloc::new(root);
+    let sleeper = json!({"language": "python", "code": "import time\ntime.sleep(600)"});
+    let (gone, kept) = (alloc.task("gone"), alloc.task("kept"));
+    let gone_pid = handle_pid(&plugin.start_json(&gone, sleeper.clone()).await.unwrap());
+    let kept_handle = plugin.start_json(&kept, sleeper).await.unwrap();
+    let kept_pid = handle_pid(&kept_handle);
+    // Longer than creation grace and period: the tasks a plugin holds never dangle.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(
+        alive(gone_pid),
+        "a task the plugin holds was stopped as dangling"
+    );
+    assert!(
+        alive(kept_pid),
+        "a task the plugin holds was stopped as dangling"
+    );
+    let mut plugin = plugin;
+    plugin.client.process.child.kill().unwrap();
+    plugin.client.process.child.wait().unwrap();
+
+    let launched = Instant::now();
+    let plugin = Plugin::launch(&config).await;
+    plugin
+        .driver()
+        .recover_task(pb::RecoverTaskRequest {
+            task_id: String::new(),
+            handle: Some(kept_handle),
+        })
+        .await
+        .unwrap();
+    LostTask {
+        plugin,
+        gone_pid,
+        kept_pid,
+        launched,
+        gone_id: gone.id,
+        kept_id: kept.id,
+    }
+}
+
+struct LostTask {
+    /// The plugin process that recovered `kept`.
+    plugin: Plugin,
+    gone_pid: u32,
+    kept_pid: u32,
+    /// When that plugin process was launched.
+    launched: Instant,
+    gone_id: String,
+    kept_id: String,
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn executions_no_nomad_task_tracks_stop_once_their_creation_grace_passed() {
+    let root = tempfile::Builder::new()
+        .prefix("er")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let auto = AutoDaemon::new(root.path());
+    let dangling = json!([{ "period": "1s", "creation_grace": "3s" }]);
+    let lost = a_task_lost_with_its_plugin(root.path(), &auto, dangling).await;
+    eventually("the dangling execution is stopped", || {
+        !alive(lost.gone_pid)
+    })
+    .await;
+    assert!(
+        lost.launched.elapsed() >= Duration::from_secs(3),
+        "stopped {:?} after the plugin launched, within its creation grace",
+        lost.launched.elapsed()
+    );
+    assert!(alive(lost.kept_pid), "a recovered task was stopped");
+    let _ = lost
+        .plugin
+        .stop(&lost.kept_id, "SIGKILL", Duration::ZERO)
+        .await;
+    let _ = lost.plugin.destroy(&lost.kept_id, true).await;
+    drop(lost);
+    auto.kill().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dangling_executions_disabled_leaves_them_to_nomad() {
+    let root = tempfile::Builder::new()
+        .prefix("er")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let auto = AutoDaemon::new(root.path());
+    let dangling = json!([{ "enabled": false, "period": "1s", "creation_grace": "1s" }]);
+    let lost = a_task_lost_with_its_plugin(root.path(), &auto, dangling).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(
+        alive(lost.gone_pid),
+        "stopped although dangling_executions is disabled"
+    );
+    assert!(alive(lost.kept_pid));
+    // The inherited-task path still stops it when Nomad names it.
+    lost.plugin.destroy(&lost.gone_id, true).await.unwrap();
+    assert!(
+        !alive(lost.gone_pid),
+        "DestroyTask of the leftover left it running"
+    );
+    let _ = lost
+        .plugin
+        .stop(&lost.kept_id, "SIGKILL", Duration::ZERO)
+        .await;
+    let _ = lost.plugin.destroy(&lost.kept_id, true).await;
+    drop(lost);
+    auto.kill().await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn destroying_tasks_after_the_daemon_died_answers_at_once_and_starts_no_daemon() {
     let (root, auto, _config, plugin) = plugin_with_auto_daemon().await;

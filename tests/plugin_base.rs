@@ -67,13 +67,14 @@ async fn config_schema_has_seed_names_blocks_and_valid_literals() {
         [
             "daemon",
             "daemon_socket",
+            "dangling_executions",
             "dynamic_workload_users",
             "fingerprint_period",
             "session_config"
         ]
     );
     // Nested groups are blocks (HCL1 agent config), with literal defaults.
-    for name in ["session_config", "daemon"] {
+    for name in ["session_config", "daemon", "dangling_executions"] {
         let (primary, lit) = defaulted(&top[name]);
         match primary.block.as_ref().unwrap() {
             Block::BlockValue(b) => assert_eq!(b.name, name),

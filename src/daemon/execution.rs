@@ -270,6 +270,11 @@ impl Execution {
             client_ref: self.client_ref.clone(),
             pooled: i.pooled,
             cgroup: i.cgroup_desc.clone(),
+            working_dir: self
+                .plan
+                .as_ref()
+                .map(|p| p.working_dir.to_string_lossy().into_owned())
+                .unwrap_or_default(),
         }
     }
 

@@ -75,7 +75,9 @@ impl BasePlugin for Base {
             return Ok(Response::new(pb::SetConfigResponse {}));
         }
         let socket = config.daemon_socket.clone();
+        let dangling = config.dangling.clone();
         self.state.set_agent_config(config);
+        super::dangling::arm(&self.state, dangling);
         // Connect (auto-starting the daemon if allowed) and create our session. Bounded: the
         // agent waits on SetConfig; an unfinished start goes on in the background and the
         // fingerprint loop reports the outcome.

@@ -25,6 +25,12 @@ pub const DEFAULT_FINGERPRINT_PERIOD: Duration = Duration::from_secs(30);
 pub const MIN_FINGERPRINT_PERIOD: Duration = Duration::from_secs(1);
 /// Default time to wait for an auto-started daemon.
 pub const DEFAULT_START_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default of `dangling_executions.period` (the docker driver's reconciler uses the same).
+pub const DEFAULT_DANGLING_PERIOD: Duration = Duration::from_secs(5 * 60);
+/// Default of `dangling_executions.creation_grace`.
+pub const DEFAULT_DANGLING_GRACE: Duration = Duration::from_secs(5 * 60);
+/// Shortest accepted `dangling_executions.period`.
+pub const MIN_DANGLING_PERIOD: Duration = Duration::from_secs(1);
 
 /// A snippet language, with the aliases operators may write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -153,6 +159,28 @@ impl Default for DaemonSettings {
     }
 }
 
+/// `dangling_executions { ... }`: stopping what runs in our session although Nomad no longer
+/// tracks it (see [`crate::nomad::dangling`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DanglingSettings {
+    /// Look for dangling executions at all.
+    pub enabled: bool,
+    /// How often to look.
+    pub period: Duration,
+    /// How old an execution, and how long this plugin process configured, before it counts.
+    pub creation_grace: Duration,
+}
+
+impl Default for DanglingSettings {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            period: DEFAULT_DANGLING_PERIOD,
+            creation_grace: DEFAULT_DANGLING_GRACE,
+        }
+    }
+}
+
 /// The decoded, validated plugin configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PluginConfig {
@@ -162,6 +190,8 @@ pub struct PluginConfig {
     pub session: SessionSettings,
     /// Daemon start settings.
     pub daemon: DaemonSettings,
+    /// Stopping executions Nomad no longer tracks.
+    pub dangling: DanglingSettings,
     /// How often Fingerprint re-checks the daemon.
     pub fingerprint_period: Duration,
     /// Advertise Nomad's dynamic workload users (1.8+): a task without `user` then runs as a
@@ -175,6 +205,7 @@ impl Default for PluginConfig {
             daemon_socket: PathBuf::from(DEFAULT_DAEMON_SOCKET),
             session: SessionSettings::default(),
             daemon: DaemonSettings::default(),
+            dangling: DanglingSettings::default(),
             fingerprint_period: DEFAULT_FINGERPRINT_PERIOD,
             dynamic_workload_users: false,
         }
@@ -272,6 +303,23 @@ pub fn schema() -> Spec {
     ]);
     let daemon_literal =
         format!("{{ auto_start = true, args = [], start_timeout = {start_timeout} }}");
+    let human = |d: Duration| format!("{:?}", humantime::format_duration(d).to_string());
+    let dangling = object([
+        ("enabled", attr_default("enabled", "bool", "true")),
+        (
+            "period",
+            attr_default("period", "string", &human(DEFAULT_DANGLING_PERIOD)),
+        ),
+        (
+            "creation_grace",
+            attr_default("creation_grace", "string", &human(DEFAULT_DANGLING_GRACE)),
+        ),
+    ]);
+    let dangling_literal = format!(
+        "{{ enabled = true, period = {}, creation_grace = {} }}",
+        human(DEFAULT_DANGLING_PERIOD),
+        human(DEFAULT_DANGLING_GRACE)
+    );
     object([
         (
             "daemon_socket",
@@ -306,6 +354,13 @@ pub fn schema() -> Spec {
         (
             "daemon",
             default(block("daemon", false, daemon), literal(&daemon_literal)),
+        ),
+        (
+            "dangling_executions",
+            default(
+                block("dangling_executions", false, dangling),
+                literal(&dangling_literal),
+            ),
         ),
     ])
 }
@@ -347,6 +402,9 @@ impl PluginConfig {
         }
         if let Some(daemon) = root.object("daemon")? {
             cfg.daemon = daemon_settings(&daemon)?;
+        }
+        if let Some(dangling) = root.object("dangling_executions")? {
+            cfg.dangling = dangling_settings(&dangling)?;
         }
         Ok(cfg)
     }
@@ -460,6 +518,27 @@ fn daemon_settings(f: &Fields<'_>) -> Result<DaemonSettings, ConfigError> {
     }
     if let Some(s) = f.string("start_timeout")? {
         d.start_timeout = duration(&s, &f.path("start_timeout"))?;
+    }
+    Ok(d)
+}
+
+fn dangling_settings(f: &Fields<'_>) -> Result<DanglingSettings, ConfigError> {
+    let mut d = DanglingSettings::default();
+    if let Some(b) = f.bool("enabled")? {
+        d.enabled = b;
+    }
+    if let Some(s) = f.string("period")? {
+        let field = f.path("period");
+        d.period = duration(&s, &field)?;
+        if d.period < MIN_DANGLING_PERIOD {
+            return Err(invalid(
+                &field,
+                format!("{s:?} is shorter than the minimum of 1s"),
+            ));
+        }
+    }
+    if let Some(s) = f.string("creation_grace")? {
+        d.creation_grace = duration(&s, &f.path("creation_grace"))?;
     }
     Ok(d)
 }
@@ -650,9 +729,50 @@ mod tests {
             lit("daemon"),
             r#"{ auto_start = true, args = [], start_timeout = "10s" }"#
         );
+        assert_eq!(
+            lit("dangling_executions"),
+            r#"{ enabled = true, period = "5m", creation_grace = "5m" }"#
+        );
         let ty = hclspec::implied_type(&spec).unwrap();
-        let want = "Object({\"daemon\": Object({\"args\": List(String), \"auto_start\": Bool, \"log_file\": String, \"path\": String, \"start_timeout\": String}), \"daemon_socket\": String, \"dynamic_workload_users\": Bool, \"fingerprint_period\": String, \"session_config\": Object({\"context_pool_size\": Number, \"enable_ai\": Bool, \"enabled_intrinsics\": List(String), \"enabled_languages\": List(String), \"memory_limit_mb\": Number, \"merge_identical_pages\": Bool})})";
+        let want = "Object({\"daemon\": Object({\"args\": List(String), \"auto_start\": Bool, \"log_file\": String, \"path\": String, \"start_timeout\": String}), \"daemon_socket\": String, \"dangling_executions\": Object({\"creation_grace\": String, \"enabled\": Bool, \"period\": String}), \"dynamic_workload_users\": Bool, \"fingerprint_period\": String, \"session_config\": Object({\"context_pool_size\": Number, \"enable_ai\": Bool, \"enabled_intrinsics\": List(String), \"enabled_languages\": List(String), \"memory_limit_mb\": Number, \"merge_identical_pages\": Bool})})";
         assert_eq!(format!("{ty:?}"), want);
+    }
+
+    #[test]
+    fn dangling_executions_decode_and_name_bad_fields() {
+        let with = |entries: Vec<(&str, V)>| {
+            PluginConfig::from_msgpack(&enc(&map(vec![("dangling_executions", map(entries))])))
+        };
+        let cfg = with(vec![
+            ("enabled", V::from(false)),
+            ("period", V::from("90s")),
+            ("creation_grace", V::from("2m")),
+        ])
+        .unwrap();
+        assert_eq!(
+            cfg.dangling,
+            DanglingSettings {
+                enabled: false,
+                period: Duration::from_secs(90),
+                creation_grace: Duration::from_secs(120),
+            }
+        );
+        assert_eq!(with(vec![]).unwrap().dangling, DanglingSettings::default());
+        let short = err_text(with(vec![("period", V::from("500ms"))]));
+        assert!(
+            short.contains("dangling_executions.period") && short.contains("minimum of 1s"),
+            "{short}"
+        );
+        let bad = err_text(with(vec![("creation_grace", V::from("soon"))]));
+        assert!(
+            bad.contains("dangling_executions.creation_grace") && bad.contains("\"soon\""),
+            "{bad}"
+        );
+        let zero = err_text(with(vec![("creation_grace", V::from("0s"))]));
+        assert!(
+            zero.contains("dangling_executions.creation_grace"),
+            "{zero}"
+        );
     }
 
     #[test]

@@ -113,16 +113,16 @@ async fn stop_leftover(client: &DaemonClient, task_id: &str, execution_id: &str,
 }
 
 /// How [`stop_and_forget`] stops an execution, and what the logs call it.
-struct Stop {
-    signal: &'static str,
-    grace: Duration,
-    what: &'static str,
+pub(super) struct Stop {
+    pub(super) signal: &'static str,
+    pub(super) grace: Duration,
+    pub(super) what: &'static str,
 }
 
 /// Stops an execution no task entry will wait for and has the daemon forget it. One already
 /// gone is fine; failures are logged, since nobody is left to tell, and a failed stop is
 /// returned for a caller that tries again.
-async fn stop_and_forget(
+pub(super) async fn stop_and_forget(
     client: &DaemonClient,
     task_id: &str,
     execution_id: &str,
@@ -549,6 +549,7 @@ pub async fn recover_task(
     if cfg.id.is_empty() {
         return Err(Status::invalid_argument("handle.config.id: empty"));
     }
+    state.dangling.note_alloc_dir(&cfg.alloc_dir);
     if state.tasks.get(&cfg.id).is_some() {
         tracing::debug!(task = %cfg.id, "nothing to recover; task already known");
         return Ok(Response::new(pb::RecoverTaskResponse {}));
@@ -676,6 +677,7 @@ async fn start_detached(
     if cfg.id.is_empty() {
         return Err(Status::invalid_argument("task.id: empty"));
     }
+    state.dangling.note_alloc_dir(&cfg.alloc_dir);
     let reservation = state.tasks.reserve(&cfg.id).map_err(|_| {
         Status::already_exists(format!("task with ID {:?} already started", cfg.id))
     })?;

@@ -8,6 +8,7 @@ pub mod config;
 pub mod cty;
 pub mod daemon_link;
 pub mod daemon_start;
+pub mod dangling;
 pub mod driver;
 pub mod driver_state;
 pub mod fingerprint;

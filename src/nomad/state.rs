@@ -8,6 +8,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::config::PluginConfig;
 use super::daemon_link::DaemonLink;
+use super::dangling::Dangling;
 use super::inherited::Inherited;
 use super::tasks::TaskStore;
 use crate::proto::elide::daemon::v1alpha1 as api;
@@ -37,6 +38,8 @@ pub struct PluginState {
     pub tasks: TaskStore,
     /// What earlier plugin processes left running in our session.
     pub inherited: Inherited,
+    /// Alloc roots seen, for stopping executions Nomad no longer tracks.
+    pub dangling: Dangling,
 }
 
 impl PluginState {
@@ -49,6 +52,7 @@ impl PluginState {
             link: DaemonLink::default(),
             tasks: TaskStore::default(),
             inherited: Inherited::default(),
+            dangling: Dangling::default(),
         }
     }
 

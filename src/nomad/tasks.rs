@@ -177,6 +177,15 @@ impl TaskStore {
         self.lock().tasks.remove(id)
     }
 
+    /// True when task `task_id` is held or being started here, or some task runs as
+    /// `execution_id`.
+    pub fn tracks(&self, task_id: &str, execution_id: &str) -> bool {
+        let g = self.lock();
+        g.tasks.contains_key(task_id)
+            || g.starting.contains(task_id)
+            || g.tasks.values().any(|e| e.execution_id == execution_id)
+    }
+
     /// Number of tasks.
     pub fn len(&self) -> usize {
         self.lock().tasks.len()
