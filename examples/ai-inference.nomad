@@ -3,7 +3,9 @@
 # NEEDS THE ELIDE BACKEND: this job only runs on nodes whose plugin config has
 # `session_config { enable_ai = true }` and whose daemon is configured with a local
 # `elide` binary that provides the AI intrinsic. The stock python3/node backends do not
-# provide it, and the daemon refuses the task with a clear error rather than pretending.
+# provide it, so such a node reports `driver.elide.ai = "false"` and the constraint below
+# keeps the job off it (Nomad leaves it pending; `make dev JOB=examples/ai-inference.nomad`
+# says "not placed" and why) instead of running a snippet that cannot import `elide.ai`.
 job "ai-inference" {
   datacenters = ["dc1"]
   type        = "batch"

@@ -3,10 +3,17 @@
 //! auto-start a real `elide-daemon`, lays out a Nomad-shaped alloc dir with logmon-like FIFO
 //! readers, renders `template` blocks, StartTask → streams the task logs → WaitTask.
 //!
-//! `make dev` (or `cargo test --test run_job -- examples/http-server.nomad`). With no argument
-//! it runs `examples/hello-python.nomad` and checks its greeting, so `make test` exercises the
-//! main job end to end. Service jobs run until Ctrl-C, then get StopTask with the task's
-//! `kill_signal` / `kill_timeout`.
+//! `make dev` (or `cargo test --test run_job -- examples/http-server.nomad`). Service jobs run
+//! until Ctrl-C, then get StopTask with the task's `kill_signal` / `kill_timeout`.
+//!
+//! Constraints on the driver's own node attributes (`${attr.driver.elide.*}`, operators `=` and
+//! `!=`) are checked against the plugin's fingerprint first: a job this node fails is reported
+//! as not placed, as Nomad would leave it pending, and not run. Other constraints are named and
+//! not checked.
+//!
+//! With no argument it runs every batch job in `examples/` (service jobs only when named), and
+//! checks hello-python's greeting: `make test` exercises each example end to end. An example
+//! counts as passing when its tasks exit 0, or when its constraints rule this node out.
 
 mod lifecycle_support;
 mod support;
@@ -15,6 +22,12 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use std::collections::HashMap;
+
+use elide_task_driver::proto::hashicorp::nomad::plugins::drivers::proto::fingerprint_response::HealthState;
+use elide_task_driver::proto::hashicorp::nomad::plugins::shared::structs::{
+    Attribute, attribute::Value as AttrValue,
+};
 use lifecycle_support::{Alloc, AutoDaemon, Plugin, plugin_config};
 use serde_json::{Map, Value};
 
@@ -29,15 +42,17 @@ struct JobTask {
     kill_timeout: Duration,
 }
 
+/// How a job that could be read ended.
+enum Outcome {
+    /// Its tasks ran (and all exited 0).
+    Ran,
+    /// Its constraints rule this node out: why.
+    NotPlaced(String),
+}
+
 fn main() -> ExitCode {
     // `cargo test` passes its own flags (e.g. `--nocapture`); the first plain argument is the job.
-    let job = std::env::args()
-        .skip(1)
-        .find(|a| !a.starts_with('-'))
-        .unwrap_or_else(|| {
-            concat!(env!("CARGO_MANIFEST_DIR"), "/examples/hello-python.nomad").to_string()
-        });
-    let is_default = job.ends_with("examples/hello-python.nomad");
+    let job = std::env::args().skip(1).find(|a| !a.starts_with('-'));
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {
@@ -45,8 +60,16 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(Path::new(&job), is_default)) {
-        Ok(()) => ExitCode::SUCCESS,
+    let Some(job) = job else {
+        return runtime.block_on(run_examples());
+    };
+    let hello_python = job.ends_with("examples/hello-python.nomad");
+    match runtime.block_on(run(Path::new(&job), hello_python)) {
+        Ok(Outcome::Ran) => ExitCode::SUCCESS,
+        Ok(Outcome::NotPlaced(why)) => {
+            eprintln!("run_job: not placed on this node, Nomad would leave the job pending: {why}");
+            ExitCode::FAILURE
+        }
         Err(e) => {
             eprintln!("run_job: {e}");
             ExitCode::FAILURE
@@ -54,11 +77,62 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(job_path: &Path, check_greeting: bool) -> Result<(), String> {
+/// Every batch job in `examples/`, one after the other.
+async fn run_examples() -> ExitCode {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+    let mut jobs: Vec<_> = match std::fs::read_dir(&dir) {
+        Ok(entries) => entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().and_then(|e| e.to_str()) == Some("nomad"))
+            .collect(),
+        Err(e) => {
+            eprintln!("run_job: reading {}: {e}", dir.display());
+            return ExitCode::FAILURE;
+        }
+    };
+    jobs.sort();
+    let mut summary = Vec::new();
+    let mut ok = true;
+    for path in &jobs {
+        let name = path
+            .file_name()
+            .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+        let outcome = match read_job(path) {
+            Ok(job) if job_type(&job) == "service" => {
+                summary.push(format!("{name}: skipped (a service job; run it by name)"));
+                continue;
+            }
+            Ok(_) => run(path, name == "hello-python.nomad").await,
+            Err(e) => Err(e),
+        };
+        summary.push(match outcome {
+            Ok(Outcome::Ran) => format!("{name}: ok"),
+            Ok(Outcome::NotPlaced(why)) => format!("{name}: not placed on this node ({why})"),
+            Err(e) => {
+                ok = false;
+                format!("{name}: FAILED: {e}")
+            }
+        });
+    }
+    println!("\nexamples:");
+    for line in &summary {
+        println!("  {line}");
+    }
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+fn read_job(job_path: &Path) -> Result<Value, String> {
     let text = std::fs::read_to_string(job_path)
         .map_err(|e| format!("reading {}: {e}", job_path.display()))?;
-    let job: Value =
-        hcl::from_str(&text).map_err(|e| format!("parsing {}: {e}", job_path.display()))?;
+    hcl::from_str(&text).map_err(|e| format!("parsing {}: {e}", job_path.display()))
+}
+
+async fn run(job_path: &Path, check_greeting: bool) -> Result<Outcome, String> {
+    let job = read_job(job_path)?;
     let (job_name, tasks) = elide_tasks(&job)?;
     if tasks.is_empty() {
         return Err(format!(
@@ -75,6 +149,15 @@ async fn run(job_path: &Path, check_greeting: bool) -> Result<(), String> {
     let root = support::short_tempdir();
     let auto = AutoDaemon::new(root.path());
     let plugin = Plugin::launch(&plugin_config(&auto.socket, Some(&auto))).await;
+    let mut fingerprints = plugin.client.fingerprint().await;
+    let node = support::fingerprint_until(&mut fingerprints, support::DEADLINE, |m| {
+        m.health == HealthState::Healthy as i32
+    })
+    .await;
+    if let Some(why) = unmet_constraint(&job, &node.attributes) {
+        auto.kill().await;
+        return Ok(Outcome::NotPlaced(why));
+    }
     let data = root.path().join("data");
     let alloc = Alloc::new(&data);
 
@@ -157,8 +240,69 @@ async fn run(job_path: &Path, check_greeting: bool) -> Result<(), String> {
     if failed {
         Err("a task failed".into())
     } else {
-        Ok(())
+        Ok(Outcome::Ran)
     }
+}
+
+/// The first `constraint` anywhere in the job that this node's driver attributes fail, as Nomad
+/// would judge it; constraints on attributes the driver does not report are named and skipped.
+fn unmet_constraint(job: &Value, attributes: &HashMap<String, Attribute>) -> Option<String> {
+    let mut found = Vec::new();
+    collect_constraints(job, &mut found);
+    for c in found {
+        let attribute = c.get("attribute").and_then(Value::as_str).unwrap_or("");
+        let operator = c.get("operator").and_then(Value::as_str).unwrap_or("=");
+        let want = c.get("value").map(scalar_text).unwrap_or_default();
+        let key = attribute
+            .strip_prefix("${attr.")
+            .and_then(|k| k.strip_suffix('}'))
+            .filter(|k| k.starts_with("driver.elide"));
+        let (Some(key), "=" | "==" | "is" | "!=" | "not") = (key, operator) else {
+            println!("constraint {attribute} {operator} {want:?}: not checked here");
+            continue;
+        };
+        let have = attributes.get(key).and_then(attribute_text);
+        let holds = match operator {
+            "!=" | "not" => have.as_deref() != Some(want.as_str()),
+            _ => have.as_deref() == Some(want.as_str()),
+        };
+        if !holds {
+            let have = have.map_or_else(|| "not set".to_string(), |h| format!("{h:?}"));
+            return Some(format!(
+                "constraint {attribute} {operator} {want:?} fails: this node's {key} is {have}"
+            ));
+        }
+    }
+    None
+}
+
+fn collect_constraints<'a>(v: &'a Value, out: &mut Vec<&'a Value>) {
+    match v {
+        Value::Object(o) => {
+            for (k, x) in o {
+                if k == "constraint" {
+                    out.extend(one_or_many(Some(x)));
+                } else {
+                    collect_constraints(x, out);
+                }
+            }
+        }
+        Value::Array(a) => a.iter().for_each(|x| collect_constraints(x, out)),
+        _ => {}
+    }
+}
+
+fn scalar_text(v: &Value) -> String {
+    v.as_str().map_or_else(|| v.to_string(), str::to_string)
+}
+
+fn attribute_text(a: &Attribute) -> Option<String> {
+    Some(match a.value.as_ref()? {
+        AttrValue::StringVal(s) => s.clone(),
+        AttrValue::BoolVal(b) => b.to_string(),
+        AttrValue::IntVal(i) => i.to_string(),
+        AttrValue::FloatVal(f) => f.to_string(),
+    })
 }
 
 fn print_prefixed(task: &str, stream: &str, text: &str) {
