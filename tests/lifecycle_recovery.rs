@@ -252,7 +252,8 @@ async fn executions_an_earlier_plugin_left_unrecovered_stop_when_nomad_starts_or
 
 /// Starts `gone` and `kept` under one plugin process (configured with `dangling`), kills it,
 /// and has a new one recover `kept` only: Nomad destroyed `gone` while no plugin ran (its
-/// background kill died with the process), so nothing of Nomad's names it again.
+/// background kill died with the process), so nothing of Nomad's names it again. The agent's
+/// `session_config` changed meanwhile: both tasks run in the old session.
 async fn a_task_lost_with_its_plugin(
     root: &std::path::Path,
     auto: &AutoDaemon,
@@ -261,6 +262,7 @@ async fn a_task_lost_with_its_plugin(
     let mut config = plugin_config(&auto.socket, Some(auto));
     config["dangling_executions"] = dangling;
     let plugin = Plugin::launch(&config).await;
+    config["session_config"] = json!([{ "context_pool_size": 0 }]);
     let alloc = Alloc::new(root);
     let sleeper = json!({"language": "python", "code": "import time\ntime.sleep(600)"});
     let (gone, kept) = (alloc.task("gone"), alloc.task("kept"));
@@ -355,7 +357,7 @@ async fn dangling_executions_disabled_leaves_them_to_nomad() {
         "stopped although dangling_executions is disabled"
     );
     assert!(alive(lost.kept_pid));
-    // The inherited-task path still stops it when Nomad names it.
+    // The inherited-task path still stops it when Nomad names it, in the old session too.
     lost.plugin.destroy(&lost.gone_id, true).await.unwrap();
     assert!(
         !alive(lost.gone_pid),

@@ -1,4 +1,5 @@
-//! Dangling executions: what runs in our session although no Nomad task is behind it any more.
+//! Dangling executions: what the daemon runs for this agent although no Nomad task is behind it
+//! any more.
 //!
 //! [`super::inherited`] stops an earlier plugin process's leftovers when Nomad starts or
 //! destroys the same task again. Some leftovers never see either:
@@ -7,8 +8,8 @@
 //! - a start whose reply never reached Nomad, for an allocation Nomad then gave up on.
 //!
 //! So the long-lived plugin process looks every `period` (as the docker driver's dangling
-//! container reconciler does) and stops, with SIGKILL, each running execution of our session
-//! that
+//! container reconciler does) and stops, with SIGKILL, each running execution of the daemon
+//! (in any session: `session_config` may have changed since an earlier process) that
 //! - carries a Nomad task id (`client_ref`) no task of this process holds or is starting, and
 //!   runs as no task's execution;
 //! - works in a task dir under an alloc root this process has seen in a StartTask or
@@ -78,12 +79,12 @@ pub fn arm(state: &Arc<PluginState>, settings: DanglingSettings) {
     });
 }
 
-/// One look: lists the session's executions and stops the dangling ones.
+/// One look: lists the daemon's executions and stops the dangling ones.
 async fn reconcile(state: &PluginState, grace: Duration) {
     let snapshot = state.snapshot();
-    let Some(session_id) = snapshot.session_id.clone() else {
+    if snapshot.session_id.is_none() {
         return;
-    };
+    }
     let roots = state.dangling.roots();
     if roots.is_empty() {
         // No task seen yet: nothing tells our executions from another agent's.
@@ -93,10 +94,12 @@ async fn reconcile(state: &PluginState, grace: Duration) {
     let Ok(client) = state.link.running_client(&snapshot).await else {
         return;
     };
-    let executions = match client.list_executions(&session_id).await {
+    // Every session's: after a change of `session_config` the tasks an earlier plugin process
+    // started run in the old session. The alloc roots keep other clients' executions out.
+    let executions = match client.list_executions("").await {
         Ok(list) => list,
         Err(e) => {
-            tracing::debug!(error = %e, "cannot list the session's executions to look for dangling ones");
+            tracing::debug!(error = %e, "cannot list the daemon's executions to look for dangling ones");
             return;
         }
     };

@@ -9,7 +9,7 @@
 //!   never started, then starts it afresh.
 //!
 //! So the first time this plugin process reaches the daemon it notes the running executions
-//! of its session by task id (`client_ref`). RecoverTask claims what it recovers; a StartTask
+//! of Nomad tasks by task id (`client_ref`), in every session (`session_config` may have changed). RecoverTask claims what it recovers; a StartTask
 //! of the same allocation and task name, or a DestroyTask of the noted task id, stops what is
 //! left of it. Nomad never runs two instances of one task of an allocation at once, so a noted
 //! execution of that task is a leftover by then.
@@ -31,14 +31,16 @@ pub struct Inherited {
 }
 
 impl Inherited {
-    /// Notes the session's running executions, once per plugin process; every caller waits
-    /// for that first listing, so nothing this process starts is ever among them. A failed
-    /// listing is tried again by the next caller.
-    pub async fn note(&self, client: &DaemonClient, session_id: &str) -> Result<(), DaemonError> {
+    /// Notes the daemon's running executions of Nomad tasks, once per plugin process; every
+    /// caller waits for that first listing, so nothing this process starts is ever among them.
+    /// A failed listing is tried again by the next caller. Every session's: an earlier process
+    /// may have run under another `session_config` (allocation ids are unique in the cluster,
+    /// so another agent's executions never match a task of ours).
+    pub async fn note(&self, client: &DaemonClient) -> Result<(), DaemonError> {
         self.noted
             .get_or_try_init(|| async {
                 let running: HashMap<String, String> = client
-                    .list_executions(session_id)
+                    .list_executions("")
                     .await?
                     .into_iter()
                     .filter(|e| {
@@ -49,7 +51,7 @@ impl Inherited {
                 if !running.is_empty() {
                     tracing::info!(
                         count = running.len(),
-                        "executions of an earlier plugin process still run in our session"
+                        "executions of an earlier plugin process still run"
                     );
                 }
                 Ok::<_, DaemonError>(Mutex::new(running))

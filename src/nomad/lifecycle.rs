@@ -201,8 +201,8 @@ fn kill_in_background(state: Arc<PluginState>, task_id: String, execution_id: St
 
 /// Notes what earlier plugin processes left running in our session, once per process; a
 /// failure only means leftovers are not looked for this time.
-async fn note_inherited(state: &PluginState, client: &DaemonClient, session_id: &str) {
-    if let Err(e) = state.inherited.note(client, session_id).await {
+async fn note_inherited(state: &PluginState, client: &DaemonClient) {
+    if let Err(e) = state.inherited.note(client).await {
         tracing::warn!(error = %e, "cannot list the session's executions to find leftovers of an earlier plugin process");
     }
 }
@@ -589,8 +589,8 @@ pub async fn recover_task(
             }
             Err(e) => return Err(Status::failed_precondition(e.to_string())),
         };
-        if let Some(session_id) = &snapshot.session_id {
-            note_inherited(state, &client, session_id).await;
+        if snapshot.session_id.is_some() {
+            note_inherited(state, &client).await;
         }
         match client.get_execution(&ds.execution_id).await {
             Ok(exec) => break exec,
@@ -701,7 +701,7 @@ async fn start_detached(
             Status::failed_precondition(format!("cannot start task {}: {e}", cfg.id))
         }
     })?;
-    note_inherited(state, &client, &session_id).await;
+    note_inherited(state, &client).await;
     for (old_id, execution) in state.inherited.take_task(&cfg.alloc_id, &cfg.name) {
         let why = format!("Nomad starts its task again as {}", cfg.id);
         stop_leftover(&client, &old_id, &execution, &why).await;
@@ -854,11 +854,11 @@ pub async fn destroy_task(
         // daemon that already runs can hold a leftover (one that is down ended its executions),
         // so none is started just to look.
         let snapshot = state.snapshot();
-        if let (Ok(client), Some(session_id)) = (
+        if let (Ok(client), Some(_)) = (
             state.link.running_client(&snapshot).await,
             &snapshot.session_id,
         ) {
-            note_inherited(state, &client, session_id).await;
+            note_inherited(state, &client).await;
             if let Some(execution) = state.inherited.take_id(&req.task_id) {
                 let why = "Nomad destroys its task, which this plugin process did not recover";
                 stop_leftover(&client, &req.task_id, &execution, why).await;
