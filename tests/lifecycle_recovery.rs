@@ -250,6 +250,47 @@ async fn executions_an_earlier_plugin_left_unrecovered_stop_when_nomad_starts_or
     auto.kill().await;
 }
 
+/// The agent's `daemon_socket` changed across a restart: the task is not recovered on the daemon
+/// configured now (Nomad starts it again there), and its execution on the former daemon, which
+/// still runs, is stopped rather than left running where no DestroyTask reaches it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_task_of_a_former_daemon_socket_is_not_recovered_but_stopped_there() {
+    let (root, former, _, plugin) = plugin_with_auto_daemon().await;
+    let alloc = Alloc::new(root.path());
+    let task = alloc.task("moved");
+    let sleeper = json!({"language": "python", "code": "import time\ntime.sleep(600)"});
+    let handle = plugin.start_json(&task, sleeper).await.unwrap();
+    let pid = handle_pid(&handle);
+    let mut plugin = plugin;
+    plugin.client.process.child.kill().unwrap();
+    plugin.client.process.child.wait().unwrap();
+
+    let now_root = tempfile::Builder::new()
+        .prefix("er")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let now = AutoDaemon::new(now_root.path());
+    let plugin = Plugin::launch(&plugin_config(&now.socket, Some(&now))).await;
+    let err = plugin
+        .driver()
+        .recover_task(pb::RecoverTaskRequest {
+            task_id: String::new(),
+            handle: Some(handle),
+        })
+        .await
+        .expect_err("recovered on a daemon that never ran it");
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    let former_socket = former.socket.display().to_string();
+    assert!(
+        err.message().contains(&former_socket) && err.message().contains("was stopped"),
+        "{err:?}"
+    );
+    eventually("the task on the former daemon is stopped", || !alive(pid)).await;
+    drop(plugin);
+    former.kill().await;
+    now.kill().await;
+}
+
 /// Starts `gone` and `kept` under one plugin process (configured with `dangling`), kills it,
 /// and has a new one recover `kept` only: Nomad destroyed `gone` while no plugin ran (its
 /// background kill died with the process), so nothing of Nomad's names it again. The agent's

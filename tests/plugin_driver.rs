@@ -123,13 +123,20 @@ async fn capabilities_are_honest() {
 /// `user` then runs as the `nomad-<N>` Nomad picks); the default does not.
 #[tokio::test]
 async fn dynamic_workload_users_follow_the_plugin_config() {
+    // No daemon: an agent SetConfig with the default socket would auto-start one at the
+    // system's own paths (/run/elide, /var/lib/elide).
+    let dir = short_tempdir();
+    let socket = dir.path().join("absent.sock").display().to_string();
     for (config, want) in [
         (json!({}), false),
         (json!({"dynamic_workload_users": false}), false),
         (json!({"dynamic_workload_users": true}), true),
     ] {
         let c = NomadClient::launch().await;
-        c.set_config(config.clone(), true).await.unwrap();
+        let mut agent = config.clone();
+        agent["daemon_socket"] = json!(socket);
+        agent["daemon"] = json!({"auto_start": false});
+        c.set_config(agent, true).await.unwrap();
         let caps = capabilities_of(&c).await;
         assert_eq!(caps.dynamic_workload_users, want, "{config}");
     }

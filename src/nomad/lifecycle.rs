@@ -149,6 +149,35 @@ pub(super) async fn stop_and_forget(
     Ok(())
 }
 
+/// Stops and forgets `execution_id` on the daemon at `socket`, one the plugin is no longer
+/// configured for; says what became of it.
+async fn stop_on_former_daemon(socket: &Path, task_id: &str, execution_id: &str) -> String {
+    let client = match DaemonClient::connect(socket, DEFAULT_CALL_TIMEOUT).await {
+        Ok(c) => c,
+        Err(e) if e.nobody_listens() => {
+            return "that daemon is gone, and its executions with it".into();
+        }
+        Err(e) => {
+            tracing::error!(task = %task_id, execution = %execution_id, socket = %socket.display(), error = %e, "cannot reach the former elide-daemon to stop a task it runs; it may still run");
+            return format!(
+                "the former daemon cannot be reached ({e}); the execution may still run there"
+            );
+        }
+    };
+    let how = Stop {
+        signal: "SIGKILL",
+        grace: Duration::ZERO,
+        what: "a task of the former elide-daemon",
+    };
+    match stop_and_forget(&client, task_id, execution_id, how).await {
+        Ok(()) => {
+            tracing::warn!(task = %task_id, execution = %execution_id, socket = %socket.display(), "stopped a task left on the former elide-daemon; Nomad starts it again");
+            format!("its execution {execution_id} there was stopped")
+        }
+        Err(e) => format!("stopping its execution {execution_id} there failed: {e}"),
+    }
+}
+
 /// How long RecoverTask asks a daemon that does not answer again before it fails.
 const RECOVER_RETRY_FOR: Duration = Duration::from_secs(30);
 
@@ -566,8 +595,12 @@ pub async fn recover_task(
     if let Some(c) = snapshot.config.as_ref()
         && c.daemon_socket != ds.daemon_socket
     {
+        // Nomad starts the task again on the daemon configured now; the old daemon (it may
+        // still run) would otherwise keep the old execution going unseen, since Nomad's
+        // DestroyTask of it reaches only the daemon configured now.
+        let old = stop_on_former_daemon(&ds.daemon_socket, &cfg.id, &ds.execution_id).await;
         return Err(Status::failed_precondition(format!(
-            "task {} was started on elide-daemon at {} but the plugin now uses {}",
+            "task {} was started on elide-daemon at {} but the plugin now uses {} ({old})",
             cfg.id,
             ds.daemon_socket.display(),
             c.daemon_socket.display()
