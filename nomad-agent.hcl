@@ -40,8 +40,8 @@ plugin "elide" {
     }
 
     # Every `period`, kill (SIGKILL, logged) what the daemon runs in a task dir of this agent's
-    # alloc dir although no task of the plugin holds it, once it started more than
-    # `creation_grace` ago (and the plugin has run as long): e.g. a task Nomad destroyed while
+    # alloc dir although no task of the plugin holds it, once every look for `creation_grace`
+    # found it so: e.g. a task Nomad destroyed while
     # the daemon could not answer, when the agent restarted before the plugin's retries got
     # through. As the docker driver's dangling container reconciler.
     dangling_executions {

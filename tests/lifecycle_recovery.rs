@@ -303,6 +303,8 @@ async fn a_task_lost_with_its_plugin(
     let mut config = plugin_config(&auto.socket, Some(auto));
     config["dangling_executions"] = dangling;
     let plugin = Plugin::launch(&config).await;
+    // Held, as the agent holds it: a plugin process stops nothing while no agent is attached.
+    let attached = plugin.client.fingerprint().await;
     config["session_config"] = json!([{ "context_pool_size": 0 }]);
     let alloc = Alloc::new(root);
     let sleeper = json!({"language": "python", "code": "import time\ntime.sleep(600)"});
@@ -323,9 +325,11 @@ async fn a_task_lost_with_its_plugin(
     let mut plugin = plugin;
     plugin.client.process.child.kill().unwrap();
     plugin.client.process.child.wait().unwrap();
+    drop(attached);
 
-    let launched = Instant::now();
     let plugin = Plugin::launch(&config).await;
+    let launched = Instant::now();
+    let attached = plugin.client.fingerprint().await;
     plugin
         .driver()
         .recover_task(pb::RecoverTaskRequest {
@@ -336,6 +340,7 @@ async fn a_task_lost_with_its_plugin(
         .unwrap();
     LostTask {
         plugin,
+        _attached: attached,
         gone_pid,
         kept_pid,
         launched,
@@ -347,9 +352,11 @@ async fn a_task_lost_with_its_plugin(
 struct LostTask {
     /// The plugin process that recovered `kept`.
     plugin: Plugin,
+    /// Its agent's Fingerprint stream.
+    _attached: tonic::Streaming<pb::FingerprintResponse>,
     gone_pid: u32,
     kept_pid: u32,
-    /// When that plugin process was launched.
+    /// When that plugin process had its agent config.
     launched: Instant,
     gone_id: String,
     kept_id: String,
@@ -370,7 +377,7 @@ async fn executions_no_nomad_task_tracks_stop_once_their_creation_grace_passed()
     .await;
     assert!(
         lost.launched.elapsed() >= Duration::from_secs(3),
-        "stopped {:?} after the plugin launched, within its creation grace",
+        "stopped {:?} after the plugin's SetConfig, within its creation grace",
         lost.launched.elapsed()
     );
     assert!(alive(lost.kept_pid), "a recovered task was stopped");
@@ -380,6 +387,45 @@ async fn executions_no_nomad_task_tracks_stop_once_their_creation_grace_passed()
         .await;
     let _ = lost.plugin.destroy(&lost.kept_id, true).await;
     drop(lost);
+    auto.kill().await;
+}
+
+/// A plugin process whose agent is gone (Nomad started a new one after a failed reattach, and
+/// left this one running) stops nothing: its task table is frozen, and the new process's tasks
+/// would look dangling to it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_plugin_without_its_agent_stops_nothing() {
+    let root = tempfile::Builder::new()
+        .prefix("er")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let auto = AutoDaemon::new(root.path());
+    let mut config = plugin_config(&auto.socket, Some(&auto));
+    config["dangling_executions"] = json!([{ "period": "1s", "creation_grace": "2s" }]);
+    let sleeper = json!({"language": "python", "code": "import time\ntime.sleep(600)"});
+    let alloc = Alloc::new(root.path());
+    let orphan = Plugin::launch(&config).await;
+    let agent = orphan.client.fingerprint().await;
+    let (old, fresh) = (alloc.task("old"), alloc.task("fresh"));
+    let old_pid = handle_pid(&orphan.start_json(&old, sleeper.clone()).await.unwrap());
+    // The agent dies: its stream closes, the plugin process stays.
+    drop(agent);
+
+    let plugin = Plugin::launch(&config).await;
+    let _agent = plugin.client.fingerprint().await;
+    let fresh_pid = handle_pid(&plugin.start_json(&fresh, sleeper).await.unwrap());
+    // The new process does stop what it does not hold (so the looks run meanwhile)...
+    eventually("the new plugin stops the orphan's task", || !alive(old_pid)).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // ...and the orphan, which sees `fresh` as dangling as long, stops nothing.
+    assert!(
+        alive(fresh_pid),
+        "the orphaned plugin stopped the new one's task"
+    );
+    let _ = plugin.stop(&fresh.id, "SIGKILL", Duration::ZERO).await;
+    let _ = plugin.destroy(&fresh.id, true).await;
+    drop(orphan);
+    drop(plugin);
     auto.kill().await;
 }
 

@@ -6,14 +6,15 @@
 //! `make dev` (or `cargo test --test run_job -- examples/http-server.nomad`). Service jobs run
 //! until Ctrl-C, then get StopTask with the task's `kill_signal` / `kill_timeout`.
 //!
-//! Constraints on the driver's own node attributes (`${attr.driver.elide.*}`, operators `=` and
-//! `!=`) are checked against the plugin's fingerprint first: a job this node fails is reported
-//! as not placed, as Nomad would leave it pending, and not run. Other constraints are named and
-//! not checked.
+//! Constraints on the driver's own node attributes (`${attr.driver.elide}` and
+//! `${attr.driver.elide.*}`; operators `=`, `!=`, `is_set`, `is_not_set`) are checked against
+//! the plugin's fingerprint first: a job this node fails is reported as not placed, as Nomad
+//! would leave it pending, and not run. Other constraints are named and not checked.
 //!
 //! With no argument it runs every batch job in `examples/` (service jobs only when named), and
 //! checks hello-python's greeting: `make test` exercises each example end to end. An example
-//! counts as passing when its tasks exit 0, or when its constraints rule this node out.
+//! counts as passing when its tasks exit 0, or when its constraints rule this node out on an
+//! attribute the plugin reports (a misspelt one fails).
 
 mod lifecycle_support;
 mod support;
@@ -46,8 +47,15 @@ struct JobTask {
 enum Outcome {
     /// Its tasks ran (and all exited 0).
     Ran,
-    /// Its constraints rule this node out: why.
-    NotPlaced(String),
+    /// Its constraints rule this node out.
+    NotPlaced(Unmet),
+}
+
+/// A constraint this node fails.
+struct Unmet {
+    why: String,
+    /// The attribute is one the plugin reports (else the job may have misspelt it).
+    reported: bool,
 }
 
 fn main() -> ExitCode {
@@ -66,7 +74,7 @@ fn main() -> ExitCode {
     let hello_python = job.ends_with("examples/hello-python.nomad");
     match runtime.block_on(run(Path::new(&job), hello_python)) {
         Ok(Outcome::Ran) => ExitCode::SUCCESS,
-        Ok(Outcome::NotPlaced(why)) => {
+        Ok(Outcome::NotPlaced(Unmet { why, .. })) => {
             eprintln!("run_job: not placed on this node, Nomad would leave the job pending: {why}");
             ExitCode::FAILURE
         }
@@ -107,7 +115,17 @@ async fn run_examples() -> ExitCode {
         };
         summary.push(match outcome {
             Ok(Outcome::Ran) => format!("{name}: ok"),
-            Ok(Outcome::NotPlaced(why)) => format!("{name}: not placed on this node ({why})"),
+            Ok(Outcome::NotPlaced(Unmet {
+                why,
+                reported: true,
+            })) => format!("{name}: not placed on this node ({why})"),
+            Ok(Outcome::NotPlaced(Unmet {
+                why,
+                reported: false,
+            })) => {
+                ok = false;
+                format!("{name}: FAILED: a constraint names an attribute the plugin never reports: {why}")
+            }
             Err(e) => {
                 ok = false;
                 format!("{name}: FAILED: {e}")
@@ -154,9 +172,18 @@ async fn run(job_path: &Path, check_greeting: bool) -> Result<Outcome, String> {
         m.health == HealthState::Healthy as i32
     })
     .await;
-    if let Some(why) = unmet_constraint(&job, &node.attributes) {
+    // Nomad's own mark of a detected, healthy driver.
+    let mut attributes = node.attributes.clone();
+    attributes.insert(
+        "driver.elide".into(),
+        Attribute {
+            value: Some(AttrValue::StringVal("1".into())),
+            ..Default::default()
+        },
+    );
+    if let Some(unmet) = unmet_constraint(&job, &attributes) {
         auto.kill().await;
-        return Ok(Outcome::NotPlaced(why));
+        return Ok(Outcome::NotPlaced(unmet));
     }
     let data = root.path().join("data");
     let alloc = Alloc::new(&data);
@@ -246,7 +273,7 @@ async fn run(job_path: &Path, check_greeting: bool) -> Result<Outcome, String> {
 
 /// The first `constraint` anywhere in the job that this node's driver attributes fail, as Nomad
 /// would judge it; constraints on attributes the driver does not report are named and skipped.
-fn unmet_constraint(job: &Value, attributes: &HashMap<String, Attribute>) -> Option<String> {
+fn unmet_constraint(job: &Value, attributes: &HashMap<String, Attribute>) -> Option<Unmet> {
     let mut found = Vec::new();
     collect_constraints(job, &mut found);
     for c in found {
@@ -256,21 +283,30 @@ fn unmet_constraint(job: &Value, attributes: &HashMap<String, Attribute>) -> Opt
         let key = attribute
             .strip_prefix("${attr.")
             .and_then(|k| k.strip_suffix('}'))
-            .filter(|k| k.starts_with("driver.elide"));
-        let (Some(key), "=" | "==" | "is" | "!=" | "not") = (key, operator) else {
+            .filter(|k| *k == "driver.elide" || k.starts_with("driver.elide."));
+        let (Some(key), "=" | "==" | "is" | "!=" | "not" | "is_set" | "is_not_set") =
+            (key, operator)
+        else {
             println!("constraint {attribute} {operator} {want:?}: not checked here");
             continue;
         };
         let have = attributes.get(key).and_then(attribute_text);
         let holds = match operator {
             "!=" | "not" => have.as_deref() != Some(want.as_str()),
+            "is_set" => have.is_some(),
+            "is_not_set" => have.is_none(),
             _ => have.as_deref() == Some(want.as_str()),
         };
         if !holds {
-            let have = have.map_or_else(|| "not set".to_string(), |h| format!("{h:?}"));
-            return Some(format!(
-                "constraint {attribute} {operator} {want:?} fails: this node's {key} is {have}"
-            ));
+            let shown = have
+                .as_ref()
+                .map_or_else(|| "not set".to_string(), |h| format!("{h:?}"));
+            return Some(Unmet {
+                why: format!(
+                    "constraint {attribute} {operator} {want:?} fails: this node's {key} is {shown}"
+                ),
+                reported: have.is_some(),
+            });
         }
     }
     None

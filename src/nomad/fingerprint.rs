@@ -252,6 +252,8 @@ fn clear_vanished(msg: &mut FingerprintResponse, previous: &BTreeMap<String, ()>
 pub fn spawn(state: Arc<PluginState>) -> mpsc::Receiver<FingerprintResponse> {
     let (tx, rx) = mpsc::channel(1);
     tokio::spawn(async move {
+        // The agent holds this stream for as long as it uses the plugin.
+        let _attached = state.dangling.agent_attached();
         let mut changes = state.subscribe();
         let mut sent_keys: BTreeMap<String, ()> = BTreeMap::new();
         loop {

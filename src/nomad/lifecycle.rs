@@ -27,7 +27,7 @@ use tonic::{Response, Status, Streaming};
 use super::driver_state::{DRIVER_STATE_VERSION, DriverState};
 use super::state::{PluginState, Snapshot};
 use super::task_config::{Source, TaskSpec};
-use super::tasks::{Reserve, TaskEntry};
+use super::tasks::TaskEntry;
 use crate::daemon_client::{DEFAULT_CALL_TIMEOUT, DaemonClient, DaemonError};
 use crate::goplugin::services::BoxStream;
 use crate::proto::elide::daemon::v1alpha1 as api;
@@ -579,10 +579,12 @@ pub async fn recover_task(
         return Err(Status::invalid_argument("handle.config.id: empty"));
     }
     state.dangling.note_alloc_dir(&cfg.alloc_dir);
-    if state.tasks.get(&cfg.id).is_some() {
-        tracing::debug!(task = %cfg.id, "nothing to recover; task already known");
+    // Held from here: while the daemon is asked (for up to RECOVER_RETRY_FOR), the task is
+    // already ours, and no dangling look takes its execution for a stray one.
+    let Ok(reservation) = state.tasks.reserve(&cfg.id) else {
+        tracing::debug!(task = %cfg.id, "nothing to recover; task already known or being recovered");
         return Ok(Response::new(pb::RecoverTaskResponse {}));
-    }
+    };
     if handle.version != DRIVER_STATE_VERSION as i32 {
         return Err(Status::invalid_argument(format!(
             "handle.version {} is not supported (this plugin writes version {DRIVER_STATE_VERSION}); task {} cannot be recovered",
@@ -657,11 +659,7 @@ pub async fn recover_task(
         ds.pid,
         ds.started_at(),
     ));
-    match state.tasks.reserve(&cfg.id) {
-        Ok(r) => r.commit(entry.clone()),
-        // Recovered concurrently by another call: that one wins.
-        Err(Reserve::Taken) => return Ok(Response::new(pb::RecoverTaskResponse {})),
-    }
+    reservation.commit(entry.clone());
     state.inherited.claim(&ds.execution_id);
     tracing::info!(task = %cfg.id, execution = %ds.execution_id, running, "task recovered");
     spawn_waiter(state.clone(), entry, None);

@@ -201,6 +201,42 @@ impl TaskStore {
 mod tests {
     use super::*;
 
+    fn config(id: &str) -> pb::TaskConfig {
+        pb::TaskConfig {
+            id: id.into(),
+            name: "web".into(),
+            alloc_id: "a1".into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn tracks_held_starting_and_running_tasks() {
+        let store = TaskStore::default();
+        assert!(!store.tracks("a1/web/1", "e-1"));
+        let starting = store.reserve("a1/web/1").unwrap();
+        assert!(
+            store.tracks("a1/web/1", "e-unknown"),
+            "a task being started"
+        );
+        let entry = TaskEntry::new(
+            &config("a1/web/1"),
+            "e-1".into(),
+            "s".into(),
+            1,
+            SystemTime::now(),
+        );
+        starting.commit(Arc::new(entry));
+        assert!(store.tracks("a1/web/1", "e-unknown"), "a held task id");
+        assert!(store.tracks("a1/web/9", "e-1"), "a held task's execution");
+        assert!(!store.tracks("a1/web/2", "e-2"));
+        let released = store.reserve("a1/web/3").unwrap();
+        drop(released);
+        assert!(!store.tracks("a1/web/3", "e-3"), "a start given up");
+        store.remove("a1/web/1");
+        assert!(!store.tracks("a1/web/1", "e-1"));
+    }
+
     #[tokio::test]
     async fn exit_is_published_once_to_every_waiter() {
         let cfg = pb::TaskConfig {
