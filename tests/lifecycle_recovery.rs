@@ -250,6 +250,46 @@ async fn executions_an_earlier_plugin_left_unrecovered_stop_when_nomad_starts_or
     auto.kill().await;
 }
 
+/// The agent died after a StartTask reply left the plugin, and its successor reattached to the
+/// same plugin process without that task's handle: Nomad starts the task again under a new id,
+/// and the instance it lost track of is stopped rather than left running next to the new one.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_task_started_again_stops_the_instance_nomad_lost_track_of() {
+    let (root, auto, _, plugin) = plugin_with_auto_daemon().await;
+    let alloc = Alloc::new(root.path());
+    let sleeper = json!({"language": "python", "code": "import time\ntime.sleep(600)"});
+    let (first, sidecar) = (alloc.task("web"), alloc.task("sidecar"));
+    let first_pid = handle_pid(&plugin.start_json(&first, sleeper.clone()).await.unwrap());
+    let sidecar_pid = handle_pid(&plugin.start_json(&sidecar, sleeper.clone()).await.unwrap());
+    // The new instance comes with new logmon readers.
+    for fifo in [&first.stdout_path, &first.stderr_path] {
+        std::fs::remove_file(fifo).unwrap();
+    }
+    let again = alloc.task("web");
+    assert_ne!(again.id, first.id);
+    let again_pid = handle_pid(&plugin.start_json(&again, sleeper).await.unwrap());
+    eventually("the lost instance is stopped", || !alive(first_pid)).await;
+    assert!(alive(again_pid), "the new instance was stopped");
+    assert!(
+        alive(sidecar_pid),
+        "another task of the allocation was stopped"
+    );
+    let gone = plugin
+        .driver()
+        .wait_task(pb::WaitTaskRequest {
+            task_id: first.id.clone(),
+        })
+        .await
+        .expect_err("the lost instance is still a task of the plugin");
+    assert_eq!(gone.code(), tonic::Code::NotFound, "{gone:?}");
+    for id in [&again.id, &sidecar.id] {
+        let _ = plugin.stop(id, "SIGKILL", Duration::ZERO).await;
+        let _ = plugin.destroy(id, true).await;
+    }
+    drop(plugin);
+    auto.kill().await;
+}
+
 /// The agent's `daemon_socket` changed across a restart: the task is not recovered on the daemon
 /// configured now (Nomad starts it again there), and its execution on the former daemon, which
 /// still runs, is stopped rather than left running where no DestroyTask reaches it.

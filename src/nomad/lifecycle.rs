@@ -737,6 +737,29 @@ async fn start_detached(
         let why = format!("Nomad starts its task again as {}", cfg.id);
         stop_leftover(&client, &old_id, &execution, &why).await;
     }
+    // The same for a task of this very process: Nomad restarts a task only after WaitTask
+    // told it the last instance ended, so one still running here is an instance whose start
+    // reply Nomad lost (an agent that died after the start and reattached to this process).
+    for old in state
+        .tasks
+        .running_instances(&cfg.alloc_id, &cfg.name, &cfg.id)
+    {
+        tracing::warn!(task = %old.id, execution = %old.execution_id, "stopping an instance of this task that Nomad no longer tracks: it starts the task again as {}", cfg.id);
+        let how = Stop {
+            signal: "SIGTERM",
+            grace: LEFTOVER_GRACE,
+            what: "the untracked instance",
+        };
+        // Failures are logged there; an execution still running after this is left to the
+        // dangling look (no entry holds it any more).
+        let _ = stop_and_forget(&client, &old.id, &old.execution_id, how).await;
+        old.set_exit(
+            lost_result(),
+            format!("superseded: Nomad started this task again as {}", cfg.id),
+        );
+        old.cancel.cancel();
+        state.tasks.remove(&old.id);
+    }
     if caller_gone.is_cancelled() {
         // Nothing started yet, and nobody is left to tell.
         return Err(Status::cancelled(format!("StartTask {} cancelled", cfg.id)));

@@ -186,6 +186,22 @@ impl TaskStore {
             || g.tasks.values().any(|e| e.execution_id == execution_id)
     }
 
+    /// The running tasks of task `name` of allocation `alloc_id`, but for task id `except`.
+    pub fn running_instances(
+        &self,
+        alloc_id: &str,
+        name: &str,
+        except: &str,
+    ) -> Vec<Arc<TaskEntry>> {
+        self.lock()
+            .tasks
+            .values()
+            .filter(|e| e.alloc_id == alloc_id && e.name == name && e.id != except)
+            .filter(|e| e.exit().is_none())
+            .cloned()
+            .collect()
+    }
+
     /// Number of tasks.
     pub fn len(&self) -> usize {
         self.lock().tasks.len()
