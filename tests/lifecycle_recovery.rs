@@ -58,6 +58,30 @@ async fn plugin_with_auto_daemon() -> (tempfile::TempDir, AutoDaemon, serde_json
     (root, auto, config, plugin)
 }
 
+/// A python task that sleeps for ten minutes.
+fn sleeper() -> serde_json::Value {
+    json!({"language": "python", "code": "import time\ntime.sleep(600)"})
+}
+
+/// Task `before` of the allocation laid out afresh, as Nomad does for a task it starts again:
+/// a new task id, new logmon readers.
+fn task_again(alloc: &Alloc, before: &lifecycle_support::Task) -> lifecycle_support::Task {
+    for fifo in [&before.stdout_path, &before.stderr_path] {
+        std::fs::remove_file(fifo).unwrap();
+    }
+    let again = alloc.task(&before.name);
+    assert_ne!(again.id, before.id);
+    again
+}
+
+/// Kills and destroys the tasks `ids` (a test's cleanup).
+async fn kill_and_destroy(plugin: &Plugin, ids: &[&String]) {
+    for id in ids {
+        let _ = plugin.stop(id, "SIGKILL", Duration::ZERO).await;
+        let _ = plugin.destroy(id, true).await;
+    }
+}
+
 #[tokio::test]
 async fn plugin_killed_under_ten_tasks_recovers_them_from_the_handles_alone() {
     let (root, auto, config, plugin) = plugin_with_auto_daemon().await;
@@ -205,7 +229,7 @@ async fn executions_an_earlier_plugin_left_unrecovered_stop_when_nomad_starts_or
  {
     let (root, auto, config, plugin) = plugin_with_auto_daemon().await;
     let alloc = Alloc::new(root.path());
-    let sleeper = json!({"language": "python", "code": "import time\ntime.sleep(600)"});
+    let sleeper = sleeper();
     // `lost`: the agent died before its StartTask reply reached Nomad (no handle);
     // `failed`: its recovery failed; `kept`: recovered.
     let (lost, failed, kept) = (alloc.task("lost"), alloc.task("failed"), alloc.task("kept"));
@@ -230,11 +254,7 @@ async fn executions_an_earlier_plugin_left_unrecovered_stop_when_nomad_starts_or
         .unwrap();
     // Nomad runs `lost` afresh under a new task id (the same task of the same allocation, with
     // new logmon readers): the leftover is gone before the new instance starts.
-    for fifo in [&lost.stdout_path, &lost.stderr_path] {
-        std::fs::remove_file(fifo).unwrap();
-    }
-    let again = alloc.task("lost");
-    assert_ne!(again.id, lost.id);
+    let again = task_again(&alloc, &lost);
     let again_pid = handle_pid(&plugin.start_json(&again, sleeper.clone()).await.unwrap());
     assert!(!alive(pids[0]), "the leftover of `lost` still runs");
     assert!(alive(again_pid));
@@ -242,10 +262,7 @@ async fn executions_an_earlier_plugin_left_unrecovered_stop_when_nomad_starts_or
     plugin.destroy(&failed.id, true).await.unwrap();
     assert!(!alive(pids[1]), "the leftover of `failed` still runs");
     assert!(alive(pids[2]), "a recovered task was stopped");
-    for id in [&again.id, &kept.id] {
-        let _ = plugin.stop(id, "SIGKILL", Duration::ZERO).await;
-        let _ = plugin.destroy(id, true).await;
-    }
+    kill_and_destroy(&plugin, &[&again.id, &kept.id]).await;
     drop(plugin);
     auto.kill().await;
 }
@@ -257,16 +274,11 @@ async fn executions_an_earlier_plugin_left_unrecovered_stop_when_nomad_starts_or
 async fn a_task_started_again_stops_the_instance_nomad_lost_track_of() {
     let (root, auto, _, plugin) = plugin_with_auto_daemon().await;
     let alloc = Alloc::new(root.path());
-    let sleeper = json!({"language": "python", "code": "import time\ntime.sleep(600)"});
+    let sleeper = sleeper();
     let (first, sidecar) = (alloc.task("web"), alloc.task("sidecar"));
     let first_pid = handle_pid(&plugin.start_json(&first, sleeper.clone()).await.unwrap());
     let sidecar_pid = handle_pid(&plugin.start_json(&sidecar, sleeper.clone()).await.unwrap());
-    // The new instance comes with new logmon readers.
-    for fifo in [&first.stdout_path, &first.stderr_path] {
-        std::fs::remove_file(fifo).unwrap();
-    }
-    let again = alloc.task("web");
-    assert_ne!(again.id, first.id);
+    let again = task_again(&alloc, &first);
     let again_pid = handle_pid(&plugin.start_json(&again, sleeper).await.unwrap());
     eventually("the lost instance is stopped", || !alive(first_pid)).await;
     assert!(alive(again_pid), "the new instance was stopped");
@@ -282,10 +294,7 @@ async fn a_task_started_again_stops_the_instance_nomad_lost_track_of() {
         .await
         .expect_err("the lost instance is still a task of the plugin");
     assert_eq!(gone.code(), tonic::Code::NotFound, "{gone:?}");
-    for id in [&again.id, &sidecar.id] {
-        let _ = plugin.stop(id, "SIGKILL", Duration::ZERO).await;
-        let _ = plugin.destroy(id, true).await;
-    }
+    kill_and_destroy(&plugin, &[&again.id, &sidecar.id]).await;
     drop(plugin);
     auto.kill().await;
 }
@@ -298,7 +307,7 @@ async fn a_task_of_a_former_daemon_socket_is_not_recovered_but_stopped_there() {
     let (root, former, _, plugin) = plugin_with_auto_daemon().await;
     let alloc = Alloc::new(root.path());
     let task = alloc.task("moved");
-    let sleeper = json!({"language": "python", "code": "import time\ntime.sleep(600)"});
+    let sleeper = sleeper();
     let handle = plugin.start_json(&task, sleeper).await.unwrap();
     let pid = handle_pid(&handle);
     let mut plugin = plugin;
@@ -347,7 +356,7 @@ async fn a_task_lost_with_its_plugin(
     let attached = plugin.client.fingerprint().await;
     config["session_config"] = json!([{ "context_pool_size": 0 }]);
     let alloc = Alloc::new(root);
-    let sleeper = json!({"language": "python", "code": "import time\ntime.sleep(600)"});
+    let sleeper = sleeper();
     let (gone, kept) = (alloc.task("gone"), alloc.task("kept"));
     let gone_pid = handle_pid(&plugin.start_json(&gone, sleeper.clone()).await.unwrap());
     let kept_handle = plugin.start_json(&kept, sleeper).await.unwrap();
@@ -421,11 +430,7 @@ async fn executions_no_nomad_task_tracks_stop_once_their_creation_grace_passed()
         lost.launched.elapsed()
     );
     assert!(alive(lost.kept_pid), "a recovered task was stopped");
-    let _ = lost
-        .plugin
-        .stop(&lost.kept_id, "SIGKILL", Duration::ZERO)
-        .await;
-    let _ = lost.plugin.destroy(&lost.kept_id, true).await;
+    kill_and_destroy(&lost.plugin, &[&lost.kept_id]).await;
     drop(lost);
     auto.kill().await;
 }
@@ -442,7 +447,7 @@ async fn a_plugin_without_its_agent_stops_nothing() {
     let auto = AutoDaemon::new(root.path());
     let mut config = plugin_config(&auto.socket, Some(&auto));
     config["dangling_executions"] = json!([{ "period": "1s", "creation_grace": "2s" }]);
-    let sleeper = json!({"language": "python", "code": "import time\ntime.sleep(600)"});
+    let sleeper = sleeper();
     let alloc = Alloc::new(root.path());
     let orphan = Plugin::launch(&config).await;
     let agent = orphan.client.fingerprint().await;
@@ -462,8 +467,7 @@ async fn a_plugin_without_its_agent_stops_nothing() {
         alive(fresh_pid),
         "the orphaned plugin stopped the new one's task"
     );
-    let _ = plugin.stop(&fresh.id, "SIGKILL", Duration::ZERO).await;
-    let _ = plugin.destroy(&fresh.id, true).await;
+    kill_and_destroy(&plugin, &[&fresh.id]).await;
     drop(orphan);
     drop(plugin);
     auto.kill().await;
@@ -490,11 +494,7 @@ async fn dangling_executions_disabled_leaves_them_to_nomad() {
         !alive(lost.gone_pid),
         "DestroyTask of the leftover left it running"
     );
-    let _ = lost
-        .plugin
-        .stop(&lost.kept_id, "SIGKILL", Duration::ZERO)
-        .await;
-    let _ = lost.plugin.destroy(&lost.kept_id, true).await;
+    kill_and_destroy(&lost.plugin, &[&lost.kept_id]).await;
     drop(lost);
     auto.kill().await;
 }
@@ -506,13 +506,7 @@ async fn destroying_tasks_after_the_daemon_died_answers_at_once_and_starts_no_da
     let dpid = daemon_pid(&auto.socket).await.expect("daemon answers");
     let alloc = Alloc::new(root.path());
     let t = alloc.task("t");
-    let h = plugin
-        .start_json(
-            &t,
-            json!({"language": "python", "code": "import time\ntime.sleep(600)"}),
-        )
-        .await
-        .unwrap();
+    let h = plugin.start_json(&t, sleeper()).await.unwrap();
     let pid = handle_pid(&h);
     // The task's waiter is what notices the daemon is gone and drops the plugin's cached
     // connection; until then a DestroyTask would reuse that connection and never try to start.

@@ -94,6 +94,21 @@ fn ignore_esrch(r: nix::Result<()>) -> nix::Result<()> {
     }
 }
 
+/// Sends `sig` to the process group the execution's leader `pid` (started at `start_ticks`)
+/// led; ESRCH when `pid` now names another process. A pid stays taken while any process is in
+/// the group of its number, so a reused pid means the group is empty, and the number may lead
+/// a group of someone else's: the leader is reaped before the group is killed.
+fn signal_group_of(pid: u32, start_ticks: u64, sig: Signal) -> nix::Result<()> {
+    if pid == 0 {
+        return Err(nix::errno::Errno::ESRCH);
+    }
+    let now = super::launcher::start_ticks(pid);
+    if start_ticks != 0 && now != 0 && now != start_ticks {
+        return Err(nix::errno::Errno::ESRCH);
+    }
+    nix::sys::signal::killpg(Pid::from_raw(pid as i32), sig)
+}
+
 impl Execution {
     /// A new execution in the Starting phase.
     pub fn new(plan: ExecutionPlan) -> Arc<Self> {
@@ -288,26 +303,24 @@ impl Execution {
 
     /// Sends `sig` to the whole process group (only while it runs).
     pub fn signal_group(&self, sig: Signal) -> nix::Result<()> {
-        let pid = self.pid();
+        let (pid, start_ticks) = {
+            let i = self.lock();
+            (i.pid, i.start_ticks)
+        };
         if pid == 0 || self.phase() != Phase::Running {
             return Err(nix::errno::Errno::ESRCH);
         }
-        ignore_esrch(nix::sys::signal::killpg(Pid::from_raw(pid as i32), sig))
+        ignore_esrch(signal_group_of(pid, start_ticks, sig))
     }
 
     /// SIGKILLs the group and every process of the cgroup (covers processes that left the
     /// group with setsid).
     pub fn kill_all(&self) {
-        let (pid, cgroup) = {
+        let (pid, start_ticks, cgroup) = {
             let i = self.lock();
-            (i.pid, i.cgroup.clone())
+            (i.pid, i.start_ticks, i.cgroup.clone())
         };
-        if pid != 0 {
-            let _ = ignore_esrch(nix::sys::signal::killpg(
-                Pid::from_raw(pid as i32),
-                Signal::SIGKILL,
-            ));
-        }
+        let _ = signal_group_of(pid, start_ticks, Signal::SIGKILL);
         if let Some(cg) = cgroup {
             // Killing a v1 cgroup polls until it is empty: keep that off the async workers.
             let kill = move || {
@@ -465,9 +478,9 @@ impl Execution {
                 }
             },
         };
-        let (pid, cgroup) = {
+        let (pid, start_ticks, cgroup) = {
             let mut i = self.lock();
-            (i.pid, i.cgroup.take())
+            (i.pid, i.start_ticks, i.cgroup.take())
         };
         let oom = match &cgroup {
             // One cgroupfs read: inline (see `blocking`).
@@ -551,12 +564,7 @@ impl Execution {
         // itself may still be on its way out: a pooled runtime reports its exit code before
         // its teardown. The cgroup (which also holds processes that left the group) is killed
         // and removed below, off the critical path.
-        if pid != 0 {
-            let _ = ignore_esrch(nix::sys::signal::killpg(
-                Pid::from_raw(pid as i32),
-                Signal::SIGKILL,
-            ));
-        }
+        let _ = signal_group_of(pid, start_ticks, Signal::SIGKILL);
         // Cleanup after the waiters were told: kill and remove the cgroup, remove the
         // execution's directory, make the record durable (sharing its flush with executions
         // that end around the same time). Errors are logged, nothing is skipped.
@@ -717,5 +725,44 @@ pub fn result_to_proto(r: &ResultRecord) -> pb::ExecutionResult {
         oom_killed: r.oom_killed,
         timed_out: r.timed_out,
         error: r.error.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::process::CommandExt;
+
+    fn group_leader() -> std::process::Child {
+        std::process::Command::new("sleep")
+            .arg("30")
+            .process_group(0)
+            .spawn()
+            .expect("sleep")
+    }
+
+    #[test]
+    fn a_group_is_signalled_only_while_its_leader_pid_names_the_leader() {
+        let mut leader = group_leader();
+        let pid = leader.id();
+        let ticks = super::super::launcher::start_ticks(pid);
+        assert_ne!(ticks, 0);
+        // The same number, started at another time: a reused pid, whose group is not ours.
+        assert_eq!(
+            signal_group_of(pid, ticks + 1, Signal::SIGKILL),
+            Err(nix::errno::Errno::ESRCH)
+        );
+        assert!(
+            leader.try_wait().unwrap().is_none(),
+            "a reused pid's group was signalled"
+        );
+        assert_eq!(signal_group_of(pid, ticks, Signal::SIGKILL), Ok(()));
+        let status = leader.wait().unwrap();
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(status.signal(), Some(libc::SIGKILL));
+        assert_eq!(
+            signal_group_of(0, 0, Signal::SIGKILL),
+            Err(nix::errno::Errno::ESRCH)
+        );
     }
 }
