@@ -294,7 +294,22 @@ async fn a_task_started_again_stops_the_instance_nomad_lost_track_of() {
         .await
         .expect_err("the lost instance is still a task of the plugin");
     assert_eq!(gone.code(), tonic::Code::NotFound, "{gone:?}");
-    kill_and_destroy(&plugin, &[&again.id, &sidecar.id]).await;
+    // An instance that ended and that Nomad lost is forgotten too.
+    let quick = alloc.task("quick");
+    let done = json!({"language": "python", "code": "print(1)"});
+    plugin.start_json(&quick, done.clone()).await.unwrap();
+    assert_eq!(plugin.wait(&quick.id).await.result.unwrap().exit_code, 0);
+    let quick_again = task_again(&alloc, &quick);
+    plugin.start_json(&quick_again, done).await.unwrap();
+    let forgotten = plugin
+        .driver()
+        .wait_task(pb::WaitTaskRequest {
+            task_id: quick.id.clone(),
+        })
+        .await
+        .expect_err("the ended instance Nomad lost is still a task of the plugin");
+    assert_eq!(forgotten.code(), tonic::Code::NotFound, "{forgotten:?}");
+    kill_and_destroy(&plugin, &[&again.id, &sidecar.id, &quick_again.id]).await;
     drop(plugin);
     auto.kill().await;
 }

@@ -737,26 +737,36 @@ async fn start_detached(
         let why = format!("Nomad starts its task again as {}", cfg.id);
         stop_leftover(&client, &old_id, &execution, &why).await;
     }
-    // The same for a task of this very process: Nomad restarts a task only after WaitTask
-    // told it the last instance ended, so one still running here is an instance whose start
-    // reply Nomad lost (an agent that died after the start and reattached to this process).
+    // The same for the tasks of this very process: before each start of a task Nomad destroys
+    // the handle of its last instance (DestroyTask), so an instance still held here is one whose
+    // start reply Nomad lost (an agent that died after the start and reattached to this
+    // process). A running one is stopped; an ended one is forgotten.
     for old in state
         .tasks
-        .running_instances(&cfg.alloc_id, &cfg.name, &cfg.id)
+        .other_instances(&cfg.alloc_id, &cfg.name, &cfg.id)
     {
-        tracing::warn!(task = %old.id, execution = %old.execution_id, "stopping an instance of this task that Nomad no longer tracks: it starts the task again as {}", cfg.id);
-        let how = Stop {
-            signal: "SIGTERM",
-            grace: LEFTOVER_GRACE,
-            what: "the untracked instance",
-        };
-        // Failures are logged there; an execution still running after this is left to the
-        // dangling look (no entry holds it any more).
-        let _ = stop_and_forget(&client, &old.id, &old.execution_id, how).await;
-        old.set_exit(
-            lost_result(),
-            format!("superseded: Nomad started this task again as {}", cfg.id),
-        );
+        if old.exit().is_none() {
+            tracing::warn!(task = %old.id, execution = %old.execution_id, "stopping an instance of this task that Nomad no longer tracks: it starts the task again as {}", cfg.id);
+            let how = Stop {
+                signal: "SIGTERM",
+                grace: LEFTOVER_GRACE,
+                what: "the untracked instance",
+            };
+            if stop_and_forget(&client, &old.id, &old.execution_id, how)
+                .await
+                .is_err()
+            {
+                kill_in_background(state.clone(), old.id.clone(), old.execution_id.clone());
+            }
+            old.set_exit(
+                lost_result(),
+                format!("superseded: Nomad started this task again as {}", cfg.id),
+            );
+        } else if let Err(e) = client.remove_execution(&old.execution_id, true).await
+            && e.code() != Some(tonic::Code::NotFound)
+        {
+            tracing::debug!(task = %old.id, error = %e, "daemon did not forget an ended instance Nomad no longer tracks");
+        }
         old.cancel.cancel();
         state.tasks.remove(&old.id);
     }

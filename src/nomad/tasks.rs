@@ -186,18 +186,13 @@ impl TaskStore {
             || g.tasks.values().any(|e| e.execution_id == execution_id)
     }
 
-    /// The running tasks of task `name` of allocation `alloc_id`, but for task id `except`.
-    pub fn running_instances(
-        &self,
-        alloc_id: &str,
-        name: &str,
-        except: &str,
-    ) -> Vec<Arc<TaskEntry>> {
+    /// The tasks of task `name` of allocation `alloc_id` (running or ended), but for task id
+    /// `except`.
+    pub fn other_instances(&self, alloc_id: &str, name: &str, except: &str) -> Vec<Arc<TaskEntry>> {
         self.lock()
             .tasks
             .values()
             .filter(|e| e.alloc_id == alloc_id && e.name == name && e.id != except)
-            .filter(|e| e.exit().is_none())
             .cloned()
             .collect()
     }
