@@ -94,10 +94,12 @@ fn ignore_esrch(r: nix::Result<()>) -> nix::Result<()> {
     }
 }
 
-/// Sends `sig` to the process group the execution's leader `pid` (started at `start_ticks`)
-/// led; ESRCH when `pid` now names another process. A pid stays taken while any process is in
-/// the group of its number, so a reused pid means the group is empty, and the number may lead
-/// a group of someone else's: the leader is reaped before the group is killed.
+/// Sends `sig` to the process group the execution's leader `pid` (started at `start_ticks`, 0
+/// when unknown) led; ESRCH when `pid` now names another process. A pid stays taken while any
+/// process is in the group of its number, so a reused pid means our group is empty, and the
+/// number may lead someone else's (the leader is reaped before its group is killed). A pid
+/// that names no process is signalled: its group may hold what the leader left (or, after a
+/// reuse that came and went within the few milliseconds since the reaping, another's).
 fn signal_group_of(pid: u32, start_ticks: u64, sig: Signal) -> nix::Result<()> {
     if pid == 0 {
         return Err(nix::errno::Errno::ESRCH);
@@ -385,6 +387,7 @@ impl Execution {
     pub fn start_supervisor(self: &Arc<Self>, launched: Launched, ctx: SupervisorContext) {
         let Launched {
             pid,
+            start_ticks,
             cgroup,
             captures,
             exit,
@@ -409,9 +412,9 @@ impl Execution {
         {
             let mut i = self.lock();
             i.pid = pid;
-            // Read once here for every launcher: with the pid it identifies the process across
-            // a daemon restart (pid reuse).
-            i.start_ticks = super::launcher::start_ticks(pid);
+            // With the pid it identifies the process across a daemon restart, and before its
+            // process group is signalled (pid reuse).
+            i.start_ticks = start_ticks;
             i.started_at = Some(SystemTime::now());
             i.cgroup_desc = cgroup
                 .as_ref()

@@ -35,6 +35,10 @@ pub enum ProcessExit {
 pub struct Launched {
     /// Process id (also its process group id).
     pub pid: u32,
+    /// Its start time in clock ticks since boot, read while the pid could only be its own (not
+    /// yet reaped); 0 when it had ended by then. With the pid it tells the process from one that
+    /// took the pid later.
+    pub start_ticks: u64,
     /// Its cgroup, when the machine has one.
     pub cgroup: Option<ExecutionCgroup>,
     /// The daemon's ends of its capture pipes.
@@ -515,9 +519,12 @@ impl ColdLauncher {
             }
         };
         let pid = child.id().unwrap_or(0);
+        // Nothing reaps the child before `exit` is polled.
+        let start_ticks = start_ticks(pid);
         let exit = Box::pin(async move { child.wait().await.map(convert) });
         Ok(Launched {
             pid,
+            start_ticks,
             cgroup,
             captures,
             exit,

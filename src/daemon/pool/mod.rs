@@ -464,6 +464,7 @@ impl PoolLauncher {
         };
         let pid = ready.pid;
         let pidfd = ready.pidfd;
+        let start_ticks = python_zygote::start_ticks_of(pid, std::os::fd::AsFd::as_fd(&pidfd));
         let exit_rx = job.exit;
         let (note, gone) = note
             .map(|(slot, code)| python_zygote::Note::new(slot, code))
@@ -471,6 +472,7 @@ impl PoolLauncher {
         let exit = Box::pin(python_zygote::child_exit(pid, pidfd, exit_rx, note));
         Ok(Launched {
             pid,
+            start_ticks,
             cgroup,
             // The child holds its own copies of the sinks; ours close here.
             captures: opened.sinks.captures,

@@ -64,6 +64,8 @@ const INLINE_JOB_BYTES: usize = 64 * 1024;
 struct Worker {
     child: tokio::process::Child,
     pid: u32,
+    /// Read at its spawn (nothing reaps a worker before its job is sent).
+    start_ticks: u64,
     /// The daemon's end of the worker's fd 0: the job goes out, the exit code comes back.
     job: std::os::unix::net::UnixStream,
     stdout: OwnedFd,
@@ -222,6 +224,7 @@ impl NodePool {
         Ok(Worker {
             child,
             pid,
+            start_ticks: crate::daemon::launcher::start_ticks(pid),
             job: job_ours,
             stdout: out_r,
             stderr: err_r,
@@ -379,6 +382,7 @@ impl NodePool {
         let Worker {
             mut child,
             pid,
+            start_ticks,
             mut job,
             stdout,
             stderr,
@@ -480,6 +484,7 @@ impl NodePool {
         });
         Ok(Launched {
             pid,
+            start_ticks,
             cgroup,
             captures,
             exit,

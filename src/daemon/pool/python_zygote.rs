@@ -531,6 +531,17 @@ pub fn exit_status_of_ended(pid: u32, pidfd: std::os::fd::BorrowedFd<'_>) -> Opt
     }
 }
 
+/// The start time (clock ticks since boot) of the zygote child `pid` whose pidfd is `pidfd`;
+/// 0 when the zygote had reaped it before it was read (the pid may name another process by
+/// then). A kernel that cannot tell (before Linux 6.13) gets what `/proc` said.
+pub fn start_ticks_of(pid: u32, pidfd: std::os::fd::BorrowedFd<'_>) -> u64 {
+    let ticks = crate::daemon::launcher::start_ticks(pid);
+    match reaped(pidfd) {
+        Some(Reaped::Yes(_)) => 0,
+        Some(Reaped::No) | None => ticks,
+    }
+}
+
 /// Whether the kernel keeps a process's wait status for its pidfd once anyone reaped it
 /// (`PIDFD_INFO_EXIT`, Linux 6.15+). Then a pooled child may outlive its zygote: whichever
 /// process reaps the orphan (init, a subreaper), the daemon still learns how it ended.
