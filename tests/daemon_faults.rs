@@ -107,12 +107,16 @@ async fn a_second_daemon_on_the_same_socket_or_state_dir_is_refused() {
     let out = tokio::task::spawn_blocking({
         let socket = d.socket.clone();
         let state = d.path("state2");
+        // Its own run dir too: the default is the system's (/run/elide/exec).
+        let run = d.path("run2");
         move || {
             std::process::Command::new(env!("CARGO_BIN_EXE_elide-daemon"))
                 .arg("--socket")
                 .arg(&socket)
                 .arg("--state-dir")
                 .arg(&state)
+                .arg("--run-dir")
+                .arg(&run)
                 .output()
                 .unwrap()
         }
@@ -128,12 +132,15 @@ async fn a_second_daemon_on_the_same_socket_or_state_dir_is_refused() {
     let out = tokio::task::spawn_blocking({
         let socket = d.path("other.sock");
         let state = d.state_dir.clone();
+        let run = d.path("run3");
         move || {
             std::process::Command::new(env!("CARGO_BIN_EXE_elide-daemon"))
                 .arg("--socket")
                 .arg(&socket)
                 .arg("--state-dir")
                 .arg(&state)
+                .arg("--run-dir")
+                .arg(&run)
                 .output()
                 .unwrap()
         }
