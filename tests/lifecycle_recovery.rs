@@ -47,12 +47,18 @@ fn proc_stat_field(pid: u32, idx: usize) -> Option<String> {
 
 /// A plugin whose config lets it auto-start a daemon of its own, in a fresh temp dir: (the dir,
 /// the daemon's settings, the plugin config, the launched plugin).
-async fn plugin_with_auto_daemon() -> (tempfile::TempDir, AutoDaemon, serde_json::Value, Plugin) {
+/// A short scratch dir, and a daemon the plugin may auto-start there.
+fn scratch_daemon() -> (tempfile::TempDir, AutoDaemon) {
     let root = tempfile::Builder::new()
         .prefix("er")
         .tempdir_in("/tmp")
         .unwrap();
     let auto = AutoDaemon::new(root.path());
+    (root, auto)
+}
+
+async fn plugin_with_auto_daemon() -> (tempfile::TempDir, AutoDaemon, serde_json::Value, Plugin) {
+    let (root, auto) = scratch_daemon();
     let config = plugin_config(&auto.socket, Some(&auto));
     let plugin = Plugin::launch(&config).await;
     (root, auto, config, plugin)
@@ -329,11 +335,7 @@ async fn a_task_of_a_former_daemon_socket_is_not_recovered_but_stopped_there() {
     plugin.client.process.child.kill().unwrap();
     plugin.client.process.child.wait().unwrap();
 
-    let now_root = tempfile::Builder::new()
-        .prefix("er")
-        .tempdir_in("/tmp")
-        .unwrap();
-    let now = AutoDaemon::new(now_root.path());
+    let (_now_root, now) = scratch_daemon();
     let plugin = Plugin::launch(&plugin_config(&now.socket, Some(&now))).await;
     let err = plugin
         .driver()
@@ -428,11 +430,7 @@ struct LostTask {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn executions_no_nomad_task_tracks_stop_once_their_creation_grace_passed() {
-    let root = tempfile::Builder::new()
-        .prefix("er")
-        .tempdir_in("/tmp")
-        .unwrap();
-    let auto = AutoDaemon::new(root.path());
+    let (root, auto) = scratch_daemon();
     let dangling = json!([{ "period": "1s", "creation_grace": "3s" }]);
     let lost = a_task_lost_with_its_plugin(root.path(), &auto, dangling).await;
     eventually("the dangling execution is stopped", || {
@@ -455,11 +453,7 @@ async fn executions_no_nomad_task_tracks_stop_once_their_creation_grace_passed()
 /// would look dangling to it.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_plugin_without_its_agent_stops_nothing() {
-    let root = tempfile::Builder::new()
-        .prefix("er")
-        .tempdir_in("/tmp")
-        .unwrap();
-    let auto = AutoDaemon::new(root.path());
+    let (root, auto) = scratch_daemon();
     let mut config = plugin_config(&auto.socket, Some(&auto));
     config["dangling_executions"] = json!([{ "period": "1s", "creation_grace": "2s" }]);
     let sleeper = sleeper();
@@ -490,11 +484,7 @@ async fn a_plugin_without_its_agent_stops_nothing() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn dangling_executions_disabled_leaves_them_to_nomad() {
-    let root = tempfile::Builder::new()
-        .prefix("er")
-        .tempdir_in("/tmp")
-        .unwrap();
-    let auto = AutoDaemon::new(root.path());
+    let (root, auto) = scratch_daemon();
     let dangling = json!([{ "enabled": false, "period": "1s", "creation_grace": "1s" }]);
     let lost = a_task_lost_with_its_plugin(root.path(), &auto, dangling).await;
     tokio::time::sleep(Duration::from_secs(4)).await;
