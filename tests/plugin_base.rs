@@ -273,6 +273,31 @@ async fn wrong_types_for_every_config_field_are_named() {
             "daemon.start_timeout: expected string",
         ),
         (
+            map(vec![("dangling_executions", V::from(1))]),
+            "dangling_executions: expected object",
+        ),
+        (
+            map(vec![(
+                "dangling_executions",
+                map(vec![("enabled", V::from("yes"))]),
+            )]),
+            "dangling_executions.enabled: expected bool",
+        ),
+        (
+            map(vec![(
+                "dangling_executions",
+                map(vec![("period", V::from(300))]),
+            )]),
+            "dangling_executions.period: expected string",
+        ),
+        (
+            map(vec![(
+                "dangling_executions",
+                map(vec![("creation_grace", V::Array(vec![]))]),
+            )]),
+            "dangling_executions.creation_grace: expected string",
+        ),
+        (
             map(vec![("no_such_field", V::from(1))]),
             "unknown attribute \"no_such_field\"",
         ),

@@ -57,6 +57,29 @@ impl Drop for AgentAttached<'_> {
 }
 
 impl Dangling {
+    fn first_seen_lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Instant>> {
+        self.first_seen.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Of `candidates` (all a look at `now` takes for dangling), those every look has taken
+    /// for dangling for at least `grace`; one missing from a look starts over.
+    fn due<'a>(
+        &self,
+        candidates: Vec<&'a api::Execution>,
+        now: Instant,
+        grace: Duration,
+    ) -> Vec<&'a api::Execution> {
+        let mut seen = self.first_seen_lock();
+        seen.retain(|id, _| candidates.iter().any(|e| &e.id == id));
+        candidates
+            .into_iter()
+            .filter(|e| {
+                let since = *seen.entry(e.id.clone()).or_insert(now);
+                now.saturating_duration_since(since) >= grace
+            })
+            .collect()
+    }
+
     /// Counts an agent as attached until the guard is dropped.
     pub fn agent_attached(&self) -> AgentAttached<'_> {
         self.agents.fetch_add(1, Ordering::SeqCst);
@@ -160,31 +183,6 @@ async fn reconcile(state: &PluginState, grace: Duration) {
         {
             d.first_seen_lock().remove(&e.id);
         }
-    }
-}
-
-impl Dangling {
-    fn first_seen_lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Instant>> {
-        self.first_seen.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Of `candidates` (all a look at `now` takes for dangling), those every look has taken
-    /// for dangling for at least `grace`; one missing from a look starts over.
-    fn due<'a>(
-        &self,
-        candidates: Vec<&'a api::Execution>,
-        now: Instant,
-        grace: Duration,
-    ) -> Vec<&'a api::Execution> {
-        let mut seen = self.first_seen_lock();
-        seen.retain(|id, _| candidates.iter().any(|e| &e.id == id));
-        candidates
-            .into_iter()
-            .filter(|e| {
-                let since = *seen.entry(e.id.clone()).or_insert(now);
-                now.saturating_duration_since(since) >= grace
-            })
-            .collect()
     }
 }
 

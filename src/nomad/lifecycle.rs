@@ -228,11 +228,11 @@ fn kill_in_background(state: Arc<PluginState>, task_id: String, execution_id: St
     });
 }
 
-/// Notes what earlier plugin processes left running in our session, once per process; a
+/// Notes what earlier plugin processes left running (in any session), once per process; a
 /// failure only means leftovers are not looked for this time.
 async fn note_inherited(state: &PluginState, client: &DaemonClient) {
     if let Err(e) = state.inherited.note(client).await {
-        tracing::warn!(error = %e, "cannot list the session's executions to find leftovers of an earlier plugin process");
+        tracing::warn!(error = %e, "cannot list the daemon's executions to find leftovers of an earlier plugin process");
     }
 }
 
